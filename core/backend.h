@@ -1,0 +1,28 @@
+// The one interface through which the verifier runs an implementation. A new backend (another GPU, a user's
+// kernel) implements it and registers itself in verify/backends.cpp; nothing else changes.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/problem.h"
+
+namespace nsa {
+
+struct RunOptions {
+  int threads = 0;                // CPU threads; 0 => OpenMP's default
+  bool backward = true;           // compute gradients when the problem has `do`
+  std::vector<int64_t> rows;      // forward only on these flat query tokens (b * T + t); empty => all rows
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // Computes every stage of `p`: forward, and backward when p.has_backward() && opt.backward.
+  // Throws InputError for problems the backend cannot take (e.g. K > 256 on CUDA).
+  virtual Outputs run(const Problem& p, const RunOptions& opt) = 0;
+};
+
+}  // namespace nsa

@@ -1,0 +1,193 @@
+#include "core/safetensors.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/errors.h"
+
+namespace nsa {
+
+using nlohmann::json;
+
+const Tensor* SafetensorsFile::find(const std::string& name) const {
+  for (const auto& [n, t] : tensors)
+    if (n == name) return &t;
+  return nullptr;
+}
+
+void SafetensorsFile::set(const std::string& name, Tensor t) {
+  for (auto& [n, existing] : tensors)
+    if (n == name) { existing = std::move(t); return; }
+  tensors.emplace_back(name, std::move(t));
+}
+
+namespace {
+
+// JSON parsers keep one of two equal keys silently; the format forbids them, so we track keys per object.
+json parse_header_json(const std::string& text, const std::string& origin) {
+  std::vector<std::set<std::string>> keys;
+  std::string duplicate;
+  auto on_event = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    else if (event == json::parse_event_t::object_end) keys.pop_back();
+    else if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
+  json header;
+  try {
+    header = json::parse(text, on_event);
+  } catch (const json::exception& e) {
+    fail_input(origin, "", std::string("header is not valid UTF-8 JSON (") + e.what() + ")");
+  }
+  if (!duplicate.empty()) fail_input(origin, duplicate, "name appears twice in the header");
+  return header;
+}
+
+uint64_t checked_mul(uint64_t a, uint64_t b, const std::string& origin, const std::string& name) {
+  if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) fail_input(origin, name, "shape overflows the byte size");
+  return a * b;
+}
+
+uint64_t json_u64(const json& j, const std::string& origin, const std::string& name, const char* what) {
+  if (!j.is_number_unsigned()) fail_input(origin, name, std::string(what) + " must be non-negative integers");
+  return j.get<uint64_t>();
+}
+
+}  // namespace
+
+SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const std::string& origin) {
+  if (size < 8) fail_input(origin, "", "file is shorter than the 8-byte header length (" + std::to_string(size) + " bytes)");
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | data[i];
+  if (header_len > kMaxHeaderBytes)
+    fail_input(origin, "", "header length " + std::to_string(header_len) + " exceeds the 100 MB limit");
+  if (header_len > size - 8)
+    fail_input(origin, "", "header length " + std::to_string(header_len) + " runs past the end of the file (" +
+                               std::to_string(size) + " bytes)");
+  const std::string text(reinterpret_cast<const char*>(data + 8), header_len);
+  if (text.empty() || text[0] != '{') fail_input(origin, "", "header does not start with '{'");
+  const json header = parse_header_json(text, origin);
+  if (!header.is_object()) fail_input(origin, "", "header is not a JSON object");
+
+  const uint64_t data_size = size - 8 - header_len;
+  const uint8_t* data_start = data + 8 + header_len;
+  SafetensorsFile file;
+  struct Entry { uint64_t begin, end; std::string name; Tensor tensor; };
+  std::vector<Entry> entries;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") {
+      if (!info.is_object()) fail_input(origin, "", "__metadata__ is not an object of strings");
+      for (const auto& [key, value] : info.items()) {
+        if (!value.is_string()) fail_input(origin, "", "__metadata__ value of '" + key + "' is not a string");
+        file.metadata[key] = value.get<std::string>();
+      }
+      continue;
+    }
+    if (!info.is_object()) fail_input(origin, name, "header entry is not an object");
+    for (const auto& [key, _] : info.items())
+      if (key != "dtype" && key != "shape" && key != "data_offsets") fail_input(origin, name, "unknown header field '" + key + "'");
+    if (!info.contains("dtype") || !info["dtype"].is_string()) fail_input(origin, name, "missing or non-string dtype");
+    if (!info.contains("shape") || !info["shape"].is_array()) fail_input(origin, name, "missing or non-array shape");
+    if (!info.contains("data_offsets") || !info["data_offsets"].is_array() || info["data_offsets"].size() != 2)
+      fail_input(origin, name, "data_offsets must be [begin, end]");
+    Entry e;
+    e.name = name;
+    try {
+      e.tensor.dtype = dtype_from_name(info["dtype"].get<std::string>());
+    } catch (const std::invalid_argument& ex) {
+      fail_input(origin, name, ex.what());
+    }
+    uint64_t bytes = dtype_size(e.tensor.dtype);
+    for (const auto& d : info["shape"]) {
+      const uint64_t n = json_u64(d, origin, name, "shape dimensions");
+      if (n > uint64_t(std::numeric_limits<int64_t>::max())) fail_input(origin, name, "shape dimension too large");
+      bytes = checked_mul(bytes, n, origin, name);
+      e.tensor.shape.push_back(int64_t(n));
+    }
+    e.begin = json_u64(info["data_offsets"][0], origin, name, "data_offsets");
+    e.end = json_u64(info["data_offsets"][1], origin, name, "data_offsets");
+    if (e.end < e.begin) fail_input(origin, name, "data_offsets end before they begin");
+    if (e.end - e.begin != bytes)
+      fail_input(origin, name, "data_offsets span " + std::to_string(e.end - e.begin) + " bytes but " +
+                                   dtype_name(e.tensor.dtype) + " x " + shape_str(e.tensor.shape) + " needs " +
+                                   std::to_string(bytes));
+    if (e.end > data_size)
+      fail_input(origin, name, "data_offsets end at " + std::to_string(e.end) + ", past the data section (" +
+                                   std::to_string(data_size) + " bytes)");
+    entries.push_back(std::move(e));
+  }
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  uint64_t expected = 0;
+  for (const auto& e : entries) {
+    if (e.begin < expected) fail_input(origin, e.name, "data overlaps the previous tensor");
+    if (e.begin > expected) fail_input(origin, e.name, "gap in the data section before this tensor");
+    expected = e.end;
+  }
+  if (expected != data_size)
+    fail_input(origin, "", "data section has " + std::to_string(data_size - expected) + " trailing bytes no tensor covers");
+  for (auto& e : entries) {
+    e.tensor.bytes.assign(data_start + e.begin, data_start + e.end);
+    file.tensors.emplace_back(e.name, std::move(e.tensor));
+  }
+  return file;
+}
+
+SafetensorsFile read_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_input(path, "", "cannot open file");
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) fail_input(path, "", "read error");
+  return parse_safetensors(bytes.data(), bytes.size(), path);
+}
+
+std::vector<uint8_t> serialize_safetensors(const SafetensorsFile& file) {
+  json header = json::object();
+  if (!file.metadata.empty()) header["__metadata__"] = file.metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : file.tensors) {
+    if (t.bytes.size() != uint64_t(t.numel()) * dtype_size(t.dtype))
+      throw std::logic_error("tensor '" + name + "' has a byte size that does not match its shape");
+    header[name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  std::string text = header.dump();
+  while (text.size() % 8) text.push_back(' ');  // keeps the data section 8-byte aligned
+  std::vector<uint8_t> out(8);
+  for (int i = 0; i < 8; ++i) out[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
+  out.insert(out.end(), text.begin(), text.end());
+  for (const auto& [_, t] : file.tensors) out.insert(out.end(), t.bytes.begin(), t.bytes.end());
+  return out;
+}
+
+void write_file_atomic(const std::string& path, const std::vector<uint8_t>& bytes) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) fail_input(path, "", "cannot create output file");
+    out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+    out.flush();
+    if (!out) {
+      std::remove(tmp.c_str());
+      fail_input(path, "", "write failed");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    fail_input(path, "", "cannot rename temporary file into place");
+  }
+}
+
+void write_safetensors(const std::string& path, const SafetensorsFile& file) {
+  write_file_atomic(path, serialize_safetensors(file));
+}
+
+}  // namespace nsa

@@ -1,0 +1,77 @@
+// The float64 CPU reference of every NSA stage (nsa-spec §2, §3). One file per stage; every function takes
+// outputs first, then inputs, then the layout, in the same order as its CUDA twin in cuda/.
+// Shapes follow core/problem.h (token-major, contiguous). Forward functions assign their outputs;
+// backward functions accumulate (+=) into theirs.
+// `rows` (flat query tokens b * T + t; empty => all) restricts a forward stage to a sample of query rows,
+// which is what makes row-sampled verification of 64k-token sequences cheap: given k_cmp/v_cmp, every
+// forward stage is local to its query row. Rows not sampled are left untouched.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/problem.h"
+
+namespace nsa::ref {
+
+using RowMask = std::vector<uint8_t>;  // size B * T, or empty for every row
+
+// mean_pool.cpp — k_cmp [B, C, H, K], v_cmp [B, C, H, V] from k [B, T, H, K], v [B, T, H, V].
+void mean_pool_forward(double* k_cmp, double* v_cmp, const double* k, const double* v, const Layout& L);
+// dk/dv [B, T, H, *] += dk_cmp[c] / n_c for each token of block c.
+void mean_pool_backward(double* dk, double* dv, const double* dk_cmp, const double* dv_cmp, const Layout& L);
+
+// compressed_attention.cpp — o_cmp [B, T, HQ, V], lse_cmp [B, T, HQ].
+void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* q, const double* k_cmp,
+                                  const double* v_cmp, const Layout& L, const RowMask& rows = {});
+// do_cmp [B, T, HQ, V] is already gated. dq [B,T,HQ,K], dk_cmp [B,C,H,K], dv_cmp [B,C,H,V] accumulate.
+void compressed_attention_backward(double* dq, double* dk_cmp, double* dv_cmp, const double* do_cmp, const double* q,
+                                   const double* k_cmp, const double* v_cmp, const double* o_cmp,
+                                   const double* lse_cmp, const Layout& L);
+
+// topk.cpp — block_indices [B, T, H, S] (int32, -1 padded), by L.config.policy.
+void topk_forward(int32_t* block_indices, const double* q, const double* k_cmp, const double* lse_cmp,
+                  const Layout& L, const RowMask& rows = {});
+// The importance scores of one (batch row b, token t within the row, kv head h) on the per-head mean scale
+// (seed policy: score / G), one entry per block of the token's sequence. candidate[c] says whether block c
+// may be chosen; forced[c] whether it must be. Used by the tie-aware check (nsa-spec §5.3).
+struct BlockScores {
+  std::vector<double> score;
+  std::vector<uint8_t> candidate, forced;
+};
+void topk_scores(BlockScores& out, int64_t b, int64_t t, int64_t h, const double* q, const double* k_cmp,
+                 const double* lse_cmp, const Layout& L);
+
+// selected_attention.cpp — o_slc [B, T, HQ, V], lse_slc [B, T, HQ]. block_counts [B, T, H] may be null.
+void selected_attention_forward(double* o_slc, double* lse_slc, const double* q, const double* k, const double* v,
+                                const int32_t* block_indices, const int32_t* block_counts, const Layout& L,
+                                const RowMask& rows = {});
+void selected_attention_backward(double* dq, double* dk, double* dv, const double* do_slc, const double* q,
+                                 const double* k, const double* v, const double* o_slc, const double* lse_slc,
+                                 const int32_t* block_indices, const int32_t* block_counts, const Layout& L);
+
+// sliding_window.cpp — o_swa [B, T, HQ, V], lse_swa [B, T, HQ]; keys [max(0, t-W+1), t].
+void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, const double* k, const double* v,
+                            const Layout& L, const RowMask& rows = {});
+void sliding_window_backward(double* dq, double* dk, double* dv, const double* do_swa, const double* q,
+                             const double* k, const double* v, const double* o_swa, const double* lse_swa,
+                             const Layout& L);
+
+// gating.cpp — o [B, T, HQ, V] = sum of gated branches; a null gate (or null branch) drops the branch.
+void gate_forward(double* o, const double* o_cmp, const double* o_slc, const double* o_swa, const double* g_cmp,
+                  const double* g_slc, const double* g_swa, const Layout& L, const RowMask& rows = {});
+// do_x = g_x * do (written, [B, T, HQ, V]); dg_x [B, T, HQ] accumulate. Null gate => that branch is skipped.
+void gate_backward(double* dg_cmp, double* dg_slc, double* dg_swa, double* do_cmp, double* do_slc, double* do_swa,
+                   const double* d_o, const double* o_cmp, const double* o_slc, const double* o_swa,
+                   const double* g_cmp, const double* g_slc, const double* g_swa, const Layout& L);
+
+// pipeline.cpp — every stage in order, with the backward when the problem has `do`.
+Outputs run_reference(const Problem& p, const RunOptions& opt = {});
+
+class ReferenceBackend : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  Outputs run(const Problem& p, const RunOptions& opt) override { return run_reference(p, opt); }
+};
+
+}  // namespace nsa::ref
