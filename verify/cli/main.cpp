@@ -1,0 +1,47 @@
+// nsa-verify: checks Native Sparse Attention kernels against a float64 reference.
+#include <cstdio>
+#include <iostream>
+
+#include "core/errors.h"
+#include "verify/cli/commands.h"
+
+namespace nsa::cli {
+
+int g_exit_code = 0;
+
+void add_config_flags(CLI::App& cmd, ConfigOverrides& ov) {
+  cmd.add_option("--block-size", ov.block_size, "block size BS (overrides nsa.block_size; default 64)");
+  cmd.add_option("--block-count", ov.block_count, "selected blocks per query S (overrides nsa.block_count; default 16)");
+  cmd.add_option("--window", ov.window, "sliding window W, 0 = off (overrides nsa.window_size)");
+  cmd.add_option("--scale", ov.scale, "softmax scale (overrides nsa.scale; default 1/sqrt(K))");
+  cmd.add_option("--policy", ov.policy, "top-k policy: seed or paper (overrides nsa.policy)")->check(CLI::IsMember({"seed", "paper"}));
+}
+
+}  // namespace nsa::cli
+
+int main(int argc, char** argv) {
+  using namespace nsa::cli;
+  CLI::App app{"nsa-verify: verify Native Sparse Attention kernels against a float64 reference"};
+  app.require_subcommand(1);
+  setup_run(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  } catch (const nsa::InputError& e) {
+    std::fprintf(stderr, "nsa-verify: error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "nsa-verify: error: out of memory\n");
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "nsa-verify: internal error: %s\n", e.what());
+    return 3;
+  }
+  return g_exit_code;
+}
