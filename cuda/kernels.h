@@ -1,0 +1,54 @@
+// Launchers of the CUDA kernels, one file per stage. Each takes the same arguments in the same order as its
+// float64 twin in reference/reference.h (outputs, inputs, layout), plus a stream. Tensors are device
+// pointers, token-major and contiguous as in core/problem.h; floating tensors are in L.dtype (bf16, fp16 or
+// fp32), lse tensors are fp32, indices int32. Launchers check their launch and throw CudaError naming the
+// kernel; they never synchronise the host.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+
+namespace nsa::cuda {
+
+enum class ElemType { F32, F16, BF16 };
+
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct DeviceSequence {
+  int64_t batch, start, length, chunk_start;  // as nsa::Sequence
+};
+
+struct DeviceLayout {
+  ElemType dtype = ElemType::BF16;
+  int64_t B = 0, T = 0, HQ = 0, H = 0, K = 0, V = 0;
+  int64_t C = 0;                           // pooled blocks per row
+  int block_size = 64, block_count = 16, window = 0;
+  float scale = 0;
+  bool paper_policy = false;
+  int num_seqs = 0;
+  int64_t max_len = 0;                     // longest sequence
+  const DeviceSequence* seqs = nullptr;    // device [num_seqs]
+  const int32_t* token_seq = nullptr;      // device [B * T]: index into seqs of token (b, t)
+  int64_t G() const { return HQ / H; }
+};
+
+void mean_pool_forward(void* k_cmp, void* v_cmp, const void* k, const void* v, const DeviceLayout& L, cudaStream_t s);
+void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                                  const DeviceLayout& L, cudaStream_t s);
+void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
+                  cudaStream_t s);
+// block_counts may be null.
+void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                                cudaStream_t s);
+void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
+                            const DeviceLayout& L, cudaStream_t s);
+// Null gates (or branches) drop their branch. Gates are in L.dtype.
+void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp, const void* g_slc,
+                  const void* g_swa, const DeviceLayout& L, cudaStream_t s);
+
+}  // namespace nsa::cuda
