@@ -1,0 +1,135 @@
+// Dense softmax-attention tiles shared by the selected-attention and sliding-window references.
+// A tile is a row-major Eigen view with an explicit row stride, so a run of tokens of one kv head
+// (stride H * K in a token-major tensor) is used in place, without a copy.
+// These run inside OpenMP parallel regions: Eigen stays single-threaded there, and every call writes only
+// the rows its caller owns, so results do not depend on the thread count.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "core/problem.h"
+
+namespace nsa::ref::tiles {
+
+using Index = Eigen::Index;
+using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Tile = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
+using ConstTile = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+using Scores = Eigen::Map<RowMatrix>;
+
+inline Tile tile(double* data, Index rows, Index cols, Index row_stride) {
+  return Tile(data, rows, cols, Eigen::OuterStride<>(row_stride));
+}
+inline ConstTile const_tile(const double* data, Index rows, Index cols, Index row_stride) {
+  return ConstTile(data, rows, cols, Eigen::OuterStride<>(row_stride));
+}
+
+// o [G, V] = softmax(scale * q keys^T) values and lse [G] for G query rows q [G, K] over n keys [n, K].
+// No keys => o = 0 and lse = 0. `scratch` holds at least G * n doubles.
+inline void attend_forward(Tile o, double* lse, const ConstTile& q, const ConstTile& keys, const ConstTile& values,
+                           double scale, double* scratch) {
+  const Index G = q.rows(), n = keys.rows();
+  if (n == 0) {
+    o.setZero();
+    std::fill(lse, lse + G, 0.0);
+    return;
+  }
+  Scores p(scratch, G, n);
+  p.noalias() = scale * (q * keys.transpose());
+  for (Index g = 0; g < G; ++g) {
+    auto row = p.row(g);
+    const double max = row.maxCoeff();
+    row = (row.array() - max).exp().matrix();
+    const double sum = row.sum();
+    row /= sum;
+    lse[g] = max + std::log(sum);
+  }
+  o.noalias() = p * values;
+}
+
+// The query side of the backward for G query rows over n keys (all visible):
+// p = exp(scale q keys^T - lse), ds = p * (do values^T - delta), dq [G, K] += scale * ds keys.
+// `p_scratch`, `ds_scratch` hold at least G * n doubles each.
+inline void attend_backward_queries(Tile dq, const ConstTile& q, const ConstTile& d_o, const double* lse,
+                                    const double* delta, const ConstTile& keys, const ConstTile& values, double scale,
+                                    double* p_scratch, double* ds_scratch) {
+  const Index G = q.rows(), n = keys.rows();
+  if (n == 0) return;
+  Scores p(p_scratch, G, n), ds(ds_scratch, G, n);
+  p.noalias() = scale * (q * keys.transpose());
+  p.array().colwise() -= Eigen::Map<const Eigen::ArrayXd>(lse, G);
+  p = p.array().exp().matrix();
+  ds.noalias() = d_o * values.transpose();
+  ds.array().colwise() -= Eigen::Map<const Eigen::ArrayXd>(delta, G);
+  ds.array() *= p.array();
+  dq.noalias() += scale * (ds * keys);
+}
+
+// The key side of the backward for m query rows q [m, K] (with their do [m, V], lse, delta) against n keys,
+// query row r seeing key columns [visible_begin[r], visible_end[r]):
+// dk [n, K] += scale * ds^T q, dv [n, V] += p^T do. Accumulation order is fixed by the row order.
+// `p_scratch`, `ds_scratch` hold at least m * n doubles each.
+inline void attend_backward_keys(Tile dk, Tile dv, const ConstTile& q, const ConstTile& d_o, const double* lse,
+                                 const double* delta, const Index* visible_begin, const Index* visible_end,
+                                 const ConstTile& keys, const ConstTile& values, double scale, double* p_scratch,
+                                 double* ds_scratch) {
+  const Index m = q.rows(), n = keys.rows();
+  if (m == 0 || n == 0) return;
+  Scores p(p_scratch, m, n), ds(ds_scratch, m, n);
+  p.noalias() = scale * (q * keys.transpose());
+  for (Index r = 0; r < m; ++r) {
+    const Index begin = std::clamp<Index>(visible_begin[r], 0, n);
+    const Index end = std::clamp<Index>(visible_end[r], begin, n);
+    auto row = p.row(r);
+    row.head(begin).setZero();
+    row.segment(begin, end - begin) = (row.segment(begin, end - begin).array() - lse[r]).exp().matrix();
+    row.tail(n - end).setZero();
+  }
+  ds.noalias() = d_o * values.transpose();
+  ds.array().colwise() -= Eigen::Map<const Eigen::ArrayXd>(delta, m);
+  ds.array() *= p.array();
+  dk.noalias() += scale * (ds.transpose() * q);
+  dv.noalias() += p.transpose() * d_o;
+}
+
+// delta [rows, heads] = sum_v do * o: the softmax backward's correction term, one per query row and head.
+inline std::vector<double> row_deltas(const double* d_o, const double* o, int64_t rows, int64_t V) {
+  std::vector<double> delta(rows);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    for (int64_t x = 0; x < V; ++x) sum += d_o[r * V + x] * o[r * V + x];
+    delta[r] = sum;
+  }
+  return delta;
+}
+
+// A unit of parallel work: tokens [t_begin, t_end) of one sequence and one kv head.
+struct TokenTask {
+  int64_t sequence, t_begin, t_end, kv_head;
+};
+
+// Every sequence cut into tiles of `tile_tokens` tokens, times every kv head.
+inline std::vector<TokenTask> token_tasks(const Layout& L, int64_t tile_tokens) {
+  std::vector<TokenTask> tasks;
+  for (int64_t s = 0; s < int64_t(L.sequences.size()); ++s)
+    for (int64_t t0 = 0; t0 < L.sequences[s].length; t0 += tile_tokens)
+      for (int64_t h = 0; h < L.dims.H; ++h)
+        tasks.push_back({s, t0, std::min(t0 + tile_tokens, L.sequences[s].length), h});
+  return tasks;
+}
+
+inline int64_t longest_sequence(const Layout& L) {
+  int64_t longest = 0;
+  for (const Sequence& s : L.sequences) longest = std::max(longest, s.length);
+  return longest;
+}
+
+// Query rows gathered per backward key tile: enough rows to keep the GEMMs efficient, bounded scratch.
+inline int64_t query_tokens_per_chunk(int64_t G) { return std::max<int64_t>(1, 512 / G); }
+
+}  // namespace nsa::ref::tiles
