@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <set>
@@ -29,24 +30,49 @@ void SafetensorsFile::set(const std::string& name, Tensor t) {
 
 namespace {
 
+// The parser's message quotes the offending bytes, which may be invalid UTF-8: keep the error line ASCII.
+std::string ascii_only(const std::string& s) {
+  std::string out;
+  for (const char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x80) {
+      out += c;
+    } else {
+      static const char kHex[] = "0123456789abcdef";
+      out += {'\\', 'x', kHex[u >> 4], kHex[u & 15]};
+    }
+  }
+  return out;
+}
+
 // JSON parsers keep one of two equal keys silently; the format forbids them, so we track keys per object.
 json parse_header_json(const std::string& text, const std::string& origin) {
+  // The parser stops at a NUL byte as if the input ended there; raw NUL is never valid JSON.
+  if (const std::size_t nul = text.find('\0'); nul != std::string::npos)
+    fail_input(origin, "", "header is not valid UTF-8 JSON (NUL byte at header offset " + std::to_string(nul) + ")");
   std::vector<std::set<std::string>> keys;
   std::string duplicate;
+  std::size_t duplicate_depth = 0;
   auto on_event = [&](int, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) keys.emplace_back();
-    else if (event == json::parse_event_t::object_end) keys.pop_back();
-    else if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
+    if (event == json::parse_event_t::object_start) {
+      keys.emplace_back();
+    } else if (event == json::parse_event_t::object_end) {
+      keys.pop_back();
+    } else if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second &&
+               duplicate.empty()) {
       duplicate = parsed.get<std::string>();
+      duplicate_depth = keys.size();
+    }
     return true;
   };
   json header;
   try {
     header = json::parse(text, on_event);
   } catch (const json::exception& e) {
-    fail_input(origin, "", std::string("header is not valid UTF-8 JSON (") + e.what() + ")");
+    fail_input(origin, "", "header is not valid UTF-8 JSON (" + ascii_only(e.what()) + ")");
   }
-  if (!duplicate.empty()) fail_input(origin, duplicate, "name appears twice in the header");
+  if (duplicate_depth == 1) fail_input(origin, duplicate, "name appears twice in the header");
+  if (!duplicate.empty()) fail_input(origin, "", "key '" + duplicate + "' appears twice in one header object");
   return header;
 }
 
@@ -142,9 +168,16 @@ SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const s
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail_input(path, "", "is a directory, not a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_input(path, "", "cannot open file");
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<uint8_t> bytes;
+  try {  // the stream buffer throws on some read errors instead of setting badbit
+    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } catch (const std::ios_base::failure& e) {
+    fail_input(path, "", std::string("read error (") + e.what() + ")");
+  }
   if (in.bad()) fail_input(path, "", "read error");
   return parse_safetensors(bytes.data(), bytes.size(), path);
 }
