@@ -1,0 +1,418 @@
+// The tensor-core tile machinery shared by the selected-attention and sliding-window forward kernels.
+//
+// A CTA owns M = 16 * kWarps query rows: `tokens_per_tile` consecutive tokens of one sequence times
+// `heads_per_tile` query heads of one kv group (row r = token r / heads_per_tile, head r % heads_per_tile),
+// so one K/V tile in shared memory serves every query head of the group and several tokens at once; the
+// tensor cores see a full 16-row operand whatever G is. Each warp owns 16 rows and keeps its O accumulator
+// and online-softmax state in registers (FlashAttention-2 style):
+//   S = Q K^T (mma.sync m16n8k16, fp32 accumulators; Q and K fragments through ldmatrix),
+//   mask, running max / sum in the log2 domain, P (bf16/fp16, straight from the S registers) times V
+//   (V fragments through ldmatrix.trans), O rescaled when the max moves.
+// K/V tiles of kBN keys are gathered row by row with cp.async (16-byte chunks, zero-filled outside the
+// sequence) into two shared-memory stages, so the next tile loads while the current one is multiplied.
+// Rows are padded by 16 bytes, which makes the ldmatrix and cp.async accesses of 8 rows land in distinct banks.
+//
+// The CUDA-core fallback (fp32 inputs, head dims that are not a multiple of 8) is RowAttention at the end:
+// one warp per query row, the same online softmax in fp32 with natural exponentials.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/common.cuh"
+
+namespace nsa::cuda::attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- element type: how two fp32 values become one mma operand register, and which mma to issue ----
+template <typename T> struct MmaElem;
+template <> struct MmaElem<__nv_bfloat16> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  // d += a (16x16, row-major) * b (16x8, column-major)
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaElem<__half> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---- shared-memory primitives ----
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// 16 bytes global -> shared; `valid == false` writes zeros (src-size 0 reads nothing, but `src` must still be
+// a mapped address: callers pass the tensor's base).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- compile-time shape of one kernel instance ----
+// D: head-dim bucket (16..256; K, V <= D, the rest zero-filled); kBN keys per K/V tile.
+template <typename T, int D, int kWarps_>
+struct TileShape {
+  static constexpr int kD = D;
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16 * kWarps;  // M
+  static constexpr int kBN = D > 128 ? 32 : 64;
+  static constexpr bool kQInRegs = D <= 128;  // at 256 the Q fragments would not fit beside O
+  static constexpr int kStride = D + 8;       // elements; +16 bytes of padding per row
+  static constexpr int kChunks = D / 8;       // 16-byte chunks per row
+  static constexpr int kQElems = kRows * kStride;
+  static constexpr int kKVElems = kBN * kStride;
+  // Q, two K stages, two V stages, then three slots of key positions (int) and block slots (int): the key
+  // rows of tile i + 1 are described while tile i - 1 may still be read, which saves a barrier per tile.
+  static constexpr size_t kTileBytes = sizeof(T) * (kQElems + 4 * kKVElems) + sizeof(int) * 6 * kBN;
+  static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head-dim buckets are 16..256");
+};
+
+// Views of the tile part of dynamic shared memory.
+template <typename T, typename Shape>
+struct TileSmem {
+  T* q;
+  T* k[2];
+  T* v[2];
+  int* key_pos[3];   // per key row: position within the sequence, or -1 when the row is padding
+  int* key_slot[3];  // per key row: which block of the tile it came from (selected attention's bit index)
+  __device__ explicit TileSmem(unsigned char* base) {
+    T* p = reinterpret_cast<T*>(base);
+    q = p;
+    p += Shape::kQElems;
+    k[0] = p, p += Shape::kKVElems;
+    k[1] = p, p += Shape::kKVElems;
+    v[0] = p, p += Shape::kKVElems;
+    v[1] = p, p += Shape::kKVElems;
+    int* ip = reinterpret_cast<int*>(p);
+    for (int i = 0; i < 3; ++i) key_pos[i] = ip, ip += Shape::kBN;
+    for (int i = 0; i < 3; ++i) key_slot[i] = ip, ip += Shape::kBN;
+  }
+};
+
+// Where a CTA's query rows live: row r is token tok0 + r / heads_per_tile (flat b*T + t), query head
+// h0 + r % heads_per_tile; rows past `ntok` tokens or at heads >= head_end are padding.
+struct RowMap {
+  int64_t tok0;
+  int ntok, heads_per_tile, h0, head_end;
+  __device__ __forceinline__ bool valid(int r) const {
+    return r / heads_per_tile < ntok && h0 + r % heads_per_tile < head_end;
+  }
+  __device__ __forceinline__ int token(int r) const { return r / heads_per_tile; }
+  __device__ __forceinline__ int head(int r) const { return h0 + r % heads_per_tile; }
+};
+
+// Issues the cp.async copies of the Q tile (padding rows and dims past K are zeros). q: [.., HQ, K].
+template <typename T, typename Shape>
+__device__ __forceinline__ void load_q_tile(T* sq, const T* q, const RowMap& rows, int HQ, int K) {
+  for (int i = threadIdx.x; i < Shape::kRows * Shape::kChunks; i += Shape::kThreads) {
+    const int r = i / Shape::kChunks, ch = i % Shape::kChunks;
+    const bool valid = rows.valid(r) && ch * 8 < K;
+    const T* src = valid ? q + ((rows.tok0 + rows.token(r)) * HQ + rows.head(r)) * int64_t(K) + ch * 8 : q;
+    cp_async_16(sq + r * Shape::kStride + ch * 8, src, valid);
+  }
+}
+
+// Issues the cp.async gather of one K/V tile: key row j is sequence position key_pos[j] (< 0 => zeros) of
+// the sequence starting at flat token `key_base`, kv head `head`. k: [.., H, K], v: [.., H, V].
+template <typename T, typename Shape>
+__device__ __forceinline__ void load_kv_tile(T* sk, T* sv, const int* key_pos, const T* k, const T* v,
+                                             int64_t key_base, int head, int H, int K, int V) {
+  for (int i = threadIdx.x; i < Shape::kBN * Shape::kChunks; i += Shape::kThreads) {
+    const int j = i / Shape::kChunks, ch = i % Shape::kChunks;
+    const int pos = key_pos[j];
+    const int64_t row = (key_base + pos) * H + head;
+    const bool k_ok = pos >= 0 && ch * 8 < K, v_ok = pos >= 0 && ch * 8 < V;
+    cp_async_16(sk + j * Shape::kStride + ch * 8, k_ok ? k + row * K + ch * 8 : k, k_ok);
+    cp_async_16(sv + j * Shape::kStride + ch * 8, v_ok ? v + row * V + ch * 8 : v, v_ok);
+  }
+}
+
+// One warp's 16 query rows: Q fragments (when they fit), the O accumulator and the online-softmax state.
+// Thread layout (mma C fragment): lane holds rows g = lane / 4 and g + 8 of the warp's 16, and columns
+// 2 * (lane % 4) + {0, 1} of every 8-wide n-tile.
+template <typename T, typename Shape>
+struct WarpAttention {
+  static constexpr int kBN = Shape::kBN;
+  static constexpr int kKSteps = Shape::kD / 16;
+  static constexpr int kSTiles = kBN / 8;
+  static constexpr int kOTiles = Shape::kD / 8;
+
+  float o[kOTiles][4];
+  float row_max[2];  // running max of the scaled logits, log2 domain
+  float row_sum[2];  // this thread's part of the running sum (reduced over the quad at the end)
+  uint32_t qf[Shape::kQInRegs ? kKSteps : 1][4];
+
+  __device__ __forceinline__ static const T* q_frag_addr(const T* sq_warp, int ks) {
+    const int lane = threadIdx.x % 32;
+    return sq_warp + ((lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + ks * 16 + (lane / 16) * 8;
+  }
+
+  // Call once the Q tile is in shared memory (after a barrier).
+  __device__ __forceinline__ void init(const T* sq_warp) {
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+    if constexpr (Shape::kQInRegs) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], q_frag_addr(sq_warp, ks));
+    }
+  }
+
+  // One K/V tile. `mask.valid(rr, col)` says whether row g + 8 * rr may see key column col; it is consulted
+  // only when `need_mask` (warp-uniform) is set. scale_log2 = scale * log2(e).
+  template <typename Mask>
+  __device__ __forceinline__ void step(const T* sq_warp, const T* sk, const T* sv, float scale_log2, bool need_mask,
+                                       const Mask& mask) {
+    const int lane = threadIdx.x % 32;
+    float s[kSTiles][4];
+#pragma unroll
+    for (int n = 0; n < kSTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+
+    // S = Q K^T
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[4];
+      if constexpr (Shape::kQInRegs) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[i] = qf[ks][i];
+      } else {
+        ldmatrix_x4(a, q_frag_addr(sq_warp, ks));
+      }
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sk + (np * 16 + (lane % 8) + (lane / 16) * 8) * Shape::kStride + ks * 16 + ((lane / 8) % 2) * 8);
+        MmaElem<T>::mma(s[2 * np], a, b[0], b[1]);
+        MmaElem<T>::mma(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Scale into the log2 domain, mask.
+#pragma unroll
+    for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] *= scale_log2;
+        if (need_mask && !mask.valid(e / 2, n * 8 + 2 * (lane % 4) + (e % 2))) s[n][e] = -INFINITY;
+      }
+
+    // Online softmax per row.
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float new_max = fmaxf(row_max[rr], mx);
+      // A row that has seen no key yet keeps max -inf; subtracting 0 then keeps every p at exactly 0.
+      const float base = new_max == -INFINITY ? 0.f : new_max;
+      const float alpha = exp2f(row_max[rr] - base);
+      row_max[rr] = new_max;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) {
+        s[n][2 * rr] = exp2f(s[n][2 * rr] - base);
+        s[n][2 * rr + 1] = exp2f(s[n][2 * rr + 1] - base);
+        sum += s[n][2 * rr] + s[n][2 * rr + 1];
+      }
+      row_sum[rr] = row_sum[rr] * alpha + sum;
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) {
+        o[n][2 * rr] *= alpha;
+        o[n][2 * rr + 1] *= alpha;
+      }
+    }
+
+    // O += P V: the C fragments of two adjacent S n-tiles are exactly the A fragment of a 16-key k-step.
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t a[4] = {MmaElem<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaElem<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                             MmaElem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             MmaElem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int vp = 0; vp < kOTiles / 2; ++vp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, sv + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + vp * 16 +
+                                 (lane / 16) * 8);
+        MmaElem<T>::mma(o[2 * vp], a, b[0], b[1]);
+        MmaElem<T>::mma(o[2 * vp + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  // Normalises and writes row g + 8 * rr to out_row[rr] (flat token * HQ + head; -1 for padding rows).
+  // out: [.., V] in T; lse fp32, natural log. Rows that saw no key get o = 0 and lse = 0.
+  __device__ __forceinline__ void store(T* out, float* lse, int V, const int64_t (&out_row)[2]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float sum = row_sum[rr];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (out_row[rr] < 0) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      T* dst = out + out_row[rr] * V;
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) {
+        const int col = n * 8 + 2 * (lane % 4);
+        if (col < V)  // V is a multiple of 8 on this path, so col + 1 < V too
+          *reinterpret_cast<uint32_t*>(dst + col) = MmaElem<T>::pack(o[n][2 * rr] * inv, o[n][2 * rr + 1] * inv);
+      }
+      if (lane % 4 == 0) lse[out_row[rr]] = sum > 0.f ? (row_max[rr] + log2f(sum)) * kLn2 : 0.f;
+    }
+  }
+};
+
+// The key-tile loop both tensor-core kernels run. `keys` describes the tiles:
+//   int count() const;                                  number of key tiles
+//   void describe(int i, int* key_pos, int* key_slot);  threads < kBN write key row threadIdx.x of tile i
+//   bool begin(int i, const int* key_pos, const int* key_slot);  per thread, before tile i is multiplied:
+//        prepares valid(rr, col) and returns whether this thread's rows need masking at all
+//   bool valid(int rr, int col) const;
+// Q must already be in shared memory and `wa` initialised.
+template <typename T, typename Shape, typename Keys>
+__device__ __forceinline__ void attend_key_tiles(WarpAttention<T, Shape>& wa, TileSmem<T, Shape>& sm, const T* sq_warp,
+                                                 Keys& keys, const T* k, const T* v, int64_t key_base, int kv_head,
+                                                 int H, int K, int V, float scale_log2) {
+  const int n = keys.count();
+  if (n == 0) return;
+  keys.describe(0, sm.key_pos[0], sm.key_slot[0]);
+  __syncthreads();
+  load_kv_tile<T, Shape>(sm.k[0], sm.v[0], sm.key_pos[0], k, v, key_base, kv_head, H, K, V);
+  cp_async_commit();
+  for (int i = 0; i < n; ++i) {
+    if (i + 1 < n) keys.describe(i + 1, sm.key_pos[(i + 1) % 3], sm.key_slot[(i + 1) % 3]);
+    // Tile i - 1 is multiplied by every warp and tile i + 1's description is written.
+    __syncthreads();
+    if (i + 1 < n)
+      load_kv_tile<T, Shape>(sm.k[(i + 1) % 2], sm.v[(i + 1) % 2], sm.key_pos[(i + 1) % 3], k, v, key_base, kv_head, H,
+                             K, V);
+    cp_async_commit();  // possibly empty, so that wait<1> below always means "tile i has landed"
+    cp_async_wait<1>();
+    __syncthreads();
+    const bool need_mask = keys.begin(i, sm.key_pos[i % 3], sm.key_slot[i % 3]);
+    wa.step(sq_warp, sm.k[i % 2], sm.v[i % 2], scale_log2, __any_sync(0xffffffffu, need_mask), keys);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the caller may reuse shared memory
+}
+
+// ---- CUDA-core fallback: one warp per query row ----
+// Lane l holds dims l, l + 32, ... of q and of the output (K, V <= 256 => at most 8 each).
+template <typename T>
+struct RowAttention {
+  float q[8], o[8];
+  float row_max = -INFINITY, row_sum = 0.f;
+
+  __device__ __forceinline__ void init(const T* q_row, int K) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      q[i] = d < K ? Elem<T>::to_float(q_row[d]) : 0.f;
+      o[i] = 0.f;
+    }
+  }
+  // Adds one key; every lane of the warp calls it with the same key.
+  __device__ __forceinline__ void add_key(const T* k_row, const T* v_row, int K, int V, float scale) {
+    const int lane = threadIdx.x % 32;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      if (d < K) dot = fmaf(q[i], Elem<T>::to_float(k_row[d]), dot);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    const float z = dot * scale;
+    const float new_max = fmaxf(row_max, z);
+    const float alpha = expf(row_max - new_max), p = expf(z - new_max);
+    row_max = new_max;
+    row_sum = row_sum * alpha + p;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      if (d < V) o[i] = o[i] * alpha + p * Elem<T>::to_float(v_row[d]);
+    }
+  }
+  __device__ __forceinline__ void store(T* o_row, float* lse, int V) {
+    const int lane = threadIdx.x % 32;
+    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      if (d < V) o_row[d] = Elem<T>::from_float(o[i] * inv);
+    }
+    if (lane == 0) *lse = row_sum > 0.f ? row_max + logf(row_sum) : 0.f;
+  }
+};
+
+// Whether the tensor-core path takes a problem: bf16/fp16, head dims a multiple of 8 (16-byte rows) and
+// 16-byte aligned tensors.
+inline bool tensor_core_path(const DeviceLayout& L, const void* q, const void* k, const void* v, const void* o) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && aligned(q) && aligned(k) && aligned(v) &&
+         aligned(o);
+}
+
+// The head-dim bucket: the smallest of 16, 32, 64, 128, 256 holding both K and V.
+inline int head_dim_bucket(int64_t K, int64_t V) {
+  const int64_t d = K > V ? K : V;
+  int b = 16;
+  while (b < d) b *= 2;
+  return b;
+}
+
+// Calls f(std::integral_constant<int, D>{}) for the bucket D.
+template <typename F>
+void dispatch_head_dim(int bucket, F&& f) {
+  switch (bucket) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    default: f(std::integral_constant<int, 256>{}); break;
+  }
+}
+
+}  // namespace nsa::cuda::attn
