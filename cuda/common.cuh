@@ -1,0 +1,70 @@
+// Shared device helpers: element-type traits, error checks, sequence lookup.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/kernels.h"
+
+namespace nsa::cuda {
+
+// Throws CudaError naming the call (e.g. "cudaMemcpyAsync(q)") and CUDA's own message.
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw CudaError(std::string(what) + ": " + cudaGetErrorString(err));
+}
+#define CUDA_CHECK(call, what) ::nsa::cuda::check_cuda((call), (what))
+
+// After every launch: a bad configuration shows up here, named by its kernel.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw CudaError(std::string("launch of ") + kernel + ": " + cudaGetErrorString(err));
+}
+
+// Element traits: conversions to and from the fp32 accumulator type, and whether tensor cores take the type.
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static constexpr bool kTensorCore = false;
+  __device__ __forceinline__ static float to_float(float x) { return x; }
+  __device__ __forceinline__ static float from_float(float x) { return x; }
+};
+template <> struct Elem<__half> {
+  static constexpr bool kTensorCore = true;
+  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
+  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static constexpr bool kTensorCore = true;
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// Calls f(T{}) with T the C++ type of `t`.
+template <typename F>
+void dispatch_elem(ElemType t, F&& f) {
+  switch (t) {
+    case ElemType::F32: f(float{}); break;
+    case ElemType::F16: f(__half{}); break;
+    case ElemType::BF16: f(__nv_bfloat16{}); break;
+  }
+}
+
+inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The sequence holding pooled block `chunk` of batch row `b`: the last sequence whose (batch, chunk_start)
+// is <= (b, chunk). Sequences are ordered by batch row, then by start, so a binary search finds it; empty
+// sequences share their successor's chunk_start and lose the tie to it.
+__device__ __forceinline__ int find_seq_of_chunk(const DeviceSequence* seqs, int num_seqs, int64_t b, int64_t chunk) {
+  int lo = 0, hi = num_seqs;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    const bool before = seqs[mid].batch < b || (seqs[mid].batch == b && seqs[mid].chunk_start <= chunk);
+    if (before) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
+
+}  // namespace nsa::cuda

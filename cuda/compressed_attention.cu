@@ -1,0 +1,205 @@
+// Compressed attention forward (nsa-spec §2.2): each query attends to the complete pooled blocks before it,
+// NC(t) = floor((t + 1) / BS); o_cmp and lse_cmp (fp32). No visible block => o = 0, lse = 0.
+//
+// One CTA per (token tile, head chunk, sequence, kv head): its rows are the G heads of several tokens, so each
+// pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
+// run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2.
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/warp_tile.cuh"
+
+namespace nsa::cuda {
+namespace {
+
+constexpr int kBN = tile::kBlockN;
+
+struct CompressedParams {
+  DeviceLayout L;
+  tile::Geometry geo;
+  int G = 0;
+  int k_padded = 0;       // K rounded up to 16
+  float scale_log2 = 0;   // scale * log2(e)
+};
+
+template <typename T>
+constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
+
+template <typename T, int VP>
+int smem_bytes(int k_padded) {
+  constexpr int W = warps_for<T>();
+  const int ks = tile::smem_stride<T>(k_padded), vs = tile::smem_stride<T>(VP);
+  int bytes = (16 * W * ks + kBN * ks + kBN * vs) * int(sizeof(T));
+  if (!Elem<T>::kTensorCore) bytes += W * 16 * kBN * int(sizeof(float));
+  return bytes;
+}
+
+// Preconditions: K <= k_padded <= 256, V <= VP, G >= 1, the grid is (geo.tiles_x, num_seqs, H).
+template <typename T, int VP>
+__global__ void __launch_bounds__(warps_for<T>() * 32)
+    compressed_attention_kernel(T* __restrict__ o_cmp,             // [B, T, HQ, V]
+                                float* __restrict__ lse_cmp,       // [B, T, HQ]
+                                const T* __restrict__ q,           // [B, T, HQ, K]
+                                const T* __restrict__ k_cmp,       // [B, C, H, K]
+                                const T* __restrict__ v_cmp,       // [B, C, H, V]
+                                const CompressedParams P) {
+  constexpr int W = warps_for<T>(), ROWS = 16 * W;
+  const DeviceLayout& L = P.L;
+  const DeviceSequence seq = L.seqs[blockIdx.y];
+  const int tile_idx = blockIdx.x / P.geo.head_chunks, hc = blockIdx.x % P.geo.head_chunks;
+  const int64_t t0 = int64_t(tile_idx) * P.geo.tpt;
+  if (t0 >= seq.length) return;
+  const int h = blockIdx.z, G = P.G, hpt = P.geo.hpt, BS = L.block_size;
+  const int64_t K = L.K, V = L.V, HQ = L.HQ, H = L.H;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int ks = tile::smem_stride<T>(P.k_padded), vs = tile::smem_stride<T>(VP);
+  T* Qs = reinterpret_cast<T*>(smem_raw);  // [ROWS][ks]
+  T* Ks = Qs + ROWS * ks;                  // [kBN][ks]
+  T* Vs = Ks + kBN * ks;                   // [kBN][vs]
+  float* Ps = reinterpret_cast<float*>(Vs + kBN * vs);  // fp32 path only: [W][16][kBN]
+
+  // Row r of the tile is token t0 + r / hpt, query head h * G + hc * hpt + r % hpt.
+  auto row_token = [&](int r) { return t0 + r / hpt; };
+  auto row_valid = [&](int r) {
+    return r / hpt < P.geo.tpt && row_token(r) < seq.length && hc * hpt + r % hpt < G;
+  };
+  const int64_t tok_base = seq.batch * L.T + seq.start;  // flat token of the sequence's first position
+  tile::load_rows(Qs, ks, ROWS, int(K), P.k_padded, [&](int r) -> const T* {
+    if (!row_valid(r)) return nullptr;
+    return q + ((tok_base + row_token(r)) * HQ + h * G + hc * hpt + r % hpt) * K;
+  });
+
+  const int64_t last_token = min(t0 + P.geo.tpt, seq.length) - 1;
+  const int nc_max = int((last_token + 1) / BS);
+  const int64_t chunk_base = seq.batch * L.C + seq.chunk_start;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_a = warp * 16 + lane / 4, row_b = row_a + 8;
+  const int nc_a = row_valid(row_a) ? int((row_token(row_a) + 1) / BS) : 0;
+  const int nc_b = row_valid(row_b) ? int((row_token(row_b) + 1) / BS) : 0;
+  // Rows are ordered by token, so the warp's last valid row sees the most blocks.
+  int warp_nc = max(nc_a, nc_b);
+  for (int off = 16; off > 0; off /= 2) warp_nc = max(warp_nc, __shfl_xor_sync(0xffffffffu, warp_nc, off));
+
+  float o[VP / 8][4];
+#pragma unroll
+  for (int j = 0; j < VP / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+
+  for (int c0 = 0; c0 < nc_max; c0 += kBN) {
+    __syncthreads();  // the previous tile is consumed
+    auto pooled = [&](const T* base, int64_t dim) {
+      return [=](int r) -> const T* { return c0 + r < nc_max ? base + ((chunk_base + c0 + r) * H + h) * dim : nullptr; };
+    };
+    tile::load_rows(Ks, ks, kBN, int(K), P.k_padded, pooled(k_cmp, K));
+    tile::load_rows(Vs, vs, kBN, int(V), VP, pooled(v_cmp, V));
+    __syncthreads();
+    if (c0 >= warp_nc) continue;
+
+    float s[kBN / 8][4];
+    tile::warp_scores<T, kBN>(s, Qs, Ks, ks, warp * 16, P.k_padded, lane);
+    const int col0 = c0 + (lane % 4) * 2;
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = col0 + j * 8 + (e & 1);
+        const bool visible = col < (e < 2 ? nc_a : nc_b);
+        s[j][e] = visible ? s[j][e] * P.scale_log2 : -INFINITY;
+        if (e < 2) mx_a = fmaxf(mx_a, s[j][e]);
+        else mx_b = fmaxf(mx_b, s[j][e]);
+      }
+    for (int off = 1; off < 4; off *= 2) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+    }
+    const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+    // A row with nothing visible yet keeps a finite reference so that exp2 gives 0, not NaN.
+    const float ref_a = new_a == -INFINITY ? 0.f : new_a, ref_b = new_b == -INFINITY ? 0.f : new_b;
+    const float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
+    m_a = new_a;
+    m_b = new_b;
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      s[j][0] = exp2f(s[j][0] - ref_a);
+      s[j][1] = exp2f(s[j][1] - ref_a);
+      s[j][2] = exp2f(s[j][2] - ref_b);
+      s[j][3] = exp2f(s[j][3] - ref_b);
+      sum_a += s[j][0] + s[j][1];
+      sum_b += s[j][2] + s[j][3];
+    }
+    l_a = l_a * alpha_a + sum_a;
+    l_b = l_b * alpha_b + sum_b;
+#pragma unroll
+    for (int j = 0; j < VP / 8; ++j) {
+      o[j][0] *= alpha_a;
+      o[j][1] *= alpha_a;
+      o[j][2] *= alpha_b;
+      o[j][3] *= alpha_b;
+    }
+    tile::warp_pv<T, kBN, VP>(o, s, Vs, vs, Ps + warp * 16 * kBN, lane);
+  }
+
+  for (int off = 1; off < 4; off *= 2) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+  }
+  constexpr float kLn2 = 0.693147180559945309f;
+  const float inv_a = nc_a > 0 ? 1.f / l_a : 0.f, inv_b = nc_b > 0 ? 1.f / l_b : 0.f;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = half ? row_b : row_a;
+    if (!row_valid(r)) continue;
+    const int64_t row_off = (tok_base + row_token(r)) * HQ + h * G + hc * hpt + r % hpt;
+    const float inv = half ? inv_b : inv_a;
+    T* out = o_cmp + row_off * V;
+#pragma unroll
+    for (int j = 0; j < VP / 8; ++j) {
+      const int col = j * 8 + (lane % 4) * 2;
+      if (col < V) out[col] = Elem<T>::from_float(o[j][2 * half] * inv);
+      if (col + 1 < V) out[col + 1] = Elem<T>::from_float(o[j][2 * half + 1] * inv);
+    }
+    if (lane % 4 == 0) {
+      const int nc = half ? nc_b : nc_a;
+      const float m = half ? m_b : m_a, l = half ? l_b : l_a;
+      lse_cmp[row_off] = nc > 0 ? (m + log2f(l)) * kLn2 : 0.f;
+    }
+  }
+}
+
+template <typename T, int VP>
+void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp, const DeviceLayout& L,
+            cudaStream_t s) {
+  constexpr int W = warps_for<T>();
+  CompressedParams P;
+  P.L = L;
+  P.G = int(L.HQ / L.H);
+  P.geo = tile::make_geometry(P.G, 16 * W, L.max_len);
+  P.k_padded = int(div_up(L.K, 16) * 16);
+  P.scale_log2 = L.scale * 1.4426950408889634f;
+  if (P.geo.tiles_x == 0 || L.num_seqs == 0) return;
+  const int bytes = smem_bytes<T, VP>(P.k_padded);
+  auto kernel = compressed_attention_kernel<T, VP>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute(compressed_attention_kernel)");
+  const dim3 grid(P.geo.tiles_x, L.num_seqs, unsigned(L.H));
+  kernel<<<grid, W * 32, bytes, s>>>(static_cast<T*>(o_cmp), lse_cmp, static_cast<const T*>(q),
+                                     static_cast<const T*>(k_cmp), static_cast<const T*>(v_cmp), P);
+  check_launch("compressed_attention_kernel");
+}
+
+}  // namespace
+
+void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                                  const DeviceLayout& L, cudaStream_t s) {
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (L.V <= 64) launch<T, 64>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+    else if (L.V <= 128) launch<T, 128>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+    else launch<T, 256>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+  });
+}
+
+}  // namespace nsa::cuda

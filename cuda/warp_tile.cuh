@@ -1,0 +1,185 @@
+// Warp-level tiles shared by the compressed-attention and top-k kernels, which must compute the same logits
+// (the top-k scores are exp(z - lse) with lse from the compressed pass, so z has to match bit for bit).
+//
+// A CTA holds ROWS = 16 * WARPS query rows; a row is one (token, query head) pair of one kv head. The rows
+// are `tpt` tokens x `hpt` heads (the G heads of a token are contiguous rows, so one pooled-key tile serves
+// every head of the group and several tokens at once); when G > ROWS a token's heads are split into
+// `head_chunks` chunks of hpt heads.
+//
+// Each warp owns 16 consecutive rows. Its fragment of a [16 x BN] score tile or [16 x VP] output tile follows
+// the mma.m16n8k16 accumulator layout: lane holds rows (lane / 4) and (lane / 4 + 8), columns
+// j * 8 + (lane % 4) * 2 + {0, 1} for every 8-column group j. The fp32 path keeps the same layout and does the
+// products on CUDA cores, so the kernels around it are written once.
+#pragma once
+#include <cstdint>
+
+#include "cuda/common.cuh"
+
+namespace nsa::cuda::tile {
+
+constexpr int kBlockN = 64;  // pooled blocks per key tile
+
+// Smem row stride (elements) for rows of `cols_padded` elements: padding by 16 bytes spreads the 8 rows that
+// one fragment load touches over distinct banks.
+template <typename T>
+__host__ __device__ constexpr int smem_stride(int cols_padded) {
+  return cols_padded + int(16 / sizeof(T));
+}
+
+struct Geometry {
+  int hpt = 0;          // heads per tile (<= ROWS)
+  int tpt = 0;          // tokens per tile
+  int head_chunks = 0;  // ceil(G / hpt)
+  int tiles_x = 0;      // grid.x: token tiles of the longest sequence x head chunks
+};
+
+inline Geometry make_geometry(int64_t G, int rows, int64_t max_len) {
+  Geometry g;
+  g.hpt = int(G < rows ? G : rows);
+  g.tpt = rows / g.hpt;
+  g.head_chunks = int(div_up(G, g.hpt));
+  g.tiles_x = int(div_up(max_len, g.tpt) * g.head_chunks);
+  return g;
+}
+
+__device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8x8 b16 matrices, transposed: the B fragments of two 8-column groups of a row-major [16 x 16] tile.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Copies `rows_total` rows of `cols_padded` elements into smem (row stride `stride`), zero-filling rows for
+// which row_ptr(r) is null and columns >= cols. 16-byte loads when every row is 16-byte aligned.
+template <typename T, typename RowPtr>
+__device__ __forceinline__ void load_rows(T* dst, int stride, int rows_total, int cols, int cols_padded, RowPtr row_ptr) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec_ok = (cols % kVec) == 0;
+  const int chunks = cols_padded / kVec;
+  for (int idx = threadIdx.x; idx < rows_total * chunks; idx += blockDim.x) {
+    const int r = idx / chunks, c = (idx % chunks) * kVec;
+    const T* src = row_ptr(r);
+    T* d = dst + r * stride + c;
+    if (src && vec_ok && c < cols) {
+      *reinterpret_cast<uint4*>(d) = __ldg(reinterpret_cast<const uint4*>(src + c));
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) d[e] = (src && c + e < cols) ? src[c + e] : Elem<T>::from_float(0.f);
+    }
+  }
+}
+
+// s[j][e] = q[row] . k[col] for the warp's 16 rows starting at row0 and the BN keys of the tile.
+template <typename T, int BN>
+__device__ __forceinline__ void warp_scores(float (&s)[BN / 8][4], const T* Qs, const T* Ks, int stride, int row0,
+                                            int k_padded, int lane) {
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  const int r = row0 + lane / 4, c = (lane % 4) * 2;
+  if constexpr (Elem<T>::kTensorCore) {
+    for (int kc = 0; kc < k_padded; kc += 16) {
+      uint32_t a[4];
+      a[0] = ld_u32(Qs + r * stride + kc + c);
+      a[1] = ld_u32(Qs + (r + 8) * stride + kc + c);
+      a[2] = ld_u32(Qs + r * stride + kc + c + 8);
+      a[3] = ld_u32(Qs + (r + 8) * stride + kc + c + 8);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const T* krow = Ks + (j * 8 + lane / 4) * stride + kc + c;
+        mma16816<T>(s[j], a, ld_u32(krow), ld_u32(krow + 8));
+      }
+    }
+  } else {
+    for (int kk = 0; kk < k_padded; ++kk) {
+      const float q0 = Qs[r * stride + kk], q1 = Qs[(r + 8) * stride + kk];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const float k0 = Ks[(j * 8 + c) * stride + kk], k1 = Ks[(j * 8 + c + 1) * stride + kk];
+        s[j][0] = fmaf(q0, k0, s[j][0]);
+        s[j][1] = fmaf(q0, k1, s[j][1]);
+        s[j][2] = fmaf(q1, k0, s[j][2]);
+        s[j][3] = fmaf(q1, k1, s[j][3]);
+      }
+    }
+  }
+}
+
+// o[j][e] += sum_key p[row][key] * v[key][col]. The fp32 path stages p through the warp's `Ps` [16 x BN].
+template <typename T, int BN, int VP>
+__device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[BN / 8][4], const T* Vs, int vstride,
+                                        float* Ps, int lane) {
+  if constexpr (Elem<T>::kTensorCore) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
+      a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
+      a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+      a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+      for (int nv = 0; nv < VP / 16; ++nv) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, Vs + (kk * 16 + lane % 16) * vstride + nv * 16 + (lane / 16) * 8);
+        mma16816<T>(o[2 * nv], a, b[0], b[1]);
+        mma16816<T>(o[2 * nv + 1], a, b[2], b[3]);
+      }
+    }
+  } else {
+    const int r = lane / 4, c = (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      Ps[r * BN + j * 8 + c] = p[j][0];
+      Ps[r * BN + j * 8 + c + 1] = p[j][1];
+      Ps[(r + 8) * BN + j * 8 + c] = p[j][2];
+      Ps[(r + 8) * BN + j * 8 + c + 1] = p[j][3];
+    }
+    __syncwarp();
+    for (int key = 0; key < BN; ++key) {
+      const float p0 = Ps[r * BN + key], p1 = Ps[(r + 8) * BN + key];
+#pragma unroll
+      for (int j = 0; j < VP / 8; ++j) {
+        const float v0 = Vs[key * vstride + j * 8 + c], v1 = Vs[key * vstride + j * 8 + c + 1];
+        o[j][0] = fmaf(p0, v0, o[j][0]);
+        o[j][1] = fmaf(p0, v1, o[j][1]);
+        o[j][2] = fmaf(p1, v0, o[j][2]);
+        o[j][3] = fmaf(p1, v1, o[j][3]);
+      }
+    }
+    __syncwarp();
+  }
+}
+
+}  // namespace nsa::cuda::tile
