@@ -45,6 +45,7 @@ struct TensorCheck {
   int64_t nonfinite = 0;        // NaN/Inf in the candidate where the expected value is finite
   std::string worst_where;      // "[b, t, head, d]"
   double worst_expected = 0, worst_actual = 0;
+  int64_t compared = 0;         // elements compared (row-sampled mode compares fewer)
 };
 
 struct TopkCheck {
@@ -52,6 +53,7 @@ struct TopkCheck {
   double max_rel_gap = 0;       // largest (s_S - s_b) / s_S over chosen blocks outside the reference set
   std::string first_problem;    // description of the first bad row
   bool pass = true;
+  bool given = false;           // the problem gave block_indices: the candidate must repeat them exactly
 };
 
 struct CheckReport {
@@ -60,6 +62,9 @@ struct CheckReport {
   std::optional<TopkCheck> topk;
   std::string first_failing_stage;  // empty when everything passes
   bool pass = true;
+  DType candidate_dtype = DType::F32;
+  bool baseline_relative = false;
+  int64_t sampled_rows = 0;         // row-sampled mode: query rows compared; 0 => every row
 };
 
 // Checks `candidate` stage by stage against the reference recomputed from the problem's inputs and the
@@ -70,5 +75,41 @@ CheckReport check_candidate(const Problem& p, const Outputs& candidate, DType ca
 void print_report(std::ostream& os, const CheckReport& r);
 nlohmann::json report_json(const std::vector<CheckReport>& reports);
 std::string report_junit(const std::vector<CheckReport>& reports, const std::string& suite_name);
+
+// The pieces check_candidate is built from, public so that they can be tested on hand-made values.
+
+// Stage names in pipeline order; "first failing stage" means first in this order.
+const std::vector<std::string>& check_stages();
+
+// How a flat element index maps to [b, row, head, d]: a tensor [B, rows, heads, D], or [B, rows, heads]
+// when D == 0. rows is T for per-token tensors and C for pooled ones.
+struct TensorGeometry {
+  int64_t B = 1, rows = 1, heads = 1, D = 0;
+};
+
+struct CompareRule {
+  double tol = 0;
+  const ref::RowMask* rows = nullptr;  // compare only rows b * rows + row marked here; null or empty => all
+  // Elements (same indexing as the tensor) of lse rows with no visible key: 0 and -inf mean the same there.
+  const std::vector<uint8_t>* empty_rows = nullptr;
+};
+
+// The §5.1 metrics of one tensor. Throws InputError when the sizes differ.
+TensorCheck compare_tensor(const std::string& name, const std::string& stage, const std::vector<double>& expected,
+                           const std::vector<double>& actual, const TensorGeometry& g, const CompareRule& rule);
+
+// The §5.3 verdict on one top-k row: `chosen` holds S entries, `scores` the reference's scores of the row.
+struct TopkRowVerdict {
+  bool valid = true;
+  bool exact = false;       // same set as the reference's own top-S
+  double max_rel_gap = 0;   // over chosen blocks outside the reference set
+  std::string reason;       // why the row is invalid
+};
+TopkRowVerdict judge_topk_row(const int32_t* chosen, int64_t S, const ref::BlockScores& scores, double rtol, double atol);
+
+// Applies judge_topk_row to every (token, kv head) row of `candidate` [B, T, H, S] (only rows in `rows` when
+// it is non-empty), with scores from q and the reference's k_cmp and lse_cmp.
+TopkCheck check_topk(const std::vector<int32_t>& candidate, const Problem& p, const double* k_cmp, const double* lse_cmp,
+                     double rtol, double atol, const ref::RowMask& rows);
 
 }  // namespace nsa

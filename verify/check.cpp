@@ -1,0 +1,339 @@
+// Stage-isolated comparison of a candidate with the float64 reference (nsa-spec §5.1, §5.2, §5.4).
+//
+// Each stage's expected output is the reference stage evaluated on the candidate's own upstream outputs, so a
+// wrong stage is named rather than smeared over `o`. Top-k is the exception: its scores come from the
+// reference's own k_cmp and lse_cmp, because the tie rule is about the true scores.
+//
+// Baseline-relative mode (FlashAttention's rule): the yardstick is the same stage-isolated reference with its
+// inputs, its upstream and every stage output rounded to the candidate's dtype (computed in float64 in
+// between). A tensor passes when its error is at most `baseline_factor` times the yardstick's error, or below
+// one unit roundoff of the dtype (the yardstick can be exact, e.g. in float64).
+#include "verify/check.h"
+
+#include <algorithm>
+#include <omp.h>
+
+#include "core/errors.h"
+
+namespace nsa {
+
+double Tolerances::for_dtype(DType t) const {
+  switch (t) {
+    case DType::F64: return f64;
+    case DType::F16: return f16;
+    case DType::BF16: return bf16;
+    default: return f32;
+  }
+}
+
+double TieTolerances::for_dtype(DType t) const {
+  switch (t) {
+    case DType::F64: return f64;
+    case DType::F16: return f16;
+    case DType::BF16: return bf16;
+    default: return f32;
+  }
+}
+
+const std::vector<std::string>& check_stages() {
+  static const std::vector<std::string> stages{"mean_pool",      "compressed_attention", "topk",    "selected_attention",
+                                               "sliding_window", "gating",               "backward"};
+  return stages;
+}
+
+namespace {
+
+using Vec = std::vector<double>;
+
+double unit_roundoff(DType t) {
+  switch (t) {
+    case DType::F64: return 0x1p-53;
+    case DType::F16: return 0x1p-11;
+    case DType::BF16: return 0x1p-8;
+    default: return 0x1p-24;
+  }
+}
+
+// Rounds values to the candidate's dtype when computing the yardstick; the identity for the reference.
+struct Precision {
+  std::optional<DType> dtype;
+  void apply(Vec& x) const {
+    if (!dtype) return;
+    const DType t = *dtype;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < int64_t(x.size()); ++i) x[i] = round_to(t, x[i]);
+  }
+  void apply(std::optional<Vec>& x) const {
+    if (x) apply(*x);
+  }
+};
+
+// What each candidate tensor is compared with.
+struct Recomputed {
+  Outputs expected;
+  Vec lse_cmp_true;                   // lse_cmp from the reference's own k_cmp: the top-k scores use it
+  std::vector<int32_t> used_indices;  // the selection the later stages were evaluated with
+};
+
+// The candidate's block indices with entries outside [-1, NB) replaced by -1: the top-k check reports them,
+// and the later stages must not read outside the sequence.
+std::vector<int32_t> in_range_indices(const std::vector<int32_t>& indices, const Layout& L) {
+  std::vector<int32_t> out = indices;
+  const int64_t H = L.dims.H, S = L.S();
+  for (const Sequence& s : L.sequences) {
+    const int64_t nb = ceil_div(s.length, L.BS());
+    for (int64_t t = s.start; t < s.start + s.length; ++t)
+      for (int64_t j = 0; j < H * S; ++j) {
+        int32_t& c = out[(s.batch * L.dims.T + t) * H * S + j];
+        if (c < -1 || c >= nb) c = -1;
+      }
+  }
+  return out;
+}
+
+// `fixed_indices` (the yardstick's case) overrides the selection so that both computations use the same one.
+Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& rows, const Precision& rd,
+                     const std::vector<int32_t>* fixed_indices, bool with_grads) {
+  const Layout& L = p.layout;
+  const Dims& d = L.dims;
+  const int64_t C = L.chunks, tokens = d.B * d.T;
+  Problem rounded;
+  const Problem* in = &p;
+  if (rd.dtype) {
+    rounded = p;
+    for (Vec* x : {&rounded.q, &rounded.k, &rounded.v}) rd.apply(*x);
+    for (auto* x : {&rounded.g_cmp, &rounded.g_slc, &rounded.g_swa, &rounded.d_o}) rd.apply(*x);
+    in = &rounded;
+  }
+  // The candidate's own upstream tensor when it has one (rounded for the yardstick), else `fallback`.
+  auto upstream = [&](const Vec& own, const Vec& fallback, Vec& holder) -> const double* {
+    if (own.empty()) return fallback.data();
+    if (!rd.dtype) return own.data();
+    holder = own;
+    rd.apply(holder);
+    return holder.data();
+  };
+  auto gate = [](const std::optional<Vec>& g) { return g ? g->data() : nullptr; };
+
+  Recomputed r;
+  Outputs& e = r.expected;
+  e.k_cmp.assign(d.B * C * d.H * d.K, 0);
+  e.v_cmp.assign(d.B * C * d.H * d.V, 0);
+  ref::mean_pool_forward(e.k_cmp.data(), e.v_cmp.data(), in->k.data(), in->v.data(), L);
+  rd.apply(e.k_cmp);
+  rd.apply(e.v_cmp);
+
+  Vec k_cmp_own, v_cmp_own;
+  const double* k_cmp = upstream(cand.k_cmp, e.k_cmp, k_cmp_own);
+  const double* v_cmp = upstream(cand.v_cmp, e.v_cmp, v_cmp_own);
+  e.o_cmp.assign(tokens * d.HQ * d.V, 0);
+  e.lse_cmp.assign(tokens * d.HQ, 0);
+  ref::compressed_attention_forward(e.o_cmp.data(), e.lse_cmp.data(), in->q.data(), k_cmp, v_cmp, L, rows);
+  if (!rd.dtype) {
+    if (cand.k_cmp.empty()) {
+      r.lse_cmp_true = e.lse_cmp;  // lse depends on k_cmp only
+    } else {
+      Vec o_scratch(e.o_cmp.size(), 0);
+      r.lse_cmp_true.assign(e.lse_cmp.size(), 0);
+      ref::compressed_attention_forward(o_scratch.data(), r.lse_cmp_true.data(), in->q.data(), e.k_cmp.data(),
+                                        e.v_cmp.data(), L, rows);
+    }
+  }
+  rd.apply(e.o_cmp);
+  rd.apply(e.lse_cmp);
+
+  if (fixed_indices) {
+    r.used_indices = *fixed_indices;
+  } else {
+    if (p.block_indices) {
+      e.block_indices = *p.block_indices;
+    } else {
+      e.block_indices.assign(tokens * d.H * L.S(), -1);
+      ref::topk_forward(e.block_indices.data(), in->q.data(), e.k_cmp.data(), r.lse_cmp_true.data(), L, rows);
+    }
+    r.used_indices = cand.block_indices.empty() ? e.block_indices : in_range_indices(cand.block_indices, L);
+  }
+  const int32_t* counts = p.block_counts ? p.block_counts->data() : nullptr;
+
+  e.o_slc.assign(tokens * d.HQ * d.V, 0);
+  e.lse_slc.assign(tokens * d.HQ, 0);
+  ref::selected_attention_forward(e.o_slc.data(), e.lse_slc.data(), in->q.data(), in->k.data(), in->v.data(),
+                                  r.used_indices.data(), counts, L, rows);
+  rd.apply(e.o_slc);
+  rd.apply(e.lse_slc);
+
+  if (L.config.window > 0) {
+    e.o_swa.assign(tokens * d.HQ * d.V, 0);
+    e.lse_swa.assign(tokens * d.HQ, 0);
+    ref::sliding_window_forward(e.o_swa.data(), e.lse_swa.data(), in->q.data(), in->k.data(), in->v.data(), L, rows);
+    rd.apply(e.o_swa);
+    rd.apply(e.lse_swa);
+  }
+
+  Vec o_cmp_own, o_slc_own, o_swa_own;
+  const double* o_cmp = upstream(cand.o_cmp, e.o_cmp, o_cmp_own);
+  const double* o_slc = upstream(cand.o_slc, e.o_slc, o_slc_own);
+  const double* o_swa = L.config.window > 0 ? upstream(cand.o_swa, e.o_swa, o_swa_own) : nullptr;
+  e.o.assign(tokens * d.HQ * d.V, 0);
+  ref::gate_forward(e.o.data(), o_cmp, o_slc, o_swa, gate(in->g_cmp), gate(in->g_slc), gate(in->g_swa), L, rows);
+  rd.apply(e.o);
+
+  if (with_grads) {
+    // The backward of the candidate's own selection.
+    Problem frozen = *in;
+    frozen.block_indices = r.used_indices;
+    RunOptions run;
+    run.backward = true;
+    Outputs g = ref::run_reference(frozen, run);
+    e.has_grads = true;
+    for (auto field : {&Outputs::dq, &Outputs::dk, &Outputs::dv, &Outputs::dg_cmp, &Outputs::dg_slc, &Outputs::dg_swa,
+                       &Outputs::dk_cmp, &Outputs::dv_cmp}) {
+      e.*field = std::move(g.*field);
+      rd.apply(e.*field);
+    }
+  }
+  return r;
+}
+
+// Per element of an lse tensor [B, T, HQ]: whether the row has no key (0 and -inf then mean the same).
+std::vector<uint8_t> empty_compressed_rows(const Layout& L) {
+  const Dims& d = L.dims;
+  std::vector<uint8_t> empty(d.B * d.T * d.HQ, 0);
+  for (const Sequence& s : L.sequences)
+    for (int64_t t = 0; t < std::min(s.length, L.BS() - 1); ++t)
+      std::fill_n(empty.begin() + (s.batch * d.T + s.start + t) * d.HQ, d.HQ, 1);
+  return empty;
+}
+
+std::vector<uint8_t> empty_selected_rows(const Layout& L, const std::vector<int32_t>& indices, const Problem& p) {
+  const Dims& d = L.dims;
+  const int64_t S = L.S(), G = d.G();
+  std::vector<uint8_t> empty(d.B * d.T * d.HQ, 0);
+  for (const Sequence& s : L.sequences)
+    for (int64_t t = 0; t < s.length; ++t) {
+      const int64_t flat = s.batch * d.T + s.start + t;
+      for (int64_t h = 0; h < d.H; ++h) {
+        const int64_t n = p.block_counts ? (*p.block_counts)[flat * d.H + h] : S;
+        bool any_key = false;
+        for (int64_t j = 0; j < n && !any_key; ++j) {
+          const int64_t c = indices[(flat * d.H + h) * S + j];
+          any_key = c >= 0 && c * L.BS() <= t;
+        }
+        if (!any_key) std::fill_n(empty.begin() + flat * d.HQ + h * G, G, 1);
+      }
+    }
+  return empty;
+}
+
+// A problem that gave block_indices skips top-k: the candidate must repeat them.
+TopkCheck given_indices_check(const std::vector<int32_t>& candidate, const std::vector<int32_t>& given, const Layout& L,
+                              const ref::RowMask& rows) {
+  TopkCheck c;
+  c.given = true;
+  const int64_t T = L.dims.T, H = L.dims.H, S = L.S();
+  for (const Sequence& s : L.sequences)
+    for (int64_t t = s.start; t < s.start + s.length; ++t) {
+      const int64_t flat = s.batch * T + t;
+      if (!rows.empty() && !rows[flat]) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t at = (flat * H + h) * S;
+        ++c.rows;
+        if (std::equal(candidate.begin() + at, candidate.begin() + at + S, given.begin() + at)) {
+          ++c.exact_rows;
+        } else if (c.bad_rows++ == 0) {
+          c.first_problem = "[" + std::to_string(s.batch) + ", " + std::to_string(t) + ", " + std::to_string(h) +
+                            "]: differs from the given block_indices";
+        }
+      }
+    }
+  c.pass = c.bad_rows == 0;
+  return c;
+}
+
+}  // namespace
+
+CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candidate_dtype, const CheckOptions& opt) {
+  const Layout& L = p.layout;
+  const Dims& d = L.dims;
+  if (opt.threads > 0) omp_set_num_threads(opt.threads);
+  const ref::RowMask& rows = opt.rows;
+  if (!rows.empty() && int64_t(rows.size()) != d.B * d.T)
+    throw std::invalid_argument("row mask has " + std::to_string(rows.size()) + " entries, expected B * T = " +
+                                std::to_string(d.B * d.T));
+
+  CheckReport rep;
+  rep.candidate_dtype = candidate_dtype;
+  rep.baseline_relative = opt.baseline_relative;
+  rep.sampled_rows = std::count(rows.begin(), rows.end(), uint8_t(1));
+  // Row-sampled mode checks forward tensors only.
+  const bool with_grads = rows.empty() && p.has_backward() && cand.has_grads;
+  const Recomputed ref = recompute(p, cand, rows, Precision{}, nullptr, with_grads);
+  std::optional<Recomputed> yard;
+  if (opt.baseline_relative)
+    yard = recompute(p, cand, rows, Precision{candidate_dtype}, &ref.used_indices, with_grads);
+
+  const double tol = opt.rtol_override.value_or(opt.tol.for_dtype(candidate_dtype));
+  const std::vector<uint8_t> empty_cmp = empty_compressed_rows(L);
+  const std::vector<uint8_t> empty_slc = empty_selected_rows(L, ref.used_indices, p);
+  const TensorGeometry pooled_k{d.B, L.chunks, d.H, d.K}, pooled_v{d.B, L.chunks, d.H, d.V};
+  const TensorGeometry out_q{d.B, d.T, d.HQ, d.K}, out_v{d.B, d.T, d.HQ, d.V}, per_head{d.B, d.T, d.HQ, 0};
+  const TensorGeometry kv_k{d.B, d.T, d.H, d.K}, kv_v{d.B, d.T, d.H, d.V};
+
+  auto compare = [&](const char* name, const char* stage, std::vector<double> Outputs::*field, const TensorGeometry& g,
+                     bool per_token, const std::vector<uint8_t>* empty = nullptr) {
+    const Vec& actual = cand.*field;
+    const Vec& expected = ref.expected.*field;
+    if (actual.empty() || expected.empty()) return;
+    CompareRule rule;
+    rule.tol = tol;
+    rule.rows = per_token ? &rows : nullptr;
+    rule.empty_rows = empty;
+    double baseline = -1;
+    if (yard) {
+      baseline = compare_tensor(name, stage, expected, yard->expected.*field, g, rule).rel_l2;
+      rule.tol = std::max(opt.baseline_factor * baseline, unit_roundoff(candidate_dtype));
+    }
+    TensorCheck c = compare_tensor(name, stage, expected, actual, g, rule);
+    c.baseline_rel_l2 = baseline;
+    rep.tensors.push_back(std::move(c));
+  };
+
+  compare("k_cmp", "mean_pool", &Outputs::k_cmp, pooled_k, false);
+  compare("v_cmp", "mean_pool", &Outputs::v_cmp, pooled_v, false);
+  compare("o_cmp", "compressed_attention", &Outputs::o_cmp, out_v, true);
+  compare("lse_cmp", "compressed_attention", &Outputs::lse_cmp, per_head, true, &empty_cmp);
+  if (!cand.block_indices.empty()) {
+    if (p.block_indices)
+      rep.topk = given_indices_check(cand.block_indices, *p.block_indices, L, rows);
+    else
+      rep.topk = check_topk(cand.block_indices, p, ref.expected.k_cmp.data(), ref.lse_cmp_true.data(),
+                            opt.tie.for_dtype(candidate_dtype), opt.tie.atol, rows);
+  }
+  compare("o_slc", "selected_attention", &Outputs::o_slc, out_v, true);
+  compare("lse_slc", "selected_attention", &Outputs::lse_slc, per_head, true, &empty_slc);
+  compare("o_swa", "sliding_window", &Outputs::o_swa, out_v, true);
+  compare("lse_swa", "sliding_window", &Outputs::lse_swa, per_head, true);
+  compare("o", "gating", &Outputs::o, out_v, true);
+  compare("dq", "backward", &Outputs::dq, out_q, true);
+  compare("dk", "backward", &Outputs::dk, kv_k, true);
+  compare("dv", "backward", &Outputs::dv, kv_v, true);
+  compare("dg_cmp", "backward", &Outputs::dg_cmp, per_head, true);
+  compare("dg_slc", "backward", &Outputs::dg_slc, per_head, true);
+  compare("dg_swa", "backward", &Outputs::dg_swa, per_head, true);
+  compare("dk_cmp", "backward", &Outputs::dk_cmp, pooled_k, false);
+  compare("dv_cmp", "backward", &Outputs::dv_cmp, pooled_v, false);
+  if (rep.tensors.empty() && !rep.topk) throw InputError("the candidate holds none of the output tensors that can be checked");
+
+  for (const std::string& stage : check_stages()) {
+    bool failed = stage == "topk" && rep.topk && !rep.topk->pass;
+    for (const TensorCheck& t : rep.tensors) failed = failed || (t.stage == stage && !t.pass);
+    if (failed) {
+      rep.first_failing_stage = stage;
+      break;
+    }
+  }
+  rep.pass = rep.first_failing_stage.empty();
+  return rep;
+}
+
+}  // namespace nsa
