@@ -20,6 +20,10 @@ using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::R
 using Tile = Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>>;
 using ConstTile = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 using Scores = Eigen::Map<RowMatrix>;
+// Scratch memory. Eigen's vectorised reductions peel elements until the data is aligned, so the summation
+// order depends on the buffer's alignment: every scratch buffer is aligned alike, which keeps results
+// bit-identical from run to run and thread to thread.
+using Buffer = std::vector<double, Eigen::aligned_allocator<double>>;
 
 inline Tile tile(double* data, Index rows, Index cols, Index row_stride) {
   return Tile(data, rows, cols, Eigen::OuterStride<>(row_stride));
@@ -28,17 +32,37 @@ inline ConstTile const_tile(const double* data, Index rows, Index cols, Index ro
   return ConstTile(data, rows, cols, Eigen::OuterStride<>(row_stride));
 }
 
+// Per-thread scratch that only grows, so steady-state work allocates nothing. Products are formed here and
+// then copied or added to the caller's rows with plain loops: Eigen's small-product kernels order their sums
+// by the destination's alignment, and this keeps results independent of where the caller's arrays sit.
+struct Workspace {
+  Buffer p, ds, out_a, out_b;
+  static double* at_least(Buffer& b, Index n) {
+    if (Index(b.size()) < n) b.resize(n);
+    return b.data();
+  }
+};
+
+inline void copy_rows(Tile dst, const Scores& src) {
+  for (Index r = 0; r < src.rows(); ++r)
+    for (Index c = 0; c < src.cols(); ++c) dst(r, c) = src(r, c);
+}
+inline void add_rows(Tile dst, const Scores& src) {
+  for (Index r = 0; r < src.rows(); ++r)
+    for (Index c = 0; c < src.cols(); ++c) dst(r, c) += src(r, c);
+}
+
 // o [G, V] = softmax(scale * q keys^T) values and lse [G] for G query rows q [G, K] over n keys [n, K].
-// No keys => o = 0 and lse = 0. `scratch` holds at least G * n doubles.
+// No keys => o = 0 and lse = 0.
 inline void attend_forward(Tile o, double* lse, const ConstTile& q, const ConstTile& keys, const ConstTile& values,
-                           double scale, double* scratch) {
+                           double scale, Workspace& ws) {
   const Index G = q.rows(), n = keys.rows();
   if (n == 0) {
     o.setZero();
     std::fill(lse, lse + G, 0.0);
     return;
   }
-  Scores p(scratch, G, n);
+  Scores p(Workspace::at_least(ws.p, G * n), G, n);
   p.noalias() = scale * (q * keys.transpose());
   for (Index g = 0; g < G; ++g) {
     auto row = p.row(g);
@@ -48,38 +72,39 @@ inline void attend_forward(Tile o, double* lse, const ConstTile& q, const ConstT
     row /= sum;
     lse[g] = max + std::log(sum);
   }
-  o.noalias() = p * values;
+  Scores out(Workspace::at_least(ws.out_a, G * values.cols()), G, values.cols());
+  out.noalias() = p * values;
+  copy_rows(o, out);
 }
 
 // The query side of the backward for G query rows over n keys (all visible):
 // p = exp(scale q keys^T - lse), ds = p * (do values^T - delta), dq [G, K] += scale * ds keys.
-// `p_scratch`, `ds_scratch` hold at least G * n doubles each.
 inline void attend_backward_queries(Tile dq, const ConstTile& q, const ConstTile& d_o, const double* lse,
                                     const double* delta, const ConstTile& keys, const ConstTile& values, double scale,
-                                    double* p_scratch, double* ds_scratch) {
+                                    Workspace& ws) {
   const Index G = q.rows(), n = keys.rows();
   if (n == 0) return;
-  Scores p(p_scratch, G, n), ds(ds_scratch, G, n);
+  Scores p(Workspace::at_least(ws.p, G * n), G, n), ds(Workspace::at_least(ws.ds, G * n), G, n);
   p.noalias() = scale * (q * keys.transpose());
   p.array().colwise() -= Eigen::Map<const Eigen::ArrayXd>(lse, G);
   p = p.array().exp().matrix();
   ds.noalias() = d_o * values.transpose();
   ds.array().colwise() -= Eigen::Map<const Eigen::ArrayXd>(delta, G);
   ds.array() *= p.array();
-  dq.noalias() += scale * (ds * keys);
+  Scores dq_part(Workspace::at_least(ws.out_a, G * keys.cols()), G, keys.cols());
+  dq_part.noalias() = scale * (ds * keys);
+  add_rows(dq, dq_part);
 }
 
 // The key side of the backward for m query rows q [m, K] (with their do [m, V], lse, delta) against n keys,
 // query row r seeing key columns [visible_begin[r], visible_end[r]):
-// dk [n, K] += scale * ds^T q, dv [n, V] += p^T do. Accumulation order is fixed by the row order.
-// `p_scratch`, `ds_scratch` hold at least m * n doubles each.
+// dk [n, K] += scale * ds^T q, dv [n, V] += p^T do.
 inline void attend_backward_keys(Tile dk, Tile dv, const ConstTile& q, const ConstTile& d_o, const double* lse,
                                  const double* delta, const Index* visible_begin, const Index* visible_end,
-                                 const ConstTile& keys, const ConstTile& values, double scale, double* p_scratch,
-                                 double* ds_scratch) {
+                                 const ConstTile& keys, const ConstTile& values, double scale, Workspace& ws) {
   const Index m = q.rows(), n = keys.rows();
   if (m == 0 || n == 0) return;
-  Scores p(p_scratch, m, n), ds(ds_scratch, m, n);
+  Scores p(Workspace::at_least(ws.p, m * n), m, n), ds(Workspace::at_least(ws.ds, m * n), m, n);
   p.noalias() = scale * (q * keys.transpose());
   for (Index r = 0; r < m; ++r) {
     const Index begin = std::clamp<Index>(visible_begin[r], 0, n);
@@ -92,8 +117,12 @@ inline void attend_backward_keys(Tile dk, Tile dv, const ConstTile& q, const Con
   ds.noalias() = d_o * values.transpose();
   ds.array().colwise() -= Eigen::Map<const Eigen::ArrayXd>(delta, m);
   ds.array() *= p.array();
-  dk.noalias() += scale * (ds.transpose() * q);
-  dv.noalias() += p.transpose() * d_o;
+  Scores dk_part(Workspace::at_least(ws.out_a, n * q.cols()), n, q.cols());
+  Scores dv_part(Workspace::at_least(ws.out_b, n * d_o.cols()), n, d_o.cols());
+  dk_part.noalias() = scale * (ds.transpose() * q);
+  dv_part.noalias() = p.transpose() * d_o;
+  add_rows(dk, dk_part);
+  add_rows(dv, dv_part);
 }
 
 // delta [rows, heads] = sum_v do * o: the softmax backward's correction term, one per query row and head.

@@ -87,7 +87,8 @@ void selected_attention_forward(double* o_slc, double* lse_slc, const double* q,
   const std::vector<TokenTask> tasks = token_tasks(L, kTokensPerTask);
 #pragma omp parallel
   {
-    std::vector<double> keys(max_keys * d.K), values(max_keys * d.V), scores(G * max_keys);
+    Buffer keys(max_keys * d.K), values(max_keys * d.V);
+    Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
       const TokenTask& task = tasks[i];
@@ -102,7 +103,7 @@ void selected_attention_forward(double* o_slc, double* lse_slc, const double* q,
         const int64_t head0 = token * d.HQ + h * G;  // first query head of the group
         attend_forward(tile(o_slc + head0 * d.V, G, d.V, d.V), lse_slc + head0, const_tile(q + head0 * d.K, G, d.K, d.K),
                        const_tile(keys.data(), n, d.K, d.K), const_tile(values.data(), n, d.V, d.V), L.scale(),
-                       scores.data());
+                       ws);
       }
     }
   }
@@ -119,7 +120,8 @@ void selected_attention_backward(double* dq, double* dk, double* dv, const doubl
   const std::vector<TokenTask> tasks = token_tasks(L, kTokensPerTask);
 #pragma omp parallel
   {
-    std::vector<double> keys(max_keys * d.K), values(max_keys * d.V), p(G * max_keys), ds(G * max_keys);
+    Buffer keys(max_keys * d.K), values(max_keys * d.V);
+    Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
       const TokenTask& task = tasks[i];
@@ -134,7 +136,7 @@ void selected_attention_backward(double* dq, double* dk, double* dv, const doubl
         attend_backward_queries(tile(dq + head0 * d.K, G, d.K, d.K), const_tile(q + head0 * d.K, G, d.K, d.K),
                                 const_tile(do_slc + head0 * d.V, G, d.V, d.V), lse_slc + head0, delta.data() + head0,
                                 const_tile(keys.data(), n, d.K, d.K), const_tile(values.data(), n, d.V, d.V), L.scale(),
-                                p.data(), ds.data());
+                                ws);
       }
     }
   }
@@ -153,13 +155,12 @@ void selected_attention_backward(double* dq, double* dk, double* dv, const doubl
         if (r.begin[c + 1] > r.begin[c]) block_tasks.push_back({s, h, c});
     }
   const int64_t chunk_tokens = query_tokens_per_chunk(G);
-  const int64_t block_keys = std::min(BS, longest_sequence(L));
 #pragma omp parallel
   {
-    std::vector<double> q_rows(chunk_tokens * G * d.K), do_rows(chunk_tokens * G * d.V);
+    Buffer q_rows(chunk_tokens * G * d.K), do_rows(chunk_tokens * G * d.V);
     std::vector<double> lse_rows(chunk_tokens * G), delta_rows(chunk_tokens * G);
     std::vector<Index> visible_begin(chunk_tokens * G, 0), visible_end(chunk_tokens * G);
-    std::vector<double> p(chunk_tokens * G * block_keys), ds(chunk_tokens * G * block_keys);
+    Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(block_tasks.size()); ++i) {
       const BlockTask& task = block_tasks[i];
@@ -188,7 +189,7 @@ void selected_attention_backward(double* dq, double* dk, double* dv, const doubl
         const int64_t m = m_tokens * G;
         attend_backward_keys(dk_block, dv_block, const_tile(q_rows.data(), m, d.K, d.K),
                              const_tile(do_rows.data(), m, d.V, d.V), lse_rows.data(), delta_rows.data(),
-                             visible_begin.data(), visible_end.data(), k_block, v_block, L.scale(), p.data(), ds.data());
+                             visible_begin.data(), visible_end.data(), k_block, v_block, L.scale(), ws);
       }
     }
   }

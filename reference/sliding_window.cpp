@@ -32,7 +32,7 @@ void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, con
   const std::vector<TokenTask> tasks = token_tasks(L, kTokensPerTask);
 #pragma omp parallel
   {
-    std::vector<double> scores(G * W);
+    Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
       const TokenTask& task = tasks[i];
@@ -47,7 +47,7 @@ void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, con
         const int64_t head0 = token * d.HQ + h * G;
         attend_forward(tile(o_swa + head0 * d.V, G, d.V, d.V), lse_swa + head0, const_tile(q + head0 * d.K, G, d.K, d.K),
                        const_tile(k + kv_row0 * d.K, n, d.K, d.H * d.K), const_tile(v + kv_row0 * d.V, n, d.V, d.H * d.V),
-                       L.scale(), scores.data());
+                       L.scale(), ws);
       }
     }
   }
@@ -66,7 +66,7 @@ void sliding_window_backward(double* dq, double* dk, double* dv, const double* d
   const std::vector<TokenTask> query_tasks = token_tasks(L, kTokensPerTask);
 #pragma omp parallel
   {
-    std::vector<double> p(G * W), ds(G * W);
+    Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(query_tasks.size()); ++i) {
       const TokenTask& task = query_tasks[i];
@@ -81,7 +81,7 @@ void sliding_window_backward(double* dq, double* dk, double* dv, const double* d
         attend_backward_queries(tile(dq + head0 * d.K, G, d.K, d.K), const_tile(q + head0 * d.K, G, d.K, d.K),
                                 const_tile(do_swa + head0 * d.V, G, d.V, d.V), lse_swa + head0, delta.data() + head0,
                                 const_tile(k + kv_row0 * d.K, n, d.K, d.H * d.K),
-                                const_tile(v + kv_row0 * d.V, n, d.V, d.H * d.V), L.scale(), p.data(), ds.data());
+                                const_tile(v + kv_row0 * d.V, n, d.V, d.H * d.V), L.scale(), ws);
       }
     }
   }
@@ -89,13 +89,12 @@ void sliding_window_backward(double* dq, double* dk, double* dv, const double* d
   // dk, dv: each (sequence, key tile, kv head) owns its key rows; the queries that see key j are [j, j+W-1].
   const std::vector<TokenTask> key_tasks = token_tasks(L, kKeysPerTask);
   const int64_t chunk_tokens = query_tokens_per_chunk(G);
-  const int64_t tile_keys = std::min(kKeysPerTask, longest_sequence(L));
 #pragma omp parallel
   {
-    std::vector<double> q_rows(chunk_tokens * G * d.K), do_rows(chunk_tokens * G * d.V);
+    Buffer q_rows(chunk_tokens * G * d.K), do_rows(chunk_tokens * G * d.V);
     std::vector<double> lse_rows(chunk_tokens * G), delta_rows(chunk_tokens * G);
     std::vector<Index> visible_begin(chunk_tokens * G), visible_end(chunk_tokens * G);
-    std::vector<double> p(chunk_tokens * G * tile_keys), ds(chunk_tokens * G * tile_keys);
+    Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(key_tasks.size()); ++i) {
       const TokenTask& task = key_tasks[i];
@@ -124,7 +123,7 @@ void sliding_window_backward(double* dq, double* dk, double* dv, const double* d
         const int64_t m = m_tokens * G;
         attend_backward_keys(dk_tile, dv_tile, const_tile(q_rows.data(), m, d.K, d.K),
                              const_tile(do_rows.data(), m, d.V, d.V), lse_rows.data(), delta_rows.data(),
-                             visible_begin.data(), visible_end.data(), k_tile, v_tile, L.scale(), p.data(), ds.data());
+                             visible_begin.data(), visible_end.data(), k_tile, v_tile, L.scale(), ws);
       }
     }
   }
