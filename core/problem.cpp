@@ -1,5 +1,6 @@
 #include "core/problem.h"
 
+#include <cctype>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -21,6 +22,14 @@ Layout Layout::make(const Dims& dims, Config config, const std::vector<int64_t>&
   if (config.block_size < 1) fail_input(origin, "", "block size must be positive, got " + std::to_string(config.block_size));
   if (config.block_count < 1) fail_input(origin, "", "block count must be positive, got " + std::to_string(config.block_count));
   if (config.window < 0) fail_input(origin, "", "window must be >= 0, got " + std::to_string(config.window));
+  // The kernels take 32-bit configuration, and block arithmetic such as ceil_div(T, BS) must not overflow.
+  constexpr int64_t kMaxConfig = std::numeric_limits<int32_t>::max();
+  if (config.block_size > kMaxConfig)
+    fail_input(origin, "", "block size " + std::to_string(config.block_size) + " is too large (at most 2147483647)");
+  if (config.block_count > kMaxConfig)
+    fail_input(origin, "", "block count " + std::to_string(config.block_count) + " is too large (at most 2147483647)");
+  if (config.window > kMaxConfig)
+    fail_input(origin, "", "window " + std::to_string(config.window) + " is too large (at most 2147483647)");
   if (config.scale == 0) config.scale = 1.0 / std::sqrt(double(dims.K));
   if (!std::isfinite(config.scale)) fail_input(origin, "", "scale must be finite");
   L.config = config;
@@ -51,11 +60,14 @@ Layout Layout::make(const Dims& dims, Config config, const std::vector<int64_t>&
 
 namespace {
 
+// std::stoll / std::stod skip leading whitespace; metadata values must be the bare number.
+bool starts_bare(const std::string& text) { return !text.empty() && !std::isspace(static_cast<unsigned char>(text[0])); }
+
 int64_t parse_int(const std::string& text, const std::string& origin, const std::string& key) {
   std::size_t used = 0;
   long long v = 0;
   try {
-    v = std::stoll(text, &used);
+    if (starts_bare(text)) v = std::stoll(text, &used);
   } catch (const std::exception&) {
     used = 0;
   }
@@ -67,7 +79,7 @@ double parse_double(const std::string& text, const std::string& origin, const st
   std::size_t used = 0;
   double v = 0;
   try {
-    v = std::stod(text, &used);
+    if (starts_bare(text)) v = std::stod(text, &used);
   } catch (const std::exception&) {
     used = 0;
   }
