@@ -1,0 +1,185 @@
+// Sliding-window attention forward (nsa-spec §2.5): token t (within its sequence) attends keys
+// [max(0, t-W+1), t] (FlashAttention's window_size = (W-1, 0), causal); o and natural-log lse as in §2.4.
+//
+// Tensor-core path: the tile machinery of attention_tile.cuh over the contiguous key range
+// [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their own
+// window only on tiles that straddle a window edge.
+//
+// FLOPs: 2 * sum over query rows of (keys in the row's window) * (K + V).
+#include <algorithm>
+
+#include "cuda/attention_tile.cuh"
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+
+namespace nsa::cuda {
+namespace {
+
+using attn::RowMap;
+using attn::TileShape;
+using attn::TileSmem;
+using attn::WarpAttention;
+
+template <typename T>
+struct WindowParams {
+  const T* q;  // [B, T, HQ, K]
+  const T* k;  // [B, T, H, K]
+  const T* v;  // [B, T, H, V]
+  T* o;        // [B, T, HQ, V]
+  float* lse;  // [B, T, HQ]
+  const DeviceSequence* seqs;
+  const int32_t* token_seq;  // [B * T]
+  int64_t row_tokens;        // T: tokens per batch row
+  int HQ, H, G, K, V, W;
+  float scale;  // natural
+  int heads_per_tile, tokens_per_tile, head_chunks;
+};
+
+constexpr int kWarps = 4;
+
+// The contiguous key tiles of a CTA and the per-row window masks.
+template <typename Shape>
+struct WindowKeys {
+  static constexpr int kBN = Shape::kBN;
+  int first_key, last_key, W;
+  int t_row[2];
+  bool row_any[2];  // padding row: sees everything (its output is dropped)
+  const int* cur_pos = nullptr;
+
+  __device__ __forceinline__ int count() const { return (last_key - first_key + kBN) / kBN; }
+  __device__ __forceinline__ void describe(int i, int* key_pos, int* key_slot) const {
+    const int j = threadIdx.x;
+    if (j >= kBN) return;
+    const int pos = first_key + i * kBN + j;
+    key_pos[j] = pos <= last_key ? pos : -1;
+    key_slot[j] = 0;
+  }
+  __device__ __forceinline__ bool begin(int i, const int* key_pos, const int*) {
+    cur_pos = key_pos;
+    const int lo = first_key + i * kBN, hi = lo + kBN - 1;
+    bool need = hi > last_key;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+      if (!row_any[rr]) need |= hi > t_row[rr] || lo <= t_row[rr] - W;
+    return need;
+  }
+  __device__ __forceinline__ bool valid(int rr, int col) const {
+    if (row_any[rr]) return true;
+    const int pos = cur_pos[col];
+    return pos >= 0 && pos <= t_row[rr] && pos > t_row[rr] - W;
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const WindowParams<T> p) {
+  using Shape = TileShape<T, D, kWarps>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  TileSmem<T, Shape> sm(smem);
+
+  const DeviceSequence seq = p.seqs[blockIdx.y];
+  const int t0 = blockIdx.x * p.tokens_per_tile;
+  if (t0 >= seq.length) return;
+  const int ntok = int(min(int64_t(p.tokens_per_tile), seq.length - t0));
+  const int kv_head = blockIdx.z / p.head_chunks;
+  const int64_t key_base = seq.batch * p.row_tokens + seq.start;
+  const RowMap rows{key_base + t0, ntok, p.heads_per_tile,
+                    kv_head * p.G + int(blockIdx.z % p.head_chunks) * p.heads_per_tile, (kv_head + 1) * p.G};
+  attn::load_q_tile<T, Shape>(sm.q, p.q, rows, p.HQ, p.K);
+  attn::cp_async_commit();
+  attn::cp_async_wait<0>();
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* sq_warp = sm.q + warp * 16 * Shape::kStride;
+  WarpAttention<T, Shape> wa;
+  wa.init(sq_warp);
+
+  WindowKeys<Shape> keys;
+  keys.W = p.W;
+  keys.last_key = t0 + ntok - 1;
+  keys.first_key = max(0, t0 - p.W + 1);
+  int64_t out_row[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = warp * 16 + lane / 4 + 8 * rr;
+    const bool ok = rows.valid(r);
+    keys.row_any[rr] = !ok;
+    keys.t_row[rr] = t0 + (ok ? rows.token(r) : 0);
+    out_row[rr] = ok ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
+  }
+  attn::attend_key_tiles<T, Shape>(wa, sm, sq_warp, keys, p.k, p.v, key_base, kv_head, p.H, p.K, p.V,
+                                   p.scale * attn::kLog2e);
+  wa.store(p.o, p.lse, p.V, out_row);
+}
+
+// CUDA-core fallback: one warp per (token, query head) row.
+template <typename T>
+__global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowParams<T> p, int64_t num_rows) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row >= num_rows) return;
+  const int64_t flat = row / p.HQ;
+  const int head = int(row % p.HQ), kv_head = head / p.G;
+  const int32_t si = p.token_seq[flat];
+  if (si < 0) return;
+  const DeviceSequence seq = p.seqs[si];
+  const int64_t key_base = seq.batch * p.row_tokens + seq.start;
+  const int64_t t = flat - key_base;
+  attn::RowAttention<T> ra;
+  ra.init(p.q + row * p.K, p.K);
+  for (int64_t pos = max(int64_t(0), t - p.W + 1); pos <= t; ++pos) {
+    const int64_t kv = (key_base + pos) * p.H + kv_head;
+    ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale);
+  }
+  ra.store(p.o + row * p.V, p.lse + row, p.V);
+}
+
+}  // namespace
+
+void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
+                            const DeviceLayout& L, cudaStream_t s) {
+  if (L.window <= 0 || L.B * L.T == 0 || L.HQ == 0) return;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    WindowParams<T> p{};
+    p.q = static_cast<const T*>(q);
+    p.k = static_cast<const T*>(k);
+    p.v = static_cast<const T*>(v);
+    p.o = static_cast<T*>(o_swa);
+    p.lse = lse_swa;
+    p.seqs = L.seqs;
+    p.token_seq = L.token_seq;
+    p.row_tokens = L.T;
+    p.HQ = int(L.HQ), p.H = int(L.H), p.G = int(L.G()), p.K = int(L.K), p.V = int(L.V);
+    // A window longer than any sequence is the plain causal one; clamping keeps t - W + 1 in int range.
+    p.W = int(std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1)));
+    p.scale = L.scale;
+    if constexpr (Elem<T>::kTensorCore) {
+      if (attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0) {
+        constexpr int kRows = 16 * kWarps;
+        p.heads_per_tile = std::min(p.G, kRows);
+        p.head_chunks = int(div_up(p.G, p.heads_per_tile));
+        p.tokens_per_tile = kRows / p.heads_per_tile;
+        const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
+                        unsigned(p.H * p.head_chunks));
+        if (grid.y > 65535 || grid.z > 65535)
+          throw CudaError("sliding_window_tc_kernel: too many sequences or heads for one launch");
+        attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+          constexpr int D = decltype(dim)::value;
+          using Shape = TileShape<T, D, kWarps>;
+          CUDA_CHECK(cudaFuncSetAttribute(sliding_window_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(Shape::kTileBytes)),
+                     "cudaFuncSetAttribute(sliding_window_tc_kernel)");
+          sliding_window_tc_kernel<T, D><<<grid, Shape::kThreads, Shape::kTileBytes, s>>>(p);
+          check_launch("sliding_window_tc_kernel");
+        });
+        return;
+      }
+    }
+    const int64_t rows = L.B * L.T * L.HQ;
+    const int threads = 128;
+    sliding_window_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
+    check_launch("sliding_window_rows_kernel");
+  });
+}
+
+}  // namespace nsa::cuda
