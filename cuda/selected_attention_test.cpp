@@ -1,0 +1,164 @@
+// The CUDA selected-attention forward against the float64 reference on the same rounded inputs.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/attention_test_util.h"
+#include "cuda/kernels.h"
+#include "reference/reference.h"
+#include "reference/test_util.h"
+
+namespace nsa::test {
+namespace {
+
+struct SelectedCase {
+  std::string name;
+  DType dtype;
+  int64_t B, T, HQ, H, K, V, BS, S;
+  std::vector<int64_t> lengths;  // varlen when non-empty
+  bool with_counts;
+};
+
+std::ostream& operator<<(std::ostream& os, const SelectedCase& c) { return os << c.name; }
+
+struct SelectedRun {
+  std::vector<double> o, lse, ref_o, ref_lse;
+};
+
+SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMask& rows = {}) {
+  ProblemSpec spec;
+  spec.B = c.B, spec.T = c.T, spec.HQ = c.HQ, spec.H = c.H, spec.K = c.K, spec.V = c.V;
+  spec.lengths = c.lengths;
+  spec.config.block_size = c.BS;
+  spec.config.block_count = c.S;
+  spec.seed = seed;
+  Problem p = random_problem(spec);
+  DeviceInputs in(p, c.dtype);  // rounds p.q/k/v to the kernel's dtype
+  const Layout& L = p.layout;
+  std::mt19937_64 rng(seed * 7919 + 1);
+  const std::vector<int32_t> idx = mixed_block_indices(L, rng);
+  const std::vector<int32_t> counts = c.with_counts ? random_block_counts(L, rng) : std::vector<int32_t>{};
+  DeviceBytes d_idx(idx.size() * 4), d_counts(std::max<std::size_t>(counts.size(), 1) * 4);
+  d_idx.upload(idx.data());
+  if (c.with_counts) d_counts.upload(counts.data());
+
+  DeviceAttentionOutputs out(L, c.dtype);
+  cuda::selected_attention_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
+                                   static_cast<const int32_t*>(d_idx.get()),
+                                   c.with_counts ? static_cast<const int32_t*>(d_counts.get()) : nullptr, in.layout(),
+                                   nullptr);
+  cuda_ok(cudaDeviceSynchronize(), "selected_attention_forward");
+
+  SelectedRun r;
+  r.o = out.o_host();
+  r.lse = out.lse_host();
+  const Dims& d = L.dims;
+  r.ref_o.assign(d.B * d.T * d.HQ * d.V, 0.0);
+  r.ref_lse.assign(d.B * d.T * d.HQ, 0.0);
+  ref::selected_attention_forward(r.ref_o.data(), r.ref_lse.data(), p.q.data(), p.k.data(), p.v.data(), idx.data(),
+                                  c.with_counts ? counts.data() : nullptr, L, rows);
+  if (!rows.empty()) {  // compare the sampled rows only
+    SelectedRun s;
+    for (int64_t tok = 0; tok < d.B * d.T; ++tok) {
+      if (!rows[tok]) continue;
+      for (int64_t i = 0; i < d.HQ; ++i) {
+        s.lse.push_back(r.lse[tok * d.HQ + i]);
+        s.ref_lse.push_back(r.ref_lse[tok * d.HQ + i]);
+        for (int64_t x = 0; x < d.V; ++x) {
+          s.o.push_back(r.o[(tok * d.HQ + i) * d.V + x]);
+          s.ref_o.push_back(r.ref_o[(tok * d.HQ + i) * d.V + x]);
+        }
+      }
+    }
+    return s;
+  }
+  return r;
+}
+
+void expect_close(const SelectedRun& r, DType dtype) {
+  ASSERT_TRUE(all_finite(r.o)) << "an output element is NaN/Inf or was never written";
+  ASSERT_TRUE(all_finite(r.lse)) << "an lse element is NaN/Inf or was never written";
+  ASSERT_FALSE(all_zero(r.ref_o)) << "vacuous case: the reference output is all zero";
+  const double tol = output_tolerance(dtype);
+  EXPECT_LE(rel_l2(r.o, r.ref_o), tol) << "o: max abs diff " << max_abs_diff(r.o, r.ref_o);
+  // lse is fp32 whatever the inputs are; the logits come from exact products summed in fp32.
+  const double lse_tol = dtype == DType::F32 ? 1e-5 : 1e-4;
+  EXPECT_LE(rel_l2(r.lse, r.ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(r.lse, r.ref_lse);
+}
+
+class SelectedAttentionCuda : public ::testing::TestWithParam<SelectedCase> {
+ protected:
+  void SetUp() override {
+    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  }
+};
+
+TEST_P(SelectedAttentionCuda, MatchesFloat64Reference) {
+  const SelectedCase& c = GetParam();
+  for (uint64_t seed : {1, 2}) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    expect_close(run_selected(c, seed), c.dtype);
+  }
+}
+
+const DType bf16 = DType::BF16, f16 = DType::F16, f32 = DType::F32;
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SelectedAttentionCuda,
+    ::testing::Values(
+        // name, dtype, B, T, HQ, H, K, V, BS, S, varlen lengths, block_counts
+        SelectedCase{"bf16_G16_K128_BS64_S16", bf16, 2, 300, 32, 2, 128, 128, 64, 16, {}, false},
+        SelectedCase{"bf16_G1_K64_V128_BS32_S16_counts", bf16, 1, 333, 2, 2, 64, 128, 32, 16, {}, true},
+        SelectedCase{"bf16_G3_K16_BS16_S16", bf16, 2, 150, 6, 2, 16, 16, 16, 16, {}, false},
+        SelectedCase{"bf16_G16_K256_BS128_S16", bf16, 1, 400, 16, 1, 256, 256, 128, 16, {}, true},
+        SelectedCase{"bf16_G3_K32_V64_BS128_S1", bf16, 1, 260, 3, 1, 32, 64, 128, 1, {}, false},
+        SelectedCase{"bf16_varlen_G16_BS64", bf16, 1, 0, 16, 1, 128, 128, 64, 16, {70, 0, 200, 13, 129}, true},
+        SelectedCase{"bf16_varlen_G1_BS16", bf16, 1, 0, 1, 1, 64, 64, 16, 16, {0, 40, 7, 181}, false},
+        SelectedCase{"bf16_varlen_G3_K256_BS32", bf16, 1, 0, 3, 1, 256, 256, 32, 16, {100, 0, 20}, true},
+        SelectedCase{"bf16_G80_head_chunks", bf16, 1, 70, 80, 1, 64, 64, 32, 4, {}, false},
+        SelectedCase{"bf16_K20_V12_row_kernel", bf16, 1, 100, 4, 2, 20, 12, 16, 8, {}, true},
+        SelectedCase{"f16_G16_K128_BS64_S16", f16, 1, 300, 16, 1, 128, 128, 64, 16, {}, true},
+        SelectedCase{"f16_G1_K64_V128_BS16_S16", f16, 1, 200, 3, 3, 64, 128, 16, 16, {}, false},
+        SelectedCase{"f16_varlen_G3_K16_BS128", f16, 1, 0, 6, 2, 16, 16, 128, 16, {5, 0, 300}, true},
+        SelectedCase{"f32_G16_K64_V128_BS64", f32, 1, 200, 16, 1, 64, 128, 64, 16, {}, true},
+        SelectedCase{"f32_varlen_G3_K256_BS32_S1", f32, 1, 0, 3, 1, 256, 256, 32, 1, {90, 0, 20}, false},
+        SelectedCase{"f32_G1_K16_BS16", f32, 2, 120, 2, 2, 16, 16, 16, 16, {}, true}),
+    [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
+
+// At BS = 16 a tile's union of 70000-token selections spans more than one 4096-block bitmap window.
+TEST(SelectedAttentionCudaLong, UnionSpanningSeveralBitmapWindows) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  const SelectedCase c{"long", DType::BF16, 1, 70000, 1, 1, 16, 16, 16, 16, {}, false};
+  ref::RowMask rows(c.T, 0);
+  std::mt19937_64 rng(5);
+  for (int n = 0; n < 400; ++n) rows[rng() % c.T] = 1;
+  expect_close(run_selected(c, 3, rows), c.dtype);
+}
+
+// A row whose entries are all -1, all after the token or cut to zero by block_counts sees no key.
+TEST(SelectedAttentionCudaEmpty, RowsWithoutKeysGiveZero) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  for (DType dtype : {DType::BF16, DType::F32}) {
+    ProblemSpec spec;
+    spec.T = 100, spec.HQ = 16, spec.H = 1, spec.K = 64, spec.V = 64;
+    spec.config.block_size = 32, spec.config.block_count = 4;
+    Problem p = random_problem(spec);
+    DeviceInputs in(p, dtype);
+    std::vector<int32_t> idx(100 * 4, -1);
+    for (int t = 0; t < 100; ++t) idx[t * 4 + 1] = t / 32 + 1;  // always a future block
+    DeviceBytes d_idx(idx.size() * 4);
+    d_idx.upload(idx.data());
+    DeviceAttentionOutputs out(p.layout, dtype);
+    cuda::selected_attention_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
+                                     static_cast<const int32_t*>(d_idx.get()), nullptr, in.layout(), nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "selected_attention_forward");
+    const std::vector<double> o = out.o_host(), lse = out.lse_host();
+    for (double x : o) ASSERT_EQ(x, 0.0);
+    for (double x : lse) ASSERT_EQ(x, 0.0);
+  }
+}
+
+}  // namespace
+}  // namespace nsa::test

@@ -1,0 +1,81 @@
+// The CUDA sliding-window forward against the float64 reference on the same rounded inputs.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda/attention_test_util.h"
+#include "cuda/kernels.h"
+#include "reference/reference.h"
+#include "reference/test_util.h"
+
+namespace nsa::test {
+namespace {
+
+struct WindowCase {
+  std::string name;
+  DType dtype;
+  int64_t B, T, HQ, H, K, V, W;
+  std::vector<int64_t> lengths;  // varlen when non-empty
+};
+
+std::ostream& operator<<(std::ostream& os, const WindowCase& c) { return os << c.name; }
+
+class SlidingWindowCuda : public ::testing::TestWithParam<WindowCase> {
+ protected:
+  void SetUp() override {
+    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  }
+};
+
+TEST_P(SlidingWindowCuda, MatchesFloat64Reference) {
+  const WindowCase& c = GetParam();
+  for (uint64_t seed : {1, 2}) {
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    ProblemSpec spec;
+    spec.B = c.B, spec.T = c.T, spec.HQ = c.HQ, spec.H = c.H, spec.K = c.K, spec.V = c.V;
+    spec.lengths = c.lengths;
+    spec.config.window = c.W;
+    spec.seed = seed;
+    Problem p = random_problem(spec);
+    DeviceInputs in(p, c.dtype);  // rounds p.q/k/v to the kernel's dtype
+    const Layout& L = p.layout;
+    DeviceAttentionOutputs out(L, c.dtype);
+    cuda::sliding_window_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(), in.layout(),
+                                 nullptr);
+    cuda_ok(cudaDeviceSynchronize(), "sliding_window_forward");
+    const std::vector<double> o = out.o_host(), lse = out.lse_host();
+
+    const Dims& d = L.dims;
+    std::vector<double> ref_o(d.B * d.T * d.HQ * d.V), ref_lse(d.B * d.T * d.HQ);
+    ref::sliding_window_forward(ref_o.data(), ref_lse.data(), p.q.data(), p.k.data(), p.v.data(), L);
+
+    ASSERT_TRUE(all_finite(o)) << "an output element is NaN/Inf or was never written";
+    ASSERT_TRUE(all_finite(lse)) << "an lse element is NaN/Inf or was never written";
+    ASSERT_FALSE(all_zero(ref_o)) << "vacuous case: the reference output is all zero";
+    EXPECT_LE(rel_l2(o, ref_o), output_tolerance(c.dtype)) << "o: max abs diff " << max_abs_diff(o, ref_o);
+    const double lse_tol = c.dtype == DType::F32 ? 1e-5 : 1e-4;
+    EXPECT_LE(rel_l2(lse, ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(lse, ref_lse);
+  }
+}
+
+const DType bf16 = DType::BF16, f16 = DType::F16, f32 = DType::F32;
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SlidingWindowCuda,
+    ::testing::Values(
+        // name, dtype, B, T, HQ, H, K, V, W, varlen lengths
+        WindowCase{"bf16_G16_K128_W64", bf16, 2, 300, 32, 2, 128, 128, 64, {}},
+        WindowCase{"bf16_G1_K64_V128_W100", bf16, 1, 333, 2, 2, 64, 128, 100, {}},
+        WindowCase{"bf16_G3_K16_W1", bf16, 1, 150, 6, 2, 16, 16, 1, {}},
+        WindowCase{"bf16_G16_K256_W_longer_than_T", bf16, 1, 200, 16, 1, 256, 256, 1000, {}},
+        WindowCase{"bf16_varlen_G3_W37", bf16, 1, 0, 3, 1, 32, 64, 37, {70, 0, 200, 13}},
+        WindowCase{"bf16_K20_V12_row_kernel", bf16, 1, 100, 4, 2, 20, 12, 30, {}},
+        WindowCase{"f16_G16_K128_W128", f16, 1, 300, 16, 1, 128, 128, 128, {}},
+        WindowCase{"f16_varlen_G1_K16_W16", f16, 1, 0, 2, 2, 16, 16, 16, {5, 0, 150}},
+        WindowCase{"f32_G3_K64_V128_W50", f32, 1, 120, 3, 1, 64, 128, 50, {}},
+        WindowCase{"f32_varlen_G16_K256_W500", f32, 1, 0, 16, 1, 256, 256, 500, {90, 0, 20}}),
+    [](const ::testing::TestParamInfo<WindowCase>& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace nsa::test
