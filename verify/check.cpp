@@ -6,8 +6,9 @@
 //
 // Baseline-relative mode (FlashAttention's rule): the yardstick is the same stage-isolated reference with its
 // inputs, its upstream and every stage output rounded to the candidate's dtype (computed in float64 in
-// between). A tensor passes when its error is at most `baseline_factor` times the yardstick's error, or below
-// one unit roundoff of the dtype (the yardstick can be exact, e.g. in float64).
+// between). A tensor passes when its error is at most `baseline_factor` times the yardstick's error, or below a
+// tenth of the plain tolerance: rounding only between stages, the yardstick can be exact (float64, exactly
+// representable values) or smaller than the accumulated error of an honest kernel.
 #include "verify/check.h"
 
 #include <algorithm>
@@ -44,15 +45,6 @@ const std::vector<std::string>& check_stages() {
 namespace {
 
 using Vec = std::vector<double>;
-
-double unit_roundoff(DType t) {
-  switch (t) {
-    case DType::F64: return 0x1p-53;
-    case DType::F16: return 0x1p-11;
-    case DType::BF16: return 0x1p-8;
-    default: return 0x1p-24;
-  }
-}
 
 // Rounds values to the candidate's dtype when computing the yardstick; the identity for the reference.
 struct Precision {
@@ -291,7 +283,7 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
     double baseline = -1;
     if (yard) {
       baseline = compare_tensor(name, stage, expected, yard->expected.*field, g, rule).rel_l2;
-      rule.tol = std::max(opt.baseline_factor * baseline, unit_roundoff(candidate_dtype));
+      rule.tol = std::max(opt.baseline_factor * baseline, tol / 10);
     }
     TensorCheck c = compare_tensor(name, stage, expected, actual, g, rule);
     c.baseline_rel_l2 = baseline;
