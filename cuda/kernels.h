@@ -51,4 +51,8 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
 void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp, const void* g_slc,
                   const void* g_swa, const DeviceLayout& L, cudaStream_t s);
 
+// Fills n elements of `dst` (type t) with pseudo-random values from a counter-based hash of (seed, index):
+// normal(0, 1) when `normal`, else uniform in [lo, hi). For benchmarks; not the fixture generator.
+void fill_random(void* dst, int64_t n, ElemType t, uint64_t seed, bool normal, float lo, float hi, cudaStream_t s);
+
 }  // namespace nsa::cuda

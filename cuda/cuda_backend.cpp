@@ -1,0 +1,374 @@
+#include "cuda/cuda_backend.h"
+
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "core/errors.h"
+
+namespace nsa::cuda {
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw CudaError(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+std::size_t elem_size(ElemType t) { return t == ElemType::F32 ? 4 : 2; }
+
+ElemType device_type_for(DType t) {
+  switch (t) {
+    case DType::BF16: return ElemType::BF16;
+    case DType::F16: return ElemType::F16;
+    default: return ElemType::F32;  // f32, and f64 inputs run in fp32
+  }
+}
+
+// Host doubles -> device element bits (exact for values representable in the type).
+std::vector<uint8_t> encode(const std::vector<double>& x, ElemType t) {
+  std::vector<uint8_t> out(x.size() * elem_size(t));
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const float f = float(x[i]);
+    if (t == ElemType::F32) {
+      std::memcpy(out.data() + 4 * i, &f, 4);
+    } else {
+      const uint16_t h = t == ElemType::BF16 ? float_to_bf16(f) : float_to_half(f);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+  return out;
+}
+
+std::vector<double> decode(const std::vector<uint8_t>& bytes, ElemType t) {
+  const std::size_t n = bytes.size() / elem_size(t);
+  std::vector<double> out(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (t == ElemType::F32) {
+      float f;
+      std::memcpy(&f, bytes.data() + 4 * i, 4);
+      out[i] = f;
+    } else {
+      uint16_t h;
+      std::memcpy(&h, bytes.data() + 2 * i, 2);
+      out[i] = t == ElemType::BF16 ? bf16_to_float(h) : half_to_float(h);
+    }
+  }
+  return out;
+}
+
+std::size_t count(int64_t a, int64_t b = 1, int64_t c = 1, int64_t d = 1) { return std::size_t(a * b * c * d); }
+
+}  // namespace
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+DeviceInfo device_info() {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+  DeviceInfo info;
+  info.name = prop.name;
+  info.sm_count = prop.multiProcessorCount;
+  info.cc_major = prop.major;
+  info.cc_minor = prop.minor;
+  const std::string name = info.name;
+  auto has = [&](const char* s) { return name.find(s) != std::string::npos; };
+  if (has("H100") && has("PCIe")) info.bf16_dense_peak_tflops = 756;
+  else if (has("H100") || has("H200") || has("H800") || has("H20")) info.bf16_dense_peak_tflops = 989;
+  else if (has("A100") || has("A800")) info.bf16_dense_peak_tflops = 312;
+  else {
+    // Dense bf16 FLOP per SM per clock: 4096 on sm_90, 2048 on sm_80, 1024 otherwise.
+    int clock_khz = 0;
+    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, dev);
+    const double per_clock = prop.major >= 9 ? 4096 : prop.major == 8 && prop.minor == 0 ? 2048 : 1024;
+    info.bf16_dense_peak_tflops = info.sm_count * per_clock * clock_khz * 1e3 / 1e12;
+  }
+  return info;
+}
+
+DeviceBuffer::DeviceBuffer(std::size_t bytes, const std::string& name) : bytes_(bytes) {
+  if (bytes == 0) return;
+  const cudaError_t err = cudaMalloc(&ptr_, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    ptr_ = nullptr;
+    throw InputError("out of device memory allocating " + name + " (" + std::to_string(bytes >> 20) +
+                     " MiB): the problem is too large for this GPU");
+  }
+  check(err, ("cudaMalloc(" + name + ")").c_str());
+}
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_) cudaFree(ptr_);
+}
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
+  o.ptr_ = nullptr;
+  o.bytes_ = 0;
+}
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = o.ptr_;
+    bytes_ = o.bytes_;
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+const char* stage_name(Stage s) {
+  switch (s) {
+    case Stage::MeanPool: return "mean_pool";
+    case Stage::Compressed: return "compressed_attention";
+    case Stage::Topk: return "topk";
+    case Stage::Selected: return "selected_attention";
+    case Stage::SlidingWindow: return "sliding_window";
+    case Stage::Gate: return "gate";
+  }
+  return "?";
+}
+
+void validate_layout(const Layout& L, const PipelineOptions& opt, const std::string& origin) {
+  const Dims& d = L.dims;
+  if (d.K > 256 || d.V > 256)
+    fail_input(origin, d.K > 256 ? "q" : "v",
+               "the CUDA backend takes K and V up to 256, got K = " + std::to_string(d.K) + ", V = " + std::to_string(d.V));
+  if (!opt.given_indices && L.S() > 64)
+    fail_input(origin, "", "the CUDA top-k takes block counts S up to 64, got S = " + std::to_string(L.S()));
+  if (L.sequences.size() > 65535)
+    fail_input(origin, "cu_seqlens", "the CUDA backend takes up to 65535 sequences, got " + std::to_string(L.sequences.size()));
+  if (d.H > 65535 || d.B > 65535) fail_input(origin, "k", "the CUDA backend takes B and H up to 65535");
+  if (L.BS() > (int64_t(1) << 30) || L.S() > (int64_t(1) << 30) || L.config.window > (int64_t(1) << 30))
+    fail_input(origin, "", "block size, block count and window must fit in 32 bits");
+  if (d.B * d.T >= (int64_t(1) << 31)) fail_input(origin, "q", "the CUDA backend takes fewer than 2^31 tokens");
+}
+
+CudaPipeline::CudaPipeline(const Layout& L, const PipelineOptions& opt) : L_(L), opt_(opt) {
+  validate_layout(L, opt);
+  const Dims& d = L.dims;
+  const std::size_t es = elem_size(opt.dtype);
+  const int64_t tokens = d.B * d.T;
+  check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+
+  std::vector<DeviceSequence> seqs;
+  std::vector<int32_t> token_seq(tokens, 0);
+  int64_t max_len = 0;
+  for (std::size_t n = 0; n < L.sequences.size(); ++n) {
+    const Sequence& s = L.sequences[n];
+    seqs.push_back({s.batch, s.start, s.length, s.chunk_start});
+    for (int64_t t = 0; t < s.length; ++t) token_seq[s.batch * d.T + s.start + t] = int32_t(n);
+    max_len = std::max(max_len, s.length);
+  }
+  seqs_ = DeviceBuffer(seqs.size() * sizeof(DeviceSequence), "sequence table");
+  token_seq_ = DeviceBuffer(token_seq.size() * 4, "token_seq");
+  check(cudaMemcpy(seqs_.get(), seqs.data(), seqs_.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy(sequence table)");
+  check(cudaMemcpy(token_seq_.get(), token_seq.data(), token_seq_.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy(token_seq)");
+
+  dl_.dtype = opt.dtype;
+  dl_.B = d.B;
+  dl_.T = d.T;
+  dl_.HQ = d.HQ;
+  dl_.H = d.H;
+  dl_.K = d.K;
+  dl_.V = d.V;
+  dl_.C = L.chunks;
+  dl_.block_size = int(L.BS());
+  dl_.block_count = int(L.S());
+  dl_.window = int(L.config.window);
+  dl_.scale = float(L.scale());
+  dl_.paper_policy = L.config.policy == Policy::Paper;
+  dl_.num_seqs = int(seqs.size());
+  dl_.max_len = max_len;
+  dl_.seqs = static_cast<const DeviceSequence*>(seqs_.get());
+  dl_.token_seq = static_cast<const int32_t*>(token_seq_.get());
+
+  q_ = DeviceBuffer(count(tokens, d.HQ, d.K) * es, "q");
+  k_ = DeviceBuffer(count(tokens, d.H, d.K) * es, "k");
+  v_ = DeviceBuffer(count(tokens, d.H, d.V) * es, "v");
+  if (opt.gate_cmp) g_cmp_ = DeviceBuffer(count(tokens, d.HQ) * es, "g_cmp");
+  if (opt.gate_slc) g_slc_ = DeviceBuffer(count(tokens, d.HQ) * es, "g_slc");
+  if (opt.gate_swa) g_swa_ = DeviceBuffer(count(tokens, d.HQ) * es, "g_swa");
+  if (opt.block_counts) block_counts_ = DeviceBuffer(count(tokens, d.H) * 4, "block_counts");
+  k_cmp_ = DeviceBuffer(count(d.B, L.chunks, d.H, d.K) * es, "k_cmp");
+  v_cmp_ = DeviceBuffer(count(d.B, L.chunks, d.H, d.V) * es, "v_cmp");
+  o_cmp_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "o_cmp");
+  lse_cmp_ = DeviceBuffer(count(tokens, d.HQ) * 4, "lse_cmp");
+  block_indices_ = DeviceBuffer(count(tokens, d.H, L.S()) * 4, "block_indices");
+  o_slc_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "o_slc");
+  lse_slc_ = DeviceBuffer(count(tokens, d.HQ) * 4, "lse_slc");
+  if (L.config.window > 0) {
+    o_swa_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "o_swa");
+    lse_swa_ = DeviceBuffer(count(tokens, d.HQ) * 4, "lse_swa");
+  }
+  o_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "o");
+}
+
+CudaPipeline::~CudaPipeline() {
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaPipeline::upload(const Problem& p) {
+  auto put = [&](DeviceBuffer& dst, const std::vector<double>& x, const char* name) {
+    if (!dst.get()) return;
+    const std::vector<uint8_t> bytes = encode(x, opt_.dtype);
+    if (bytes.size() != dst.bytes()) throw CudaError(std::string("upload: size mismatch for ") + name);
+    // Pageable source: the copy is staged before the call returns, so `bytes` may go out of scope.
+    check(cudaMemcpyAsync(dst.get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice, stream_), name);
+  };
+  put(q_, p.q, "cudaMemcpyAsync(q)");
+  put(k_, p.k, "cudaMemcpyAsync(k)");
+  put(v_, p.v, "cudaMemcpyAsync(v)");
+  if (opt_.gate_cmp) put(g_cmp_, *p.g_cmp, "cudaMemcpyAsync(g_cmp)");
+  if (opt_.gate_slc) put(g_slc_, *p.g_slc, "cudaMemcpyAsync(g_slc)");
+  if (opt_.gate_swa) put(g_swa_, *p.g_swa, "cudaMemcpyAsync(g_swa)");
+  if (opt_.given_indices)
+    check(cudaMemcpy(block_indices_.get(), p.block_indices->data(), block_indices_.bytes(), cudaMemcpyHostToDevice),
+          "cudaMemcpy(block_indices)");
+  if (opt_.block_counts)
+    check(cudaMemcpy(block_counts_.get(), p.block_counts->data(), block_counts_.bytes(), cudaMemcpyHostToDevice),
+          "cudaMemcpy(block_counts)");
+}
+
+void CudaPipeline::fill_random(uint64_t seed) {
+  const Dims& d = L_.dims;
+  const int64_t tokens = d.B * d.T;
+  fill_random_device(q_, count(tokens, d.HQ, d.K), seed * 8 + 0, true);
+  fill_random_device(k_, count(tokens, d.H, d.K), seed * 8 + 1, true);
+  fill_random_device(v_, count(tokens, d.H, d.V), seed * 8 + 2, true);
+  fill_random_device(g_cmp_, count(tokens, d.HQ), seed * 8 + 3, false);
+  fill_random_device(g_slc_, count(tokens, d.HQ), seed * 8 + 4, false);
+  fill_random_device(g_swa_, count(tokens, d.HQ), seed * 8 + 5, false);
+}
+
+void CudaPipeline::fill_random_device(DeviceBuffer& buf, std::size_t n, uint64_t seed, bool normal) {
+  if (buf.get()) nsa::cuda::fill_random(buf.get(), int64_t(n), opt_.dtype, seed, normal, 0.05f, 0.95f, stream_);
+}
+
+void CudaPipeline::run(Stage s) {
+  switch (s) {
+    case Stage::MeanPool:
+      mean_pool_forward(k_cmp_.get(), v_cmp_.get(), k_.get(), v_.get(), dl_, stream_);
+      break;
+    case Stage::Compressed:
+      compressed_attention_forward(o_cmp_.get(), static_cast<float*>(lse_cmp_.get()), q_.get(), k_cmp_.get(),
+                                   v_cmp_.get(), dl_, stream_);
+      break;
+    case Stage::Topk:
+      topk_forward(static_cast<int32_t*>(block_indices_.get()), q_.get(), k_cmp_.get(),
+                   static_cast<const float*>(lse_cmp_.get()), dl_, stream_);
+      break;
+    case Stage::Selected:
+      selected_attention_forward(o_slc_.get(), static_cast<float*>(lse_slc_.get()), q_.get(), k_.get(), v_.get(),
+                                 static_cast<const int32_t*>(block_indices_.get()),
+                                 static_cast<const int32_t*>(block_counts_.get()), dl_, stream_);
+      break;
+    case Stage::SlidingWindow:
+      if (L_.config.window > 0)
+        sliding_window_forward(o_swa_.get(), static_cast<float*>(lse_swa_.get()), q_.get(), k_.get(), v_.get(), dl_,
+                               stream_);
+      break;
+    case Stage::Gate:
+      gate_forward(o_.get(), o_cmp_.get(), o_slc_.get(), o_swa_.get(), g_cmp_.get(), g_slc_.get(), g_swa_.get(), dl_,
+                   stream_);
+      break;
+  }
+}
+
+void CudaPipeline::forward() {
+  run(Stage::MeanPool);
+  run(Stage::Compressed);
+  if (!opt_.given_indices) run(Stage::Topk);
+  run(Stage::Selected);
+  run(Stage::SlidingWindow);
+  run(Stage::Gate);
+}
+
+Outputs CudaPipeline::download() const {
+  check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(forward)");
+  auto floats = [&](const DeviceBuffer& b, const char* name) {
+    std::vector<uint8_t> bytes(b.bytes());
+    if (!bytes.empty()) check(cudaMemcpy(bytes.data(), b.get(), bytes.size(), cudaMemcpyDeviceToHost), name);
+    return decode(bytes, opt_.dtype);
+  };
+  auto lse = [&](const DeviceBuffer& b, const char* name) {
+    std::vector<uint8_t> bytes(b.bytes());
+    if (!bytes.empty()) check(cudaMemcpy(bytes.data(), b.get(), bytes.size(), cudaMemcpyDeviceToHost), name);
+    return decode(bytes, ElemType::F32);
+  };
+  Outputs out;
+  out.k_cmp = floats(k_cmp_, "download k_cmp");
+  out.v_cmp = floats(v_cmp_, "download v_cmp");
+  out.o_cmp = floats(o_cmp_, "download o_cmp");
+  out.lse_cmp = lse(lse_cmp_, "download lse_cmp");
+  out.block_indices.resize(block_indices_.bytes() / 4);
+  if (!out.block_indices.empty())
+    check(cudaMemcpy(out.block_indices.data(), block_indices_.get(), block_indices_.bytes(), cudaMemcpyDeviceToHost),
+          "download block_indices");
+  out.o_slc = floats(o_slc_, "download o_slc");
+  out.lse_slc = lse(lse_slc_, "download lse_slc");
+  if (L_.config.window > 0) {
+    out.o_swa = floats(o_swa_, "download o_swa");
+    out.lse_swa = lse(lse_swa_, "download lse_swa");
+  }
+  out.o = floats(o_, "download o");
+  return out;
+}
+
+float CudaPipeline::time_ms(const std::function<void()>& work, int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) work();
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start), "cudaEventCreate");
+  check(cudaEventCreate(&stop), "cudaEventCreate");
+  check(cudaEventRecord(start, stream_), "cudaEventRecord");
+  for (int i = 0; i < iters; ++i) work();
+  check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+  check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+  float ms = 0;
+  check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return iters > 0 ? ms / float(iters) : 0.f;
+}
+
+}  // namespace nsa::cuda
+
+namespace nsa {
+namespace {
+
+class CudaBackend : public Backend {
+ public:
+  std::string name() const override { return "cuda"; }
+
+  Outputs run(const Problem& p, const RunOptions& opt) override {
+    if (cuda::device_count() == 0) throw InputError("backend 'cuda': no CUDA device is available");
+    cuda::PipelineOptions po;
+    po.dtype = cuda::device_type_for(p.input_dtype);
+    po.gate_cmp = p.g_cmp.has_value();
+    po.gate_slc = p.g_slc.has_value();
+    po.gate_swa = p.g_swa.has_value();
+    po.given_indices = p.block_indices.has_value();
+    po.block_counts = p.block_counts.has_value();
+    cuda::validate_layout(p.layout, po);
+    if (p.input_dtype == DType::F64) std::fprintf(stderr, "nsa: cuda backend: f64 inputs run in fp32\n");
+    if (p.has_backward() && opt.backward)
+      std::fprintf(stderr, "nsa: cuda backend: backward is not implemented on CUDA yet; computing the forward only\n");
+    cuda::CudaPipeline pipe(p.layout, po);
+    pipe.upload(p);
+    pipe.forward();
+    return pipe.download();
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+
+}  // namespace nsa

@@ -1,0 +1,106 @@
+// The CUDA backend: a pipeline over device buffers with one launch method per stage (shared by the Backend and
+// `nsa-verify bench`), and the Backend that uploads a Problem, runs the forward and downloads the outputs.
+// Host-only header: it can be included by code compiled without nvcc.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "core/backend.h"
+#include "core/problem.h"
+#include "cuda/kernels.h"
+
+namespace nsa {
+
+// The "cuda" backend of the verifier. Forward only: a problem with `do` gets its forward outputs and
+// has_grads = false (a note says so on stderr).
+std::unique_ptr<Backend> make_cuda_backend();
+
+}  // namespace nsa
+
+namespace nsa::cuda {
+
+// Number of CUDA devices; 0 when there is none or no driver (never throws).
+int device_count();
+
+struct DeviceInfo {
+  std::string name;
+  int sm_count = 0, cc_major = 0, cc_minor = 0;
+  double bf16_dense_peak_tflops = 0;  // datasheet figure for known parts, else SMs x clock x MMA rate
+};
+DeviceInfo device_info();
+
+// A cudaMalloc'ed buffer. Running out of device memory is an InputError naming the buffer, so the CLI
+// exits with code 2.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(std::size_t bytes, const std::string& name);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& o) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return ptr_; }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+enum class Stage { MeanPool, Compressed, Topk, Selected, SlidingWindow, Gate };
+const char* stage_name(Stage s);
+
+struct PipelineOptions {
+  ElemType dtype = ElemType::BF16;
+  bool gate_cmp = true, gate_slc = true, gate_swa = false;
+  bool given_indices = false;  // block_indices are an input: top-k is skipped
+  bool block_counts = false;
+};
+
+// Throws InputError when the CUDA kernels cannot take the layout (K or V > 256, S > 64 with top-k, ...).
+void validate_layout(const Layout& L, const PipelineOptions& opt, const std::string& origin = "");
+
+// Every buffer of one problem shape on the device, and the forward stages over them, all on one stream with
+// no host synchronisation between stages.
+class CudaPipeline {
+ public:
+  CudaPipeline(const Layout& L, const PipelineOptions& opt);
+  ~CudaPipeline();
+  CudaPipeline(const CudaPipeline&) = delete;
+  CudaPipeline& operator=(const CudaPipeline&) = delete;
+
+  // Uploads q, k, v, gates and the given block_indices / block_counts, converted to the device dtype
+  // (the values must be representable in it, as they are when the problem was stored in that dtype).
+  void upload(const Problem& p);
+  // Random inputs generated on the device (normal q/k/v, gates in (0.05, 0.95)), for benchmarks.
+  void fill_random(uint64_t seed);
+
+  void run(Stage s);
+  // mean pool -> compressed -> top-k (unless indices were given) -> selected -> sliding window (W > 0) -> gate.
+  void forward();
+  // Waits for the stream and returns every forward output as doubles.
+  Outputs download() const;
+
+  // Mean milliseconds of `work` (launches on stream()) over `iters` runs after `warmup`, by CUDA events.
+  float time_ms(const std::function<void()>& work, int warmup, int iters);
+
+  cudaStream_t stream() const { return stream_; }
+  const DeviceLayout& layout() const { return dl_; }
+  const Layout& host_layout() const { return L_; }
+
+ private:
+  void fill_random_device(DeviceBuffer& buf, std::size_t n, uint64_t seed, bool normal);
+
+  Layout L_;
+  PipelineOptions opt_;
+  DeviceLayout dl_;
+  cudaStream_t stream_ = nullptr;
+  DeviceBuffer seqs_, token_seq_;
+  DeviceBuffer q_, k_, v_, g_cmp_, g_slc_, g_swa_, block_counts_;
+  DeviceBuffer k_cmp_, v_cmp_, o_cmp_, lse_cmp_, block_indices_, o_slc_, lse_slc_, o_swa_, lse_swa_, o_;
+};
+
+}  // namespace nsa::cuda

@@ -1,0 +1,325 @@
+// The CUDA backend, stage by stage, against the float64 reference evaluated on the same rounded inputs and on
+// the backend's own upstream outputs (nsa-spec §5.2), so a failure names its stage.
+#include "cuda/cuda_backend.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include "core/errors.h"
+#include "reference/reference.h"
+#include "reference/test_util.h"
+
+namespace nsa {
+namespace {
+
+using test::ProblemSpec;
+using test::rel_l2;
+
+#define SKIP_WITHOUT_DEVICE() \
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: the CUDA backend tests need a GPU"
+
+// rel-L2 tolerance by dtype (nsa-spec §5.1); f64 inputs run in fp32 on the device.
+double tolerance(DType t) {
+  switch (t) {
+    case DType::BF16: return 1.6e-2;
+    case DType::F16: return 2e-3;
+    default: return 1e-5;
+  }
+}
+
+// Rounds every float input to `t`, as a fixture stored in that dtype would hold it.
+Problem rounded(Problem p, DType t) {
+  auto round_all = [&](std::vector<double>& v) {
+    for (double& x : v) x = round_to(t, x);
+  };
+  round_all(p.q);
+  round_all(p.k);
+  round_all(p.v);
+  for (auto* g : {&p.g_cmp, &p.g_slc, &p.g_swa})
+    if (*g) round_all(**g);
+  p.input_dtype = t;
+  return p;
+}
+
+void expect_close(const std::vector<double>& actual, const std::vector<double>& expected, double tol,
+                  const std::string& what) {
+  ASSERT_EQ(actual.size(), expected.size()) << what;
+  for (std::size_t i = 0; i < actual.size(); ++i)
+    ASSERT_TRUE(std::isfinite(actual[i])) << what << ": non-finite value at flat index " << i;
+  const double err = rel_l2(actual, expected);
+  std::size_t worst = 0;
+  for (std::size_t i = 0; i < actual.size(); ++i)
+    if (std::abs(actual[i] - expected[i]) > std::abs(actual[worst] - expected[worst])) worst = i;
+  EXPECT_LE(err, tol) << what << ": rel-L2 " << err << " over tolerance " << tol << "; worst flat index " << worst
+                      << " expected " << expected[worst] << " got " << actual[worst];
+}
+
+// Judges one top-k row by the tie-aware rule (nsa-spec §5.3); returns "" when it passes. `exact` says whether
+// the set equals the reference's.
+std::string judge_row(const int32_t* chosen, int64_t S, const ref::BlockScores& sc, double rtol, bool& exact) {
+  const int64_t nb = int64_t(sc.score.size());
+  std::vector<int64_t> ranked;
+  for (int64_t c = 0; c < nb; ++c)
+    if (sc.candidate[c] || sc.forced[c]) ranked.push_back(c);
+  std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t b) { return sc.score[a] > sc.score[b]; });
+  const int64_t want = std::min<int64_t>(S, int64_t(ranked.size()));
+  std::vector<uint8_t> chosen_set(nb, 0), ref_set(nb, 0);
+  for (int64_t j = 0; j < want; ++j) ref_set[ranked[j]] = 1;
+  int64_t n = 0;
+  for (int64_t j = 0; j < S; ++j) {
+    const int32_t c = chosen[j];
+    if (c == -1) continue;
+    if (j >= want) return "block " + std::to_string(c) + " in slot " + std::to_string(j) + " past the expected count";
+    if (c < 0 || c >= nb) return "block " + std::to_string(c) + " out of range";
+    if (chosen_set[c]) return "block " + std::to_string(c) + " chosen twice";
+    if (!(sc.candidate[c] || sc.forced[c])) return "block " + std::to_string(c) + " is not a candidate";
+    chosen_set[c] = 1;
+    ++n;
+  }
+  if (n != want) return std::to_string(n) + " blocks chosen, expected " + std::to_string(want);
+  for (int64_t c = 0; c < nb; ++c)
+    if (sc.forced[c] && !chosen_set[c]) return "forced block " + std::to_string(c) + " missing";
+  if (int64_t(ranked.size()) > S) {
+    const double s_S = sc.score[ranked[S - 1]];
+    for (int64_t c = 0; c < nb; ++c)
+      if (chosen_set[c] && sc.score[c] < s_S * (1 - rtol) - 1e-9) {
+        std::ostringstream os;
+        os << "block " << c << " score " << sc.score[c] << " below the S-th best " << s_S;
+        return os.str();
+      }
+  }
+  // Slots must be in score order (descending) up to rounding.
+  for (int64_t j = 1; j < want; ++j)
+    if (sc.score[chosen[j]] > sc.score[chosen[j - 1]] * (1 + rtol) + 1e-9)
+      return "slots " + std::to_string(j - 1) + " and " + std::to_string(j) + " are out of score order";
+  exact = chosen_set == ref_set;
+  return "";
+}
+
+struct Case {
+  std::string name;
+  ProblemSpec spec;
+  DType dtype;
+  bool with_counts = false;
+  bool given_indices = false;
+};
+
+std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
+
+Case make_case(std::string name, DType dtype, int64_t B, int64_t T, int64_t HQ, int64_t H, int64_t K, int64_t V,
+               int64_t BS, int64_t S, Policy policy, std::vector<int64_t> lengths = {}, int64_t W = 0) {
+  Case c;
+  c.name = std::move(name);
+  c.dtype = dtype;
+  c.spec.B = B;
+  c.spec.T = T;
+  c.spec.HQ = HQ;
+  c.spec.H = H;
+  c.spec.K = K;
+  c.spec.V = V;
+  c.spec.lengths = std::move(lengths);
+  c.spec.config.block_size = BS;
+  c.spec.config.block_count = S;
+  c.spec.config.window = W;
+  c.spec.config.policy = policy;
+  c.spec.gate_swa = W > 0;
+  c.spec.seed = std::hash<std::string>{}(c.name);
+  return c;
+}
+
+// Random distinct blocks per row (some -1), valid per nsa-spec §2.4.
+std::vector<int32_t> random_indices(const Layout& L, std::mt19937_64& rng) {
+  const Dims& d = L.dims;
+  std::vector<int32_t> idx(d.B * d.T * d.H * L.S(), -1);
+  for (const Sequence& s : L.sequences) {
+    const int64_t nb = ceil_div(s.length, L.BS());
+    std::vector<int32_t> blocks(nb);
+    std::iota(blocks.begin(), blocks.end(), 0);
+    for (int64_t t = 0; t < s.length; ++t)
+      for (int64_t h = 0; h < d.H; ++h) {
+        std::shuffle(blocks.begin(), blocks.end(), rng);
+        int32_t* row = idx.data() + ((s.batch * d.T + s.start + t) * d.H + h) * L.S();
+        for (int64_t j = 0; j < L.S() && j < nb; ++j) row[j] = rng() % 5 == 0 ? -1 : blocks[j];
+      }
+  }
+  return idx;
+}
+
+class CudaBackendStages : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaBackendStages, EveryStageMatchesTheReferenceOnItsOwnUpstream) {
+  SKIP_WITHOUT_DEVICE();
+  const Case& c = GetParam();
+  Problem p = rounded(test::random_problem(c.spec), c.dtype);
+  const Layout& L = p.layout;
+  const Dims& d = L.dims;
+  std::mt19937_64 rng(c.spec.seed + 7);
+  if (c.with_counts) {
+    p.block_counts = std::vector<int32_t>(d.B * d.T * d.H);
+    for (int32_t& n : *p.block_counts) n = int32_t(rng() % (L.S() + 1));
+  }
+  if (c.given_indices) p.block_indices = random_indices(L, rng);
+
+  const Outputs out = make_cuda_backend()->run(p, RunOptions{});
+  const double tol = tolerance(c.dtype);
+  const int64_t tokens = d.B * d.T, C = L.chunks;
+
+  // Mean pooling, from the rounded k / v.
+  std::vector<double> k_cmp(d.B * C * d.H * d.K), v_cmp(d.B * C * d.H * d.V);
+  ref::mean_pool_forward(k_cmp.data(), v_cmp.data(), p.k.data(), p.v.data(), L);
+  expect_close(out.k_cmp, k_cmp, tol, "k_cmp");
+  expect_close(out.v_cmp, v_cmp, tol, "v_cmp");
+  EXPECT_FALSE(test::all_zero(out.k_cmp));
+
+  // Compressed attention, from the backend's k_cmp / v_cmp.
+  std::vector<double> o_cmp(tokens * d.HQ * d.V), lse_cmp(tokens * d.HQ);
+  ref::compressed_attention_forward(o_cmp.data(), lse_cmp.data(), p.q.data(), out.k_cmp.data(), out.v_cmp.data(), L);
+  expect_close(out.o_cmp, o_cmp, tol, "o_cmp");
+  expect_close(out.lse_cmp, lse_cmp, tol, "lse_cmp");
+
+  // Top-k, from the backend's k_cmp and lse_cmp: tie-aware, and mostly exact. The scores are fp32 sums of
+  // the same rounded logits, so near-ties are within fp32 rounding whatever the input dtype.
+  ASSERT_EQ(out.block_indices.size(), std::size_t(tokens * d.H * L.S()));
+  if (c.given_indices) {
+    EXPECT_EQ(out.block_indices, *p.block_indices);
+  } else {
+    ref::BlockScores sc;
+    int64_t rows = 0, exact_rows = 0;
+    for (const Sequence& s : L.sequences)
+      for (int64_t t = 0; t < s.length; ++t)
+        for (int64_t h = 0; h < d.H; ++h) {
+          ref::topk_scores(sc, s.batch, s.start + t, h, p.q.data(), out.k_cmp.data(), out.lse_cmp.data(), L);
+          bool exact = false;
+          const std::string why = judge_row(out.block_indices.data() + ((s.batch * d.T + s.start + t) * d.H + h) * L.S(),
+                                            L.S(), sc, 1e-4, exact);
+          ASSERT_EQ(why, "") << "top-k row [" << s.batch << ", " << s.start + t << ", " << h << "]";
+          ++rows;
+          exact_rows += exact;
+        }
+    EXPECT_GE(exact_rows, rows * 95 / 100) << exact_rows << " of " << rows << " top-k rows match exactly";
+  }
+
+  // Selected attention, from the backend's block_indices.
+  const int32_t* counts = p.block_counts ? p.block_counts->data() : nullptr;
+  std::vector<double> o_slc(tokens * d.HQ * d.V), lse_slc(tokens * d.HQ);
+  ref::selected_attention_forward(o_slc.data(), lse_slc.data(), p.q.data(), p.k.data(), p.v.data(),
+                                  out.block_indices.data(), counts, L);
+  expect_close(out.o_slc, o_slc, tol, "o_slc");
+  expect_close(out.lse_slc, lse_slc, tol, "lse_slc");
+
+  if (L.config.window > 0) {
+    std::vector<double> o_swa(tokens * d.HQ * d.V), lse_swa(tokens * d.HQ);
+    ref::sliding_window_forward(o_swa.data(), lse_swa.data(), p.q.data(), p.k.data(), p.v.data(), L);
+    expect_close(out.o_swa, o_swa, tol, "o_swa");
+    expect_close(out.lse_swa, lse_swa, tol, "lse_swa");
+  } else {
+    EXPECT_TRUE(out.o_swa.empty());
+  }
+
+  // Gating, from the backend's branch outputs.
+  auto gate = [](const std::optional<std::vector<double>>& g) { return g ? g->data() : nullptr; };
+  std::vector<double> o(tokens * d.HQ * d.V);
+  ref::gate_forward(o.data(), out.o_cmp.data(), out.o_slc.data(), out.o_swa.empty() ? nullptr : out.o_swa.data(),
+                    gate(p.g_cmp), gate(p.g_slc), gate(p.g_swa), L);
+  expect_close(out.o, o, tol, "o");
+  EXPECT_FALSE(test::all_zero(out.o));
+  EXPECT_FALSE(out.has_grads);
+}
+
+const Policy kSeed = Policy::Seed, kPaper = Policy::Paper;
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaBackendStages,
+    ::testing::Values(
+        make_case("G16_bf16_BS16_seed", DType::BF16, 2, 203, 16, 1, 64, 32, 16, 4, kSeed),
+        make_case("G3_f16_K40_BS32_paper", DType::F16, 1, 301, 6, 2, 40, 24, 32, 3, kPaper),
+        make_case("G1_f32_BS64_seed", DType::F32, 2, 257, 4, 4, 32, 64, 64, 2, kSeed),
+        make_case("varlen_empty_bf16_BS16_window", DType::BF16, 1, 0, 32, 2, 64, 64, 16, 8, kPaper,
+                  {100, 0, 257, 1, 130}, 40),
+        make_case("G4_bf16_BS128_paper", DType::BF16, 1, 700, 8, 2, 128, 128, 128, 4, kPaper),
+        make_case("K256_V256_bf16", DType::BF16, 1, 150, 4, 1, 256, 256, 16, 6, kSeed),
+        make_case("V200_f16_G5", DType::F16, 1, 190, 10, 2, 96, 200, 16, 5, kSeed),
+        make_case("G80_f32_head_chunks", DType::F32, 1, 90, 80, 1, 16, 16, 16, 3, kPaper),
+        make_case("G144_bf16_head_chunks", DType::BF16, 1, 70, 144, 1, 32, 16, 16, 2, kSeed),
+        make_case("f64_runs_in_fp32_varlen_G1", DType::F64, 1, 0, 3, 3, 24, 8, 16, 3, kSeed, {33, 17, 0, 64}),
+        make_case("T_below_BS_f16", DType::F16, 2, 11, 4, 2, 16, 16, 16, 2, kPaper),
+        make_case("many_blocks_bf16_S16", DType::BF16, 1, 2100, 16, 1, 64, 64, 16, 16, kSeed),
+        [] {
+          Case c = make_case("block_counts_bf16_G16", DType::BF16, 1, 300, 16, 1, 64, 64, 32, 4, kSeed);
+          c.with_counts = true;
+          return c;
+        }(),
+        [] {
+          Case c = make_case("given_indices_f16_varlen", DType::F16, 1, 0, 8, 2, 32, 48, 16, 3, kSeed, {0, 77, 150});
+          c.given_indices = true;
+          return c;
+        }()),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+// Logits built to be distinct by a wide margin: every token of block c has the key 0.5 * e_c, so k_cmp[c] is
+// exact in bf16, and one query head (G = 1, score = its own probability) orders the blocks by
+// q . e_c = 0.25 * ((7 c) mod 11), distinct for c < 11. The selection must then equal the reference's slot
+// for slot, padding included.
+TEST(CudaTopk, DistinctScoresGiveTheReferenceOrderExactly) {
+  SKIP_WITHOUT_DEVICE();
+  for (Policy policy : {Policy::Seed, Policy::Paper}) {
+    ProblemSpec s;
+    s.T = 170;
+    s.HQ = 1;
+    s.H = 1;
+    s.K = 16;
+    s.V = 16;
+    s.config.block_size = 16;
+    s.config.block_count = 4;
+    s.config.policy = policy;
+    Problem p = test::random_problem(s);
+    std::fill(p.k.begin(), p.k.end(), 0.0);
+    for (int64_t t = 0; t < s.T; ++t) p.k[t * s.K + t / 16] = 0.5;
+    for (int64_t t = 0; t < s.T; ++t)
+      for (int64_t k = 0; k < s.K; ++k) p.q[t * s.K + k] = 0.25 * double((k * 7) % 11);
+    p = rounded(p, DType::BF16);
+    const Outputs out = make_cuda_backend()->run(p, RunOptions{});
+    for (int64_t c = 0; c < p.layout.chunks; ++c)
+      for (int64_t k = 0; k < s.K; ++k) ASSERT_EQ(out.k_cmp[c * s.K + k], k == c ? 0.5 : 0.0) << c << " " << k;
+    std::vector<int32_t> expected(s.T * s.config.block_count, -2);
+    ref::topk_forward(expected.data(), p.q.data(), out.k_cmp.data(), out.lse_cmp.data(), p.layout);
+    EXPECT_EQ(out.block_indices, expected) << policy_name(policy);
+    // Not vacuous: late tokens choose S real blocks.
+    EXPECT_GE(*std::min_element(out.block_indices.end() - 4, out.block_indices.end()), 0);
+  }
+}
+
+TEST(CudaBackend, RejectsHeadDimensionsOver256) {
+  ProblemSpec s;
+  s.K = 260;
+  s.V = 8;
+  const Problem p = test::random_problem(s);
+  // Validation happens before any device work, so it holds without a GPU too.
+  cuda::PipelineOptions opt;
+  EXPECT_THROW(cuda::validate_layout(p.layout, opt), InputError);
+  s.K = 8;
+  s.V = 300;
+  EXPECT_THROW(cuda::validate_layout(test::random_problem(s).layout, opt), InputError);
+  s.V = 256;
+  EXPECT_NO_THROW(cuda::validate_layout(test::random_problem(s).layout, opt));
+}
+
+TEST(CudaBackend, ForwardOnlyWhenTheProblemHasUpstreamGradients) {
+  SKIP_WITHOUT_DEVICE();
+  ProblemSpec s;
+  s.T = 40;
+  s.with_do = true;
+  const Problem p = rounded(test::random_problem(s), DType::F32);
+  const Outputs out = make_cuda_backend()->run(p, RunOptions{});
+  EXPECT_FALSE(out.has_grads);
+  EXPECT_TRUE(out.dq.empty());
+  EXPECT_EQ(out.o.size(), std::size_t(s.T * s.HQ * s.V));
+}
+
+}  // namespace
+}  // namespace nsa
