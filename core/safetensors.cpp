@@ -194,8 +194,9 @@ std::vector<uint8_t> serialize_safetensors(const SafetensorsFile& file) {
   }
   std::string text = header.dump();
   while (text.size() % 8) text.push_back(' ');  // keeps the data section 8-byte aligned
-  std::vector<uint8_t> out(8);
-  for (int i = 0; i < 8; ++i) out[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
+  std::vector<uint8_t> out;
+  out.reserve(8 + text.size() + offset);
+  for (int i = 0; i < 8; ++i) out.push_back(uint8_t(uint64_t(text.size()) >> (8 * i)));
   out.insert(out.end(), text.begin(), text.end());
   for (const auto& [_, t] : file.tensors) out.insert(out.end(), t.bytes.begin(), t.bytes.end());
   return out;
