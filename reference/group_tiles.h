@@ -1,0 +1,79 @@
+// Internal to reference/: how compressed attention and top-k cut their work into (sequence, kv head,
+// query-tile) items and gather a tile's queries into one contiguous matrix, so that the scores of every query
+// head of a group against the pooled keys are one Eigen GEMM.
+// A tile's composition never depends on the thread count, which keeps every result bit-identical for any
+// number of threads.
+#pragma once
+#ifndef EIGEN_DONT_PARALLELIZE
+#define EIGEN_DONT_PARALLELIZE  // parallelism is ours: OpenMP over tiles, Eigen single-threaded inside
+#endif
+#include <Eigen/Dense>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "reference/reference.h"
+
+namespace nsa::ref::detail {
+
+using RowMatrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MatrixMap = Eigen::Map<RowMatrix>;
+using ConstMatrixMap = Eigen::Map<const RowMatrix>;
+using ConstStridedMap = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
+
+// About this many query rows (tokens x G) per tile: large enough for an efficient GEMM, small enough for
+// the per-thread scratch to stay in cache.
+inline int64_t tile_tokens(const Layout& L) { return std::max<int64_t>(1, 256 / std::max<int64_t>(1, L.dims.G())); }
+
+struct GroupTile {
+  int64_t seq;     // index into L.sequences
+  int64_t h;       // kv head
+  int64_t t0, t1;  // tokens [t0, t1) within the sequence
+};
+
+inline std::vector<GroupTile> make_tiles(const Layout& L) {
+  const int64_t step = tile_tokens(L);
+  std::vector<GroupTile> tiles;
+  for (int64_t n = 0; n < int64_t(L.sequences.size()); ++n)
+    for (int64_t h = 0; h < L.dims.H; ++h)
+      for (int64_t t0 = 0; t0 < L.sequences[n].length; t0 += step)
+        tiles.push_back({n, h, t0, std::min(t0 + step, L.sequences[n].length)});
+  return tiles;
+}
+
+// Flat query token (b * T + t) of position `t` of sequence `s`.
+inline int64_t flat_token(const Layout& L, const Sequence& s, int64_t t) { return s.batch * L.dims.T + s.start + t; }
+
+// The positions of the tile that `rows` selects (all when `rows` is empty).
+inline void tile_positions(std::vector<int64_t>& out, const Layout& L, const GroupTile& tile, const RowMask& rows) {
+  out.clear();
+  const Sequence& s = L.sequences[tile.seq];
+  for (int64_t t = tile.t0; t < tile.t1; ++t)
+    if (rows.empty() || rows[flat_token(L, s, t)]) out.push_back(t);
+}
+
+// The pooled rows [count, D] of sequence `s`, kv head h, from x_cmp [B, C, H, D] (row stride H * D).
+inline ConstStridedMap sequence_blocks(const double* x_cmp, const Layout& L, const Sequence& s, int64_t h, int64_t D,
+                                       int64_t first, int64_t count) {
+  const double* base = x_cmp + ((s.batch * L.chunks + s.chunk_start + first) * L.dims.H + h) * D;
+  return ConstStridedMap(base, count, D, Eigen::OuterStride<>(L.dims.H * D));
+}
+
+// Offset of (position t, query head h * G + i) in a [B, T, HQ, D] tensor, D = 1 for [B, T, HQ].
+inline int64_t head_offset(const Layout& L, const Sequence& s, int64_t t, int64_t h, int64_t i, int64_t D) {
+  return (flat_token(L, s, t) * L.dims.HQ + h * L.dims.G() + i) * D;
+}
+
+// out [positions.size() * G, D]: row p * G + i is query head h * G + i at positions[p], from x [B, T, HQ, D].
+inline void gather_group(std::vector<double>& out, const double* x, const Layout& L, const Sequence& s, int64_t h,
+                         int64_t D, const std::vector<int64_t>& positions) {
+  const int64_t G = L.dims.G(), width = G * D;
+  out.resize(positions.size() * width);
+  for (std::size_t p = 0; p < positions.size(); ++p) {
+    const double* src = x + head_offset(L, s, positions[p], h, 0, D);
+    std::copy(src, src + width, out.data() + p * width);
+  }
+}
+
+}  // namespace nsa::ref::detail
