@@ -253,6 +253,18 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
     throw std::invalid_argument("row mask has " + std::to_string(rows.size()) + " entries, expected B * T = " +
                                 std::to_string(d.B * d.T));
 
+  // Tensors fed to later stages must have their full size (the comparison checks the others).
+  const int64_t tokens = d.B * d.T, C = L.chunks;
+  auto require_size = [](const char* name, std::size_t have, int64_t want) {
+    if (have != 0 && int64_t(have) != want)
+      fail_input("", name, "candidate has " + std::to_string(have) + " elements, expected " + std::to_string(want));
+  };
+  require_size("k_cmp", cand.k_cmp.size(), d.B * C * d.H * d.K);
+  require_size("v_cmp", cand.v_cmp.size(), d.B * C * d.H * d.V);
+  require_size("block_indices", cand.block_indices.size(), tokens * d.H * L.S());
+  for (const auto& [name, x] : {std::pair<const char*, const Vec*>{"o_cmp", &cand.o_cmp}, {"o_slc", &cand.o_slc}, {"o_swa", &cand.o_swa}})
+    require_size(name, x->size(), tokens * d.HQ * d.V);
+
   CheckReport rep;
   rep.candidate_dtype = candidate_dtype;
   rep.baseline_relative = opt.baseline_relative;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "core/errors.h"
+#include "reference/test_util.h"
 #include "verify/check.h"
 
 namespace nsa {
@@ -115,6 +116,16 @@ TEST(CompareTensor, RowMaskComparesOnlyTheSampledRows) {
 
 TEST(CompareTensor, SizeMismatchIsAnInputError) {
   EXPECT_THROW(compare_tensor("o", "gating", {1, 2, 3}, {1, 2}, {1, 3, 1, 0}, rule_with_tol(1)), InputError);
+}
+
+TEST(CheckCandidate, WrongSizedUpstreamTensorIsAnInputError) {
+  const Problem p = test::random_problem({});
+  Outputs cand;
+  cand.o_slc.assign(7, 0.0);
+  EXPECT_THROW(check_candidate(p, cand, DType::F32, {}), InputError);
+  cand = Outputs{};
+  cand.block_indices.assign(3, 0);
+  EXPECT_THROW(check_candidate(p, cand, DType::F32, {}), InputError);
 }
 
 TEST(CheckTolerances, DefaultsFollowTheSpec) {
