@@ -46,7 +46,11 @@ struct SelectedParams {
   int heads_per_tile, tokens_per_tile, head_chunks;
 };
 
-constexpr int kWarps = 4;
+// Warps per CTA (16 query rows each). A compile-time knob for tuning: -DNSA_SELECTED_WARPS=8.
+#ifndef NSA_SELECTED_WARPS
+#define NSA_SELECTED_WARPS 4
+#endif
+constexpr int kWarps = NSA_SELECTED_WARPS;
 
 // Shared memory past the tile: per token its sorted selections [tpt][S] and count [tpt]; the block bitmap
 // (one word per thread); per-warp popcount totals; the ordered union of the current window.
