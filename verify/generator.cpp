@@ -126,6 +126,8 @@ namespace {
 std::vector<double> normals(uint64_t seed, const char* name, int64_t count, DType dtype) {
   const uint64_t stream = stream_id(name);
   std::vector<double> out(count);
+  // Each pair depends only on its own counter, so the order of evaluation cannot change a value.
+#pragma omp parallel for schedule(static) if (count > (1 << 16))
   for (int64_t j = 0; j < (count + 1) / 2; ++j) {
     const std::array<float, 2> z = normal_pair(seed, stream, j);
     out[2 * j] = round_to(dtype, z[0]);
@@ -136,7 +138,8 @@ std::vector<double> normals(uint64_t seed, const char* name, int64_t count, DTyp
 
 std::vector<double> gates(uint64_t seed, const char* name, int64_t count, DType dtype) {
   std::vector<double> out = normals(seed, name, count, DType::F32);
-  for (double& x : out) x = round_to(dtype, float(1.0 / (1.0 + std::exp(-x))));
+#pragma omp parallel for schedule(static) if (count > (1 << 16))
+  for (int64_t i = 0; i < count; ++i) out[i] = round_to(dtype, float(1.0 / (1.0 + std::exp(-out[i]))));
   return out;
 }
 

@@ -101,7 +101,7 @@ std::string describe(const Problem& p) {
   std::string s = "B=" + std::to_string(d.B) + " T=" + std::to_string(d.T) + " HQ=" + std::to_string(d.HQ) +
                   " H=" + std::to_string(d.H) + " K=" + std::to_string(d.K) + " V=" + std::to_string(d.V) + " " +
                   dtype_flag(p.input_dtype) + " BS=" + std::to_string(c.block_size) + " S=" +
-                  std::to_string(c.block_count) + " W=" + std::to_string(c.window) + " " + policy_name(c.policy);
+                  std::to_string(c.block_count) + " W=" + std::to_string(c.window) + " policy=" + policy_name(c.policy);
   if (p.layout.varlen) {
     s += " varlen=";
     for (std::size_t n = 0; n < p.layout.sequences.size(); ++n)
