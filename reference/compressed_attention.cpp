@@ -104,6 +104,7 @@ void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* 
       out.noalias() = z * vc;  // rows that see no block get o = 0
       for (int64_t r = 0; r < n; ++r) {
         const int64_t t = s.positions[r / G], i = r % G;
+        if (!detail::row_selected(rows, L, seq, t)) continue;
         std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + detail::head_offset(L, seq, t, tile.h, i, d.V));
         lse_cmp[detail::head_offset(L, seq, t, tile.h, i, 1)] = s.lse[r];
       }

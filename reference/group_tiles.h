@@ -45,12 +45,20 @@ inline std::vector<GroupTile> make_tiles(const Layout& L) {
 // Flat query token (b * T + t) of position `t` of sequence `s`.
 inline int64_t flat_token(const Layout& L, const Sequence& s, int64_t t) { return s.batch * L.dims.T + s.start + t; }
 
-// The positions of the tile that `rows` selects (all when `rows` is empty).
+// Every position of the tile when `rows` selects any of them (or is empty), else none. A sampled row is
+// computed inside its whole tile so that it goes through exactly the same GEMM as in a full run and comes out
+// bit-identical; only the selected rows are written (see row_selected).
 inline void tile_positions(std::vector<int64_t>& out, const Layout& L, const GroupTile& tile, const RowMask& rows) {
   out.clear();
   const Sequence& s = L.sequences[tile.seq];
-  for (int64_t t = tile.t0; t < tile.t1; ++t)
-    if (rows.empty() || rows[flat_token(L, s, t)]) out.push_back(t);
+  bool any = rows.empty();
+  for (int64_t t = tile.t0; t < tile.t1 && !any; ++t) any = rows[flat_token(L, s, t)] != 0;
+  if (!any) return;
+  for (int64_t t = tile.t0; t < tile.t1; ++t) out.push_back(t);
+}
+
+inline bool row_selected(const RowMask& rows, const Layout& L, const Sequence& s, int64_t t) {
+  return rows.empty() || rows[flat_token(L, s, t)] != 0;
 }
 
 // The pooled rows [count, D] of sequence `s`, kv head h, from x_cmp [B, C, H, D] (row stride H * D).

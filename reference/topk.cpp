@@ -78,6 +78,7 @@ void topk_forward(int32_t* block_indices, const double* q, const double* k_cmp, 
       score.resize(cols + 1);
       for (std::size_t p = 0; p < positions.size(); ++p) {
         const int64_t t = positions[p], cur = t / BS;
+        if (!detail::row_selected(rows, L, seq, t)) continue;
         group_scores(score.data(), z.data() + p * G * cols, cols, lse.data() + p * G, G, cur, L.config.policy);
         int32_t* out = block_indices + (detail::flat_token(L, seq, t) * d.H + tile.h) * S;
         select_top(out, S, score.data(), cur, order);
