@@ -230,6 +230,7 @@ TEST(SelectedAttention, SampledRowsMatchFullRunAndLeaveOthersUntouched) {
 // Backward: loss = sum(do * o_slc); gradients of q, k, v against central differences of the forward.
 void expect_backward_matches_finite_differences(ProblemSpec s, bool with_counts) {
   s.with_do = true;
+  test::ScopedThreads one_thread(1);  // hundreds of tiny runs: thread start-up would dominate
   Problem p = test::random_problem(s);
   std::mt19937_64 rng(s.seed + 7);
   const std::vector<int32_t> idx = test::random_block_indices(p.layout, rng);

@@ -146,6 +146,7 @@ TEST(SlidingWindow, VarlenEqualsSeparateRuns) {
 // Backward: loss = sum(do * o_swa); gradients of q, k, v against central differences of the forward.
 void expect_backward_matches_finite_differences(ProblemSpec s) {
   s.with_do = true;
+  test::ScopedThreads one_thread(1);  // hundreds of tiny runs: thread start-up would dominate
   Problem p = test::random_problem(s);
   const WindowResult fwd = run_window(p);
   std::vector<double> dq(p.q.size(), 0), dk(p.k.size(), 0), dv(p.v.size(), 0);
