@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 
 #include "core/errors.h"
@@ -162,6 +163,25 @@ TEST(InputsOnly, StripsStoredOutputsButKeepsGivenIndices) {
   f.metadata["nsa.given_indices"] = "1";
   EXPECT_TRUE(inputs_only(f).has("block_indices"));
   EXPECT_FALSE(inputs_only(f).has("o"));
+}
+
+// The committed suite and its case list agree: every listed case has a manifest entry and a file whose bytes
+// match the manifest's checksum.
+TEST(GoldenSuite, ManifestMatchesCaseListAndFiles) {
+  const fs::path root = NSA_SOURCE_DIR;
+  const std::vector<CaseLine> listed = read_case_list((root / "fixtures" / "cases.txt").string());
+  const std::vector<SuiteCase> cases = read_manifest((root / "fixtures" / "manifest.json").string());
+  ASSERT_EQ(cases.size(), listed.size());
+  uint64_t total_bytes = 0;
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    EXPECT_EQ(cases[i].name, listed[i].name);
+    std::ifstream in(cases[i].path, std::ios::binary);
+    ASSERT_TRUE(in) << cases[i].path;
+    const std::vector<uint8_t> bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    total_bytes += bytes.size();
+    EXPECT_EQ(hex64(gen::fnv1a64(bytes.data(), bytes.size())), cases[i].expected_fnv1a64) << cases[i].name;
+  }
+  EXPECT_LT(total_bytes, 20u << 20);  // the suite stays small
 }
 
 }  // namespace
