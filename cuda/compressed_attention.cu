@@ -23,12 +23,15 @@ struct CompressedParams {
 
 template <typename T>
 constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
+// K/V tiles in flight: two (the next tile's cp.async overlaps this tile's math) where shared memory allows.
+template <typename T>
+constexpr int stages_for() { return Elem<T>::kTensorCore ? 2 : 1; }
 
 template <typename T, int VP>
 int smem_bytes(int k_padded) {
   constexpr int W = warps_for<T>();
   const int ks = tile::smem_stride<T>(k_padded), vs = tile::smem_stride<T>(VP);
-  int bytes = (16 * W * ks + kBN * ks + kBN * vs) * int(sizeof(T));
+  int bytes = (16 * W * ks + stages_for<T>() * kBN * (ks + vs)) * int(sizeof(T));
   if (!Elem<T>::kTensorCore) bytes += W * 16 * kBN * int(sizeof(float));
   return bytes;
 }
@@ -42,7 +45,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
                                 const T* __restrict__ k_cmp,       // [B, C, H, K]
                                 const T* __restrict__ v_cmp,       // [B, C, H, V]
                                 const CompressedParams P) {
-  constexpr int W = warps_for<T>(), ROWS = 16 * W;
+  constexpr int W = warps_for<T>(), ROWS = 16 * W, STAGES = stages_for<T>();
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
   const int tile_idx = blockIdx.x / P.geo.head_chunks, hc = blockIdx.x % P.geo.head_chunks;
@@ -53,10 +56,10 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ks = tile::smem_stride<T>(P.k_padded), vs = tile::smem_stride<T>(VP);
-  T* Qs = reinterpret_cast<T*>(smem_raw);  // [ROWS][ks]
-  T* Ks = Qs + ROWS * ks;                  // [kBN][ks]
-  T* Vs = Ks + kBN * ks;                   // [kBN][vs]
-  float* Ps = reinterpret_cast<float*>(Vs + kBN * vs);  // fp32 path only: [W][16][kBN]
+  T* Qs = reinterpret_cast<T*>(smem_raw);     // [ROWS][ks]
+  T* Ks0 = Qs + ROWS * ks;                    // [STAGES][kBN][ks]
+  T* Vs0 = Ks0 + STAGES * kBN * ks;           // [STAGES][kBN][vs]
+  float* Ps = reinterpret_cast<float*>(Vs0 + STAGES * kBN * vs);  // fp32 path only: [W][16][kBN]
 
   // Row r of the tile is token t0 + r / hpt, query head h * G + hc * hpt + r % hpt.
   auto row_token = [&](int r) { return t0 + r / hpt; };
@@ -86,14 +89,30 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
   for (int j = 0; j < VP / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
 
-  for (int c0 = 0; c0 < nc_max; c0 += kBN) {
-    __syncthreads();  // the previous tile is consumed
+  // Issues the copies of pooled tile `c0` into stage buffer `stage`.
+  auto load_tile = [&](int c0, int stage) {
     auto pooled = [&](const T* base, int64_t dim) {
       return [=](int r) -> const T* { return c0 + r < nc_max ? base + ((chunk_base + c0 + r) * H + h) * dim : nullptr; };
     };
-    tile::load_rows(Ks, ks, kBN, int(K), P.k_padded, pooled(k_cmp, K));
-    tile::load_rows(Vs, vs, kBN, int(V), VP, pooled(v_cmp, V));
-    __syncthreads();
+    tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, pooled(k_cmp, K));
+    tile::load_rows(Vs0 + stage * kBN * vs, vs, kBN, int(V), VP, pooled(v_cmp, V));
+    tile::cp_async_commit();
+  };
+  if (nc_max > 0) load_tile(0, 0);
+  for (int it = 0, c0 = 0; c0 < nc_max; ++it, c0 += kBN) {
+    __syncthreads();  // every warp is done with the buffer refilled next
+    if (STAGES == 1) {
+      if (it > 0) load_tile(c0, 0);
+      tile::cp_async_wait<0>();
+    } else if (c0 + kBN < nc_max) {
+      load_tile(c0 + kBN, (it + 1) % STAGES);
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    __syncthreads();  // tile `it` (and Q) visible to every warp
+    const T* Ks = Ks0 + (it % STAGES) * kBN * ks;
+    const T* Vs = Vs0 + (it % STAGES) * kBN * vs;
     if (c0 >= warp_nc) continue;
 
     float s[kBN / 8][4];
@@ -141,6 +160,8 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
     }
     tile::warp_pv<T, kBN, VP>(o, s, Vs, vs, Ps + warp * 16 * kBN, lane);
   }
+
+  tile::cp_async_wait<0>();  // Q's copies when no block is visible
 
   for (int off = 1; off < 4; off *= 2) {
     l_a += __shfl_xor_sync(0xffffffffu, l_a, off);

@@ -23,6 +23,7 @@ struct TopkParams {
   int G = 0;
   int k_padded = 0;
   float scale_log2 = 0;
+  int stages = 1;  // K tiles in flight: 2 when shared memory allows (the next tile's copy overlaps this one's math)
 };
 
 template <typename T>
@@ -31,10 +32,10 @@ constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
 // Shared memory: Q tile, K tile, score tile [tpt][kBN], lists [tpt][S] (score, index) + counts, and one merge
 // scratch of S + kBN entries per warp.
 template <typename T>
-int smem_bytes(int k_padded, int tpt, int S) {
+int smem_bytes(int k_padded, int tpt, int S, int stages) {
   constexpr int W = warps_for<T>();
   const int ks = tile::smem_stride<T>(k_padded);
-  int bytes = (16 * W * ks + kBN * ks) * int(sizeof(T));
+  int bytes = (16 * W * ks + stages * kBN * ks) * int(sizeof(T));
   bytes += tpt * kBN * 4 + tpt * S * 8 + tpt * 4 + W * (S + kBN) * 8;
   return bytes;
 }
@@ -62,8 +63,8 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ks = tile::smem_stride<T>(P.k_padded);
   T* Qs = reinterpret_cast<T*>(smem_raw);                      // [ROWS][ks]
-  T* Ks = Qs + ROWS * ks;                                      // [kBN][ks]
-  float* score = reinterpret_cast<float*>(Ks + kBN * ks);      // [tpt][kBN]
+  T* Ks0 = Qs + ROWS * ks;                                     // [stages][kBN][ks]
+  float* score = reinterpret_cast<float*>(Ks0 + P.stages * kBN * ks);  // [tpt][kBN]
   float* list_score = score + tpt * kBN;                       // [tpt][S]
   int* list_idx = reinterpret_cast<int*>(list_score + tpt * S);  // [tpt][S]
   int* list_count = list_idx + tpt * S;                        // [tpt]
@@ -84,24 +85,40 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
       return q + ((tok_base + row_token(r)) * HQ + h * G + hc * hpt + r % hpt) * K;
     });
   };
-  if (P.geo.head_chunks == 1) load_q(0);
+  if (P.geo.head_chunks == 1) load_q(0);  // its copies join the first tile's group
+  auto load_k = [&](int c0, int stage) {
+    tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, [&](int r) -> const T* {
+      return c0 + r < nc_max ? k_cmp + ((chunk_base + c0 + r) * H + h) * K : nullptr;
+    });
+    tile::cp_async_commit();
+  };
+  load_k(0, 0);
 
   const int row_a = warp * 16 + lane / 4, row_b = row_a + 8;
   // With hpt a multiple of 16 all 16 rows of a warp are heads of one token and the warp can add its rows up
   // before touching shared memory.
   const bool warp_one_token = hpt % 16 == 0;
 
-  for (int c0 = 0; c0 <= cur_max; c0 += kBN) {
-    __syncthreads();  // previous tile merged
-    tile::load_rows(Ks, ks, kBN, int(K), P.k_padded, [&](int r) -> const T* {
-      return c0 + r < nc_max ? k_cmp + ((chunk_base + c0 + r) * H + h) * K : nullptr;
-    });
+  for (int it = 0, c0 = 0; c0 <= cur_max; ++it, c0 += kBN) {
+    __syncthreads();  // previous tile merged, its K buffer free
+    if (P.stages == 1) {
+      if (it > 0) load_k(c0, 0);
+      tile::cp_async_wait<0>();
+    } else if (c0 + kBN <= cur_max) {
+      load_k(c0 + kBN, (it + 1) % 2);
+      tile::cp_async_wait<1>();
+    } else {
+      tile::cp_async_wait<0>();
+    }
+    const T* Ks = Ks0 + (it % P.stages) * kBN * ks;
     for (int i = threadIdx.x; i < tpt * kBN; i += blockDim.x) score[i] = 0.f;
 
     for (int hc = 0; hc < P.geo.head_chunks; ++hc) {
       if (P.geo.head_chunks > 1) {
         __syncthreads();
         load_q(hc);
+        tile::cp_async_commit();
+        tile::cp_async_wait<0>();
       }
       __syncthreads();
       // Per row: token, candidate limit (blocks c < limit are scored; forced ones are set at the merge) and lse.
@@ -229,7 +246,12 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
     P.k_padded = int(div_up(L.K, 16) * 16);
     P.scale_log2 = L.scale * 1.4426950408889634f;
     if (P.geo.tiles_x == 0 || L.num_seqs == 0) return;
-    const int bytes = smem_bytes<T>(P.k_padded, P.geo.tpt, L.block_count);
+    int device = 0, smem_optin = 0;
+    CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice(topk)");
+    CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute(topk)");
+    P.stages = smem_bytes<T>(P.k_padded, P.geo.tpt, L.block_count, 2) <= smem_optin ? 2 : 1;
+    const int bytes = smem_bytes<T>(P.k_padded, P.geo.tpt, L.block_count, P.stages);
     CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                "cudaFuncSetAttribute(topk_kernel)");
     const dim3 grid(unsigned(P.geo.tiles_x / P.geo.head_chunks), L.num_seqs, unsigned(L.H));

@@ -83,7 +83,9 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 }
 
 // Copies `rows_total` rows of `cols_padded` elements into smem (row stride `stride`), zero-filling rows for
-// which row_ptr(r) is null and columns >= cols. 16-byte loads when every row is 16-byte aligned.
+// which row_ptr(r) is null and columns >= cols. When every row is 16-byte aligned the copies are cp.async
+// (the caller commits and waits: cp_async_commit / cp_async_wait, then __syncthreads); otherwise they are
+// plain loads, done when the function returns.
 template <typename T, typename RowPtr>
 __device__ __forceinline__ void load_rows(T* dst, int stride, int rows_total, int cols, int cols_padded, RowPtr row_ptr) {
   constexpr int kVec = 16 / sizeof(T);
@@ -94,13 +96,21 @@ __device__ __forceinline__ void load_rows(T* dst, int stride, int rows_total, in
     const T* src = row_ptr(r);
     T* d = dst + r * stride + c;
     if (src && vec_ok && c < cols) {
-      *reinterpret_cast<uint4*>(d) = __ldg(reinterpret_cast<const uint4*>(src + c));
+      const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(d));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src + c));
+    } else if (!src || c >= cols) {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
     } else {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) d[e] = (src && c + e < cols) ? src[c + e] : Elem<T>::from_float(0.f);
+      for (int e = 0; e < kVec; ++e) d[e] = c + e < cols ? src[c + e] : Elem<T>::from_float(0.f);
     }
   }
 }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // s[j][e] = q[row] . k[col] for the warp's 16 rows starting at row0 and the BN keys of the tile.
 template <typename T, int BN>

@@ -145,7 +145,6 @@ std::vector<StageResult> bench_cpu(const BenchArgs& a, const Layout& L, const Fl
 
 #ifdef NSA_HAVE_CUDA
 std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const FlopCounts& f) {
-  if (cuda::device_count() == 0) throw InputError("bench: backend 'cuda': no CUDA device is available");
   cuda::PipelineOptions po;
   const DType dt = dtype_from_flag(a.dtype);
   if (dt != DType::BF16 && dt != DType::F16 && dt != DType::F32)
@@ -184,6 +183,7 @@ int run_bench(const BenchArgs& a) {
     results = bench_cpu(a, L, f);
   } else {
 #ifdef NSA_HAVE_CUDA
+    if (cuda::device_count() == 0) throw InputError("bench: backend 'cuda': no CUDA device is available");
     const cuda::DeviceInfo info = cuda::device_info();
     device = info.name + " (" + std::to_string(info.sm_count) + " SMs, sm_" + std::to_string(info.cc_major) +
              std::to_string(info.cc_minor) + ")";
@@ -214,7 +214,10 @@ int run_bench(const BenchArgs& a) {
   for (const StageResult& s : results) {
     const double tflops = s.ms > 0 ? s.flop / (s.ms * 1e-3) / 1e12 : 0;
     const double frac = peak_tflops > 0 ? tflops / peak_tflops : 0;
-    std::printf("%-22s %12.4f %12.3f %10.2f %7.1f%%\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, 100 * frac);
+    if (peak_tflops > 0)
+      std::printf("%-22s %12.4f %12.3f %10.2f %7.1f%%\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, 100 * frac);
+    else
+      std::printf("%-22s %12.4f %12.3f %10.4f %8s\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, "-");
     js["stages"].push_back({{"name", s.name}, {"ms", s.ms}, {"flop", s.flop}, {"tflops", tflops}, {"peak_fraction", frac}});
   }
   if (!a.json.empty()) {
