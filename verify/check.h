@@ -39,6 +39,8 @@ struct TensorCheck {
   std::string name;   // e.g. "o_slc"
   std::string stage;  // e.g. "selected_attention"
   bool pass = true;
+  // tol is the rel-L2 bound applied (baseline-relative mode: max(factor x baseline, plain tol / 10));
+  // max_rel is the largest |a - e| / max(|e|, rms(e)), so that elements near zero do not dominate it.
   double tol = 0, max_abs = 0, max_rel = 0, rel_l2 = 0;
   double baseline_rel_l2 = -1;  // baseline-relative mode: the yardstick's error
   int64_t count_over = 0;       // elements whose |a - e| exceeds tol * max(|e|, rms(e))

@@ -1,6 +1,5 @@
 // nsa-verify check: compare a candidate's outputs with the float64 reference, stage by stage (nsa-spec §5.1–§5.4).
 #include <cmath>
-#include <fstream>
 #include <iostream>
 
 #include "core/errors.h"
