@@ -48,7 +48,9 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
   constexpr int W = warps_for<T>(), ROWS = 16 * W, STAGES = stages_for<T>();
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
-  const int tile_idx = blockIdx.x / P.geo.head_chunks, hc = blockIdx.x % P.geo.head_chunks;
+  // Late tokens see the most blocks: launch them first so the short tiles fill the tail.
+  const int bx = gridDim.x - 1 - blockIdx.x;
+  const int tile_idx = bx / P.geo.head_chunks, hc = bx % P.geo.head_chunks;
   const int64_t t0 = int64_t(tile_idx) * P.geo.tpt;
   if (t0 >= seq.length) return;
   const int h = blockIdx.z, G = P.G, hpt = P.geo.hpt, BS = L.block_size;

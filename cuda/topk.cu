@@ -5,8 +5,10 @@
 // the very logits that produced lse_cmp. One CTA per (token tile, head chunk, sequence, kv head) walks the
 // pooled blocks in tiles of 64: the warps add each head's p into a shared [tokens x 64] score tile, then one
 // warp per token merges the tile into that token's running top-S list. Blocks arrive in increasing index, so
-// a new block enters only with a score strictly above the current S-th best (ties go to the smaller index);
-// the list and the few entrants are ranked by (score desc, index asc). The output rows are that order.
+// a new block enters only when it beats the current S-th best; the list and the few entrants are ranked by
+// score, then forced before not forced (a forced block is always chosen, also when an ordinary block ties
+// with it exactly, e.g. the only visible block of a group, p = 1 per head), then the smaller index. The
+// output slots are the chosen blocks by score descending, ties to the smaller index.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/warp_tile.cuh"
@@ -40,8 +42,21 @@ int smem_bytes(int k_padded, int tpt, int S, int stages) {
   return bytes;
 }
 
-// a beats b: higher score, or the same score and the smaller block.
-__device__ __forceinline__ bool beats(float sa, int ia, float sb, int ib) { return sa > sb || (sa == sb && ia < ib); }
+// List entries hold the block index with kForcedBit set for forced blocks.
+constexpr int kForcedBit = 1 << 30;
+__device__ __forceinline__ int block_of(int key) { return key & (kForcedBit - 1); }
+
+// Membership order: higher score, then forced, then the smaller block.
+__device__ __forceinline__ bool beats(float sa, int ka, float sb, int kb) {
+  if (sa != sb) return sa > sb;
+  const bool fa = ka & kForcedBit, fb = kb & kForcedBit;
+  if (fa != fb) return fa;
+  return block_of(ka) < block_of(kb);
+}
+// Output order: higher score, then the smaller block.
+__device__ __forceinline__ bool precedes(float sa, int ka, float sb, int kb) {
+  return sa > sb || (sa == sb && block_of(ka) < block_of(kb));
+}
 
 template <typename T>
 __global__ void __launch_bounds__(warps_for<T>() * 32)
@@ -54,7 +69,8 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
   constexpr float kLog2e = 1.4426950408889634f;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
-  const int64_t t0 = int64_t(blockIdx.x) * P.geo.tpt;  // one CTA covers every head chunk of its tokens
+  // Late tokens see the most blocks: launch them first so the short tiles fill the tail.
+  const int64_t t0 = int64_t(gridDim.x - 1 - blockIdx.x) * P.geo.tpt;  // one CTA covers every head chunk
   if (t0 >= seq.length) return;
   const int h = blockIdx.z, G = P.G, hpt = P.geo.hpt, tpt = P.geo.tpt, BS = L.block_size, S = L.block_count;
   const int64_t K = L.K, HQ = L.HQ, H = L.H;
@@ -180,25 +196,28 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
       if (c0 > cur) continue;
       const int count = list_count[tl];
       const float thr = count == S ? list_score[tl * S + S - 1] : -INFINITY;
+      const int thr_key = count == S ? list_idx[tl * S + S - 1] : 0;
       int entered = 0;
       for (int base = 0; base < kBN; base += 32) {
         const int i = base + lane, c = c0 + i;
-        bool cand = false;
+        bool cand = false, forced = false;
         float value = 0.f;
         if (paper) {
-          const bool forced = c == 0 || c == cur || (cur >= 1 && c == cur - 1);
+          forced = c == 0 || c == cur || (cur >= 1 && c == cur - 1);
           cand = forced || c < nc;
           value = forced ? 1.f : score[tl * kBN + i] / float(G);
         } else {
+          forced = c == cur;
           cand = c <= cur;
-          value = c == cur ? float(G) : score[tl * kBN + i];
+          value = forced ? float(G) : score[tl * kBN + i];
         }
-        const bool enters = cand && (count < S || value > thr);
+        const int key = c | (forced ? kForcedBit : 0);
+        const bool enters = cand && (count < S || beats(value, key, thr, thr_key));
         const unsigned mask = __ballot_sync(0xffffffffu, enters);
         if (enters) {
           const int pos = count + entered + __popc(mask & ((1u << lane) - 1));
           sc_s[pos] = value;
-          sc_i[pos] = c;
+          sc_i[pos] = key;
         }
         entered += __popc(mask);
       }
@@ -227,7 +246,14 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
     if (t >= seq.length) break;
     const int count = list_count[tl];
     int32_t* out = block_indices + ((tok_base + t) * H + h) * S;
-    for (int j = lane; j < S; j += 32) out[j] = j < count ? list_idx[tl * S + j] : -1;
+    const float* ls = list_score + tl * S;
+    const int* li = list_idx + tl * S;
+    for (int i = lane; i < count; i += 32) {
+      int slot = 0;
+      for (int j = 0; j < count; ++j) slot += precedes(ls[j], li[j], ls[i], li[i]);
+      out[slot] = block_of(li[i]);
+    }
+    for (int j = count + lane; j < S; j += 32) out[j] = -1;
   }
 }
 

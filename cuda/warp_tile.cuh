@@ -74,6 +74,15 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8x8 b16 matrices: lanes 8m..8m+7 give the row addresses of matrix m; lane i receives row i / 4,
+// columns 2 (i % 4) and 2 (i % 4) + 1 of each matrix, which is the mma A / B fragment layout.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 // Four 8x8 b16 matrices, transposed: the B fragments of two 8-column groups of a row-major [16 x 16] tile.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
@@ -118,21 +127,24 @@ __device__ __forceinline__ void warp_scores(float (&s)[BN / 8][4], const T* Qs, 
                                             int k_padded, int lane) {
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-  const int r = row0 + lane / 4, c = (lane % 4) * 2;
   if constexpr (Elem<T>::kTensorCore) {
+    // A: rows row0 + lane % 16, k half lane / 16. B (K stored [key][k]): two 8-key groups per ldmatrix,
+    // key group (lane / 16), k half (lane / 8) % 2.
+    const T* a_row = Qs + (row0 + lane % 16) * stride + (lane / 16) * 8;
+    const T* b_row = Ks + ((lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 8;
     for (int kc = 0; kc < k_padded; kc += 16) {
       uint32_t a[4];
-      a[0] = ld_u32(Qs + r * stride + kc + c);
-      a[1] = ld_u32(Qs + (r + 8) * stride + kc + c);
-      a[2] = ld_u32(Qs + r * stride + kc + c + 8);
-      a[3] = ld_u32(Qs + (r + 8) * stride + kc + c + 8);
+      ldmatrix_x4(a, a_row + kc);
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const T* krow = Ks + (j * 8 + lane / 4) * stride + kc + c;
-        mma16816<T>(s[j], a, ld_u32(krow), ld_u32(krow + 8));
+      for (int j = 0; j < BN / 8; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_row + j * 8 * stride + kc);
+        mma16816<T>(s[j], a, b[0], b[1]);
+        mma16816<T>(s[j + 1], a, b[2], b[3]);
       }
     }
   } else {
+    const int r = row0 + lane / 4, c = (lane % 4) * 2;
     for (int kk = 0; kk < k_padded; ++kk) {
       const float q0 = Qs[r * stride + kk], q1 = Qs[(r + 8) * stride + kk];
 #pragma unroll
