@@ -50,11 +50,11 @@ status=0
 if [ "$FUZZ_JOBS" -gt 1 ]; then
   # -jobs writes one log per worker (fuzz-N.log) into the current directory.
   (cd "$work" && UBSAN_OPTIONS=print_stacktrace=1 ../safetensors_fuzz -max_total_time="$FUZZ_SECONDS" \
-     -max_len="$FUZZ_MAX_LEN" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+     -max_len="$FUZZ_MAX_LEN" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 -dict="$(realpath core/safetensors_fuzz.dict)" \
      -artifact_prefix="$(realpath "$FUZZ_ARTIFACTS")/" -jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS" corpus) || status=$?
 else
   UBSAN_OPTIONS=print_stacktrace=1 "$FUZZ_BUILD_DIR/safetensors_fuzz" -max_total_time="$FUZZ_SECONDS" \
-    -max_len="$FUZZ_MAX_LEN" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+    -max_len="$FUZZ_MAX_LEN" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 -dict=core/safetensors_fuzz.dict \
     -artifact_prefix="$FUZZ_ARTIFACTS/" "$work/corpus" 2>"$work/fuzz.log" || status=$?
   grep -E "^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::new_units_added)" "$work/fuzz.log" || true
 fi

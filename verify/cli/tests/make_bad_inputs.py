@@ -223,6 +223,9 @@ def corpus():
                                             {"nsa.scale": "0.5", "nsa.policy": "paper", "nsa.window_size": "2"})
     seeds["valid_empty_tensors"] = file_bytes({"q": tensor("F64", [1, 0, 1, 1], []), "k": tensor("F64", [1, 0, 1, 1], []),
                                                "v": tensor("F64", [1, 0, 1, 1], [])}, {})
+    # The fuzz target also reads an input starting with '{' as header + data with the length prefix computed.
+    for stem in ("valid_fixed", "valid_varlen", "valid_given_indices", "valid_head_first"):
+        seeds["prefixless_" + stem[len("valid_"):]] = seeds[stem][8:]
     for stem, data, _ in bad_cases():
         if len(data) < 4096 and stem in ("header_past_end", "invalid_utf8", "offsets_overlap", "duplicate_name",
                                          "shape_overflow", "cu_decreasing", "block_indices_duplicated", "nan_in_q"):
