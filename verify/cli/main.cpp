@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   CLI::App app{"nsa-verify: verify Native Sparse Attention kernels against a float64 reference"};
   app.require_subcommand(1);
   setup_run(app);
+  setup_gradcheck(app);
   setup_bench(app);
   setup_check(app);
   setup_gen(app);
