@@ -199,6 +199,17 @@ TEST(RoundTo, RoundsToEachStorageType) {
   EXPECT_EQ(round_to(DType::I64, -3.5), -4.0);
 }
 
+// round_to(F16/BF16, x) rounds x to float32 first, then to 16 bits — the same path as the fixture generator
+// and its Python twin (np.float32(x).astype(np.float16)). numpy's direct float64 -> float16 cast can differ
+// when the float32 step lands exactly on a 16-bit halfway point; this pins the two-step behaviour.
+TEST(RoundTo, GoesThroughFloat32) {
+  const double x = 1.0 + std::ldexp(1.0, -11) + std::ldexp(1.0, -40);  // just above the half tie at 1 + 2^-11
+  EXPECT_EQ(double(float(x)), 1.0 + std::ldexp(1.0, -11));              // float32 drops the 2^-40
+  EXPECT_EQ(round_to(DType::F16, x), 1.0);                              // then the tie goes to even
+  const double y = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
+  EXPECT_EQ(round_to(DType::BF16, y), 1.0);
+}
+
 TEST(DTypeNames, AcceptOnlyTheSafetensorsSpelling) {
   EXPECT_EQ(dtype_from_name("BF16"), DType::BF16);
   EXPECT_EQ(dtype_from_name("I64"), DType::I64);

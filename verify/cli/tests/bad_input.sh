@@ -135,7 +135,16 @@ else
   echo "SKIP: the no-CUDA message (this nsa-verify has a CUDA backend; it exited $rc: $(head -c 200 "$work/stderr"))"
   if [ "$rc" -eq 0 ] && [ ! -s "$work/out_cuda" ]; then fail "--backend cuda exited 0 without output"; fi
   if [ "$rc" -ne 0 ] && [ -e "$work/out_cuda" ]; then fail "--backend cuda failed but left output"; fi
+  if [ "$rc" -eq 0 ]; then  # a working device: head dims above 256 are bad input for the CUDA backend
+    expect_input_error "K = 257 on cuda" "256" "$work/out_k257_cuda" -- \
+      run --backend cuda -i "$work/in/k_dim_257.safetensors" -o "$work/out_k257_cuda"
+  fi
 fi
+
+# The CPU reference has no head-dim limit.
+checks=$((checks + 1))
+invoke run -i "$work/in/k_dim_257.safetensors" -o "$work/out_k257_cpu"
+[ "$rc" -eq 0 ] && [ -s "$work/out_k257_cpu" ] || fail "K = 257 on cpu: exit $rc: $(cat "$work/stderr")"
 
 echo "bad_input: $checks checks, $failures failed"
 [ "$failures" -eq 0 ]

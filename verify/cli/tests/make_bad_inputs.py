@@ -247,6 +247,10 @@ def main(argv):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "valid.safetensors"), "wb") as f:
         f.write(file_bytes(valid_tensors()))
+    # Valid for the CPU reference, too large a head dim for the CUDA backend (K, V <= 256).
+    wide = {"q": tensor("F32", [1, 4, 2, 257]), "k": tensor("F32", [1, 4, 1, 257]), "v": tensor("F32", [1, 4, 1, 8])}
+    with open(os.path.join(out, "k_dim_257.safetensors"), "wb") as f:
+        f.write(file_bytes(wide, {"nsa.block_size": "2"}))
     with open(os.path.join(out, "cases.tsv"), "w", encoding="utf-8") as listing:
         for stem, data, fragment in bad_cases():
             with open(os.path.join(out, stem + ".safetensors"), "wb") as f:
