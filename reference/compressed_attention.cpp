@@ -29,6 +29,7 @@ int64_t visible_blocks(int64_t t, int64_t BS) { return (t + 1) / BS; }
 // p = exp(z - lse), zero where a block is not visible to the row's token.
 void probabilities(MatrixMap& z, const std::vector<int64_t>& positions, int64_t G, int64_t c0, const double* lse,
                    int64_t BS) {
+  detail::clear_upper_vector_state();
   for (int64_t r = 0; r < z.rows(); ++r) {
     const int64_t nc = visible_blocks(positions[r / G], BS);
     for (int64_t c = 0; c < z.cols(); ++c) z(r, c) = c0 + c < nc ? std::exp(z(r, c) - lse[r]) : 0.0;
@@ -39,6 +40,7 @@ void probabilities(MatrixMap& z, const std::vector<int64_t>& positions, int64_t 
 // (0 for rows that see no block, whose probabilities are all zero).
 void softmax_rows(MatrixMap& z, std::vector<double>& lse, const std::vector<int64_t>& positions, int64_t G, int64_t BS) {
   lse.assign(z.rows(), 0.0);
+  detail::clear_upper_vector_state();
   for (int64_t r = 0; r < z.rows(); ++r) {
     const int64_t nc = visible_blocks(positions[r / G], BS);
     double* row = &z(r, 0);

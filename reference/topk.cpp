@@ -26,9 +26,12 @@ bool is_forced(int64_t c, int64_t cur, Policy policy) {
 // group's heads (the current block forced to G), paper => mean over the heads (forced blocks set to 1).
 // z [G, ldz] holds scale * q_i . k_cmp[c] for c < cur; lse [G] is the token's lse_cmp.
 void group_scores(double* score, const double* z, int64_t ldz, const double* lse, int64_t G, int64_t cur, Policy policy) {
-  std::fill(score, score + cur, 0.0);
-  for (int64_t i = 0; i < G; ++i)
-    for (int64_t c = 0; c < cur; ++c) score[c] += std::exp(z[i * ldz + c] - lse[i]);
+  detail::clear_upper_vector_state();
+  for (int64_t c = 0; c < cur; ++c) {
+    double sum = 0;
+    for (int64_t i = 0; i < G; ++i) sum += std::exp(z[i * ldz + c] - lse[i]);
+    score[c] = sum;
+  }
   if (policy == Policy::Seed) {
     score[cur] = double(G);
     return;
