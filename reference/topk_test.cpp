@@ -216,6 +216,39 @@ TEST(TopK, VarlenNumbersBlocksWithinEachSequence) {
   EXPECT_EQ(row_of(r, whole.layout, 5, 0), (std::vector<int32_t>{0, -1, -1}));
 }
 
+TEST(TopK, VarlenScoresCoverOnlyTheTokensOwnSequence) {
+  ProblemSpec s = spec(0, 3, 1, 4, 2, 8, Policy::Paper, 37);
+  s.lengths = {6, 0, 11};
+  const Problem p = test::random_problem(s);
+  const TopkRun r = run_topk(p);
+  // Token 14 of the row is position 8 of the third sequence: 6 blocks there, current block 4.
+  BlockScores sc;
+  topk_scores(sc, 0, 14, 0, p.q.data(), r.k_cmp.data(), r.lse_cmp.data(), p.layout);
+  EXPECT_EQ(sc.candidate, (std::vector<uint8_t>{1, 1, 1, 1, 1, 0}));
+  EXPECT_EQ(sc.forced, (std::vector<uint8_t>{1, 0, 0, 1, 1, 0}));
+  // Position 8 sees blocks 0..3 (NC = 4); on the mean scale the non-forced ones are plain probabilities.
+  EXPECT_GT(sc.score[1], 0.0);
+  EXPECT_LT(sc.score[1] + sc.score[2], 1.0);
+  // The chosen row: the three forced blocks (ties at 1, by index), then blocks 1 and 2 by score, padding.
+  const std::vector<int32_t> expect = sc.score[1] >= sc.score[2] ? std::vector<int32_t>{0, 3, 4, 1, 2, -1, -1, -1}
+                                                                   : std::vector<int32_t>{0, 3, 4, 2, 1, -1, -1, -1};
+  EXPECT_EQ(row_of(r, p.layout, 14, 0), expect);
+}
+
+TEST(TopK, SameSelectionForOneAndTwoThreads) {
+  const Problem p = test::random_problem(spec(300, 4, 2, 5, 4, 6, Policy::Seed, 47));
+  std::vector<int32_t> one, two;
+  {
+    test::ScopedThreads scoped(1);
+    one = run_topk(p).indices;
+  }
+  {
+    test::ScopedThreads scoped(2);
+    two = run_topk(p).indices;
+  }
+  EXPECT_EQ(one, two);
+}
+
 TEST(TopK, FutureTokensChangeNothing) {
   Problem p = test::random_problem(spec(24, 4, 2, 3, 3, 4, Policy::Seed, 41));
   const TopkRun before = run_topk(p);
