@@ -106,6 +106,18 @@ TEST(TopK, TiesBreakToLowerIndex) {
   }
 }
 
+TEST(TopK, ForcedCurrentBlockWinsTieWithLoneVisibleBlock) {
+  // Seed policy, S = 1, BS = 4: for t in [4, 6] block 0 is the only visible block, so every head puts all its
+  // probability on it and its score is exactly G, the forced score of the current block 1. "Always chosen"
+  // means the current block wins that tie even though block 0 has the smaller index.
+  ProblemSpec s = spec(8, 3, 1, 4, 4, 1, Policy::Seed);
+  const Problem p = test::random_problem(s);
+  const TopkRun r = run_topk(p);
+  for (int64_t t = 4; t <= 6; ++t) EXPECT_EQ(row_of(r, p.layout, t, 0), (std::vector<int32_t>{1})) << "t = " << t;
+  EXPECT_EQ(row_of(r, p.layout, 7, 0), (std::vector<int32_t>{1}));
+  EXPECT_EQ(row_of(r, p.layout, 2, 0), (std::vector<int32_t>{0}));
+}
+
 TEST(TopK, GroupOfThreeSumsProbabilitiesOverItsHeads) {
   // BS = 1, K = 1, scale 1, G = 3: z_{i,c} = q_i k_c. Head 0 prefers block 0 strongly, heads 1 and 2 mildly
   // prefer block 1, so the sum picks block 0 while two of three heads would vote for block 1.
