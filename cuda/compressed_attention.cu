@@ -37,8 +37,10 @@ int smem_bytes(int k_padded) {
 }
 
 // Preconditions: K <= k_padded <= 256, V <= VP, G >= 1, the grid is (geo.tiles_x, num_seqs, H).
+// Two CTAs per SM where the accumulators allow it (VP <= 128): a CTA waiting at a barrier or on its next
+// tile's copy leaves the tensor cores to the other.
 template <typename T, int VP>
-__global__ void __launch_bounds__(warps_for<T>() * 32)
+__global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
     compressed_attention_kernel(T* __restrict__ o_cmp,             // [B, T, HQ, V]
                                 float* __restrict__ lse_cmp,       // [B, T, HQ]
                                 const T* __restrict__ q,           // [B, T, HQ, K]

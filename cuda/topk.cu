@@ -69,8 +69,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
   constexpr float kLog2e = 1.4426950408889634f;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
-  // Late tokens see the most blocks: launch them first so the short tiles fill the tail.
-  const int64_t t0 = int64_t(gridDim.x - 1 - blockIdx.x) * P.geo.tpt;  // one CTA covers every head chunk
+  const int64_t t0 = int64_t(blockIdx.x) * P.geo.tpt;  // one CTA covers every head chunk of its tokens
   if (t0 >= seq.length) return;
   const int h = blockIdx.z, G = P.G, hpt = P.geo.hpt, tpt = P.geo.tpt, BS = L.block_size, S = L.block_count;
   const int64_t K = L.K, HQ = L.HQ, H = L.H;
