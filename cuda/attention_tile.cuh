@@ -1,10 +1,12 @@
 // The tensor-core tile machinery shared by the selected-attention and sliding-window forward kernels.
 //
-// A CTA owns M = 16 * kWarps query rows: `tokens_per_tile` consecutive tokens of one sequence times
+// A CTA owns M = 16 * kMT * kWarps query rows: `tokens_per_tile` consecutive tokens of one sequence times
 // `heads_per_tile` query heads of one kv group (row r = token r / heads_per_tile, head r % heads_per_tile),
 // so one K/V tile in shared memory serves every query head of the group and several tokens at once; the
-// tensor cores see a full 16-row operand whatever G is. Each warp owns 16 rows and keeps its O accumulator
-// and online-softmax state in registers (FlashAttention-2 style):
+// tensor cores see a full 16-row operand whatever G is. Each warp owns kMT row tiles of 16 (kMT = 2 where
+// the O accumulators fit: every K/V fragment read from shared memory then feeds two mma, and each warp has
+// twice the independent work) and keeps its O accumulators and online-softmax state in registers
+// (FlashAttention-2 style):
 //   S = Q K^T (mma.sync m16n8k16, fp32 accumulators; Q and K fragments through ldmatrix),
 //   mask, running max / sum in the log2 domain, P (bf16/fp16, straight from the S registers) times V
 //   (V fragments through ldmatrix.trans), O rescaled when the max moves.
@@ -85,16 +87,31 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Query groups of at least this many heads take two 16-row tiles per warp (D = 64 or 128): a CTA of 128
+// rows is 8 tokens x 16 heads at G = 16 and 32 tokens x 4 heads at G = 4, whose block selections (or
+// windows) still nearly coincide. G = 1 keeps 64 rows: 128 consecutive tokens span two 64-token blocks,
+// which widens the union of their selections. A knob for timing runs (-DNSA_TWO_ROW_TILES_MIN_G=1000
+// turns two row tiles off).
+#ifndef NSA_TWO_ROW_TILES_MIN_G
+#define NSA_TWO_ROW_TILES_MIN_G 4
+#endif
+constexpr int kTwoRowTilesMinG = NSA_TWO_ROW_TILES_MIN_G;
+
 // ---- compile-time shape of one kernel instance ----
-// D: head-dim bucket (16..256; K, V <= D, the rest zero-filled); kBN keys per K/V tile.
-template <typename T, int D, int kWarps_>
+// D: head-dim bucket (16..256; K, V <= D, the rest zero-filled); kMT 16-row tiles per warp; kBN keys per
+// K/V tile.
+template <typename T, int D, int kWarps_, int kMT_ = 1>
 struct TileShape {
   static constexpr int kD = D;
   static constexpr int kWarps = kWarps_;
+  static constexpr int kMT = kMT_;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kRows = 16 * kWarps;  // M
+  static constexpr int kWarpRows = 16 * kMT;
+  static constexpr int kRows = kWarpRows * kWarps;  // M
   static constexpr int kBN = D > 128 ? 32 : 64;
-  static constexpr bool kQInRegs = D <= 128;  // at 256 the Q fragments would not fit beside O
+  // At D = 256, or with two row tiles, the Q fragments would not fit beside O: they are re-read per k-step.
+  static constexpr bool kQInRegs = D <= 128 && kMT == 1;
+  static_assert(kMT == 1 || (kMT == 2 && D <= 128), "two row tiles per warp only up to D = 128");
   static constexpr int kStride = D + 8;       // elements; +16 bytes of padding per row
   static constexpr int kChunks = D / 8;       // 16-byte chunks per row
   static constexpr int kQElems = kRows * kStride;
@@ -105,26 +122,24 @@ struct TileShape {
   static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head-dim buckets are 16..256");
 };
 
-// Views of the tile part of dynamic shared memory.
+// Views of the tile part of dynamic shared memory. Stages are found by arithmetic, not through arrays of
+// pointers, which a run-time stage index would put in local memory.
 template <typename T, typename Shape>
 struct TileSmem {
   T* q;
-  T* k[2];
-  T* v[2];
-  int* key_pos[3];   // per key row: position within the sequence, or -1 when the row is padding
-  int* key_slot[3];  // per key row: which block of the tile it came from (selected attention's bit index)
+  T* kv;     // K stage 0, K stage 1, V stage 0, V stage 1
+  int* idx;  // key_pos slots 0..2, then key_slot slots 0..2
   __device__ explicit TileSmem(unsigned char* base) {
-    T* p = reinterpret_cast<T*>(base);
-    q = p;
-    p += Shape::kQElems;
-    k[0] = p, p += Shape::kKVElems;
-    k[1] = p, p += Shape::kKVElems;
-    v[0] = p, p += Shape::kKVElems;
-    v[1] = p, p += Shape::kKVElems;
-    int* ip = reinterpret_cast<int*>(p);
-    for (int i = 0; i < 3; ++i) key_pos[i] = ip, ip += Shape::kBN;
-    for (int i = 0; i < 3; ++i) key_slot[i] = ip, ip += Shape::kBN;
+    q = reinterpret_cast<T*>(base);
+    kv = q + Shape::kQElems;
+    idx = reinterpret_cast<int*>(kv + 4 * Shape::kKVElems);
   }
+  __device__ __forceinline__ T* k(int stage) const { return kv + stage * Shape::kKVElems; }
+  __device__ __forceinline__ T* v(int stage) const { return kv + (2 + stage) * Shape::kKVElems; }
+  // Per key row: position within the sequence, or -1 when the row is padding.
+  __device__ __forceinline__ int* key_pos(int slot) const { return idx + slot * Shape::kBN; }
+  // Per key row: which block of the tile it came from (selected attention's bit index).
+  __device__ __forceinline__ int* key_slot(int slot) const { return idx + (3 + slot) * Shape::kBN; }
 };
 
 // Where a CTA's query rows live: row r is token tok0 + r / heads_per_tile (flat b*T + t), query head
@@ -165,150 +180,185 @@ __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, const int* key_pos, c
   }
 }
 
-// One warp's 16 query rows: Q fragments (when they fit), the O accumulator and the online-softmax state.
-// Thread layout (mma C fragment): lane holds rows g = lane / 4 and g + 8 of the warp's 16, and columns
-// 2 * (lane % 4) + {0, 1} of every 8-wide n-tile.
+// One warp's 16 * kMT query rows: Q fragments (when they fit), the O accumulators and the online-softmax
+// state. Thread layout (mma C fragment): in row tile m the lane holds rows g = lane / 4 and g + 8, and
+// columns 2 * (lane % 4) + {0, 1} of every 8-wide n-tile. A thread's rows are numbered ri = 2 * m + rr
+// (rr = 0 for g, 1 for g + 8); warp_row(ri) is the row within the warp's 16 * kMT.
 template <typename T, typename Shape>
 struct WarpAttention {
   static constexpr int kBN = Shape::kBN;
+  static constexpr int kMT = Shape::kMT;
+  static constexpr int kR = 2 * kMT;  // rows per thread
   static constexpr int kKSteps = Shape::kD / 16;
   static constexpr int kSTiles = kBN / 8;
   static constexpr int kOTiles = Shape::kD / 8;
 
-  float o[kOTiles][4];
-  float row_max[2];  // running max of the scaled logits, log2 domain
-  float row_sum[2];  // this thread's part of the running sum (reduced over the quad at the end)
+  float o[kMT][kOTiles][4];
+  float row_max[kR];  // running max of the scaled logits, log2 domain
+  float row_sum[kR];  // this thread's part of the running sum (reduced over the quad at the end)
   uint32_t qf[Shape::kQInRegs ? kKSteps : 1][4];
 
-  __device__ __forceinline__ static const T* q_frag_addr(const T* sq_warp, int ks) {
+  __device__ __forceinline__ static int warp_row(int ri) {
+    return (ri / 2) * 16 + (threadIdx.x % 32) / 4 + 8 * (ri % 2);
+  }
+  __device__ __forceinline__ static const T* q_frag_addr(const T* sq_warp, int m, int ks) {
     const int lane = threadIdx.x % 32;
-    return sq_warp + ((lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + ks * 16 + (lane / 16) * 8;
+    return sq_warp + (m * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + ks * 16 + (lane / 16) * 8;
   }
 
   // Call once the Q tile is in shared memory (after a barrier).
   __device__ __forceinline__ void init(const T* sq_warp) {
 #pragma unroll
-    for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    row_max[0] = row_max[1] = -INFINITY;
-    row_sum[0] = row_sum[1] = 0.f;
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) row_max[ri] = -INFINITY, row_sum[ri] = 0.f;
     if constexpr (Shape::kQInRegs) {
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], q_frag_addr(sq_warp, ks));
+      for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], q_frag_addr(sq_warp, 0, ks));
     }
   }
 
-  // One K/V tile. `mask.valid(rr, col)` says whether row g + 8 * rr may see key column col; it is consulted
-  // only when `need_mask` (warp-uniform) is set. scale_log2 = scale * log2(e).
+  // One K/V tile. `mask.valid(ri, col)` says whether the thread's row ri may see key column col; it is
+  // consulted only when `need_mask` (warp-uniform) is set. scale_log2 = scale * log2(e).
   template <typename Mask>
   __device__ __forceinline__ void step(const T* sq_warp, const T* sk, const T* sv, float scale_log2, bool need_mask,
                                        const Mask& mask) {
     const int lane = threadIdx.x % 32;
-    float s[kSTiles][4];
+    float s[kMT][kSTiles][4];
 #pragma unroll
-    for (int n = 0; n < kSTiles; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
 
-    // S = Q K^T
+    // S = Q K^T: each K fragment feeds every row tile.
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[4];
-      if constexpr (Shape::kQInRegs) {
+      uint32_t a[kMT][4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = qf[ks][i];
-      } else {
-        ldmatrix_x4(a, q_frag_addr(sq_warp, ks));
+      for (int m = 0; m < kMT; ++m) {
+        if constexpr (Shape::kQInRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[m][i] = qf[ks][i];
+        } else {
+          ldmatrix_x4(a[m], q_frag_addr(sq_warp, m, ks));
+        }
       }
 #pragma unroll
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, sk + (np * 16 + (lane % 8) + (lane / 16) * 8) * Shape::kStride + ks * 16 + ((lane / 8) % 2) * 8);
-        MmaElem<T>::mma(s[2 * np], a, b[0], b[1]);
-        MmaElem<T>::mma(s[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          MmaElem<T>::mma(s[m][2 * np], a[m], b[0], b[1]);
+          MmaElem<T>::mma(s[m][2 * np + 1], a[m], b[2], b[3]);
+        }
       }
     }
 
     // Scale into the log2 domain, mask.
 #pragma unroll
-    for (int n = 0; n < kSTiles; ++n)
+    for (int m = 0; m < kMT; ++m)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] *= scale_log2;
-        if (need_mask && !mask.valid(e / 2, n * 8 + 2 * (lane % 4) + (e % 2))) s[n][e] = -INFINITY;
-      }
+      for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[m][n][e] *= scale_log2;
+          if (need_mask && !mask.valid(2 * m + e / 2, n * 8 + 2 * (lane % 4) + (e % 2))) s[m][n][e] = -INFINITY;
+        }
 
     // Online softmax per row.
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = -INFINITY;
+    for (int m = 0; m < kMT; ++m)
 #pragma unroll
-      for (int n = 0; n < kSTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * rr], s[n][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(row_max[rr], mx);
-      // A row that has seen no key yet keeps max -inf; subtracting 0 then keeps every p at exactly 0.
-      const float base = new_max == -INFINITY ? 0.f : new_max;
-      const float alpha = exp2f(row_max[rr] - base);
-      row_max[rr] = new_max;
-      float sum = 0.f;
+      for (int rr = 0; rr < 2; ++rr) {
+        const int ri = 2 * m + rr;
+        float mx = -INFINITY;
 #pragma unroll
-      for (int n = 0; n < kSTiles; ++n) {
-        s[n][2 * rr] = exp2f(s[n][2 * rr] - base);
-        s[n][2 * rr + 1] = exp2f(s[n][2 * rr + 1] - base);
-        sum += s[n][2 * rr] + s[n][2 * rr + 1];
+        for (int n = 0; n < kSTiles; ++n) mx = fmaxf(mx, fmaxf(s[m][n][2 * rr], s[m][n][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float new_max = fmaxf(row_max[ri], mx);
+        // A row that has seen no key yet keeps max -inf; subtracting 0 then keeps every p at exactly 0.
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        const float alpha = exp2f(row_max[ri] - base);
+        row_max[ri] = new_max;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kSTiles; ++n) {
+          s[m][n][2 * rr] = exp2f(s[m][n][2 * rr] - base);
+          s[m][n][2 * rr + 1] = exp2f(s[m][n][2 * rr + 1] - base);
+          sum += s[m][n][2 * rr] + s[m][n][2 * rr + 1];
+        }
+        row_sum[ri] = row_sum[ri] * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < kOTiles; ++n) {
+          o[m][n][2 * rr] *= alpha;
+          o[m][n][2 * rr + 1] *= alpha;
+        }
       }
-      row_sum[rr] = row_sum[rr] * alpha + sum;
-#pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        o[n][2 * rr] *= alpha;
-        o[n][2 * rr + 1] *= alpha;
-      }
-    }
 
-    // O += P V: the C fragments of two adjacent S n-tiles are exactly the A fragment of a 16-key k-step.
+    // O += P V: the C fragments of two adjacent S n-tiles are exactly the A fragment of a 16-key k-step;
+    // each V fragment feeds every row tile.
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {MmaElem<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaElem<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                             MmaElem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             MmaElem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        a[m][0] = MmaElem<T>::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
+        a[m][1] = MmaElem<T>::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
+        a[m][2] = MmaElem<T>::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+        a[m][3] = MmaElem<T>::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int vp = 0; vp < kOTiles / 2; ++vp) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, sv + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + vp * 16 +
                                  (lane / 16) * 8);
-        MmaElem<T>::mma(o[2 * vp], a, b[0], b[1]);
-        MmaElem<T>::mma(o[2 * vp + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          MmaElem<T>::mma(o[m][2 * vp], a[m], b[0], b[1]);
+          MmaElem<T>::mma(o[m][2 * vp + 1], a[m], b[2], b[3]);
+        }
       }
     }
   }
 
-  // Normalises and writes row g + 8 * rr to out_row[rr] (flat token * HQ + head; -1 for padding rows).
+  // Normalises and writes row ri to out_row[ri] (flat token * HQ + head; -1 for padding rows).
   // out: [.., V] in T; lse fp32, natural log. Rows that saw no key get o = 0 and lse = 0.
-  __device__ __forceinline__ void store(T* out, float* lse, int V, const int64_t (&out_row)[2]) {
+  __device__ __forceinline__ void store(T* out, float* lse, int V, const int64_t (&out_row)[kR]) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float sum = row_sum[rr];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (out_row[rr] < 0) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      T* dst = out + out_row[rr] * V;
+    for (int m = 0; m < kMT; ++m)
 #pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        const int col = n * 8 + 2 * (lane % 4);
-        if (col < V)  // V is a multiple of 8 on this path, so col + 1 < V too
-          *reinterpret_cast<uint32_t*>(dst + col) = MmaElem<T>::pack(o[n][2 * rr] * inv, o[n][2 * rr + 1] * inv);
+      for (int rr = 0; rr < 2; ++rr) {
+        const int ri = 2 * m + rr;
+        float sum = row_sum[ri];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (out_row[ri] < 0) continue;
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        T* dst = out + out_row[ri] * V;
+#pragma unroll
+        for (int n = 0; n < kOTiles; ++n) {
+          const int col = n * 8 + 2 * (lane % 4);
+          if (col < V)  // V is a multiple of 8 on this path, so col + 1 < V too
+            *reinterpret_cast<uint32_t*>(dst + col) =
+                MmaElem<T>::pack(o[m][n][2 * rr] * inv, o[m][n][2 * rr + 1] * inv);
+        }
+        if (lane % 4 == 0) lse[out_row[ri]] = sum > 0.f ? (row_max[ri] + log2f(sum)) * kLn2 : 0.f;
       }
-      if (lane % 4 == 0) lse[out_row[rr]] = sum > 0.f ? (row_max[rr] + log2f(sum)) * kLn2 : 0.f;
-    }
   }
 };
 
 // The key-tile loop both tensor-core kernels run. `keys` describes the tiles:
 //   int count() const;                                  number of key tiles
-//   void describe(int i, int* key_pos, int* key_slot);  threads < kBN write key row threadIdx.x of tile i
+//   void describe(int i, int* key_pos, int* key_slot);  threads < kBN write key row threadIdx.x of tile i; any
+//        other per-tile state goes in slot i % 3 too (written while tile i - 2's may still be read)
 //   bool begin(int i, const int* key_pos, const int* key_slot);  per thread, before tile i is multiplied:
-//        prepares valid(rr, col) and returns whether this thread's rows need masking at all
-//   bool valid(int rr, int col) const;
+//        prepares valid(ri, col) and returns whether this thread's rows need masking at all
+//   bool valid(int ri, int col) const;                  row ri of the thread (WarpAttention's numbering)
 // Q must already be in shared memory and `wa` initialised.
 template <typename T, typename Shape, typename Keys>
 __device__ __forceinline__ void attend_key_tiles(WarpAttention<T, Shape>& wa, TileSmem<T, Shape>& sm, const T* sq_warp,
@@ -316,22 +366,22 @@ __device__ __forceinline__ void attend_key_tiles(WarpAttention<T, Shape>& wa, Ti
                                                  int H, int K, int V, float scale_log2) {
   const int n = keys.count();
   if (n == 0) return;
-  keys.describe(0, sm.key_pos[0], sm.key_slot[0]);
+  keys.describe(0, sm.key_pos(0), sm.key_slot(0));
   __syncthreads();
-  load_kv_tile<T, Shape>(sm.k[0], sm.v[0], sm.key_pos[0], k, v, key_base, kv_head, H, K, V);
+  load_kv_tile<T, Shape>(sm.k(0), sm.v(0), sm.key_pos(0), k, v, key_base, kv_head, H, K, V);
   cp_async_commit();
   for (int i = 0; i < n; ++i) {
-    if (i + 1 < n) keys.describe(i + 1, sm.key_pos[(i + 1) % 3], sm.key_slot[(i + 1) % 3]);
+    if (i + 1 < n) keys.describe(i + 1, sm.key_pos((i + 1) % 3), sm.key_slot((i + 1) % 3));
     // Tile i - 1 is multiplied by every warp and tile i + 1's description is written.
     __syncthreads();
     if (i + 1 < n)
-      load_kv_tile<T, Shape>(sm.k[(i + 1) % 2], sm.v[(i + 1) % 2], sm.key_pos[(i + 1) % 3], k, v, key_base, kv_head, H,
+      load_kv_tile<T, Shape>(sm.k((i + 1) % 2), sm.v((i + 1) % 2), sm.key_pos((i + 1) % 3), k, v, key_base, kv_head, H,
                              K, V);
     cp_async_commit();  // possibly empty, so that wait<1> below always means "tile i has landed"
     cp_async_wait<1>();
     __syncthreads();
-    const bool need_mask = keys.begin(i, sm.key_pos[i % 3], sm.key_slot[i % 3]);
-    wa.step(sq_warp, sm.k[i % 2], sm.v[i % 2], scale_log2, __any_sync(0xffffffffu, need_mask), keys);
+    const bool need_mask = keys.begin(i, sm.key_pos(i % 3), sm.key_slot(i % 3));
+    wa.step(sq_warp, sm.k(i % 2), sm.v(i % 2), scale_log2, __any_sync(0xffffffffu, need_mask), keys);
   }
   cp_async_wait<0>();
   __syncthreads();  // the caller may reuse shared memory

@@ -8,8 +8,8 @@
 // heads of kv head h (attention_tile.cuh). It sorts each token's valid selections, forms the union of the
 // tile's blocks in ascending order (a bitmap over a window of blocks, compacted by a prefix count), and walks
 // the union in key tiles of kBN keys: one block per tile, several blocks per tile when BS < kBN, several tiles
-// per block when BS > kBN. A row masks out the blocks its token did not select (a cursor into the token's
-// sorted list) and the keys after its own position; neighbouring tokens share most blocks, so little of the
+// per block when BS > kBN. A row masks out the blocks its token did not select (found once per token and
+// tile, by a cursor into the token's sorted list) and the keys after its own position; neighbouring tokens share most blocks, so little of the
 // union is wasted.
 //
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
@@ -46,121 +46,151 @@ struct SelectedParams {
   int heads_per_tile, tokens_per_tile, head_chunks;
 };
 
-// Warps per CTA (16 query rows each). A compile-time knob for tuning: -DNSA_SELECTED_WARPS=8.
+// Warps per CTA (16 or 32 query rows each). A compile-time knob for tuning: -DNSA_SELECTED_WARPS=8.
 #ifndef NSA_SELECTED_WARPS
 #define NSA_SELECTED_WARPS 4
 #endif
 constexpr int kWarps = NSA_SELECTED_WARPS;
 
-// Shared memory past the tile: per token its sorted selections [tpt][S] and count [tpt]; the block bitmap
-// (one word per thread); per-warp popcount totals; the ordered union of the current window.
+// Shared memory past the tile, all int-sized: per token its raw selections (invalid ones cleared) and the
+// sorted valid ones [tpt][S] each; per token the count and a cursor [tpt] each; per key tile (three
+// slots, as the key rows) and token the bits of the tile's blocks the token selected [3][tpt]; the block
+// bitmap (one word per thread); per-warp popcount totals; the ordered union of the current window. The
+// struct itself lives in shared memory too (built by thread 0), so its pointers cost no registers.
 struct SelectionSmem {
+  int* raw;
+  int* cursor;  // per token: next unmatched entry of its sorted list
   int* sel;
   int* sel_count;
+  uint32_t* tok_bits;
   uint32_t* bitmap;
   int* warp_total;
   int* blocks;
   static size_t bytes(int tpt, int S, int threads, int warps) {
     const size_t union_cap = std::min<size_t>(size_t(tpt) * S, size_t(threads) * 32);
-    return sizeof(int) * (size_t(tpt) * S + tpt + threads + warps + union_cap);
+    return sizeof(SelectionSmem) + sizeof(int) * (2 * size_t(tpt) * S + 5 * size_t(tpt) + threads + warps + union_cap);
   }
-  __device__ SelectionSmem(unsigned char* base, int tpt, int S, int threads, int warps) {
-    sel = reinterpret_cast<int*>(base);
+  __device__ void init(unsigned char* base, int tpt, int S, int threads, int warps) {
+    raw = reinterpret_cast<int*>(base);
+    sel = raw + tpt * S;
     sel_count = sel + tpt * S;
-    bitmap = reinterpret_cast<uint32_t*>(sel_count + tpt);
+    cursor = sel_count + tpt;
+    tok_bits = reinterpret_cast<uint32_t*>(cursor + tpt);
+    bitmap = tok_bits + 3 * tpt;
     warp_total = reinterpret_cast<int*>(bitmap + threads);
     blocks = warp_total + warps;
   }
 };
 
 // The key tiles of one window of the union, and the per-row masks (selected_attention_tc_kernel).
+// Which of a tile's blocks each token selected is worked out once per token while the tile is described
+// (thread tt < ntok walks token tt's sorted list with a cursor) and read by every row of the token. Little
+// lives in registers here: the two-row-tile kernel needs nearly all of them for its accumulators.
 template <typename Shape>
 struct SelectedKeys {
   static constexpr int kBN = Shape::kBN;
+  static constexpr int kR = 2 * Shape::kMT;
   const int* blocks;  // ascending union of this window
-  int num_blocks, BS, len, last_token;
-  int blocks_per_tile;  // BS <= kBN: blocks gathered into one tile (<= 32, one mask bit each)
-  int tiles_per_block;  // BS > kBN: tiles one block spans
-  // This thread's two rows.
-  int t_row[2];           // position within the sequence
-  bool row_any[2];        // padding row: sees everything (its output is dropped)
-  const int* sel_row[2];  // the token's sorted selections
-  int sel_count[2];
-  int cursor[2];          // next unmatched selection of the row
-  uint32_t row_bits[2];   // tile blocks the row selected
-  bool block_selected[2]; // BS > kBN: whether the row selected the current block
+  int num_blocks, BS, last_token;
+  const SelectionSmem* ss;
+  int S, tpt, t0;
+  // This thread's rows.
+  int tok[kR];        // token within the tile; -1 for a padding row, which sees everything (output dropped)
+  uint32_t bits[kR];  // the current tile's blocks the row's token selected
 
-  __device__ __forceinline__ int count() const {
-    return BS <= kBN ? (num_blocks + blocks_per_tile - 1) / blocks_per_tile : num_blocks * tiles_per_block;
-  }
-  __device__ __forceinline__ void describe(int i, int* key_pos, int* key_slot) const {
-    const int j = threadIdx.x;
-    if (j >= kBN) return;
-    int pos = -1, slot = 0;
+  // BS <= kBN: blocks gathered into one tile (<= 32, one mask bit each); BS > kBN: tiles one block spans.
+  __device__ __forceinline__ int blocks_per_tile() const { return min(max(kBN / BS, 1), 32); }
+  __device__ __forceinline__ int tiles_per_block() const { return (BS + kBN - 1) / kBN; }
+  // Tile i: its first block, block count and key count.
+  __device__ __forceinline__ void tile(int i, int& first_block, int& nb, int& keys) const {
     if (BS <= kBN) {
-      const int b = j / BS;
-      if (b < blocks_per_tile && i * blocks_per_tile + b < num_blocks) {
-        pos = blocks[i * blocks_per_tile + b] * BS + j % BS;
-        slot = b;
-      }
+      first_block = i * blocks_per_tile();
+      nb = min(blocks_per_tile(), num_blocks - first_block);
+      keys = nb * BS;
     } else {
-      const int off = (i % tiles_per_block) * kBN + j;
-      if (off < BS) pos = blocks[i / tiles_per_block] * BS + off;
+      first_block = i / tiles_per_block();
+      nb = 1;
+      keys = min(kBN, BS - (i % tiles_per_block()) * kBN);
     }
-    // Keys past the tile's last token are seen by no row: skip their load.
-    key_pos[j] = pos <= last_token ? pos : -1;
-    key_slot[j] = slot;
+  }
+  __device__ __forceinline__ int count() const {
+    return BS <= kBN ? (num_blocks + blocks_per_tile() - 1) / blocks_per_tile() : num_blocks * tiles_per_block();
+  }
+  __device__ __forceinline__ void describe(int i, int* key_pos, int* key_slot) {
+    const int j = threadIdx.x;
+    if (j < kBN) {
+      int pos = -1, slot = 0;
+      if (BS <= kBN) {
+        const int b = j / BS;
+        if (b < blocks_per_tile() && i * blocks_per_tile() + b < num_blocks) {
+          pos = blocks[i * blocks_per_tile() + b] * BS + j % BS;
+          slot = b;
+        }
+      } else {
+        const int off = (i % tiles_per_block()) * kBN + j;
+        if (off < BS) pos = blocks[i / tiles_per_block()] * BS + off;
+      }
+      // Keys past the tile's last token are seen by no row: skip their load.
+      key_pos[j] = pos <= last_token ? pos : -1;
+      key_slot[j] = slot;
+    }
+    if (j <= last_token - t0) {  // a token of the tile
+      int first_block, nb, keys;
+      tile(i, first_block, nb, keys);
+      const int* mine = ss->sel + j * S;
+      const int n = ss->sel_count[j];
+      int cursor = ss->cursor[j];
+      uint32_t b = 0;
+      // The union and each list ascend, so the cursor only moves forward (across windows too); it stops on
+      // a match, as the next tile may be another part of the same block.
+      for (int x = 0; x < nb; ++x) {
+        const int c = blocks[first_block + x];
+        while (cursor < n && mine[cursor] < c) ++cursor;
+        if (cursor < n && mine[cursor] == c) b |= 1u << x;
+      }
+      ss->cursor[j] = cursor;
+      ss->tok_bits[(i % 3) * tpt + j] = b;
+    }
   }
   __device__ __forceinline__ bool begin(int i, const int* key_pos, const int* key_slot) {
     cur_pos = key_pos;
     cur_slot = key_slot;
     int first_block, nb, keys;
-    if (BS <= kBN) {
-      first_block = i * blocks_per_tile;
-      nb = min(blocks_per_tile, num_blocks - first_block);
-      keys = nb * BS;
-    } else {
-      first_block = i / tiles_per_block;
-      nb = 1;
-      keys = min(kBN, BS - (i % tiles_per_block) * kBN);
-    }
+    tile(i, first_block, nb, keys);
     const int last_pos = key_pos[0] < 0 ? INT_MAX : key_pos[0] + keys - 1;  // only meaningful when contiguous
     const uint32_t all = nb == 32 ? 0xffffffffu : (1u << nb) - 1;
+    const uint32_t* tb = ss->tok_bits + (i % 3) * tpt;
     bool need = false;
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      if (BS <= kBN || i % tiles_per_block == 0) {
-        uint32_t bits = 0;
-        for (int b = 0; b < nb; ++b) {
-          const int c = blocks[first_block + b];
-          if (cursor[rr] < sel_count[rr] && sel_row[rr][cursor[rr]] == c) {
-            bits |= 1u << b;
-            ++cursor[rr];
-          }
-        }
-        row_bits[rr] = bits;
-      }
-      if (!row_any[rr]) need |= row_bits[rr] != all || t_row[rr] < last_pos;
+    for (int ri = 0; ri < kR; ++ri) {
+      if (tok[ri] < 0) continue;
+      bits[ri] = tb[tok[ri]];
+      need |= bits[ri] != all || t0 + tok[ri] < last_pos;
     }
     // Partial tiles hold zero rows that must not count as keys; blocks of one tile are contiguous only
     // when it holds one block.
     return need || keys < kBN || nb > 1 || key_pos[kBN - 1] < 0;
   }
-  __device__ __forceinline__ bool valid(int rr, int col) const {
-    if (row_any[rr]) return true;
+  __device__ __forceinline__ bool valid(int ri, int col) const {
+    if (tok[ri] < 0) return true;
     const int pos = cur_pos[col];
-    return pos >= 0 && pos <= t_row[rr] && ((row_bits[rr] >> cur_slot[col]) & 1u);
+    return pos >= 0 && pos <= t0 + tok[ri] && ((bits[ri] >> cur_slot[col]) & 1u);
   }
   const int* cur_pos = nullptr;  // the tile being multiplied (set by begin)
   const int* cur_slot = nullptr;
 };
 
-template <typename T, int D>
+template <typename T, int D, int kMT>
 __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(const SelectedParams<T> p) {
-  using Shape = TileShape<T, D, kWarps>;
+  using Shape = TileShape<T, D, kWarps, kMT>;
+  using WA = WarpAttention<T, Shape>;
+  static_assert(Shape::kRows <= Shape::kThreads, "a thread per token describes the token's blocks");
   extern __shared__ __align__(16) unsigned char smem[];
   TileSmem<T, Shape> sm(smem);
-  SelectionSmem ss(smem + Shape::kTileBytes, p.tokens_per_tile, p.S, Shape::kThreads, kWarps);
+  SelectionSmem* ss_shared = reinterpret_cast<SelectionSmem*>(smem + Shape::kTileBytes);
+  SelectionSmem ss;
+  ss.init(smem + Shape::kTileBytes + sizeof(SelectionSmem), p.tokens_per_tile, p.S, Shape::kThreads, kWarps);
+  if (threadIdx.x == 0) *ss_shared = ss;
 
   const DeviceSequence seq = p.seqs[blockIdx.y];
   const int t0 = blockIdx.x * p.tokens_per_tile;
@@ -173,54 +203,52 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   attn::load_q_tile<T, Shape>(sm.q, p.q, rows, p.HQ, p.K);
   attn::cp_async_commit();
 
-  // Each token's valid selections, sorted ascending, repeats dropped.
-  for (int tt = threadIdx.x; tt < ntok; tt += Shape::kThreads) {
-    const int t = t0 + tt;
+  // Each token's valid selections, sorted ascending: one thread per entry, which reads the entries coalesced
+  // and places its own by rank (value, then position), while Q loads. A repeated block (invalid input) just
+  // appears twice: the union and the per-token cursor take it once.
+  const int S = p.S, nsel = ntok * S;
+  for (int i = threadIdx.x; i < nsel; i += Shape::kThreads) {
+    const int tt = i / S, j = i % S;
     const int64_t flat = rows.tok0 + tt;
-    const int n = p.counts ? min(max(p.counts[flat * p.H + kv_head], 0), p.S) : p.S;
-    const int32_t* idx = p.indices + (flat * p.H + kv_head) * p.S;
-    int* mine = ss.sel + tt * p.S;
-    int count = 0;
-    for (int j = 0; j < n; ++j) {
-      const int c = idx[j];
-      if (c < 0 || int64_t(c) * p.BS > t) continue;
-      int pos = count;
-      while (pos > 0 && mine[pos - 1] > c) --pos;
-      if (pos > 0 && mine[pos - 1] == c) continue;
-      for (int m = count; m > pos; --m) mine[m] = mine[m - 1];
-      mine[pos] = c;
-      ++count;
+    const int n = p.counts ? min(max(p.counts[flat * p.H + kv_head], 0), S) : S;
+    const int c = j < n ? p.indices[(flat * p.H + kv_head) * S + j] : -1;
+    ss.raw[i] = c >= 0 && int64_t(c) * p.BS <= t0 + tt ? c : -1;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nsel; i += Shape::kThreads) {
+    const int tt = i / S, j = i % S;
+    const int* row = ss.raw + tt * S;
+    const int c = row[j];
+    int rank = 0, count = 0;
+    for (int x = 0; x < S; ++x) {
+      const int e = row[x];
+      rank += e >= 0 && (e < c || (e == c && x < j));
+      count += e >= 0;
     }
-    ss.sel_count[tt] = count;
+    if (c >= 0) ss.sel[tt * S + rank] = c;
+    if (j == 0) ss.sel_count[tt] = count, ss.cursor[tt] = 0;
   }
   attn::cp_async_wait<0>();
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* sq_warp = sm.q + warp * 16 * Shape::kStride;
-  WarpAttention<T, Shape> wa;
+  const T* sq_warp = sm.q + warp * Shape::kWarpRows * Shape::kStride;
+  WA wa;
   wa.init(sq_warp);
 
   SelectedKeys<Shape> keys;
   keys.BS = p.BS;
-  keys.len = int(seq.length);
   keys.last_token = t0 + ntok - 1;
   keys.blocks = ss.blocks;
-  keys.blocks_per_tile = min(max(Shape::kBN / p.BS, 1), 32);
-  keys.tiles_per_block = (p.BS + Shape::kBN - 1) / Shape::kBN;
-  int64_t out_row[2];
+  keys.ss = ss_shared;
+  keys.S = S;
+  keys.tpt = p.tokens_per_tile;
+  keys.t0 = t0;
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int r = warp * 16 + lane / 4 + 8 * rr;
-    const bool ok = rows.valid(r);
-    const int tt = ok ? rows.token(r) : 0;
-    keys.row_any[rr] = !ok;
-    keys.t_row[rr] = t0 + tt;
-    keys.sel_row[rr] = ss.sel + tt * p.S;
-    keys.sel_count[rr] = ok ? ss.sel_count[tt] : 0;
-    keys.cursor[rr] = 0;
-    keys.row_bits[rr] = 0;
-    out_row[rr] = ok ? (rows.tok0 + tt) * p.HQ + rows.head(r) : -1;
+  for (int ri = 0; ri < WA::kR; ++ri) {
+    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
+    keys.tok[ri] = rows.valid(r) ? rows.token(r) : -1;
+    keys.bits[ri] = 0;
   }
 
   // The union of the tile's blocks, one window of 32 * kThreads block numbers at a time, ascending.
@@ -230,8 +258,8 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   for (int win = 0; win <= last_block; win += kWindow) {
     ss.bitmap[threadIdx.x] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < ntok * p.S; i += Shape::kThreads) {
-      const int tt = i / p.S, j = i % p.S;
+    for (int i = threadIdx.x; i < nsel; i += Shape::kThreads) {
+      const int tt = i / S, j = i % S;
       if (j >= ss.sel_count[tt]) continue;
       const int c = ss.sel[i] - win;
       if (c >= 0 && c < kWindow) atomicOr(&ss.bitmap[c / 32], 1u << (c % 32));
@@ -256,6 +284,12 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
     keys.num_blocks = total;
     __syncthreads();
     attn::attend_key_tiles<T, Shape>(wa, sm, sq_warp, keys, p.k, p.v, key_base, kv_head, p.H, p.K, p.V, scale_log2);
+  }
+  int64_t out_row[WA::kR];
+#pragma unroll
+  for (int ri = 0; ri < WA::kR; ++ri) {
+    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
+    out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
   }
   wa.store(p.o, p.lse, p.V, out_row);
 }
@@ -312,18 +346,17 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
     p.scale = L.scale;
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
-        constexpr int kRows = 16 * kWarps;
-        p.heads_per_tile = std::min(p.G, kRows);
-        p.head_chunks = int(div_up(p.G, p.heads_per_tile));
-        p.tokens_per_tile = kRows / p.heads_per_tile;
-        const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
-                        unsigned(p.H * p.head_chunks));
-        if (grid.y > 65535 || grid.z > 65535)
-          throw CudaError("selected_attention_tc_kernel: too many sequences or heads for one launch");
         bool launched = false;
-        attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-          constexpr int D = decltype(dim)::value;
-          using Shape = TileShape<T, D, kWarps>;
+        auto launch = [&](auto dim, auto mt) {
+          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value;
+          using Shape = TileShape<T, D, kWarps, kMT>;
+          p.heads_per_tile = std::min(p.G, Shape::kRows);
+          p.head_chunks = int(div_up(p.G, p.heads_per_tile));
+          p.tokens_per_tile = Shape::kRows / p.heads_per_tile;
+          const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
+                          unsigned(p.H * p.head_chunks));
+          if (grid.y > 65535 || grid.z > 65535)
+            throw CudaError("selected_attention_tc_kernel: too many sequences or heads for one launch");
           const size_t bytes =
               Shape::kTileBytes + SelectionSmem::bytes(p.tokens_per_tile, p.S, Shape::kThreads, kWarps);
           int device = 0, limit = 0;
@@ -331,12 +364,22 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
           CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                      "cudaDeviceGetAttribute(max shared memory)");
           if (bytes > size_t(limit)) return;  // a huge S: the row kernel takes it
-          CUDA_CHECK(cudaFuncSetAttribute(selected_attention_tc_kernel<T, D>,
+          CUDA_CHECK(cudaFuncSetAttribute(selected_attention_tc_kernel<T, D, kMT>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
                      "cudaFuncSetAttribute(selected_attention_tc_kernel)");
-          selected_attention_tc_kernel<T, D><<<grid, Shape::kThreads, bytes, s>>>(p);
+          selected_attention_tc_kernel<T, D, kMT><<<grid, Shape::kThreads, bytes, s>>>(p);
           check_launch("selected_attention_tc_kernel");
           launched = true;
+        };
+        attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+          constexpr int D = decltype(dim)::value;
+          if constexpr (D == 64 || D == 128) {
+            if (p.G >= attn::kTwoRowTilesMinG) {
+              launch(dim, std::integral_constant<int, 2>{});
+              if (launched) return;
+            }
+          }
+          launch(dim, std::integral_constant<int, 1>{});
         });
         if (launched) return;
       }

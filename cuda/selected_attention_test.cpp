@@ -118,6 +118,11 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"bf16_varlen_G1_BS16", bf16, 1, 0, 1, 1, 64, 64, 16, 16, {0, 40, 7, 181}, false},
         SelectedCase{"bf16_varlen_G3_K256_BS32", bf16, 1, 0, 3, 1, 256, 256, 32, 16, {100, 0, 20}, true},
         SelectedCase{"bf16_G80_head_chunks", bf16, 1, 70, 80, 1, 64, 64, 32, 4, {}, false},
+        // G >= 8 at D = 64 / 128 takes two 16-row tiles per warp: several blocks per key tile, several key
+        // tiles per block, a group size that leaves padding rows, varlen.
+        SelectedCase{"bf16_G8_K64_BS16_S16_two_row_tiles", bf16, 2, 200, 16, 2, 64, 64, 16, 16, {}, false},
+        SelectedCase{"bf16_G12_K128_BS128_S4_two_row_tiles", bf16, 1, 260, 12, 1, 128, 128, 128, 4, {}, true},
+        SelectedCase{"f16_varlen_G16_K64_V128_BS32_two_row_tiles", f16, 1, 0, 16, 1, 64, 128, 32, 16, {130, 0, 77}, true},
         SelectedCase{"bf16_K20_V12_row_kernel", bf16, 1, 100, 4, 2, 20, 12, 16, 8, {}, true},
         SelectedCase{"f16_G16_K128_BS64_S16", f16, 1, 300, 16, 1, 128, 128, 64, 16, {}, true},
         SelectedCase{"f16_G1_K64_V128_BS16_S16", f16, 1, 200, 3, 3, 64, 128, 16, 16, {}, false},

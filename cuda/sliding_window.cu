@@ -41,9 +41,10 @@ constexpr int kWarps = 4;
 template <typename Shape>
 struct WindowKeys {
   static constexpr int kBN = Shape::kBN;
+  static constexpr int kR = 2 * Shape::kMT;
   int first_key, last_key, W;
-  int t_row[2];
-  bool row_any[2];  // padding row: sees everything (its output is dropped)
+  int t_row[kR];
+  bool row_any[kR];  // padding row: sees everything (its output is dropped)
   const int* cur_pos = nullptr;
 
   __device__ __forceinline__ int count() const { return (last_key - first_key + kBN) / kBN; }
@@ -59,20 +60,20 @@ struct WindowKeys {
     const int lo = first_key + i * kBN, hi = lo + kBN - 1;
     bool need = hi > last_key;
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr)
-      if (!row_any[rr]) need |= hi > t_row[rr] || lo <= t_row[rr] - W;
+    for (int ri = 0; ri < kR; ++ri)
+      if (!row_any[ri]) need |= hi > t_row[ri] || lo <= t_row[ri] - W;
     return need;
   }
-  __device__ __forceinline__ bool valid(int rr, int col) const {
-    if (row_any[rr]) return true;
+  __device__ __forceinline__ bool valid(int ri, int col) const {
+    if (row_any[ri]) return true;
     const int pos = cur_pos[col];
-    return pos >= 0 && pos <= t_row[rr] && pos > t_row[rr] - W;
+    return pos >= 0 && pos <= t_row[ri] && pos > t_row[ri] - W;
   }
 };
 
-template <typename T, int D>
+template <typename T, int D, int kMT>
 __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const WindowParams<T> p) {
-  using Shape = TileShape<T, D, kWarps>;
+  using Shape = TileShape<T, D, kWarps, kMT>;
   extern __shared__ __align__(16) unsigned char smem[];
   TileSmem<T, Shape> sm(smem);
 
@@ -89,26 +90,31 @@ __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const Wi
   attn::cp_async_wait<0>();
   __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* sq_warp = sm.q + warp * 16 * Shape::kStride;
-  WarpAttention<T, Shape> wa;
+  const int warp = threadIdx.x / 32;
+  const T* sq_warp = sm.q + warp * Shape::kWarpRows * Shape::kStride;
+  using WA = WarpAttention<T, Shape>;
+  WA wa;
   wa.init(sq_warp);
 
   WindowKeys<Shape> keys;
   keys.W = p.W;
   keys.last_key = t0 + ntok - 1;
   keys.first_key = max(0, t0 - p.W + 1);
-  int64_t out_row[2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int r = warp * 16 + lane / 4 + 8 * rr;
+  for (int ri = 0; ri < WA::kR; ++ri) {
+    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
     const bool ok = rows.valid(r);
-    keys.row_any[rr] = !ok;
-    keys.t_row[rr] = t0 + (ok ? rows.token(r) : 0);
-    out_row[rr] = ok ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
+    keys.row_any[ri] = !ok;
+    keys.t_row[ri] = t0 + (ok ? rows.token(r) : 0);
   }
   attn::attend_key_tiles<T, Shape>(wa, sm, sq_warp, keys, p.k, p.v, key_base, kv_head, p.H, p.K, p.V,
                                    p.scale * attn::kLog2e);
+  int64_t out_row[WA::kR];
+#pragma unroll
+  for (int ri = 0; ri < WA::kR; ++ri) {
+    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
+    out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
+  }
   wa.store(p.o, p.lse, p.V, out_row);
 }
 
@@ -155,22 +161,28 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
     p.scale = L.scale;
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0) {
-        constexpr int kRows = 16 * kWarps;
-        p.heads_per_tile = std::min(p.G, kRows);
-        p.head_chunks = int(div_up(p.G, p.heads_per_tile));
-        p.tokens_per_tile = kRows / p.heads_per_tile;
-        const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
-                        unsigned(p.H * p.head_chunks));
-        if (grid.y > 65535 || grid.z > 65535)
-          throw CudaError("sliding_window_tc_kernel: too many sequences or heads for one launch");
+        auto launch = [&](auto dim, auto mt) {
+          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value;
+          using Shape = TileShape<T, D, kWarps, kMT>;
+          p.heads_per_tile = std::min(p.G, Shape::kRows);
+          p.head_chunks = int(div_up(p.G, p.heads_per_tile));
+          p.tokens_per_tile = Shape::kRows / p.heads_per_tile;
+          const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
+                          unsigned(p.H * p.head_chunks));
+          if (grid.y > 65535 || grid.z > 65535)
+            throw CudaError("sliding_window_tc_kernel: too many sequences or heads for one launch");
+          CUDA_CHECK(cudaFuncSetAttribute(sliding_window_tc_kernel<T, D, kMT>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kTileBytes)),
+                     "cudaFuncSetAttribute(sliding_window_tc_kernel)");
+          sliding_window_tc_kernel<T, D, kMT><<<grid, Shape::kThreads, Shape::kTileBytes, s>>>(p);
+          check_launch("sliding_window_tc_kernel");
+        };
         attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
           constexpr int D = decltype(dim)::value;
-          using Shape = TileShape<T, D, kWarps>;
-          CUDA_CHECK(cudaFuncSetAttribute(sliding_window_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          int(Shape::kTileBytes)),
-                     "cudaFuncSetAttribute(sliding_window_tc_kernel)");
-          sliding_window_tc_kernel<T, D><<<grid, Shape::kThreads, Shape::kTileBytes, s>>>(p);
-          check_launch("sliding_window_tc_kernel");
+          if constexpr (D == 64 || D == 128) {
+            if (p.G >= attn::kTwoRowTilesMinG) return launch(dim, std::integral_constant<int, 2>{});
+          }
+          launch(dim, std::integral_constant<int, 1>{});
         });
         return;
       }

@@ -67,6 +67,9 @@ INSTANTIATE_TEST_SUITE_P(
         // name, dtype, B, T, HQ, H, K, V, W, varlen lengths
         WindowCase{"bf16_G16_K128_W64", bf16, 2, 300, 32, 2, 128, 128, 64, {}},
         WindowCase{"bf16_G1_K64_V128_W100", bf16, 1, 333, 2, 2, 64, 128, 100, {}},
+        // G >= 8 at D = 64 / 128: two 16-row tiles per warp.
+        WindowCase{"bf16_G8_K64_W200_two_row_tiles", bf16, 1, 300, 16, 2, 64, 64, 200, {}},
+        WindowCase{"f16_varlen_G12_K128_W70_two_row_tiles", f16, 1, 0, 12, 1, 128, 128, 70, {90, 0, 41}},
         WindowCase{"bf16_G3_K16_W1", bf16, 1, 150, 6, 2, 16, 16, 1, {}},
         WindowCase{"bf16_G16_K256_W_longer_than_T", bf16, 1, 200, 16, 1, 256, 256, 1000, {}},
         WindowCase{"bf16_varlen_G3_W37", bf16, 1, 0, 3, 1, 32, 64, 37, {70, 0, 200, 13}},
