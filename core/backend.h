@@ -20,6 +20,8 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  // The precision the backend computes in for inputs stored as `input`; the checker's tolerances follow it.
+  virtual DType compute_dtype(DType input) const { return input; }
   // Computes every stage of `p`: forward, and backward when p.has_backward() && opt.backward.
   // Throws InputError for problems the backend cannot take (e.g. K > 256 on CUDA).
   virtual Outputs run(const Problem& p, const RunOptions& opt) = 0;

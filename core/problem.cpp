@@ -285,6 +285,7 @@ SafetensorsFile problem_to_file(const Problem& p) {
   f.metadata = p.metadata;
   write_config_metadata(f.metadata, p.layout.config);
   if (p.head_first) f.metadata["nsa.layout"] = "bhtd";
+  if (p.block_indices) f.metadata["nsa.given_indices"] = "1";  // the selection is an input, not a result
   const Dims& d = p.layout.dims;
   put_float(f, p, "q", p.q, d.T, d.HQ, d.K, p.input_dtype);
   put_float(f, p, "k", p.k, d.T, d.H, d.K, p.input_dtype);

@@ -167,7 +167,7 @@ SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const s
   return file;
 }
 
-SafetensorsFile read_safetensors(const std::string& path) {
+std::vector<uint8_t> read_file_bytes(const std::string& path) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) fail_input(path, "", "is a directory, not a file");
   std::ifstream in(path, std::ios::binary);
@@ -179,6 +179,11 @@ SafetensorsFile read_safetensors(const std::string& path) {
     fail_input(path, "", std::string("read error (") + e.what() + ")");
   }
   if (in.bad()) fail_input(path, "", "read error");
+  return bytes;
+}
+
+SafetensorsFile read_safetensors(const std::string& path) {
+  const std::vector<uint8_t> bytes = read_file_bytes(path);
   return parse_safetensors(bytes.data(), bytes.size(), path);
 }
 

@@ -26,6 +26,8 @@ constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 // `origin` names the source in error messages (usually the path).
 SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const std::string& origin);
 SafetensorsFile read_safetensors(const std::string& path);
+// A whole file's bytes; InputError naming the path when it is missing, a directory or unreadable.
+std::vector<uint8_t> read_file_bytes(const std::string& path);
 
 std::vector<uint8_t> serialize_safetensors(const SafetensorsFile& file);
 // Atomic: writes a temporary file beside `path`, then renames it over `path`.

@@ -346,6 +346,7 @@ namespace {
 class CudaBackend : public Backend {
  public:
   std::string name() const override { return "cuda"; }
+  DType compute_dtype(DType input) const override { return input == DType::F64 ? DType::F32 : input; }
 
   Outputs run(const Problem& p, const RunOptions& opt) override {
     if (cuda::device_count() == 0) throw InputError("backend 'cuda': no CUDA device is available");

@@ -215,7 +215,12 @@ bool has_outputs(const SafetensorsFile& f) {
 }
 
 SafetensorsFile inputs_only(const SafetensorsFile& f) {
-  const bool given = has_given_indices(f);
+  // block_indices is an input when the metadata says so, or when it is the file's only output-named tensor
+  // (a user's input file that gives the selection).
+  bool other_outputs = false;
+  for (const char* name : kOutputNames)
+    other_outputs = other_outputs || (f.has(name) && std::string(name) != "block_indices");
+  const bool given = has_given_indices(f) || !other_outputs;
   SafetensorsFile out;
   out.metadata = f.metadata;
   for (const auto& [name, t] : f.tensors) {

@@ -59,7 +59,7 @@ std::vector<SuiteCase> shard_cases(const std::vector<SuiteCase>& cases, const Sh
 std::string manifest_path(const std::string& suite);
 
 // A fixture without its stored outputs, so that load_problem sees only the inputs. block_indices stays when
-// it is an input (metadata nsa.given_indices = 1).
+// it is an input: metadata nsa.given_indices = 1, or no other output tensor in the file.
 SafetensorsFile inputs_only(const SafetensorsFile& fixture);
 bool has_given_indices(const SafetensorsFile& fixture);
 // Whether the fixture stores any reference output (k_cmp ... o, dq ...).

@@ -66,9 +66,17 @@ int run_check(const CheckArgs& a) {
   shape_only.head_first = layout != actual_file.metadata.end() && layout->second == "bhtd";
   const Outputs candidate = outputs_from_file(actual_file, shape_only, a.actual);
 
-  // The candidate's precision is that of the inputs it computed from.
+  // The candidate's precision: what `run` recorded (a backend may compute f64 inputs in f32), else that of the
+  // inputs it computed from.
   const Tensor* q = actual_file.find("q");
-  const DType candidate_dtype = q && is_float(q->dtype) ? q->dtype : p.input_dtype;
+  DType candidate_dtype = q && is_float(q->dtype) ? q->dtype : p.input_dtype;
+  if (auto it = actual_file.metadata.find("nsa.compute_dtype"); it != actual_file.metadata.end()) {
+    try {
+      candidate_dtype = dtype_from_flag(it->second);
+    } catch (const std::invalid_argument& e) {
+      fail_input(a.actual, "", std::string("metadata nsa.compute_dtype: ") + e.what());
+    }
+  }
 
   CheckOptions opt;
   opt.rtol_override = a.rtol;

@@ -54,9 +54,7 @@ TensorStats stats_of(const Tensor& t) {
 }
 
 nlohmann::json inspect_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail_input(path, "", "cannot open the file");
-  const std::vector<uint8_t> bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  const std::vector<uint8_t> bytes = read_file_bytes(path);
   const SafetensorsFile f = parse_safetensors(bytes.data(), bytes.size(), path);
 
   nlohmann::json j;

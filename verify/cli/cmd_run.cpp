@@ -5,6 +5,7 @@
 #include "core/errors.h"
 #include "core/safetensors.h"
 #include "verify/backends.h"
+#include "verify/suite.h"
 #include "verify/cli/commands.h"
 
 namespace nsa::cli {
@@ -23,7 +24,8 @@ struct RunArgs {
 int run_run(const RunArgs& a) {
   const DType out_dtype = dtype_from_flag(a.out_dtype);
   const SafetensorsFile in = read_safetensors(a.input);
-  const Problem p = load_problem(in, a.input, a.overrides, a.allow_nonfinite);
+  // A file written by an earlier run holds outputs too; only its inputs define the problem.
+  const Problem p = load_problem(suite::inputs_only(in), a.input, a.overrides, a.allow_nonfinite);
   auto backend = make_backend(a.backend);
   RunOptions opt;
   opt.threads = a.threads;
@@ -32,6 +34,7 @@ int run_run(const RunArgs& a) {
   const Outputs out = backend->run(p, opt);
   SafetensorsFile file = problem_to_file(p);
   file.metadata["nsa.backend"] = a.backend;
+  file.metadata["nsa.compute_dtype"] = dtype_flag(backend->compute_dtype(p.input_dtype));
   add_outputs(file, p, out, out_dtype);
   write_safetensors(a.output, file);
   const Dims& d = p.layout.dims;

@@ -100,12 +100,6 @@ CheckReport input_error_report(const std::string& name, const std::string& messa
   return r;
 }
 
-std::vector<uint8_t> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail_input(path, "", "cannot open the fixture");
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
 int run_verify(const VerifyArgs& a) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
@@ -125,7 +119,7 @@ int run_verify(const VerifyArgs& a) {
   for (const suite::SuiteCase& c : cases) {
     const auto case_start = Clock::now();
     try {
-      const std::vector<uint8_t> bytes = read_bytes(c.path);
+      const std::vector<uint8_t> bytes = read_file_bytes(c.path);
       if (!c.expected_fnv1a64.empty()) {
         const std::string actual = suite::hex64(gen::fnv1a64(bytes.data(), bytes.size()));
         if (actual != c.expected_fnv1a64)
@@ -145,7 +139,7 @@ int run_verify(const VerifyArgs& a) {
         for (int64_t r : run.rows) opt.rows[r] = 1;
       }
       const Outputs candidate = backend->run(p, run);
-      CheckReport r = check_candidate(p, candidate, p.input_dtype, opt);
+      CheckReport r = check_candidate(p, candidate, backend->compute_dtype(p.input_dtype), opt);
       r.case_name = c.name;
       print_line(r, std::chrono::duration<double>(Clock::now() - case_start).count());
       if (!r.pass) {
