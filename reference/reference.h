@@ -39,6 +39,13 @@ struct BlockScores {
   std::vector<double> score;
   std::vector<uint8_t> candidate, forced;
 };
+// The order in which top-k admits blocks: score descending; on an exact tie a forced block first (with the
+// seed policy a lone visible block scores exactly G, the forced score), then the smaller index.
+inline bool topk_admits_before(double score_a, bool forced_a, int64_t a, double score_b, bool forced_b, int64_t b) {
+  if (score_a != score_b) return score_a > score_b;
+  if (forced_a != forced_b) return forced_a;
+  return a < b;
+}
 void topk_scores(BlockScores& out, int64_t b, int64_t t, int64_t h, const double* q, const double* k_cmp,
                  const double* lse_cmp, const Layout& L);
 

@@ -39,18 +39,14 @@ void group_scores(double* score, const double* z, int64_t ldz, const double* lse
   for (int64_t c = 0; c <= cur; ++c) score[c] = is_forced(c, cur, policy) ? 1.0 : score[c] / double(G);
 }
 
-// The S best of the candidates [0, cur], ordered by score descending, ties to the smaller block; -1 pads.
-// Which blocks make the set is decided with forced blocks winning ties: with the seed policy a lone visible
-// block has exactly the forced score G (all heads' probability on it), and the current block must still be
-// chosen at S = 1.
+// The S best of the candidates [0, cur] (admitted by topk_admits_before, so a forced block wins an exact
+// tie), then ordered by score descending with ties to the smaller block; -1 pads.
 void select_top(int32_t* out, int64_t S, const double* score, int64_t cur, Policy policy, std::vector<int32_t>& order) {
   const int64_t n = cur + 1, k = std::min(S, n);
   order.resize(n);
   std::iota(order.begin(), order.end(), 0);
   std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-    if (score[a] != score[b]) return score[a] > score[b];
-    const bool fa = is_forced(a, cur, policy), fb = is_forced(b, cur, policy);
-    return fa != fb ? fa : a < b;
+    return topk_admits_before(score[a], is_forced(a, cur, policy), a, score[b], is_forced(b, cur, policy), b);
   });
   std::sort(order.begin(), order.begin() + k, [score](int32_t a, int32_t b) {
     return score[a] != score[b] ? score[a] > score[b] : a < b;

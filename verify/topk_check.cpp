@@ -20,11 +20,13 @@ TopkRowVerdict judge_topk_row(const int32_t* chosen, int64_t S, const ref::Block
     return v;
   };
 
-  // The reference's own choice: highest score first, ties to the smaller block.
+  // The reference's own choice, admitted in the reference's order.
   std::vector<int64_t> ranked;
   for (int64_t c = 0; c < nb; ++c)
     if (is_candidate(c)) ranked.push_back(c);
-  std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t b) { return scores.score[a] > scores.score[b]; });
+  std::sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t b) {
+    return ref::topk_admits_before(scores.score[a], scores.forced[a], a, scores.score[b], scores.forced[b], b);
+  });
   const int64_t n_candidates = int64_t(ranked.size());
   const int64_t expected_count = std::min(S, n_candidates);
   std::vector<uint8_t> in_reference(nb, 0), in_chosen(nb, 0);

@@ -40,6 +40,19 @@ TEST(TopkRule, NearTieSwapPassesAndReportsItsGap) {
   EXPECT_NEAR(v.max_rel_gap, 1e-6, 1e-12);
 }
 
+TEST(TopkRule, ForcedBlockWinsAnExactTieForTheReferenceSet) {
+  // Seed policy at S = 1: a lone visible block scores exactly the forced score of the current block. The
+  // reference admits the forced block, so choosing it is an exact match, and dropping it is invalid.
+  ref::BlockScores s;
+  s.score = {1.0, 1.0};
+  s.candidate = {1, 1};
+  s.forced = {0, 1};
+  const TopkRowVerdict forced = judge({1}, s);
+  EXPECT_TRUE(forced.valid) << forced.reason;
+  EXPECT_TRUE(forced.exact);
+  EXPECT_FALSE(judge({0}, s).valid);
+}
+
 TEST(TopkRule, ExactTieBrokenTheOtherWayPasses) {
   ref::BlockScores s = six_blocks();
   s.score[1] = 0.25;  // the reference breaks the tie towards block 1, the candidate took block 2
