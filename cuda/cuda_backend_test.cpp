@@ -249,6 +249,14 @@ INSTANTIATE_TEST_SUITE_P(
         make_case("f64_runs_in_fp32_varlen_G1", DType::F64, 1, 0, 3, 3, 24, 8, 16, 3, kSeed, {33, 17, 0, 64}),
         make_case("T_below_BS_f16", DType::F16, 2, 11, 4, 2, 16, 16, 16, 2, kPaper),
         make_case("many_blocks_bf16_S16", DType::BF16, 1, 2100, 16, 1, 64, 64, 16, 16, kSeed),
+        // Top-k: S = 1 and 64, candidate buffers that overflow (G = 1, and G = 16 past 256 blocks), long keys
+        // with few heads (half the warps per CTA), T = 1.
+        make_case("topk_S1_G1_bf16_BS32", DType::BF16, 1, 400, 2, 2, 32, 16, 32, 1, kSeed),
+        make_case("topk_S64_G16_bf16_BS16_paper", DType::BF16, 1, 4500, 16, 1, 32, 16, 16, 64, kPaper),
+        make_case("topk_S64_G1_bf16_K256", DType::BF16, 1, 1300, 1, 1, 256, 16, 16, 64, kSeed),
+        make_case("topk_S16_G1_f16_overflow", DType::F16, 1, 3000, 2, 2, 32, 16, 16, 16, kSeed),
+        make_case("topk_G3_bf16_BS128", DType::BF16, 1, 900, 3, 1, 64, 32, 128, 4, kSeed),
+        make_case("topk_T1_bf16", DType::BF16, 1, 1, 4, 1, 32, 16, 64, 16, kSeed),
         [] {
           Case c = make_case("block_counts_bf16_G16", DType::BF16, 1, 300, 16, 1, 64, 64, 32, 4, kSeed);
           c.with_counts = true;

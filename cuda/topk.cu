@@ -2,13 +2,18 @@
 //
 // The scores are the group's summed probabilities p = exp(z - lse_cmp) over pooled blocks, with z computed by
 // the same warp tiles, in the same order, as the compressed-attention pass (warp_tile.cuh), so they come from
-// the very logits that produced lse_cmp. One CTA per (token tile, head chunk, sequence, kv head) walks the
-// pooled blocks in tiles of 64: the warps add each head's p into a shared [tokens x 64] score tile, then one
-// warp per token merges the tile into that token's running top-S list. Blocks arrive in increasing index, so
-// a new block enters only when it beats the current S-th best; the list and the few entrants are ranked by
-// score, then forced before not forced (a forced block is always chosen, also when an ordinary block ties
-// with it exactly, e.g. the only visible block of a group, p = 1 per head), then the smaller index. The
-// output slots are the chosen blocks by score descending, ties to the smaller index.
+// the very logits that produced lse_cmp. One CTA per (token tile, sequence, kv head) walks the pooled blocks
+// in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the group's heads).
+//
+// Selection: forced blocks (seed: cur, score G; paper: {0, cur-1, cur}, score 1) are always members -- they
+// carry the highest possible score and win exact ties -- so only the S' = S - forced best ordinary blocks
+// have to be found. Each token belongs to one warp, which keeps a private candidate buffer: a block enters
+// when its score is above the token's threshold (the S'-th best score seen at the last compaction; a later
+// block with an equal score loses on index). A full buffer is cut back to its S' best by a radix select on
+// the score bits (scores are >= 0, so their bits order like the floats); entrants get rare as the threshold
+// rises, so the common per-tile work is one compare and ballot per block. At the end the S' best are
+// selected the same way, the forced blocks added, and the slots ordered by score descending, ties to the
+// smaller block; -1 pads.
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/warp_tile.cuh"
@@ -17,7 +22,10 @@ namespace nsa::cuda {
 namespace {
 
 constexpr int kBN = tile::kBlockN;
-constexpr int kMaxS = 64;  // selected blocks per query the list buffers hold
+constexpr int kMaxS = 64;        // selected blocks per query
+constexpr int kMaxPerLane = 8;   // candidate buffer entries per lane in a select
+constexpr int kMaxCap = 32 * kMaxPerLane;
+constexpr unsigned kFull = 0xffffffffu;
 
 struct TopkParams {
   DeviceLayout L;
@@ -26,72 +34,137 @@ struct TopkParams {
   int k_padded = 0;
   float scale_log2 = 0;
   int stages = 1;  // K tiles in flight: 2 when shared memory allows (the next tile's copy overlaps this one's math)
+  int cap = 0;     // candidate buffer entries per token, >= S + 31 (an appended 32-block chunk always fits)
 };
 
 template <typename T>
 constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
 
-// Shared memory: Q tile, K tile, score tile [tpt][kBN], lists [tpt][S] (score, index) + counts, and one merge
-// scratch of S + kBN entries per warp.
+// Shared memory: Q tile, K tiles, score tile [tpt][kBN], candidate buffers [tpt][cap] (score, block), and per
+// token the buffer count and threshold.
 template <typename T>
-int smem_bytes(int k_padded, int tpt, int S, int stages) {
-  constexpr int W = warps_for<T>();
+int smem_bytes(int warps, int k_padded, int tpt, int stages, int cap) {
   const int ks = tile::smem_stride<T>(k_padded);
-  int bytes = (16 * W * ks + stages * kBN * ks) * int(sizeof(T));
-  bytes += tpt * kBN * 4 + tpt * S * 8 + tpt * 4 + W * (S + kBN) * 8;
-  return bytes;
+  return (16 * warps * ks + stages * kBN * ks) * int(sizeof(T)) + tpt * kBN * 4 + tpt * cap * 8 + tpt * 8;
 }
 
-// List entries hold the block index with kForcedBit set for forced blocks.
-constexpr int kForcedBit = 1 << 30;
-__device__ __forceinline__ int block_of(int key) { return key & (kForcedBit - 1); }
-
-// Membership order: higher score, then forced, then the smaller block.
-__device__ __forceinline__ bool beats(float sa, int ka, float sb, int kb) {
-  if (sa != sb) return sa > sb;
-  const bool fa = ka & kForcedBit, fb = kb & kForcedBit;
-  if (fa != fb) return fa;
-  return block_of(ka) < block_of(kb);
+// Keeps the k best of the n entries (bs, bi) -- score descending, then block ascending -- in the first k slots,
+// in no particular order, and returns the k-th best score. Preconditions: 1 <= k < n <= kMaxCap, scores >= 0,
+// blocks distinct; the whole warp calls it.
+__device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
+  __syncwarp();  // the warp's appends are visible
+  uint32_t u[kMaxPerLane];
+  int id[kMaxPerLane];
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const int e = j * 32 + lane;
+    u[j] = e < n ? __float_as_uint(bs[e]) : 0u;
+    id[j] = e < n ? bi[e] : 0;
+  }
+  // v = the largest bit pattern with at least k entries >= v, i.e. the k-th best score (bit 31 is the sign).
+  uint32_t v = 0;
+  for (int bit = 30; bit >= 0; --bit) {
+    const uint32_t t = v | (1u << bit);
+    int c = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxPerLane; ++j) c += (j * 32 + lane < n && u[j] >= t);
+    if (int(__reduce_add_sync(kFull, unsigned(c))) >= k) v = t;
+  }
+  int gt = 0, eq = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const bool valid = j * 32 + lane < n;
+    gt += valid && u[j] > v;
+    eq += valid && u[j] == v;
+  }
+  const int need = k - int(__reduce_add_sync(kFull, unsigned(gt)));
+  const bool all_eq = int(__reduce_add_sync(kFull, unsigned(eq))) == need;
+  bool keep[kMaxPerLane];
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const bool valid = j * 32 + lane < n;
+    keep[j] = valid && (u[j] > v || (u[j] == v && all_eq));
+    if (valid && u[j] == v && !all_eq) {
+      // Exact tie across the cut: the smaller blocks stay.
+      int rank = 0;
+      for (int e = 0; e < n; ++e) rank += __float_as_uint(bs[e]) == v && bi[e] < id[j];
+      keep[j] = rank < need;
+    }
+  }
+  __syncwarp();  // every read done before the slots are rewritten
+  int base = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j) {
+    const unsigned mask = __ballot_sync(kFull, keep[j]);
+    if (keep[j]) {
+      const int pos = base + __popc(mask & ((1u << lane) - 1));
+      bs[pos] = __uint_as_float(u[j]);
+      bi[pos] = id[j];
+    }
+    base += __popc(mask);
+  }
+  __syncwarp();
+  return __uint_as_float(v);
 }
-// Output order: higher score, then the smaller block.
-__device__ __forceinline__ bool precedes(float sa, int ka, float sb, int kb) {
-  return sa > sb || (sa == sb && block_of(ka) < block_of(kb));
+
+// Forced blocks of a token, ascending: seed {cur}; paper {0, cur-1, cur} without repeats.
+__device__ __forceinline__ int forced_count(bool paper, int cur) { return paper ? min(cur + 1, 3) : 1; }
+__device__ __forceinline__ int forced_block(bool paper, int cur, int i) {
+  if (!paper) return cur;
+  return i == 0 ? 0 : cur - (forced_count(paper, cur) - 1 - i);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(warps_for<T>() * 32)
+// Preconditions: K <= k_padded <= 256, S <= kMaxS, cap in [S + 31, kMaxCap], the grid is
+// (geo.tiles_x / geo.head_chunks, num_seqs, H) with geo made for 16 * W rows.
+template <typename T, int W>
+__global__ void __launch_bounds__(W * 32, 2)
     topk_kernel(int32_t* __restrict__ block_indices,  // [B, T, H, S]
                 const T* __restrict__ q,              // [B, T, HQ, K]
                 const T* __restrict__ k_cmp,          // [B, C, H, K]
                 const float* __restrict__ lse_cmp,    // [B, T, HQ]
                 const TopkParams P) {
-  constexpr int W = warps_for<T>(), ROWS = 16 * W;
+  constexpr int ROWS = 16 * W;
   constexpr float kLog2e = 1.4426950408889634f;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
   const int64_t t0 = int64_t(blockIdx.x) * P.geo.tpt;  // one CTA covers every head chunk of its tokens
   if (t0 >= seq.length) return;
   const int h = blockIdx.z, G = P.G, hpt = P.geo.hpt, tpt = P.geo.tpt, BS = L.block_size, S = L.block_count;
+  const int cap = P.cap;
   const int64_t K = L.K, HQ = L.HQ, H = L.H;
   const bool paper = L.paper_policy;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ks = tile::smem_stride<T>(P.k_padded);
-  T* Qs = reinterpret_cast<T*>(smem_raw);                      // [ROWS][ks]
-  T* Ks0 = Qs + ROWS * ks;                                     // [stages][kBN][ks]
+  T* Qs = reinterpret_cast<T*>(smem_raw);                              // [ROWS][ks]
+  T* Ks0 = Qs + ROWS * ks;                                             // [stages][kBN][ks]
   float* score = reinterpret_cast<float*>(Ks0 + P.stages * kBN * ks);  // [tpt][kBN]
-  float* list_score = score + tpt * kBN;                       // [tpt][S]
-  int* list_idx = reinterpret_cast<int*>(list_score + tpt * S);  // [tpt][S]
-  int* list_count = list_idx + tpt * S;                        // [tpt]
-  float* scratch_score = reinterpret_cast<float*>(list_count + tpt);  // [W][S + kBN]
-  int* scratch_idx = reinterpret_cast<int*>(scratch_score + W * (S + kBN));
+  float* buf_score = score + tpt * kBN;                                // [tpt][cap]
+  int* buf_block = reinterpret_cast<int*>(buf_score + tpt * cap);      // [tpt][cap]
+  int* buf_count = buf_block + tpt * cap;                              // [tpt]
+  float* buf_thr = reinterpret_cast<float*>(buf_count + tpt);          // [tpt]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tok_base = seq.batch * L.T + seq.start;
   const int64_t chunk_base = seq.batch * L.C + seq.chunk_start;
   const int64_t last_token = min(t0 + tpt, seq.length) - 1;
-  const int nc_max = int((last_token + 1) / BS), cur_max = int(last_token / BS);
-  for (int i = threadIdx.x; i < tpt; i += blockDim.x) list_count[i] = 0;
+  const int nc_max = int((last_token + 1) / BS), lim_max = paper ? nc_max : int(last_token / BS);
+  for (int i = threadIdx.x; i < tpt; i += blockDim.x) {
+    buf_count[i] = 0;
+    buf_thr[i] = -INFINITY;
+  }
+
+  // Per token: its block, the end of its scored blocks (c < lim) and the ordinary blocks it keeps.
+  struct TokenInfo {
+    int cur, lim, keep;
+  };
+  auto token_info = [&](int64_t t) {
+    TokenInfo ti;
+    ti.cur = int(t / BS);
+    ti.lim = paper ? int((t + 1) / BS) : ti.cur;
+    ti.keep = max(0, S - forced_count(paper, ti.cur));
+    return ti;
+  };
 
   auto row_token = [&](int r) { return t0 + r / hpt; };
   auto load_q = [&](int hc) {
@@ -100,33 +173,35 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
       return q + ((tok_base + row_token(r)) * HQ + h * G + hc * hpt + r % hpt) * K;
     });
   };
-  if (P.geo.head_chunks == 1) load_q(0);  // its copies join the first tile's group
+  if (P.geo.head_chunks == 1 && lim_max > 0) load_q(0);  // its copies join the first tile's group
   auto load_k = [&](int c0, int stage) {
     tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, [&](int r) -> const T* {
       return c0 + r < nc_max ? k_cmp + ((chunk_base + c0 + r) * H + h) * K : nullptr;
     });
     tile::cp_async_commit();
   };
-  load_k(0, 0);
+  if (lim_max > 0) load_k(0, 0);
 
   const int row_a = warp * 16 + lane / 4, row_b = row_a + 8;
-  // With hpt a multiple of 16 all 16 rows of a warp are heads of one token and the warp can add its rows up
-  // before touching shared memory.
-  const bool warp_one_token = hpt % 16 == 0;
+  // When a token's heads all sit in one warp (G divides 16, one head chunk), the warp sums them with shuffles
+  // and stores every score of its tokens: no atomics, no zeroing. Otherwise heads of a token span warps or
+  // chunks, and the rows add into a zeroed tile.
+  const bool direct = P.geo.head_chunks == 1 && 16 % G == 0;
 
-  for (int it = 0, c0 = 0; c0 <= cur_max; ++it, c0 += kBN) {
-    __syncthreads();  // previous tile merged, its K buffer free
+  for (int it = 0, c0 = 0; c0 < lim_max; ++it, c0 += kBN) {
+    __syncthreads();  // previous tile filtered, its K buffer free
     if (P.stages == 1) {
       if (it > 0) load_k(c0, 0);
       tile::cp_async_wait<0>();
-    } else if (c0 + kBN <= cur_max) {
+    } else if (c0 + kBN < lim_max) {
       load_k(c0 + kBN, (it + 1) % 2);
       tile::cp_async_wait<1>();
     } else {
       tile::cp_async_wait<0>();
     }
     const T* Ks = Ks0 + (it % P.stages) * kBN * ks;
-    for (int i = threadIdx.x; i < tpt * kBN; i += blockDim.x) score[i] = 0.f;
+    if (!direct)
+      for (int i = threadIdx.x; i < tpt * kBN; i += blockDim.x) score[i] = 0.f;
 
     for (int hc = 0; hc < P.geo.head_chunks; ++hc) {
       if (P.geo.head_chunks > 1) {
@@ -136,7 +211,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
         tile::cp_async_wait<0>();
       }
       __syncthreads();
-      // Per row: token, candidate limit (blocks c < limit are scored; forced ones are set at the merge) and lse.
+      // Per row: token, candidate limit (blocks c < limit are scored) and lse.
       int lim[2];
       float lse2[2];
       int tl[2];
@@ -153,7 +228,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
         }
       }
       int warp_lim = max(lim[0], lim[1]);
-      for (int off = 16; off > 0; off /= 2) warp_lim = max(warp_lim, __shfl_xor_sync(0xffffffffu, warp_lim, off));
+      for (int off = 16; off > 0; off /= 2) warp_lim = max(warp_lim, __shfl_xor_sync(kFull, warp_lim, off));
       if (c0 >= warp_lim) continue;
 
       float s[kBN / 8][4];
@@ -166,13 +241,33 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
           const int half = e / 2, col = c0 + col0 + j * 8 + (e & 1);
           s[j][e] = col < lim[half] ? exp2f(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
         }
-      if (warp_one_token) {
+      if (direct && G == 16) {
+        // Rows a and b are heads of one token.
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float v = s[j][e] + s[j][e + 2];
-            for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+            for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(kFull, v, off);
+            if (lane < 4) score[tl[0] * kBN + col0 + j * 8 + e] = v;
+          }
+      } else if (direct) {
+        // G in {1, 2, 4, 8}: a token's heads are G consecutive row groups of 4 lanes.
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float v = s[j][e];
+            for (int off = 4; off < 4 * G; off *= 2) v += __shfl_xor_sync(kFull, v, off);
+            if ((lane / 4) % G == 0) score[tl[e / 2] * kBN + col0 + j * 8 + (e & 1)] = v;
+          }
+      } else if (hpt % 16 == 0) {
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float v = s[j][e] + s[j][e + 2];
+            for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(kFull, v, off);
             if (lane < 4 && c0 + col0 + j * 8 + e < lim[0]) atomicAdd(&score[tl[0] * kBN + col0 + j * 8 + e], v);
           }
       } else {
@@ -185,75 +280,99 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
     }
     __syncthreads();
 
-    // Merge: one warp per token.
-    float* sc_s = scratch_score + warp * (S + kBN);
-    int* sc_i = scratch_idx + warp * (S + kBN);
+    // Filter: each token's warp appends the ordinary blocks above its threshold, 32 at a time.
     for (int tl = warp; tl < tpt; tl += W) {
       const int64_t t = t0 + tl;
       if (t >= seq.length) break;
-      const int cur = int(t / BS), nc = int((t + 1) / BS);
-      if (c0 > cur) continue;
-      const int count = list_count[tl];
-      const float thr = count == S ? list_score[tl * S + S - 1] : -INFINITY;
-      const int thr_key = count == S ? list_idx[tl * S + S - 1] : 0;
-      int entered = 0;
-      for (int base = 0; base < kBN; base += 32) {
+      const TokenInfo ti = token_info(t);
+      if (c0 >= ti.lim || ti.keep == 0) continue;
+      float* bs = buf_score + tl * cap;
+      int* bi = buf_block + tl * cap;
+      int n = buf_count[tl];
+      float thr = buf_thr[tl];
+      for (int base = 0; base < kBN && c0 + base < ti.lim; base += 32) {
+        if (n + 32 > cap) {
+          thr = warp_keep_best(bs, bi, n, ti.keep, lane);
+          n = ti.keep;
+        }
         const int i = base + lane, c = c0 + i;
-        bool cand = false, forced = false;
+        const bool ordinary = c < ti.lim && (!paper || (c != 0 && c != ti.cur - 1 && c != ti.cur));
         float value = 0.f;
-        if (paper) {
-          forced = c == 0 || c == cur || (cur >= 1 && c == cur - 1);
-          cand = forced || c < nc;
-          value = forced ? 1.f : score[tl * kBN + i] / float(G);
-        } else {
-          forced = c == cur;
-          cand = c <= cur;
-          value = forced ? float(G) : score[tl * kBN + i];
-        }
-        const int key = c | (forced ? kForcedBit : 0);
-        const bool enters = cand && (count < S || beats(value, key, thr, thr_key));
-        const unsigned mask = __ballot_sync(0xffffffffu, enters);
+        if (ordinary) value = paper ? score[tl * kBN + i] / float(G) : score[tl * kBN + i];
+        const bool enters = ordinary && value > thr;
+        const unsigned mask = __ballot_sync(kFull, enters);
         if (enters) {
-          const int pos = count + entered + __popc(mask & ((1u << lane) - 1));
-          sc_s[pos] = value;
-          sc_i[pos] = key;
+          const int pos = n + __popc(mask & ((1u << lane) - 1));
+          bs[pos] = value;
+          bi[pos] = c;
         }
-        entered += __popc(mask);
-      }
-      if (entered == 0) continue;
-      for (int i = lane; i < count; i += 32) {
-        sc_s[i] = list_score[tl * S + i];
-        sc_i[i] = list_idx[tl * S + i];
+        n += __popc(mask);
       }
       __syncwarp();
-      const int m = count + entered;
-      for (int i = lane; i < m; i += 32) {
-        int rank = 0;
-        for (int j = 0; j < m; ++j) rank += beats(sc_s[j], sc_i[j], sc_s[i], sc_i[i]);
-        if (rank < S) {
-          list_score[tl * S + rank] = sc_s[i];
-          list_idx[tl * S + rank] = sc_i[i];
-        }
+      if (lane == 0) {
+        buf_count[tl] = n;
+        buf_thr[tl] = thr;
       }
-      if (lane == 0) list_count[tl] = min(m, S);
-      __syncwarp();
     }
   }
-  __syncthreads();
+  tile::cp_async_wait<0>();  // Q's copies when no tile ran
+  __syncthreads();           // counts of tokens that no tile reached are initialised
+
+  // The S' best ordinary blocks, the forced blocks, then the slots by score descending, ties to the smaller block.
   for (int tl = warp; tl < tpt; tl += W) {
     const int64_t t = t0 + tl;
     if (t >= seq.length) break;
-    const int count = list_count[tl];
-    int32_t* out = block_indices + ((tok_base + t) * H + h) * S;
-    const float* ls = list_score + tl * S;
-    const int* li = list_idx + tl * S;
-    for (int i = lane; i < count; i += 32) {
-      int slot = 0;
-      for (int j = 0; j < count; ++j) slot += precedes(ls[j], li[j], ls[i], li[i]);
-      out[slot] = block_of(li[i]);
+    const TokenInfo ti = token_info(t);
+    float* bs = buf_score + tl * cap;
+    int* bi = buf_block + tl * cap;
+    const int n = buf_count[tl], k = min(ti.keep, n);
+    if (k > 0 && n > k) warp_keep_best(bs, bi, n, k, lane);
+    const int nf = min(forced_count(paper, ti.cur), S);
+    if (lane < nf) {
+      bs[k + lane] = paper ? 1.f : float(G);
+      bi[k + lane] = forced_block(paper, ti.cur, lane);
     }
-    for (int j = count + lane; j < S; j += 32) out[j] = -1;
+    __syncwarp();
+    const int m = k + nf;
+    int32_t* out = block_indices + ((tok_base + t) * H + h) * S;
+    for (int i = lane; i < m; i += 32) {
+      const float si = bs[i];
+      const int bi_i = bi[i];
+      int slot = 0;
+      for (int j = 0; j < m; ++j) slot += bs[j] > si || (bs[j] == si && bi[j] < bi_i);
+      out[slot] = bi_i;
+    }
+    for (int j = m + lane; j < S; j += 32) out[j] = -1;
+    __syncwarp();
   }
+}
+
+// Launch shape: warps per CTA, K stages, buffer capacity.
+struct TopkConfig {
+  int warps = 0, stages = 0, cap = 0;
+};
+
+// The largest candidate buffer that fits `limit` bytes, trying 2 K stages before 1; none when even S + 31
+// entries do not fit.
+template <typename T>
+TopkConfig fit(int warps, int k_padded, int tpt, int S, int limit) {
+  const int min_cap = int(div_up(S + 31, 32) * 32);
+  for (int stages = 2; stages >= 1; --stages)
+    for (int cap = kMaxCap; cap >= min_cap; cap -= 32)
+      if (smem_bytes<T>(warps, k_padded, tpt, stages, cap) <= limit) return {warps, stages, cap};
+  return {};
+}
+
+template <typename T, int W>
+void launch(TopkParams P, int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp,
+            cudaStream_t s) {
+  const int bytes = smem_bytes<T>(W, P.k_padded, P.geo.tpt, P.stages, P.cap);
+  CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute(topk_kernel)");
+  const dim3 grid(unsigned(P.geo.tiles_x / P.geo.head_chunks), P.L.num_seqs, unsigned(P.L.H));
+  topk_kernel<T, W><<<grid, W * 32, bytes, s>>>(block_indices, static_cast<const T*>(q),
+                                                static_cast<const T*>(k_cmp), lse_cmp, P);
+  check_launch("topk_kernel");
 }
 
 }  // namespace
@@ -261,28 +380,37 @@ __global__ void __launch_bounds__(warps_for<T>() * 32)
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s) {
   if (L.block_count > kMaxS) throw CudaError("topk_forward: block_count > " + std::to_string(kMaxS));
+  if (L.num_seqs == 0 || L.max_len == 0) return;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int W = warps_for<T>();
     TopkParams P;
     P.L = L;
     P.G = int(L.HQ / L.H);
-    P.geo = tile::make_geometry(P.G, 16 * W, L.max_len);
     P.k_padded = int(div_up(L.K, 16) * 16);
     P.scale_log2 = L.scale * 1.4426950408889634f;
-    if (P.geo.tiles_x == 0 || L.num_seqs == 0) return;
-    int device = 0, smem_optin = 0;
+    int device = 0, smem_optin = 0, smem_sm = 0;
     CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice(topk)");
     CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute(topk)");
-    P.stages = smem_bytes<T>(P.k_padded, P.geo.tpt, L.block_count, 2) <= smem_optin ? 2 : 1;
-    const int bytes = smem_bytes<T>(P.k_padded, P.geo.tpt, L.block_count, P.stages);
-    CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute(topk_kernel)");
-    const dim3 grid(unsigned(P.geo.tiles_x / P.geo.head_chunks), L.num_seqs, unsigned(L.H));
-    topk_kernel<T><<<grid, W * 32, bytes, s>>>(block_indices, static_cast<const T*>(q),
-                                               static_cast<const T*>(k_cmp), lse_cmp, P);
-    check_launch("topk_kernel");
+    CUDA_CHECK(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+               "cudaDeviceGetAttribute(topk)");
+    const int S = L.block_count;
+    // Two CTAs per SM where they fit (each also reserves 1 KB), else one with the largest buffer; with few
+    // heads, long keys and many blocks per query, half the warps (half the tokens per CTA).
+    const tile::Geometry geo = tile::make_geometry(P.G, 16 * W, L.max_len);
+    TopkConfig c = fit<T>(W, P.k_padded, geo.tpt, S, smem_sm / 2 - 1024);
+    if (c.warps == 0) c = fit<T>(W, P.k_padded, geo.tpt, S, smem_optin);
+    if (c.warps == 0) {
+      const tile::Geometry half = tile::make_geometry(P.G, 16 * (W / 2), L.max_len);
+      c = fit<T>(W / 2, P.k_padded, half.tpt, S, smem_optin);
+      if (c.warps == 0) throw CudaError("topk_forward: the candidate buffers do not fit in shared memory");
+    }
+    P.geo = tile::make_geometry(P.G, 16 * c.warps, L.max_len);
+    P.stages = c.stages;
+    P.cap = c.cap;
+    if (c.warps == W) launch<T, W>(P, block_indices, q, k_cmp, lse_cmp, s);
+    else launch<T, W / 2>(P, block_indices, q, k_cmp, lse_cmp, s);
   });
 }
 
