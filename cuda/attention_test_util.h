@@ -197,6 +197,53 @@ inline std::vector<int32_t> mixed_block_indices(const Layout& L, std::mt19937_64
   return idx;
 }
 
+// Block selections where every token picks its current block and S-1 distinct earlier blocks (all of them
+// when it has fewer), independently of its neighbours: what a real top-k gives on random inputs.
+inline std::vector<int32_t> independent_block_indices(const Layout& L, std::mt19937_64& rng) {
+  const Dims& d = L.dims;
+  const int64_t S = L.S(), BS = L.BS();
+  std::vector<int32_t> idx(std::size_t(d.B * d.T * d.H * S), -1);
+  for (const Sequence& s : L.sequences)
+    for (int64_t t = 0; t < s.length; ++t)
+      for (int64_t h = 0; h < d.H; ++h) {
+        int32_t* row = &idx[std::size_t((((s.batch * d.T) + s.start + t) * d.H + h) * S)];
+        const int64_t cur = t / BS;
+        std::vector<int32_t> pool{int32_t(cur)};
+        if (cur < S) {
+          for (int64_t c = 0; c < cur; ++c) pool.push_back(int32_t(c));
+        } else {
+          while (int64_t(pool.size()) < S) {
+            const int32_t c = int32_t(rng() % uint64_t(cur));
+            if (std::find(pool.begin(), pool.end(), c) == pool.end()) pool.push_back(c);
+          }
+        }
+        std::shuffle(pool.begin(), pool.end(), rng);
+        std::copy(pool.begin(), pool.end(), row);
+      }
+  return idx;
+}
+
+// Block selections shared by aligned runs of `run` tokens (run divides BS): each token picks its current
+// block and the run's S-1 earlier blocks, so neighbours select alike.
+inline std::vector<int32_t> shared_run_block_indices(const Layout& L, int64_t run, std::mt19937_64& rng) {
+  const Dims& d = L.dims;
+  const int64_t S = L.S(), BS = L.BS();
+  std::vector<int32_t> idx(std::size_t(d.B * d.T * d.H * S), -1);
+  for (const Sequence& s : L.sequences)
+    for (int64_t t0 = 0; t0 < s.length; t0 += run)
+      for (int64_t h = 0; h < d.H; ++h) {
+        const int64_t cur = t0 / BS;
+        std::vector<int32_t> pool{int32_t(cur)};
+        for (int64_t tries = 0; tries < 8 * S && int64_t(pool.size()) < S && cur > 0; ++tries) {
+          const int32_t c = int32_t(rng() % uint64_t(cur));
+          if (std::find(pool.begin(), pool.end(), c) == pool.end()) pool.push_back(c);
+        }
+        for (int64_t t = t0; t < std::min(t0 + run, s.length); ++t)
+          std::copy(pool.begin(), pool.end(), &idx[std::size_t((((s.batch * d.T) + s.start + t) * d.H + h) * S)]);
+      }
+  return idx;
+}
+
 inline std::vector<int32_t> random_block_counts(const Layout& L, std::mt19937_64& rng) {
   std::vector<int32_t> counts(std::size_t(L.dims.B * L.dims.T * L.dims.H));
   for (int32_t& c : counts) c = int32_t(rng() % (L.S() + 1));

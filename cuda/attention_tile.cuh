@@ -206,14 +206,19 @@ struct WarpAttention {
     return sq_warp + (m * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + ks * 16 + (lane / 16) * 8;
   }
 
-  // Call once the Q tile is in shared memory (after a barrier).
-  __device__ __forceinline__ void init(const T* sq_warp) {
+  // Clears O and the softmax state; the Q fragments stay.
+  __device__ __forceinline__ void reset() {
 #pragma unroll
     for (int m = 0; m < kMT; ++m)
 #pragma unroll
       for (int n = 0; n < kOTiles; ++n) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
 #pragma unroll
     for (int ri = 0; ri < kR; ++ri) row_max[ri] = -INFINITY, row_sum[ri] = 0.f;
+  }
+
+  // Call once the Q tile is in shared memory (after a barrier).
+  __device__ __forceinline__ void init(const T* sq_warp) {
+    reset();
     if constexpr (Shape::kQInRegs) {
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) ldmatrix_x4(qf[ks], q_frag_addr(sq_warp, 0, ks));

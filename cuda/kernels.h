@@ -45,6 +45,13 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
+// How the tensor-core kernel walks a tile of tokens: per tile, whichever multiplies fewer keys (Auto), the
+// union of the tile's blocks, or each 16-row group's own blocks. For tests and benchmarks; path_counts
+// (device [2], may be null) gains the number of tiles that took the union / the per-token walk.
+enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2 };
+void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                                cudaStream_t s, SelectedPath path, int32_t* path_counts);
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
                             const DeviceLayout& L, cudaStream_t s);
 // Null gates (or branches) drop their branch. Gates are in L.dtype.

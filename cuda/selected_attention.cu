@@ -44,7 +44,19 @@ struct SelectedParams {
   int HQ, H, G, K, V, S, BS;
   float scale;               // natural
   int heads_per_tile, tokens_per_tile, head_chunks;
+  int path;                  // SelectedPath: 0 decide per CTA, 1 union, 2 per token
+  int32_t* path_counts;      // [2] or null: CTAs that took the union / the per-token path
 };
+
+// The per-token path takes it when its row-keys times this margin are still fewer than the union's: its
+// key tiles are smaller and serve one 16-row tile, not the whole CTA, so a row-key costs it more.
+#ifndef NSA_PER_TOKEN_MARGIN
+#define NSA_PER_TOKEN_MARGIN 2
+#endif
+// Key-tile stages of the per-token path where the warp's Q rows can hold a third (timing knob: 2 or 3).
+#ifndef NSA_PER_TOKEN_STAGES
+#define NSA_PER_TOKEN_STAGES 3
+#endif
 
 // Warps per CTA (16 or 32 query rows each). A compile-time knob for tuning: -DNSA_SELECTED_WARPS=8.
 #ifndef NSA_SELECTED_WARPS
@@ -65,10 +77,12 @@ struct SelectionSmem {
   uint32_t* tok_bits;
   uint32_t* bitmap;
   int* warp_total;
+  int* tile_blocks;  // per warp: blocks its 16-row tiles would walk on the per-token path
   int* blocks;
   static size_t bytes(int tpt, int S, int threads, int warps) {
     const size_t union_cap = std::min<size_t>(size_t(tpt) * S, size_t(threads) * 32);
-    return sizeof(SelectionSmem) + sizeof(int) * (2 * size_t(tpt) * S + 5 * size_t(tpt) + threads + warps + union_cap);
+    return sizeof(SelectionSmem) +
+           sizeof(int) * (2 * size_t(tpt) * S + 5 * size_t(tpt) + threads + 2 * warps + union_cap);
   }
   __device__ void init(unsigned char* base, int tpt, int S, int threads, int warps) {
     raw = reinterpret_cast<int*>(base);
@@ -78,7 +92,8 @@ struct SelectionSmem {
     tok_bits = reinterpret_cast<uint32_t*>(cursor + tpt);
     bitmap = tok_bits + 3 * tpt;
     warp_total = reinterpret_cast<int*>(bitmap + threads);
-    blocks = warp_total + warps;
+    tile_blocks = warp_total + warps;
+    blocks = tile_blocks + warps;
   }
 };
 
@@ -180,6 +195,207 @@ struct SelectedKeys {
   const int* cur_slot = nullptr;
 };
 
+// ---- per-token path ----
+// One warp's 16-row tile walking its own key tiles: the shape WarpAttention sees (kBN keys per tile).
+template <int D, int BN>
+struct WarpTileShape {
+  static constexpr int kD = D;
+  static constexpr int kMT = 1;
+  static constexpr int kBN = BN;
+  static constexpr int kStride = D + 8;  // as the CTA tile's rows, so Q is read in place
+  static constexpr int kChunks = D / 8;
+  static constexpr int kKVElems = BN * kStride;
+  static constexpr bool kQInRegs = D <= 128;
+};
+
+// A key tile of the per-token path: keys [base, base + nkeys) of one block, and which of the 16-row tile's
+// tokens selected that block.
+struct TokenTile {
+  int base, nkeys;
+  uint32_t bits;
+};
+
+// The mask of a 16-row tile's rows for one key tile: the row's token selected the block and the key is not
+// after it. Row ri of the thread is token tok[ri] of the 16-row tile (-1: padding, sees everything).
+struct TokenTileMask {
+  int tok[2], pos[2];  // token within the 16-row tile, its position in the sequence
+  TokenTile tile;
+  __device__ __forceinline__ bool valid(int ri, int col) const {
+    if (tok[ri] < 0) return true;
+    return col < tile.nkeys && tile.base + col <= pos[ri] && ((tile.bits >> tok[ri]) & 1u);
+  }
+};
+
+// The ascending union of the sorted block lists of `nt` (<= 32) consecutive tokens of the CTA: lane l < nt
+// keeps a cursor into token first_tok + l's list; each step takes the smallest head and the lanes holding it.
+struct TokenMerge {
+  const int* list;
+  int n, cursor;
+  __device__ __forceinline__ void init(const SelectionSmem& ss, int S, int first_tok, int nt) {
+    const int lane = threadIdx.x % 32;
+    list = ss.sel + (first_tok + lane) * S;
+    n = lane < nt ? ss.sel_count[first_tok + lane] : 0;
+    cursor = 0;
+  }
+  // The next block (warp-uniform) and the bits of the tokens that selected it; false at the end.
+  __device__ __forceinline__ bool next(int& block, uint32_t& bits) {
+    const int head = cursor < n ? list[cursor] : INT_MAX;
+    block = __reduce_min_sync(0xffffffffu, head);
+    if (block == INT_MAX) return false;
+    bits = __ballot_sync(0xffffffffu, head == block);
+    // A repeated entry (invalid input) is taken once, as the union path does.
+    while (cursor < n && list[cursor] == block) ++cursor;
+    return true;
+  }
+};
+
+// Rows [r0, r0 + 16) of the CTA tile: the first and last token they hold (last < first: none).
+__device__ __forceinline__ void tile_tokens(const RowMap& rows, int r0, int& first, int& last) {
+  first = r0 / rows.heads_per_tile;
+  last = min((r0 + 15) / rows.heads_per_tile, rows.ntok - 1);
+}
+
+// Blocks the per-token path would walk for this warp's 16-row tiles (lane 0's count is exact; all lanes
+// return it).
+template <int kWarpRows>
+__device__ __forceinline__ int per_token_blocks(const SelectionSmem& ss, const RowMap& rows, int S, int warp) {
+  int total = 0;
+  for (int m = 0; m < kWarpRows / 16; ++m) {
+    int first, last;
+    tile_tokens(rows, warp * kWarpRows + m * 16, first, last);
+    if (last < first) continue;
+    TokenMerge merge;
+    merge.init(ss, S, first, last - first + 1);
+    int c;
+    uint32_t bits;
+    while (merge.next(c, bits)) ++total;
+  }
+  return total;
+}
+
+// The per-token path for one warp: each of its 16-row tiles (rows r0..r0+15 of the CTA tile) walks the
+// merged blocks of its tokens in key tiles of BN keys, and writes its rows. No barrier with other warps.
+// Stages: the warp's slice of the CTA's K/V stages holds two (K and V of BN keys each); with two 16-row
+// tiles of BN = 16 the second tile's Q fragments are kept in registers and the warp's Q rows hold a third,
+// so two key tiles are in flight while one is multiplied.
+template <typename T, typename Shape, int BN>
+__device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const SelectionSmem& ss, const RowMap& rows,
+                                            T* sq, T* skv, int warp, int t0, int64_t key_base, int kv_head) {
+  using WS = WarpTileShape<Shape::kD, BN>;
+  using WA = WarpAttention<T, WS>;
+  static_assert(WS::kQInRegs, "the per-token path keeps Q in registers");
+  constexpr int kTiles = Shape::kWarpRows / 16;
+  constexpr int kStages = NSA_PER_TOKEN_STAGES >= 3 && kTiles == 2 && Shape::kWarpRows == 2 * BN ? 3 : 2;
+  const int lane = threadIdx.x % 32;
+  const float scale_log2 = p.scale * attn::kLog2e;
+  const int BS = p.BS;
+  T* const sq_warp = sq + warp * Shape::kWarpRows * Shape::kStride;
+  // Slot i holds BN key rows: four in the K/V slice, then (three stages) two in the warp's Q rows.
+  auto slot = [&](int i) -> T* { return i < 4 ? skv + i * WS::kKVElems : sq_warp + (i - 4) * WS::kKVElems; };
+
+  WA wa;
+  uint32_t q_next[WA::kKSteps][4];  // the second 16-row tile's Q fragments (three stages)
+  wa.init(sq_warp);
+  if constexpr (kStages == 3) {
+#pragma unroll
+    for (int ks = 0; ks < WA::kKSteps; ++ks)
+      attn::ldmatrix_x4(q_next[ks], WA::q_frag_addr(sq_warp + 16 * Shape::kStride, 0, ks));
+    __syncwarp();  // every lane's Q reads are done before key rows land there
+  }
+  for (int m = 0; m < kTiles; ++m) {
+    const int r0 = warp * Shape::kWarpRows + m * 16;
+    int first, last;
+    tile_tokens(rows, r0, first, last);
+    if (last < first) continue;
+    if (m > 0) {
+      if constexpr (kStages == 3) {
+        wa.reset();
+#pragma unroll
+        for (int ks = 0; ks < WA::kKSteps; ++ks)
+#pragma unroll
+          for (int x = 0; x < 4; ++x) wa.qf[ks][x] = q_next[ks][x];
+      } else {
+        wa.init(sq_warp + m * 16 * Shape::kStride);
+      }
+    }
+    const int nt = last - first + 1;
+    const int last_pos = t0 + last;  // no key after the tile's last token is seen
+    TokenTileMask mask;
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = r0 + WA::warp_row(ri);
+      mask.tok[ri] = rows.valid(r) ? rows.token(r) - first : -1;
+      mask.pos[ri] = t0 + rows.token(r);
+    }
+    const uint32_t all_bits = nt == 32 ? 0xffffffffu : (1u << nt) - 1;
+
+    TokenMerge merge;
+    merge.init(ss, p.S, first, nt);
+    int block = 0, sub = 0, nsub = 0;
+    uint32_t bits = 0;
+    // The next key tile: the rest of the current block (up to the tile's last token), then the next block.
+    auto next_tile = [&](TokenTile& d) -> bool {
+      if (sub == nsub) {
+        if (!merge.next(block, bits)) return false;
+        sub = 0;
+        nsub = (min(BS, last_pos - block * BS + 1) + BN - 1) / BN;
+      }
+      d.base = block * BS + sub * BN;
+      d.nkeys = min(BN, min(BS - sub * BN, last_pos - d.base + 1));
+      d.bits = bits;
+      ++sub;
+      return true;
+    };
+    auto load = [&](const TokenTile& d, int stage) {
+      T* sk = slot(2 * stage);
+      T* sv = slot(2 * stage + 1);
+#pragma unroll
+      for (int x = 0; x < BN * WS::kChunks / 32; ++x) {
+        const int i = x * 32 + lane, j = i / WS::kChunks, ch = i % WS::kChunks;
+        const int64_t row = (key_base + d.base + j) * p.H + kv_head;
+        const bool k_ok = j < d.nkeys && ch * 8 < p.K, v_ok = j < d.nkeys && ch * 8 < p.V;
+        attn::cp_async_16(sk + j * WS::kStride + ch * 8, k_ok ? p.k + row * p.K + ch * 8 : p.k, k_ok);
+        attn::cp_async_16(sv + j * WS::kStride + ch * 8, v_ok ? p.v + row * p.V + ch * 8 : p.v, v_ok);
+      }
+    };
+    // d[0] is multiplied while d[1..] load; every stage gets a commit group, possibly empty.
+    TokenTile d[kStages];
+    bool have[kStages];
+#pragma unroll
+    for (int s = 0; s + 1 < kStages; ++s) {
+      have[s] = next_tile(d[s]);
+      if (have[s]) load(d[s], s);
+      attn::cp_async_commit();
+    }
+    int stage = 0;
+    while (have[0]) {
+      have[kStages - 1] = next_tile(d[kStages - 1]);
+      // That stage was last read before the __syncwarp closing the previous iteration.
+      if (have[kStages - 1]) load(d[kStages - 1], (stage + kStages - 1) % kStages);
+      attn::cp_async_commit();
+      attn::cp_async_wait<kStages - 1>();
+      __syncwarp();
+      mask.tile = d[0];
+      // Warp-uniform: a partial tile, keys after the first token, or a block some token did not select.
+      const bool need = d[0].nkeys < BN || d[0].base + BN - 1 > t0 + first || d[0].bits != all_bits;
+      wa.step(sq_warp, slot(2 * stage), slot(2 * stage + 1), scale_log2, need, mask);
+      __syncwarp();
+#pragma unroll
+      for (int s = 0; s + 1 < kStages; ++s) d[s] = d[s + 1], have[s] = have[s + 1];
+      stage = stage + 1 == kStages ? 0 : stage + 1;
+    }
+    attn::cp_async_wait<0>();
+    __syncwarp();
+    int64_t out_row[2];
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int r = r0 + WA::warp_row(ri);
+      out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
+    }
+    wa.store(p.o, p.lse, p.V, out_row);
+  }
+}
+
 template <typename T, int D, int kMT>
 __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(const SelectedParams<T> p) {
   using Shape = TileShape<T, D, kWarps, kMT>;
@@ -232,30 +448,13 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* sq_warp = sm.q + warp * Shape::kWarpRows * Shape::kStride;
-  WA wa;
-  wa.init(sq_warp);
+  const int last_token = t0 + ntok - 1;
 
-  SelectedKeys<Shape> keys;
-  keys.BS = p.BS;
-  keys.last_token = t0 + ntok - 1;
-  keys.blocks = ss.blocks;
-  keys.ss = ss_shared;
-  keys.S = S;
-  keys.tpt = p.tokens_per_tile;
-  keys.t0 = t0;
-#pragma unroll
-  for (int ri = 0; ri < WA::kR; ++ri) {
-    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
-    keys.tok[ri] = rows.valid(r) ? rows.token(r) : -1;
-    keys.bits[ri] = 0;
-  }
-
-  // The union of the tile's blocks, one window of 32 * kThreads block numbers at a time, ascending.
+  // The union of the tile's blocks, one window of 32 * kThreads block numbers at a time, ascending: writes
+  // the window's blocks to ss.blocks and returns their count (all threads).
   constexpr int kWindow = 32 * Shape::kThreads;
-  const int last_block = keys.last_token / p.BS;
-  const float scale_log2 = p.scale * attn::kLog2e;
-  for (int win = 0; win <= last_block; win += kWindow) {
+  const int last_block = last_token / p.BS;
+  auto build_window = [&](int win) -> int {
     ss.bitmap[threadIdx.x] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < nsel; i += Shape::kThreads) {
@@ -281,8 +480,62 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
       total += ss.warp_total[w];
     }
     for (uint32_t rest = word; rest; rest &= rest - 1) ss.blocks[before++] = win + threadIdx.x * 32 + __ffs(rest) - 1;
-    keys.num_blocks = total;
     __syncthreads();
+    return total;
+  };
+
+  // Union or per-token path, the same for the whole CTA. A warp's slice of the two K/V stages holds two
+  // stages of K and V of kTokenBN keys each.
+  constexpr int kTokenBN = Shape::kBN / kWarps;
+  constexpr bool kPerTokenPath = kTokenBN >= 16 && kTokenBN % 16 == 0 && Shape::kD <= 128;
+  bool per_token = false;
+  int built_total = -1;  // the union's size when its only window is already in ss.blocks
+  if constexpr (kPerTokenPath) {
+    if (p.path == 2) {
+      per_token = true;
+    } else if (p.path == 0) {
+      const int mine = per_token_blocks<Shape::kWarpRows>(ss, rows, S, warp);
+      if (lane == 0) ss.tile_blocks[warp] = mine;
+      int union_blocks = 0;
+      for (int win = 0; win <= last_block; win += kWindow) union_blocks += build_window(win);  // barriers publish tile_blocks
+      if (last_block < kWindow) built_total = union_blocks;
+      int tile_sum = 0;
+      for (int w = 0; w < kWarps; ++w) tile_sum += ss.tile_blocks[w];
+      per_token = int64_t(tile_sum) * 16 * NSA_PER_TOKEN_MARGIN < int64_t(union_blocks) * Shape::kRows;
+    }
+  }
+  if (p.path_counts && threadIdx.x == 0) atomicAdd(&p.path_counts[per_token ? 1 : 0], 1);
+  if constexpr (kPerTokenPath) {
+    if (per_token) {
+      using WS = WarpTileShape<Shape::kD, kTokenBN>;
+      per_token_walk<T, Shape, kTokenBN>(p, ss, rows, sm.q, sm.kv + warp * 4 * WS::kKVElems, warp, t0, key_base,
+                                         kv_head);
+      return;
+    }
+  }
+
+  const T* sq_warp = sm.q + warp * Shape::kWarpRows * Shape::kStride;
+  WA wa;
+  wa.init(sq_warp);
+
+  SelectedKeys<Shape> keys;
+  keys.BS = p.BS;
+  keys.last_token = last_token;
+  keys.blocks = ss.blocks;
+  keys.ss = ss_shared;
+  keys.S = S;
+  keys.tpt = p.tokens_per_tile;
+  keys.t0 = t0;
+#pragma unroll
+  for (int ri = 0; ri < WA::kR; ++ri) {
+    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
+    keys.tok[ri] = rows.valid(r) ? rows.token(r) : -1;
+    keys.bits[ri] = 0;
+  }
+
+  const float scale_log2 = p.scale * attn::kLog2e;
+  for (int win = 0; win <= last_block; win += kWindow) {
+    keys.num_blocks = built_total >= 0 ? built_total : build_window(win);
     attn::attend_key_tiles<T, Shape>(wa, sm, sq_warp, keys, p.k, p.v, key_base, kv_head, p.H, p.K, p.V, scale_log2);
   }
   int64_t out_row[WA::kR];
@@ -327,6 +580,12 @@ __global__ void __launch_bounds__(128) selected_attention_rows_kernel(const Sele
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s) {
+  selected_attention_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, SelectedPath::Auto, nullptr);
+}
+
+void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                                cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -344,6 +603,8 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
     p.HQ = int(L.HQ), p.H = int(L.H), p.G = int(L.G()), p.K = int(L.K), p.V = int(L.V);
     p.S = L.block_count, p.BS = L.block_size;
     p.scale = L.scale;
+    p.path = int(path);
+    p.path_counts = path_counts;
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
         bool launched = false;

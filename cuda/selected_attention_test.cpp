@@ -27,7 +27,11 @@ struct SelectedRun {
   std::vector<double> o, lse, ref_o, ref_lse;
 };
 
-SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMask& rows = {}) {
+enum class Pattern { Mixed, Independent, SharedRuns };
+
+SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMask& rows = {},
+                         cuda::SelectedPath path = cuda::SelectedPath::Auto, Pattern pattern = Pattern::Mixed,
+                         std::vector<int32_t>* path_counts = nullptr) {
   ProblemSpec spec;
   spec.B = c.B, spec.T = c.T, spec.HQ = c.HQ, spec.H = c.H, spec.K = c.K, spec.V = c.V;
   spec.lengths = c.lengths;
@@ -38,18 +42,27 @@ SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMas
   DeviceInputs in(p, c.dtype);  // rounds p.q/k/v to the kernel's dtype
   const Layout& L = p.layout;
   std::mt19937_64 rng(seed * 7919 + 1);
-  const std::vector<int32_t> idx = mixed_block_indices(L, rng);
+  const std::vector<int32_t> idx = pattern == Pattern::Independent ? independent_block_indices(L, rng)
+                                  : pattern == Pattern::SharedRuns  ? shared_run_block_indices(L, 64, rng)
+                                                                    : mixed_block_indices(L, rng);
   const std::vector<int32_t> counts = c.with_counts ? random_block_counts(L, rng) : std::vector<int32_t>{};
   DeviceBytes d_idx(idx.size() * 4), d_counts(std::max<std::size_t>(counts.size(), 1) * 4);
   d_idx.upload(idx.data());
   if (c.with_counts) d_counts.upload(counts.data());
 
   DeviceAttentionOutputs out(L, c.dtype);
+  DeviceBytes d_paths(2 * 4);
+  const std::vector<int32_t> zeros(2, 0);
+  d_paths.upload(zeros.data());
   cuda::selected_attention_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
                                    static_cast<const int32_t*>(d_idx.get()),
                                    c.with_counts ? static_cast<const int32_t*>(d_counts.get()) : nullptr, in.layout(),
-                                   nullptr);
+                                   nullptr, path, static_cast<int32_t*>(d_paths.get()));
   cuda_ok(cudaDeviceSynchronize(), "selected_attention_forward");
+  if (path_counts) {
+    path_counts->assign(2, 0);
+    d_paths.download(path_counts->data());
+  }
 
   SelectedRun r;
   r.o = out.o_host();
@@ -131,6 +144,62 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"f32_varlen_G3_K256_BS32_S1", f32, 1, 0, 3, 1, 256, 256, 32, 1, {90, 0, 20}, false},
         SelectedCase{"f32_G1_K16_BS16", f32, 2, 120, 2, 2, 16, 16, 16, 16, {}, true}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
+
+// Both ways of walking a tile's blocks, forced and chosen per tile, on selections that differ from token to
+// token (current block, earlier and later blocks, -1 entries, block_counts) and on independent ones.
+class SelectedAttentionCudaPaths : public ::testing::TestWithParam<SelectedCase> {
+ protected:
+  void SetUp() override {
+    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  }
+};
+
+TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
+  const SelectedCase& c = GetParam();
+  for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken, cuda::SelectedPath::Auto})
+    for (Pattern pattern : {Pattern::Mixed, Pattern::Independent}) {
+      SCOPED_TRACE("path " + std::to_string(int(path)) + ", pattern " + std::to_string(int(pattern)));
+      expect_close(run_selected(c, 4, {}, path, pattern), c.dtype);
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SelectedAttentionCudaPaths,
+    ::testing::Values(
+        // name, dtype, B, T, HQ, H, K, V, BS, S, varlen lengths, block_counts
+        SelectedCase{"bf16_G16_K128_BS64_S16", bf16, 1, 1100, 16, 1, 128, 128, 64, 16, {}, false},
+        SelectedCase{"bf16_G16_K128_V64_BS32_S8_counts", bf16, 2, 333, 32, 2, 128, 64, 32, 8, {}, true},
+        SelectedCase{"bf16_G4_K128_BS64_S16", bf16, 1, 900, 8, 2, 128, 128, 64, 16, {}, false},
+        SelectedCase{"bf16_G3_K64_V32_BS16_S16_counts", bf16, 2, 250, 6, 2, 64, 32, 16, 16, {}, true},
+        SelectedCase{"bf16_G1_K64_BS16_S8", bf16, 1, 300, 3, 3, 64, 64, 16, 8, {}, false},
+        SelectedCase{"bf16_G1_K128_V64_BS128_S4_counts", bf16, 1, 700, 2, 2, 128, 64, 128, 4, {}, true},
+        SelectedCase{"bf16_G24_K64_BS48_S6", bf16, 1, 260, 24, 1, 64, 64, 48, 6, {}, false},
+        SelectedCase{"f16_varlen_G16_K64_V128_BS32", f16, 1, 0, 16, 1, 64, 128, 32, 16, {130, 0, 77, 301}, true},
+        SelectedCase{"bf16_varlen_G1_BS16", bf16, 1, 0, 1, 1, 32, 32, 16, 16, {0, 40, 7, 181}, true},
+        SelectedCase{"bf16_varlen_G3_K128_BS64", bf16, 1, 0, 3, 1, 128, 128, 64, 8, {100, 0, 20, 513}, false}),
+    [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
+
+// Per tile, Auto keeps the union when neighbouring tokens select alike and walks each token's own blocks
+// when they do not.
+TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  for (int64_t G : {16, 4, 1}) {
+    SCOPED_TRACE("G " + std::to_string(G));
+    const SelectedCase c{"decision", DType::BF16, 1, 8192, G, 1, 128, 128, 64, 16, {}, false};
+    ref::RowMask rows(c.T, 0);
+    for (int64_t t = 0; t < c.T; t += 97) rows[t] = 1;
+    std::vector<int32_t> shared, independent;
+    expect_close(run_selected(c, 6, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &shared), c.dtype);
+    expect_close(run_selected(c, 6, rows, cuda::SelectedPath::Auto, Pattern::Independent, &independent), c.dtype);
+    EXPECT_GT(shared[0], 0);
+    EXPECT_EQ(shared[1], 0) << "runs of 64 tokens share their blocks: every tile should walk the union";
+    // At G = 16 a tile's 8 tokens choose S of few blocks early on, which overlap; past ~40 blocks they hardly
+    // do. Smaller groups put more tokens in a tile, whose union covers most of an 8k history anyway.
+    if (G == 16)
+      EXPECT_GT(independent[1], 2 * independent[0]) << "union tiles " << independent[0] << ", per-token tiles "
+                                                    << independent[1];
+  }
+}
 
 // At BS = 16 a tile's union of 70000-token selections spans more than one 4096-block bitmap window.
 TEST(SelectedAttentionCudaLong, UnionSpanningSeveralBitmapWindows) {

@@ -1,14 +1,19 @@
 // Timing harness for the selected-attention and sliding-window forward kernels at production shapes
-// (not a test). Inputs are random bf16; block_indices mimic a real top-k: for each token the current block,
-// block 0 and 14 other earlier blocks, the same for every token of an aligned run of 64 tokens (neighbouring
-// tokens select alike). Prints median ms and TFLOP/s per shape, after checking a sample of rows against a
-// float64 host computation.
+// (not a test). Inputs are random bf16. block_indices come in two patterns:
+//   shared: for each token the current block, block 0 and 14 other earlier blocks, the same for every token
+//           of an aligned run of 64 tokens (neighbouring tokens select alike: the union path's best case);
+//   random: for each token the current block and S-1 distinct random earlier blocks, drawn independently
+//           per token (what the real top-k gives on random inputs: neighbours share little beyond the
+//           current block).
+// Prints median ms and TFLOP/s per shape and pattern, and how many tiles took the union / per-token path,
+// after checking a sample of rows against a float64 host computation.
 //
 // FLOPs (as the published NSA figures count them): selected 2 * T * HQ * S * BS * (K + V);
 // sliding window 2 * sum_t min(t + 1, W) * HQ * (K + V).
 //
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. cuda/tools/attention_bench.cu
 //        cuda/selected_attention.cu cuda/sliding_window.cu -o attention_bench
+// Add -DNSA_BENCH_OLD_LAUNCHER to time a selected_attention.cu that predates SelectedPath (no path figures).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -50,7 +55,7 @@ struct Shape {
   int S, BS, W;  // W > 0: time the sliding window instead
 };
 
-std::vector<int32_t> realistic_indices(const Shape& s) {
+std::vector<int32_t> shared_run_indices(const Shape& s) {
   std::vector<int32_t> idx(size_t(s.T * s.H * s.S), -1);
   std::vector<int32_t> others;
   for (int64_t t = 0; t < s.T; ++t)
@@ -68,13 +73,35 @@ std::vector<int32_t> realistic_indices(const Shape& s) {
   return idx;
 }
 
+std::vector<int32_t> random_indices(const Shape& s) {
+  std::vector<int32_t> idx(size_t(s.T * s.H * s.S), -1);
+  std::mt19937_64 rng(12345);
+  std::vector<int32_t> chosen;
+  for (int64_t t = 0; t < s.T; ++t)
+    for (int64_t h = 0; h < s.H; ++h) {
+      const int32_t cur = int32_t(t / s.BS);
+      chosen.assign(1, cur);
+      if (cur < s.S) {  // every earlier block
+        for (int32_t c = 0; c < cur; ++c) chosen.push_back(c);
+      } else {
+        while (int(chosen.size()) < s.S) {
+          const int32_t c = int32_t(rng() % uint64_t(cur));
+          if (std::find(chosen.begin(), chosen.end(), c) == chosen.end()) chosen.push_back(c);
+        }
+      }
+      std::shuffle(chosen.begin(), chosen.end(), rng);
+      std::copy(chosen.begin(), chosen.end(), &idx[size_t((t * s.H + h) * s.S)]);
+    }
+  return idx;
+}
+
 float bf(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-void run(const Shape& s) {
+void run(const Shape& s, bool random_pattern) {
   const int64_t nq = s.T * s.HQ * s.K, nk = s.T * s.H * s.K, nv = s.T * s.H * s.V, no = s.T * s.HQ * s.V;
   __nv_bfloat16 *q, *k, *v, *o;
   float* lse;
-  int32_t *idx_d, *token_seq;
+  int32_t *idx_d, *token_seq, *counts_d;
   nsa::cuda::DeviceSequence* seqs;
   ok(cudaMalloc(&q, nq * 2), "malloc q");
   ok(cudaMalloc(&k, nk * 2), "malloc k");
@@ -83,11 +110,12 @@ void run(const Shape& s) {
   ok(cudaMalloc(&lse, s.T * s.HQ * 4), "malloc lse");
   ok(cudaMalloc(&idx_d, s.T * s.H * s.S * 4), "malloc idx");
   ok(cudaMalloc(&token_seq, s.T * 4), "malloc token_seq");
+  ok(cudaMalloc(&counts_d, 2 * 4), "malloc path counts");
   ok(cudaMalloc(&seqs, sizeof(nsa::cuda::DeviceSequence)), "malloc seqs");
   fill_random<<<1024, 256>>>(q, nq, 1);
   fill_random<<<1024, 256>>>(k, nk, 2);
   fill_random<<<1024, 256>>>(v, nv, 3);
-  const std::vector<int32_t> idx = realistic_indices(s);
+  const std::vector<int32_t> idx = random_pattern ? random_indices(s) : shared_run_indices(s);
   ok(cudaMemcpy(idx_d, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice), "idx");
   ok(cudaMemset(token_seq, 0, s.T * 4), "token_seq");
   const nsa::cuda::DeviceSequence seq{0, 0, s.T, 0};
@@ -100,14 +128,22 @@ void run(const Shape& s) {
   L.scale = 1.0f / std::sqrt(float(s.K));
   L.num_seqs = 1, L.max_len = s.T, L.seqs = seqs, L.token_seq = token_seq;
 
-  auto launch = [&] {
+  auto launch = [&](bool count_paths = false) {
     if (s.W > 0)
       nsa::cuda::sliding_window_forward(o, lse, q, k, v, L, nullptr);
     else
-      nsa::cuda::selected_attention_forward(o, lse, q, k, v, idx_d, nullptr, L, nullptr);
+#ifdef NSA_BENCH_OLD_LAUNCHER
+      (void)count_paths, nsa::cuda::selected_attention_forward(o, lse, q, k, v, idx_d, nullptr, L, nullptr);
+#else
+      nsa::cuda::selected_attention_forward(o, lse, q, k, v, idx_d, nullptr, L, nullptr, nsa::cuda::SelectedPath::Auto,
+                                            count_paths ? counts_d : nullptr);
+#endif
   };
-  launch();
+  ok(cudaMemset(counts_d, 0, 2 * 4), "clear path counts");
+  launch(true);
   ok(cudaDeviceSynchronize(), "first run");
+  int32_t paths[2];
+  ok(cudaMemcpy(paths, counts_d, 2 * 4, cudaMemcpyDeviceToHost), "path counts");
 
   // Check 64 random rows in float64 on the host.
   std::vector<__nv_bfloat16> hq(nq), hk(nk), hv(nv), ho(no);
@@ -175,13 +211,14 @@ void run(const Shape& s) {
     flops = 2.0 * s.T * s.HQ * s.S * s.BS * (s.K + s.V);
   }
   const double med = ms[ms.size() / 2];
-  std::printf("%-9s T=%6lld HQ=%3lld H=%2lld G=%2lld K=%3lld V=%3lld S=%2d BS=%3d W=%4d | %8.3f ms (min %8.3f) %7.1f TFLOP/s | "
-              "sample rel-L2 %.2e, max |lse err| %.1e\n",
-              s.W > 0 ? "window" : "selected", (long long)s.T, (long long)s.HQ, (long long)s.H,
+  std::printf("%-9s %-6s T=%6lld HQ=%3lld H=%2lld G=%2lld K=%3lld V=%3lld S=%2d BS=%3d W=%4d | %8.3f ms (min %8.3f) %7.1f "
+              "TFLOP/s | tiles union/per-token %d/%d | sample rel-L2 %.2e, max |lse err| %.1e\n",
+              s.W > 0 ? "window" : "selected", s.W > 0 ? "-" : random_pattern ? "random" : "shared", (long long)s.T, (long long)s.HQ, (long long)s.H,
               (long long)(s.HQ / s.H), (long long)s.K, (long long)s.V, s.S, s.BS, s.W, med, ms[0], flops / med * 1e-9,
-              std::sqrt(err2 / ref2), lse_err);
+              paths[0], paths[1], std::sqrt(err2 / ref2), lse_err);
   std::fflush(stdout);
   cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(o), cudaFree(lse), cudaFree(idx_d), cudaFree(token_seq), cudaFree(seqs);
+  cudaFree(counts_d);
   cudaEventDestroy(a), cudaEventDestroy(b);
 }
 
@@ -195,8 +232,12 @@ int main() {
       {8192, 64, 4, 128, 128, 16, 64, 0},   {32768, 64, 4, 128, 128, 16, 64, 0},
       {65536, 64, 4, 128, 128, 16, 64, 0},  {32768, 16, 4, 128, 128, 16, 64, 0},  // G = 4
       {32768, 16, 16, 128, 128, 16, 64, 0},                                       // G = 1
+      {32768, 16, 1, 128, 128, 16, 64, 0},                                        // G = 16, HQ = 16
       {32768, 64, 4, 128, 128, 16, 64, 512},                                      // sliding window
   };
-  for (const Shape& s : shapes) run(s);
+  for (const Shape& s : shapes) {
+    run(s, false);
+    if (s.W == 0) run(s, true);
+  }
   return 0;
 }
