@@ -48,14 +48,16 @@ struct SelectedParams {
   int32_t* path_counts;      // [2] or null: CTAs that took the union / the per-token path
 };
 
-// The per-token path takes it when its row-keys times this margin are still fewer than the union's: its
-// key tiles are smaller and serve one 16-row tile, not the whole CTA, so a row-key costs it more.
+// The per-token path takes a CTA when its row-keys times this margin are fewer than the union's (ties go to
+// the union, whose key tiles serve the whole CTA). A timing knob: on an H200 (T = 32k, independent
+// selections) G = 1 took 30.8 ms with 1 and 35.6 ms with 2; G = 4 and 16 moved by under 1.5%.
 #ifndef NSA_PER_TOKEN_MARGIN
-#define NSA_PER_TOKEN_MARGIN 2
+#define NSA_PER_TOKEN_MARGIN 1
 #endif
-// Key-tile stages of the per-token path where the warp's Q rows can hold a third (timing knob: 2 or 3).
+// Key-tile stages of the per-token path. 3 (where a warp has two 16-row tiles: the second tile's Q in
+// registers, a third stage in the warp's Q rows) measured 20% slower than 2 on an H200, so it is off.
 #ifndef NSA_PER_TOKEN_STAGES
-#define NSA_PER_TOKEN_STAGES 3
+#define NSA_PER_TOKEN_STAGES 2
 #endif
 
 // Warps per CTA (16 or 32 query rows each). A compile-time knob for tuning: -DNSA_SELECTED_WARPS=8.
@@ -275,9 +277,9 @@ __device__ __forceinline__ int per_token_blocks(const SelectionSmem& ss, const R
 
 // The per-token path for one warp: each of its 16-row tiles (rows r0..r0+15 of the CTA tile) walks the
 // merged blocks of its tokens in key tiles of BN keys, and writes its rows. No barrier with other warps.
-// Stages: the warp's slice of the CTA's K/V stages holds two (K and V of BN keys each); with two 16-row
-// tiles of BN = 16 the second tile's Q fragments are kept in registers and the warp's Q rows hold a third,
-// so two key tiles are in flight while one is multiplied.
+// Stages: the warp's slice of the CTA's K/V stages holds two (K and V of BN keys each); with
+// NSA_PER_TOKEN_STAGES=3 and two 16-row tiles of BN = 16, the second tile's Q fragments are kept in registers
+// and the warp's Q rows hold a third.
 template <typename T, typename Shape, int BN>
 __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const SelectionSmem& ss, const RowMap& rows,
                                             T* sq, T* skv, int warp, int t0, int64_t key_base, int kv_head) {
