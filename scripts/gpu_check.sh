@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The CUDA backend's acceptance run, on a machine with an NVIDIA GPU and a CUDA build in ${BUILD_DIR:-build}:
+#   1. the GPU unit tests (every kernel against the float64 reference);
+#   2. `verify --backend cuda` over the committed golden suite;
+#   3. a T=65536 bf16 case verified on sampled rows (nsa-spec §5.4);
+#   4. compute-sanitizer memcheck on varlen cases (when compute-sanitizer is on PATH);
+#   5. `bench --backend cuda` at the reference shapes (nsa-spec §7).
+# Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build="${BUILD_DIR:-build}"
+out="${OUT_DIR:-gpu-check}"
+bin="$build/nsa-verify"
+mkdir -p "$out"
+status=0
+step() {  # step NAME COMMAND...: runs a step, logs it, remembers a failure
+  local name="$1"; shift
+  echo "== $name: $*"
+  if "$@" >"$out/$name.log" 2>&1; then echo "   ok"; else echo "   FAILED (exit $?), see $out/$name.log"; status=1; fi
+  tail -n 4 "$out/$name.log" | sed 's/^/   | /'
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+step cuda_tests "$build/cuda_tests" --gtest_brief=1
+step golden_suite "$bin" verify --backend cuda --json "$out/golden.json" --junit "$out/golden.xml"
+long="$out/long64k.safetensors"
+step long_gen "$bin" gen --seqlen 65536 --heads-q 16 --heads-kv 1 --dim-k 128 --dim-v 128 --block-size 64 \
+  --block-count 16 --window 512 --dtype bf16 --seed 64 -o "$long"
+step long_sampled bash -c "time '$bin' verify --backend cuda --sample-rows 1024 --seed 1 --json '$out/long64k.json' '$long'"
+rm -f "$long"
+if command -v compute-sanitizer >/dev/null; then
+  for c in varlen_empty_short block_counts_varlen varlen_g16_paper; do
+    step "memcheck_$c" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" run --backend cuda \
+      -i "fixtures/golden/$c.safetensors" -o "$out/memcheck_$c.safetensors"
+    rm -f "$out/memcheck_$c.safetensors"
+  done
+else
+  echo "== memcheck: compute-sanitizer not on PATH, not run"
+fi
+shape="--heads-kv 4 --dim-k 128 --dim-v 128 --block-size 64 --block-count 16 --dtype bf16 --warmup 2 --iters 10"
+for T in 8192 32768 65536; do
+  step "bench_T$T" "$bin" bench --backend cuda --seqlen $T --heads-q 64 $shape --json "$out/bench_T$T.json"
+done
+for H in 16 4 1; do  # G = 1, 4, 16 at HQ = 16
+  step "bench_G$((16 / H))" "$bin" bench --backend cuda --seqlen 32768 --heads-q 16 ${shape/--heads-kv 4/--heads-kv $H} \
+    --json "$out/bench_G$((16 / H)).json"
+done
+exit $status
