@@ -26,8 +26,10 @@ Layout Layout::make(const Dims& dims, Config config, const std::vector<int64_t>&
   constexpr int64_t kMaxConfig = std::numeric_limits<int32_t>::max();
   if (config.block_size > kMaxConfig)
     fail_input(origin, "", "block size " + std::to_string(config.block_size) + " is too large (at most 2147483647)");
-  if (config.block_count > kMaxConfig)
-    fail_input(origin, "", "block count " + std::to_string(config.block_count) + " is too large (at most 2147483647)");
+  // Every query row carries S indices and per-row scratch of that size; no sequence has 65536 blocks to pick.
+  constexpr int64_t kMaxBlockCount = 65536;
+  if (config.block_count > kMaxBlockCount)
+    fail_input(origin, "", "block count " + std::to_string(config.block_count) + " is too large (at most 65536)");
   if (config.window > kMaxConfig)
     fail_input(origin, "", "window " + std::to_string(config.window) + " is too large (at most 2147483647)");
   if (config.scale == 0) config.scale = 1.0 / std::sqrt(double(dims.K));
@@ -215,6 +217,8 @@ Problem load_problem(const SafetensorsFile& file, const std::string& origin, con
   set_int(c.window, "nsa.window_size", ov.window);
   if (ov.scale) c.scale = *ov.scale;
   else if (const std::string* s = meta("nsa.scale")) c.scale = parse_double(*s, origin, "nsa.scale");
+  // Config::scale = 0 means "default 1/sqrt(K)"; a scale of 0 given on purpose is an error, not the default.
+  if ((ov.scale || meta("nsa.scale")) && c.scale == 0) fail_input(origin, "", "scale must be nonzero");
   try {
     if (ov.policy) c.policy = policy_from_name(*ov.policy);
     else if (const std::string* s = meta("nsa.policy")) c.policy = policy_from_name(*s);

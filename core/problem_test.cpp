@@ -318,12 +318,14 @@ TEST(LoadProblem, RejectsBadConfigurationFromMetadata) {
       {"nsa.block_size", "9223372036854775807", "block size"},
       {"nsa.block_count", "0", "block count must be positive"},
       {"nsa.block_count", "4294967296", "block count"},
+      {"nsa.block_count", "65537", "block count 65537 is too large (at most 65536)"},
       {"nsa.window_size", "-1", "window must be >= 0"},
       {"nsa.window_size", "x", "metadata nsa.window_size = 'x' is not an integer"},
       {"nsa.scale", "abc", "metadata nsa.scale = 'abc' is not a number"},
       {"nsa.scale", "nan", "scale must be finite"},
       {"nsa.scale", "inf", "scale must be finite"},
       {"nsa.scale", "1e999", "nsa.scale"},
+      {"nsa.scale", "0", "scale must be nonzero"},
       {"nsa.policy", "greedy", "unknown policy 'greedy'"},
       {"nsa.layout", "bthd ", "nsa.layout = 'bthd ' (expected bthd or bhtd)"},
   };
@@ -351,6 +353,8 @@ TEST(LoadProblem, RejectsNonPositiveBlockSizeFromOverrides) {
   ConfigOverrides scale;
   scale.scale = std::numeric_limits<double>::infinity();
   expect_rejected(fx.file, {"scale must be finite"}, scale);
+  scale.scale = 0.0;
+  expect_rejected(fx.file, {"scale must be nonzero"}, scale);
 }
 
 TEST(LoadProblem, OverridesBeatMetadataWhichBeatsDefaults) {
