@@ -2,27 +2,11 @@
 # nsa-verify run on malformed inputs (nsa-spec §6): every case exits 2 with one stderr line that names the file,
 # tensor and problem, and leaves no output file (nor a temporary one) behind. Usage errors exit 2 too.
 # Usage: bad_input.sh <path-to-nsa-verify> <source-dir>
-set -uo pipefail
-NSA_VERIFY="$1"
-SRC="$2"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 checks=0
 
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
-
-python3 "$SRC/verify/cli/tests/make_bad_inputs.py" "$work/in" || { echo "FAIL: could not craft the bad inputs" >&2; exit 1; }
+python3 "$src/verify/cli/tests/make_bad_inputs.py" "$work/in" || { echo "FAIL: could not craft the bad inputs" >&2; exit 1; }
 [ -s "$work/in/cases.tsv" ] || { echo "FAIL: no cases crafted" >&2; exit 1; }
-
-# Runs nsa-verify with $@, captures exit code, stdout and stderr.
-invoke() {
-  "$NSA_VERIFY" "$@" >"$work/stdout" 2>"$work/stderr"
-  rc=$?
-}
 
 # expect_input_error <label> <fragment> <output path> -- <nsa-verify args...>
 expect_input_error() {
@@ -146,5 +130,5 @@ checks=$((checks + 1))
 invoke run -i "$work/in/k_dim_257.safetensors" -o "$work/out_k257_cpu"
 [ "$rc" -eq 0 ] && [ -s "$work/out_k257_cpu" ] || fail "K = 257 on cpu: exit $rc: $(cat "$work/stderr")"
 
-echo "bad_input: $checks checks, $failures failed"
-[ "$failures" -eq 0 ]
+echo "bad_input: $checks checks"
+finish

@@ -2,24 +2,15 @@
 # nsa-verify bench: the cpu backend times every forward stage of a small shape and writes JSON with the FLOP
 # count of each stage; bad shapes and an unavailable cuda backend exit 2 with one error line.
 # Usage: bench.sh <path-to-nsa-verify> <source-dir>
-set -uo pipefail
-NSA_VERIFY="$1"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() {
-  echo "FAIL: $*" >&2
-  failures=$((failures + 1))
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # T=256, HQ=2, H=1, K=V=16, BS=32, S=2, W=8: compressed FLOP = 2*HQ*(K+V) * sum_t floor((t+1)/32)
 # = 128 * (32 * (1+...+7) + 8) = 128 * 904 = 115712.
-"$NSA_VERIFY" bench --backend cpu --seqlen 256 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --block-size 32 \
-  --block-count 2 --window 8 --warmup 0 --iters 1 --threads 1 --json "$work/b.json" >"$work/out" 2>"$work/err"
-rc=$?
-[ "$rc" -eq 0 ] || fail "cpu bench exited $rc: $(head -c 300 "$work/err")"
+invoke bench --backend cpu --seqlen 256 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --block-size 32 \
+  --block-count 2 --window 8 --warmup 0 --iters 1 --threads 1 --json "$work/b.json"
+[ "$rc" -eq 0 ] || fail "cpu bench exited $rc: $(head -c 300 "$work/stderr")"
 for stage in mean_pool compressed_attention topk selected_attention sliding_window gate full_forward; do
-  grep -q "^$stage " "$work/out" || fail "stage $stage missing from the table"
+  grep -q "^$stage " "$work/stdout" || fail "stage $stage missing from the table"
 done
 python3 - "$work/b.json" <<'PY' || fail "JSON report wrong"
 import json, sys
@@ -32,18 +23,15 @@ assert abs(stages["full_forward"]["flop"] - sum(s["flop"] for n, s in stages.ite
 PY
 
 # Bad input: HQ not a multiple of H.
-"$NSA_VERIFY" bench --backend cpu --seqlen 64 --heads-q 3 --heads-kv 2 >"$work/out" 2>"$work/err"
-rc=$?
+invoke bench --backend cpu --seqlen 64 --heads-q 3 --heads-kv 2
 [ "$rc" -eq 2 ] || fail "HQ % H != 0: exit $rc, expected 2"
-grep -q "not a multiple of --heads-kv" "$work/err" || fail "HQ % H != 0: message: $(cat "$work/err")"
+grep -q "not a multiple of --heads-kv" "$work/stderr" || fail "HQ % H != 0: message: $(cat "$work/stderr")"
 
 # The cuda backend without a device (or without CUDA in the build) is an input error, not a crash.
 if ! nvidia-smi -L >/dev/null 2>&1; then
-  "$NSA_VERIFY" bench --backend cuda --seqlen 64 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 >"$work/out" 2>"$work/err"
-  rc=$?
-  [ "$rc" -eq 2 ] || fail "cuda without a device: exit $rc, expected 2 ($(cat "$work/err"))"
-  [ "$(wc -l <"$work/err")" -eq 1 ] || fail "cuda without a device: expected one error line, got: $(cat "$work/err")"
+  invoke bench --backend cuda --seqlen 64 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16
+  [ "$rc" -eq 2 ] || fail "cuda without a device: exit $rc, expected 2 ($(cat "$work/stderr"))"
+  [ "$(wc -l <"$work/stderr")" -eq 1 ] || fail "cuda without a device: expected one error line, got: $(cat "$work/stderr")"
 fi
 
-[ "$failures" -eq 0 ] && echo "bench.sh: all checks passed"
-exit $((failures > 0))
+finish

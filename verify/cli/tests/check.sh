@@ -2,23 +2,7 @@
 # nsa-verify check: a candidate made by `run` passes (table, JSON, JUnit, row-sampled, baseline-relative), an
 # independent implementation's fixtures pass, a wrong candidate fails naming its stage, bad input exits 2.
 # Usage: check.sh <nsa-verify> <source-dir>
-set -uo pipefail
-bin="$1"
-src="$2"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-# expect CODE PATTERN -- command...: the exit code and a line of its output (stdout + stderr) matching PATTERN.
-expect() {
-  local code="$1" pattern="$2"
-  shift 3
-  local out rc
-  out="$("$@" 2>&1)"
-  rc=$?
-  [ "$rc" -eq "$code" ] || fail "exit $rc (expected $code): $*"$'\n'"$out"
-  grep -Eq -- "$pattern" <<<"$out" || fail "no line matching '$pattern': $*"$'\n'"$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 shape=(--batch 2 --seqlen 70 --heads-q 4 --heads-kv 2 --dim-k 16 --dim-v 8 --block-size 16 --block-count 3 --window 8)
 "$bin" gen "${shape[@]}" --dtype f32 --with-grads --seed 1 -o "$work/in.safetensors" >/dev/null || fail "gen"
@@ -71,8 +55,4 @@ expect 2 'holds none of the output tensors' -- "$bin" check --expected "$work/in
 expect 2 '--actual is required' -- "$bin" check --expected "$work/in.safetensors"
 expect 0 'Examples:' -- "$bin" check --help
 
-if [ "$failures" -ne 0 ]; then
-  echo "$failures check(s) failed"
-  exit 1
-fi
-echo "all check CLI tests passed"
+finish

@@ -1,22 +1,7 @@
 #!/usr/bin/env bash
 # nsa-verify gen and inspect: shapes, determinism, the pinned checksum, metadata, and error messages.
 # Usage: gen_inspect.sh <nsa-verify> <source-dir>
-set -uo pipefail
-bin="$1"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-# expect CODE PATTERN -- command...: the exit code and a line of its output (stdout + stderr) matching PATTERN.
-expect() {
-  local code="$1" pattern="$2"
-  shift 3
-  local out rc
-  out="$("$@" 2>&1)"
-  rc=$?
-  [ "$rc" -eq "$code" ] || fail "exit $rc (expected $code): $*"$'\n'"$out"
-  grep -Eq -- "$pattern" <<<"$out" || fail "no line matching '$pattern': $*"$'\n'"$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Explicit shapes, varlen with an empty sequence, gates, gradients.
 expect 0 'varlen=100,0,257' -- "$bin" gen --varlen 100,0,257 --heads-q 4 --heads-kv 2 --dim-k 32 --dim-v 16 \
@@ -89,8 +74,4 @@ expect 2 '-o FILE is required' -- "$bin" gen --seqlen 10
 head -c 50 "$work/a.safetensors" >"$work/truncated.safetensors"
 expect 2 'truncated.safetensors' -- "$bin" inspect "$work/truncated.safetensors"
 
-if [ "$failures" -ne 0 ]; then
-  echo "gen_inspect: $failures failure(s)"
-  exit 1
-fi
-echo "gen_inspect: all checks passed"
+finish

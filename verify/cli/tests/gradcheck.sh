@@ -2,22 +2,7 @@
 # nsa-verify gradcheck: the reference passes on the named shapes, shape flags and fixtures (directional and
 # elementwise), writes JSON, fails (exit 1) under an impossible bound, and exits 2 on bad input.
 # Usage: gradcheck.sh <nsa-verify> <source-dir>
-set -uo pipefail
-bin="$1"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-# expect CODE PATTERN -- command...: the exit code and a line of its output (stdout + stderr) matching PATTERN.
-expect() {
-  local code="$1" pattern="$2"
-  shift 3
-  local out rc
-  out="$("$@" 2>&1)"
-  rc=$?
-  [ "$rc" -eq "$code" ] || fail "exit $rc (expected $code): $*"$'\n'"$out"
-  grep -Eq -- "$pattern" <<<"$out" || fail "no line matching '$pattern': $*"$'\n'"$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Every named shape, random directions: a row per input with its error, the bound and PASS.
 expect 0 '^gradcheck: 7 cases, all inputs within bound$' -- "$bin" gradcheck
@@ -55,8 +40,4 @@ expect 2 'cu_seqlens|varlen' -- "$bin" gradcheck --varlen 4,4 --batch 2
 expect 2 'error' -- "$bin" gradcheck --preset g1 --backend nope
 expect 0 'Examples' -- "$bin" gradcheck --help
 
-if [ "$failures" -ne 0 ]; then
-  echo "$failures failure(s)"
-  exit 1
-fi
-echo "gradcheck CLI: all checks passed"
+finish

@@ -2,22 +2,7 @@
 # nsa-verify verify: the CPU backend over the committed golden suite (with the stored reference outputs checked
 # against a fresh reference run), reports, filter and shard, and the failures it must catch.
 # Usage: verify_suite.sh <nsa-verify> <source-dir>
-set -uo pipefail
-bin="$1"
-src="$2"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
-expect() {
-  local code="$1" pattern="$2"
-  shift 3
-  local out rc
-  out="$("$@" 2>&1)"
-  rc=$?
-  [ "$rc" -eq "$code" ] || fail "exit $rc (expected $code): $*"$'\n'"$out"
-  grep -Eq -- "$pattern" <<<"$out" || fail "no line matching '$pattern': $*"$'\n'"$out"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cases=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['cases']))" "$src/fixtures/manifest.json")
 
 # The whole suite, as CI runs it.
@@ -75,8 +60,4 @@ expect 2 'no such suite manifest' -- "$bin" verify --suite "$work/nowhere"
 head -c 100 "$src/fixtures/golden/fixed_t1.safetensors" >"$work/cut.safetensors"
 expect 2 '^ERROR cut ' -- "$bin" verify "$work/cut.safetensors"
 
-if [ "$failures" -ne 0 ]; then
-  echo "verify_suite: $failures failure(s)"
-  exit 1
-fi
-echo "verify_suite: all checks passed"
+finish
