@@ -104,17 +104,15 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
   };
   if (nc_max > 0) load_tile(0, 0);
   for (int it = 0, c0 = 0; c0 < nc_max; ++it, c0 += kBN) {
-    __syncthreads();  // every warp is done with the buffer refilled next
-    if (STAGES == 1) {
-      if (it > 0) load_tile(c0, 0);
-      tile::cp_async_wait<0>();
-    } else if (c0 + kBN < nc_max) {
-      load_tile(c0 + kBN, (it + 1) % STAGES);
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
+    if (STAGES == 1 && it > 0) {
+      __syncthreads();  // every warp is done with the buffer
+      load_tile(c0, 0);
     }
-    __syncthreads();  // tile `it` (and Q) visible to every warp
+    tile::cp_async_wait<0>();  // tile `it` (and Q) landed: the only copies in flight
+    // One barrier per tile: it makes tile `it` visible to every warp and, since every warp is past tile it - 1,
+    // frees that tile's buffer for the next copy, which then overlaps this tile's math.
+    __syncthreads();
+    if (STAGES > 1 && c0 + kBN < nc_max) load_tile(c0 + kBN, (it + 1) % STAGES);
     const T* Ks = Ks0 + (it % STAGES) * kBN * ks;
     const T* Vs = Vs0 + (it % STAGES) * kBN * vs;
     if (c0 >= warp_nc) continue;

@@ -76,16 +76,15 @@ __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (
 
 // Four 8x8 b16 matrices: lanes 8m..8m+7 give the row addresses of matrix m; lane i receives row i / 4,
 // columns 2 (i % 4) and 2 (i % 4) + 1 of each matrix, which is the mma A / B fragment layout.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
 
 // Four 8x8 b16 matrices, transposed: the B fragments of two 8-column groups of a row-major [16 x 16] tile.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -130,15 +129,16 @@ __device__ __forceinline__ void warp_scores(float (&s)[BN / 8][4], const T* Qs, 
   if constexpr (Elem<T>::kTensorCore) {
     // A: rows row0 + lane % 16, k half lane / 16. B (K stored [key][k]): two 8-key groups per ldmatrix,
     // key group (lane / 16), k half (lane / 8) % 2.
-    const T* a_row = Qs + (row0 + lane % 16) * stride + (lane / 16) * 8;
-    const T* b_row = Ks + ((lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 8;
+    // 32-bit shared addresses (bytes): fewer registers than generic pointers.
+    const uint32_t a_row = smem_addr(Qs + (row0 + lane % 16) * stride + (lane / 16) * 8);
+    const uint32_t b_row = smem_addr(Ks + ((lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 8);
     for (int kc = 0; kc < k_padded; kc += 16) {
       uint32_t a[4];
-      ldmatrix_x4(a, a_row + kc);
+      ldmatrix_x4(a, a_row + kc * int(sizeof(T)));
 #pragma unroll
       for (int j = 0; j < BN / 8; j += 2) {
         uint32_t b[4];
-        ldmatrix_x4(b, b_row + j * 8 * stride + kc);
+        ldmatrix_x4(b, b_row + (j * 8 * stride + kc) * int(sizeof(T)));
         mma16816<T>(s[j], a, b[0], b[1]);
         mma16816<T>(s[j + 1], a, b[2], b[3]);
       }
@@ -164,6 +164,7 @@ template <typename T, int BN, int VP>
 __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[BN / 8][4], const T* Vs, int vstride,
                                         float* Ps, int lane) {
   if constexpr (Elem<T>::kTensorCore) {
+    const uint32_t v_row = smem_addr(Vs + (lane % 16) * vstride + (lane / 16) * 8);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[4];
@@ -174,7 +175,7 @@ __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[
 #pragma unroll
       for (int nv = 0; nv < VP / 16; ++nv) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, Vs + (kk * 16 + lane % 16) * vstride + nv * 16 + (lane / 16) * 8);
+        ldmatrix_x4_trans(b, v_row + (kk * 16 * vstride + nv * 16) * int(sizeof(T)));
         mma16816<T>(o[2 * nv], a, b[0], b[1]);
         mma16816<T>(o[2 * nv + 1], a, b[2], b[3]);
       }
