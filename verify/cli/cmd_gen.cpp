@@ -86,12 +86,7 @@ gen::GenSpec spec_from(const GenFlags& f) {
   s.block_counts = f.block_counts;
   s.given_indices = f.given_indices;
   s.head_first = f.layout == "bhtd";
-  const ConfigOverrides& c = f.config;
-  if (c.block_size) s.config.block_size = *c.block_size;
-  if (c.block_count) s.config.block_count = *c.block_count;
-  if (c.window) s.config.window = *c.window;
-  if (c.scale) s.config.scale = *c.scale;
-  if (c.policy) s.config.policy = policy_from_name(*c.policy);
+  apply_config_flags(s.config, f.config);
   return s;
 }
 

@@ -87,14 +87,6 @@ gen::GenSpec spec_from_flags(const GradcheckArgs& a) {
   return s;
 }
 
-void apply_overrides(gen::GenSpec& s, const ConfigOverrides& c) {
-  if (c.block_size) s.config.block_size = *c.block_size;
-  if (c.block_count) s.config.block_count = *c.block_count;
-  if (c.window) s.config.window = *c.window;
-  if (c.scale) s.config.scale = *c.scale;
-  if (c.policy) s.config.policy = policy_from_name(*c.policy);
-}
-
 struct NamedProblem {
   std::string name;
   Problem problem;
@@ -116,7 +108,7 @@ std::vector<NamedProblem> problems_from(const GradcheckArgs& a) {
     return out;
   }
   auto make = [&](const std::string& name, gen::GenSpec s) {
-    apply_overrides(s, a.overrides);
+    apply_config_flags(s.config, a.overrides);
     s.seed = a.seed;
     out.push_back({name, gen::generate_problem(s)});
   };

@@ -16,6 +16,8 @@ extern int g_exit_code;
 
 // --block-size --block-count --window --scale --policy, overriding the file's metadata.
 void add_config_flags(CLI::App& cmd, ConfigOverrides& ov);
+// Each flag that is set replaces that field of c (for generated problems, which have no metadata to override).
+void apply_config_flags(Config& c, const ConfigOverrides& ov);
 
 void setup_run(CLI::App& app);
 void setup_gen(CLI::App& app);

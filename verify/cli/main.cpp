@@ -17,6 +17,14 @@ void add_config_flags(CLI::App& cmd, ConfigOverrides& ov) {
   cmd.add_option("--policy", ov.policy, "top-k policy: seed or paper (overrides nsa.policy)")->check(CLI::IsMember({"seed", "paper"}));
 }
 
+void apply_config_flags(Config& c, const ConfigOverrides& ov) {
+  if (ov.block_size) c.block_size = *ov.block_size;
+  if (ov.block_count) c.block_count = *ov.block_count;
+  if (ov.window) c.window = *ov.window;
+  if (ov.scale) c.scale = *ov.scale;
+  if (ov.policy) c.policy = policy_from_name(*ov.policy);
+}
+
 }  // namespace nsa::cli
 
 int main(int argc, char** argv) {
