@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <Eigen/Core>
@@ -158,7 +159,66 @@ inline int64_t longest_sequence(const Layout& L) {
   return longest;
 }
 
+// Runs visit(state, seq, t, h) for every token t of every sequence and every kv head h: the query side of
+// the forward and of the backward. Tasks of `tile_tokens` tokens are spread over the threads (dynamic
+// schedule); each thread makes its own scratch state with make_state().
+template <typename MakeState, typename Visit>
+void for_each_query_group(const Layout& L, int64_t tile_tokens, MakeState&& make_state, Visit&& visit) {
+  const std::vector<TokenTask> tasks = token_tasks(L, tile_tokens);
+#pragma omp parallel
+  {
+    auto state = make_state();
+#pragma omp for schedule(dynamic)
+    for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
+      const TokenTask& task = tasks[i];
+      const Sequence& seq = L.sequences[task.sequence];
+      for (int64_t t = task.t_begin; t < task.t_end; ++t) visit(state, seq, t, task.kv_head);
+    }
+  }
+}
+
 // Query rows gathered per backward key tile: enough rows to keep the GEMMs efficient, bounded scratch.
 inline int64_t query_tokens_per_chunk(int64_t G) { return std::max<int64_t>(1, 512 / G); }
+
+// The key side of a backward: the query rows that read one key tile, gathered up to `chunk_tokens` tokens at a
+// time. Per token, the G query heads of the tile's kv head with their q, do, lse and delta (all [B*T*HQ, ...]
+// token-major), and the key columns of the tile each row sees.
+class QueryChunk {
+ public:
+  QueryChunk(int64_t chunk_tokens, const Dims& d, const double* q, const double* d_o, const double* lse,
+             const double* delta)
+      : G_(d.G()), K_(d.K), V_(d.V), q_(q), do_(d_o), lse_(lse), delta_(delta), q_rows_(chunk_tokens * G_ * K_),
+        do_rows_(chunk_tokens * G_ * V_), lse_rows_(chunk_tokens * G_), delta_rows_(chunk_tokens * G_),
+        visible_begin_(chunk_tokens * G_), visible_end_(chunk_tokens * G_) {}
+
+  // Token j of the chunk: the G query rows from head0 on, each seeing key columns [begin, end) of the tile
+  // (clamped to the tile by attend_backward_keys).
+  void set_token(int64_t j, int64_t head0, Index begin, Index end) {
+    std::memcpy(&q_rows_[j * G_ * K_], q_ + head0 * K_, sizeof(double) * G_ * K_);
+    std::memcpy(&do_rows_[j * G_ * V_], do_ + head0 * V_, sizeof(double) * G_ * V_);
+    for (int64_t g = 0; g < G_; ++g) {
+      lse_rows_[j * G_ + g] = lse_[head0 + g];
+      delta_rows_[j * G_ + g] = delta_[head0 + g];
+      visible_begin_[j * G_ + g] = begin;
+      visible_end_[j * G_ + g] = end;
+    }
+  }
+
+  // dk, dv [n, ...] of the key tile += the contribution of the chunk's first `tokens` tokens.
+  void backward_keys(Tile dk, Tile dv, const ConstTile& keys, const ConstTile& values, int64_t tokens, double scale,
+                     Workspace& ws) const {
+    const Index m = tokens * G_;
+    attend_backward_keys(dk, dv, const_tile(q_rows_.data(), m, K_, K_), const_tile(do_rows_.data(), m, V_, V_),
+                         lse_rows_.data(), delta_rows_.data(), visible_begin_.data(), visible_end_.data(), keys, values,
+                         scale, ws);
+  }
+
+ private:
+  int64_t G_, K_, V_;
+  const double *q_, *do_, *lse_, *delta_;
+  Buffer q_rows_, do_rows_;
+  std::vector<double> lse_rows_, delta_rows_;
+  std::vector<Index> visible_begin_, visible_end_;
+};
 
 }  // namespace nsa::ref::tiles

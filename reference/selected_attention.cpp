@@ -48,6 +48,34 @@ int64_t gather_selected(double* keys, double* values, const double* k, const dou
 // The most keys one query can gather: S blocks, each at most BS tokens and no longer than its sequence.
 int64_t max_selected_keys(const Layout& L) { return L.S() * std::min(L.BS(), longest_sequence(L)); }
 
+// Per-thread scratch of the query side: the keys [n, K] and values [n, V] that one (token, kv head) reads.
+class SelectedKeys {
+ public:
+  SelectedKeys(const double* k, const double* v, const int32_t* block_indices, const int32_t* block_counts,
+               const Layout& L)
+      : k_(k), v_(v), block_indices_(block_indices), block_counts_(block_counts), L_(L),
+        keys_(max_selected_keys(L) * L.dims.K), values_(max_selected_keys(L) * L.dims.V) {}
+
+  // Gathers what position t of `seq` reads through kv head h.
+  void gather(const Sequence& seq, int64_t t, int64_t h) {
+    const Dims& d = L_.dims;
+    const int64_t S = L_.S(), index_row = (seq.batch * d.T + seq.start + t) * d.H + h;
+    n_ = gather_selected(keys_.data(), values_.data(), k_, v_, block_indices_ + index_row * S,
+                         used_entries(block_counts_, index_row, S), seq, t, h, L_);
+  }
+  ConstTile keys() const { return const_tile(keys_.data(), n_, L_.dims.K, L_.dims.K); }
+  ConstTile values() const { return const_tile(values_.data(), n_, L_.dims.V, L_.dims.V); }
+
+  Workspace ws;
+
+ private:
+  const double *k_, *v_;
+  const int32_t *block_indices_, *block_counts_;
+  const Layout& L_;
+  Buffer keys_, values_;
+  int64_t n_ = 0;
+};
+
 // For one (sequence, kv head): the tokens that selected each block, in token order (compressed rows).
 struct BlockReaders {
   std::vector<int64_t> begin;   // [NB + 1] offsets into `tokens`
@@ -83,63 +111,36 @@ void selected_attention_forward(double* o_slc, double* lse_slc, const double* q,
                                 const int32_t* block_indices, const int32_t* block_counts, const Layout& L,
                                 const RowMask& rows) {
   const Dims& d = L.dims;
-  const int64_t G = d.G(), S = L.S(), max_keys = max_selected_keys(L);
-  const std::vector<TokenTask> tasks = token_tasks(L, kTokensPerTask);
-#pragma omp parallel
-  {
-    Buffer keys(max_keys * d.K), values(max_keys * d.V);
-    Workspace ws;
-#pragma omp for schedule(dynamic)
-    for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
-      const TokenTask& task = tasks[i];
-      const Sequence& seq = L.sequences[task.sequence];
-      const int64_t h = task.kv_head;
-      for (int64_t t = task.t_begin; t < task.t_end; ++t) {
+  const int64_t G = d.G();
+  for_each_query_group(
+      L, kTokensPerTask, [&] { return SelectedKeys(k, v, block_indices, block_counts, L); },
+      [&](SelectedKeys& s, const Sequence& seq, int64_t t, int64_t h) {
         const int64_t token = seq.batch * d.T + seq.start + t;
-        if (!rows.empty() && !rows[token]) continue;
-        const int64_t index_row = token * d.H + h;
-        const int64_t n = gather_selected(keys.data(), values.data(), k, v, block_indices + index_row * S,
-                                          used_entries(block_counts, index_row, S), seq, t, h, L);
+        if (!rows.empty() && !rows[token]) return;
+        s.gather(seq, t, h);
         const int64_t head0 = token * d.HQ + h * G;  // first query head of the group
-        attend_forward(tile(o_slc + head0 * d.V, G, d.V, d.V), lse_slc + head0, const_tile(q + head0 * d.K, G, d.K, d.K),
-                       const_tile(keys.data(), n, d.K, d.K), const_tile(values.data(), n, d.V, d.V), L.scale(),
-                       ws);
-      }
-    }
-  }
+        attend_forward(tile(o_slc + head0 * d.V, G, d.V, d.V), lse_slc + head0,
+                       const_tile(q + head0 * d.K, G, d.K, d.K), s.keys(), s.values(), L.scale(), s.ws);
+      });
 }
 
 void selected_attention_backward(double* dq, double* dk, double* dv, const double* do_slc, const double* q,
                                  const double* k, const double* v, const double* o_slc, const double* lse_slc,
                                  const int32_t* block_indices, const int32_t* block_counts, const Layout& L) {
   const Dims& d = L.dims;
-  const int64_t G = d.G(), S = L.S(), BS = L.BS(), max_keys = max_selected_keys(L);
+  const int64_t G = d.G(), BS = L.BS();
   const std::vector<double> delta = row_deltas(do_slc, o_slc, d.B * d.T * d.HQ, d.V);
 
   // dq: each (token, kv head) owns the G query rows of its group.
-  const std::vector<TokenTask> tasks = token_tasks(L, kTokensPerTask);
-#pragma omp parallel
-  {
-    Buffer keys(max_keys * d.K), values(max_keys * d.V);
-    Workspace ws;
-#pragma omp for schedule(dynamic)
-    for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
-      const TokenTask& task = tasks[i];
-      const Sequence& seq = L.sequences[task.sequence];
-      const int64_t h = task.kv_head;
-      for (int64_t t = task.t_begin; t < task.t_end; ++t) {
-        const int64_t token = seq.batch * d.T + seq.start + t;
-        const int64_t index_row = token * d.H + h;
-        const int64_t n = gather_selected(keys.data(), values.data(), k, v, block_indices + index_row * S,
-                                          used_entries(block_counts, index_row, S), seq, t, h, L);
-        const int64_t head0 = token * d.HQ + h * G;
+  for_each_query_group(
+      L, kTokensPerTask, [&] { return SelectedKeys(k, v, block_indices, block_counts, L); },
+      [&](SelectedKeys& s, const Sequence& seq, int64_t t, int64_t h) {
+        s.gather(seq, t, h);
+        const int64_t head0 = (seq.batch * d.T + seq.start + t) * d.HQ + h * G;
         attend_backward_queries(tile(dq + head0 * d.K, G, d.K, d.K), const_tile(q + head0 * d.K, G, d.K, d.K),
                                 const_tile(do_slc + head0 * d.V, G, d.V, d.V), lse_slc + head0, delta.data() + head0,
-                                const_tile(keys.data(), n, d.K, d.K), const_tile(values.data(), n, d.V, d.V), L.scale(),
-                                ws);
-      }
-    }
-  }
+                                s.keys(), s.values(), L.scale(), s.ws);
+      });
 
   // dk, dv: each (sequence, kv head, key block) owns its key rows and visits its readers in token order.
   struct BlockTask {
@@ -157,9 +158,7 @@ void selected_attention_backward(double* dq, double* dk, double* dv, const doubl
   const int64_t chunk_tokens = query_tokens_per_chunk(G);
 #pragma omp parallel
   {
-    Buffer q_rows(chunk_tokens * G * d.K), do_rows(chunk_tokens * G * d.V);
-    std::vector<double> lse_rows(chunk_tokens * G), delta_rows(chunk_tokens * G);
-    std::vector<Index> visible_begin(chunk_tokens * G, 0), visible_end(chunk_tokens * G);
+    QueryChunk chunk(chunk_tokens, d, q, do_slc, lse_slc, delta.data());
     Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(block_tasks.size()); ++i) {
@@ -178,18 +177,9 @@ void selected_attention_backward(double* dq, double* dk, double* dv, const doubl
         for (int64_t j = 0; j < m_tokens; ++j) {
           const int64_t t = r.tokens[at + j];
           const int64_t head0 = (seq.batch * d.T + seq.start + t) * d.HQ + h * G;
-          std::memcpy(&q_rows[j * G * d.K], q + head0 * d.K, sizeof(double) * G * d.K);
-          std::memcpy(&do_rows[j * G * d.V], do_slc + head0 * d.V, sizeof(double) * G * d.V);
-          for (int64_t g = 0; g < G; ++g) {
-            lse_rows[j * G + g] = lse_slc[head0 + g];
-            delta_rows[j * G + g] = delta[head0 + g];
-            visible_end[j * G + g] = std::min(nk, t - first + 1);  // causal inside the query's own block
-          }
+          chunk.set_token(j, head0, 0, std::min(nk, t - first + 1));  // causal inside the query's own block
         }
-        const int64_t m = m_tokens * G;
-        attend_backward_keys(dk_block, dv_block, const_tile(q_rows.data(), m, d.K, d.K),
-                             const_tile(do_rows.data(), m, d.V, d.V), lse_rows.data(), delta_rows.data(),
-                             visible_begin.data(), visible_end.data(), k_block, v_block, L.scale(), ws);
+        chunk.backward_keys(dk_block, dv_block, k_block, v_block, m_tokens, L.scale(), ws);
       }
     }
   }

@@ -5,7 +5,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "reference/attention_tiles.h"
 #include "reference/reference.h"
@@ -21,6 +20,15 @@ constexpr int64_t kKeysPerTask = 64;
 // W capped at the longest sequence: a wider window sees the same keys, and t + W cannot overflow.
 int64_t effective_window(const Layout& L) { return std::min(L.config.window, longest_sequence(L)); }
 
+// The run of key (or value) rows [max(0, t-W+1), t] of `seq` for kv head h, in place: x is [B, T, H, D].
+ConstTile window_rows(const double* x, int64_t D, const Sequence& seq, int64_t t, int64_t h, int64_t W,
+                      const Layout& L) {
+  const Dims& d = L.dims;
+  const int64_t first = std::max<int64_t>(0, t - W + 1);
+  const int64_t row0 = (seq.batch * d.T + seq.start + first) * d.H + h;
+  return const_tile(x + row0 * D, t - first + 1, D, d.H * D);
+}
+
 }  // namespace
 
 void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, const double* k, const double* v,
@@ -29,28 +37,16 @@ void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, con
   if (W <= 0) return;
   const Dims& d = L.dims;
   const int64_t G = d.G();
-  const std::vector<TokenTask> tasks = token_tasks(L, kTokensPerTask);
-#pragma omp parallel
-  {
-    Workspace ws;
-#pragma omp for schedule(dynamic)
-    for (int64_t i = 0; i < int64_t(tasks.size()); ++i) {
-      const TokenTask& task = tasks[i];
-      const Sequence& seq = L.sequences[task.sequence];
-      const int64_t h = task.kv_head;
-      for (int64_t t = task.t_begin; t < task.t_end; ++t) {
+  for_each_query_group(
+      L, kTokensPerTask, [] { return Workspace(); },
+      [&](Workspace& ws, const Sequence& seq, int64_t t, int64_t h) {
         const int64_t token = seq.batch * d.T + seq.start + t;
-        if (!rows.empty() && !rows[token]) continue;
-        const int64_t first = std::max<int64_t>(0, t - W + 1);
-        const int64_t kv_row0 = (seq.batch * d.T + seq.start + first) * d.H + h;
-        const int64_t n = t - first + 1;
+        if (!rows.empty() && !rows[token]) return;
         const int64_t head0 = token * d.HQ + h * G;
-        attend_forward(tile(o_swa + head0 * d.V, G, d.V, d.V), lse_swa + head0, const_tile(q + head0 * d.K, G, d.K, d.K),
-                       const_tile(k + kv_row0 * d.K, n, d.K, d.H * d.K), const_tile(v + kv_row0 * d.V, n, d.V, d.H * d.V),
-                       L.scale(), ws);
-      }
-    }
-  }
+        attend_forward(tile(o_swa + head0 * d.V, G, d.V, d.V), lse_swa + head0,
+                       const_tile(q + head0 * d.K, G, d.K, d.K), window_rows(k, d.K, seq, t, h, W, L),
+                       window_rows(v, d.V, seq, t, h, W, L), L.scale(), ws);
+      });
 }
 
 void sliding_window_backward(double* dq, double* dk, double* dv, const double* do_swa, const double* q,
@@ -63,37 +59,22 @@ void sliding_window_backward(double* dq, double* dk, double* dv, const double* d
   const std::vector<double> delta = row_deltas(do_swa, o_swa, d.B * d.T * d.HQ, d.V);
 
   // dq: each (token, kv head) owns the G query rows of its group.
-  const std::vector<TokenTask> query_tasks = token_tasks(L, kTokensPerTask);
-#pragma omp parallel
-  {
-    Workspace ws;
-#pragma omp for schedule(dynamic)
-    for (int64_t i = 0; i < int64_t(query_tasks.size()); ++i) {
-      const TokenTask& task = query_tasks[i];
-      const Sequence& seq = L.sequences[task.sequence];
-      const int64_t h = task.kv_head;
-      for (int64_t t = task.t_begin; t < task.t_end; ++t) {
-        const int64_t token = seq.batch * d.T + seq.start + t;
-        const int64_t first = std::max<int64_t>(0, t - W + 1);
-        const int64_t kv_row0 = (seq.batch * d.T + seq.start + first) * d.H + h;
-        const int64_t n = t - first + 1;
-        const int64_t head0 = token * d.HQ + h * G;
+  for_each_query_group(
+      L, kTokensPerTask, [] { return Workspace(); },
+      [&](Workspace& ws, const Sequence& seq, int64_t t, int64_t h) {
+        const int64_t head0 = (seq.batch * d.T + seq.start + t) * d.HQ + h * G;
         attend_backward_queries(tile(dq + head0 * d.K, G, d.K, d.K), const_tile(q + head0 * d.K, G, d.K, d.K),
                                 const_tile(do_swa + head0 * d.V, G, d.V, d.V), lse_swa + head0, delta.data() + head0,
-                                const_tile(k + kv_row0 * d.K, n, d.K, d.H * d.K),
-                                const_tile(v + kv_row0 * d.V, n, d.V, d.H * d.V), L.scale(), ws);
-      }
-    }
-  }
+                                window_rows(k, d.K, seq, t, h, W, L), window_rows(v, d.V, seq, t, h, W, L),
+                                L.scale(), ws);
+      });
 
   // dk, dv: each (sequence, key tile, kv head) owns its key rows; the queries that see key j are [j, j+W-1].
   const std::vector<TokenTask> key_tasks = token_tasks(L, kKeysPerTask);
   const int64_t chunk_tokens = query_tokens_per_chunk(G);
 #pragma omp parallel
   {
-    Buffer q_rows(chunk_tokens * G * d.K), do_rows(chunk_tokens * G * d.V);
-    std::vector<double> lse_rows(chunk_tokens * G), delta_rows(chunk_tokens * G);
-    std::vector<Index> visible_begin(chunk_tokens * G), visible_end(chunk_tokens * G);
+    QueryChunk chunk(chunk_tokens, d, q, do_swa, lse_swa, delta.data());
     Workspace ws;
 #pragma omp for schedule(dynamic)
     for (int64_t i = 0; i < int64_t(key_tasks.size()); ++i) {
@@ -111,19 +92,9 @@ void sliding_window_backward(double* dq, double* dk, double* dv, const double* d
         for (int64_t j = 0; j < m_tokens; ++j) {
           const int64_t t = t0 + j;
           const int64_t head0 = (seq.batch * d.T + seq.start + t) * d.HQ + h * G;
-          std::memcpy(&q_rows[j * G * d.K], q + head0 * d.K, sizeof(double) * G * d.K);
-          std::memcpy(&do_rows[j * G * d.V], do_swa + head0 * d.V, sizeof(double) * G * d.V);
-          for (int64_t g = 0; g < G; ++g) {
-            lse_rows[j * G + g] = lse_swa[head0 + g];
-            delta_rows[j * G + g] = delta[head0 + g];
-            visible_begin[j * G + g] = t - W + 1 - first;  // clamped to [0, nk] by the tile
-            visible_end[j * G + g] = t - first + 1;
-          }
+          chunk.set_token(j, head0, t - W + 1 - first, t - first + 1);
         }
-        const int64_t m = m_tokens * G;
-        attend_backward_keys(dk_tile, dv_tile, const_tile(q_rows.data(), m, d.K, d.K),
-                             const_tile(do_rows.data(), m, d.V, d.V), lse_rows.data(), delta_rows.data(),
-                             visible_begin.data(), visible_end.data(), k_tile, v_tile, L.scale(), ws);
+        chunk.backward_keys(dk_tile, dv_tile, k_tile, v_tile, m_tokens, L.scale(), ws);
       }
     }
   }
