@@ -14,6 +14,8 @@
 // rises, so the common per-tile work is one compare and ballot per block. At the end the S' best are
 // selected the same way, the forced blocks added, and the slots ordered by score descending, ties to the
 // smaller block; -1 pads.
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/warp_tile.cuh"
@@ -33,7 +35,7 @@ struct TopkParams {
   int G = 0;
   int k_padded = 0;
   float scale_log2 = 0;
-  int stages = 1;  // K tiles in flight: 2 when shared memory allows (the next tile's copy overlaps this one's math)
+  int stages = 1;  // K tile buffers, 1 to 3: with s > 1, s - 1 tiles' copies overlap this tile's math
   int cap = 0;     // candidate buffer entries per token, >= S + 31 (an appended 32-block chunk always fits)
 };
 
@@ -174,13 +176,16 @@ __global__ void __launch_bounds__(W * 32, 2)
     });
   };
   if (P.geo.head_chunks == 1 && lim_max > 0) load_q(0);  // its copies join the first tile's group
+  // Issues the copies of pooled tile c0 (none past the CTA's last scored block) and commits them as one group.
   auto load_k = [&](int c0, int stage) {
-    tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, [&](int r) -> const T* {
-      return c0 + r < nc_max ? k_cmp + ((chunk_base + c0 + r) * H + h) * K : nullptr;
-    });
-    tile::cp_async_commit();
+    if (c0 < lim_max)
+      tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, [&](int r) -> const T* {
+        return c0 + r < nc_max ? k_cmp + ((chunk_base + c0 + r) * H + h) * K : nullptr;
+      });
+    tile::cp_async_commit();  // empty groups too, so that a fixed wait count finds tile `it`
   };
-  if (lim_max > 0) load_k(0, 0);
+  if (lim_max > 0)
+    for (int st = 0; st < P.stages - 1 || st == 0; ++st) load_k(st * kBN, st);
 
   const int row_a = warp * 16 + lane / 4, row_b = row_a + 8;
   // When a token's heads all sit in one warp (G divides 16, one head chunk), the warp sums them with shuffles
@@ -188,17 +193,39 @@ __global__ void __launch_bounds__(W * 32, 2)
   // chunks, and the rows add into a zeroed tile.
   const bool direct = P.geo.head_chunks == 1 && 16 % G == 0;
 
-  for (int it = 0, c0 = 0; c0 < lim_max; ++it, c0 += kBN) {
-    __syncthreads();  // previous tile filtered, its K buffer free
-    if (P.stages == 1) {
-      if (it > 0) load_k(c0, 0);
-      tile::cp_async_wait<0>();
-    } else if (c0 + kBN < lim_max) {
-      load_k(c0 + kBN, (it + 1) % 2);
-      tile::cp_async_wait<1>();
-    } else {
-      tile::cp_async_wait<0>();
+  // Per row of the warp: token in the tile, candidate limit (blocks c < limit are scored) and lse in base 2,
+  // and the warp's largest limit. Read once when the tile has one head chunk, not per pooled tile.
+  struct {
+    int lim[2], tl[2], warp_lim;
+    float lse2[2];
+  } rows;
+  auto set_rows = [&](int hc) {
+    for (int half = 0; half < 2; ++half) {
+      const int r = half ? row_b : row_a;
+      const bool valid = r / hpt < tpt && row_token(r) < seq.length && hc * hpt + r % hpt < G;
+      const int64_t t = row_token(r);
+      rows.tl[half] = r / hpt;
+      rows.lim[half] = valid ? (paper ? int((t + 1) / BS) : int(t / BS)) : 0;
+      rows.lse2[half] = valid ? lse_cmp[(tok_base + t) * HQ + h * G + hc * hpt + r % hpt] * kLog2e : 0.f;
     }
+    int m = max(rows.lim[0], rows.lim[1]);
+    for (int off = 16; off > 0; off /= 2) m = max(m, __shfl_xor_sync(kFull, m, off));
+    rows.warp_lim = m;
+  };
+  if (P.geo.head_chunks == 1) set_rows(0);
+
+  for (int it = 0, c0 = 0; c0 < lim_max; ++it, c0 += kBN) {
+    if (P.stages == 1 && it > 0) {
+      __syncthreads();  // every warp is done with the buffer
+      load_k(c0, 0);
+    }
+    // Tile `it` landed (the groups after it are the stages - 2 later tiles), then one barrier: tile `it` is
+    // visible to every warp, and every warp is past tile it - 1 (its scores filtered, its buffer free for the
+    // copy issued next).
+    if (P.stages == 3) tile::cp_async_wait<1>();
+    else tile::cp_async_wait<0>();
+    __syncthreads();
+    if (P.stages > 1) load_k(c0 + (P.stages - 1) * kBN, (it + P.stages - 1) % P.stages);
     const T* Ks = Ks0 + (it % P.stages) * kBN * ks;
     if (!direct)
       for (int i = threadIdx.x; i < tpt * kBN; i += blockDim.x) score[i] = 0.f;
@@ -210,25 +237,11 @@ __global__ void __launch_bounds__(W * 32, 2)
         tile::cp_async_commit();
         tile::cp_async_wait<0>();
       }
-      __syncthreads();
-      // Per row: token, candidate limit (blocks c < limit are scored) and lse.
-      int lim[2];
-      float lse2[2];
-      int tl[2];
-      for (int half = 0; half < 2; ++half) {
-        const int r = half ? row_b : row_a;
-        const bool valid = r / hpt < tpt && row_token(r) < seq.length && hc * hpt + r % hpt < G;
-        tl[half] = r / hpt;
-        lim[half] = 0;
-        lse2[half] = 0.f;
-        if (valid) {
-          const int64_t t = row_token(r);
-          lim[half] = paper ? int((t + 1) / BS) : int(t / BS);
-          lse2[half] = lse_cmp[(tok_base + t) * HQ + h * G + hc * hpt + r % hpt] * kLog2e;
-        }
-      }
-      int warp_lim = max(lim[0], lim[1]);
-      for (int off = 16; off > 0; off /= 2) warp_lim = max(warp_lim, __shfl_xor_sync(kFull, warp_lim, off));
+      if (!direct) __syncthreads();  // the zeroed score tile (and a new head chunk's Q) visible
+      if (P.geo.head_chunks > 1) set_rows(hc);
+      const int lim[2] = {rows.lim[0], rows.lim[1]}, tl[2] = {rows.tl[0], rows.tl[1]};
+      const float lse2[2] = {rows.lse2[0], rows.lse2[1]};
+      const int warp_lim = rows.warp_lim;
       if (c0 >= warp_lim) continue;
 
       float s[kBN / 8][4];
@@ -278,10 +291,14 @@ __global__ void __launch_bounds__(W * 32, 2)
             if (s[j][e] != 0.f) atomicAdd(&score[tl[e / 2] * kBN + col0 + j * 8 + (e & 1)], s[j][e]);
       }
     }
-    __syncthreads();
+    // Direct scores: a warp filters the tokens whose rows it holds, so it only waits for its own stores.
+    if (direct) __syncwarp();
+    else __syncthreads();
+    const int tl_first = direct ? warp * 16 / G : warp, tl_step = direct ? 1 : W;
+    const int tl_end = direct ? min(tpt, (warp + 1) * 16 / G) : tpt;
 
     // Filter: each token's warp appends the ordinary blocks above its threshold, 32 at a time.
-    for (int tl = warp; tl < tpt; tl += W) {
+    for (int tl = tl_first; tl < tl_end; tl += tl_step) {
       const int64_t t = t0 + tl;
       if (t >= seq.length) break;
       const TokenInfo ti = token_info(t);
@@ -352,11 +369,13 @@ struct TopkConfig {
   int warps = 0, stages = 0, cap = 0;
 };
 
-// The largest candidate buffer that fits `limit` bytes, trying 2 K stages before 1; none when even S + 31
-// entries do not fit.
+// The largest candidate buffer that fits `limit` bytes, trying 3 K stages (only with a buffer of at least
+// 128 entries: a small one compacts often), then 2, then 1; none when even S + 31 entries do not fit.
 template <typename T>
 TopkConfig fit(int warps, int k_padded, int tpt, int S, int limit) {
   const int min_cap = int(div_up(S + 31, 32) * 32);
+  for (int cap = kMaxCap; cap >= std::max(min_cap, 128); cap -= 32)
+    if (smem_bytes<T>(warps, k_padded, tpt, 3, cap) <= limit) return {warps, 3, cap};
   for (int stages = 2; stages >= 1; --stages)
     for (int cap = kMaxCap; cap >= min_cap; cap -= 32)
       if (smem_bytes<T>(warps, k_padded, tpt, stages, cap) <= limit) return {warps, stages, cap};

@@ -2,8 +2,8 @@
 // token has the same probability bit for bit (on the device and in the float64 reference), and the selection
 // is decided by the tie rules alone -- forced blocks first for membership (seed, S = 1: a lone visible block
 // scores exactly G, as the forced current block does), then the smaller block. The device must then match the
-// reference slot for slot, padding included. Shapes cover S = 1..64, G = 1/3/16, BS = 16..128, T = 1, a
-// varlen batch with an empty sequence, and enough blocks per token to overflow the candidate buffers.
+// reference slot for slot, padding included. Shapes cover S = 1..64, G = 1/3/4/8/16/160, BS = 16..128, T = 1,
+// a varlen batch with an empty sequence, and enough blocks per token to overflow the candidate buffers.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -84,7 +84,13 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"seed_S16_G1_f32_overflow", kSeed, 1, 1, 16, 16, 3000, {}, DType::F32},
         TieCase{"varlen_empty_G3_S4_BS16", kSeed, 3, 1, 4, 16, 0, {1, 0, 300, 17, 0}},
         TieCase{"paper_varlen_empty_G1_S3_BS32", kPaper, 2, 2, 3, 32, 0, {0, 130, 1, 97}},
-        TieCase{"T1_G1_S16_BS64", kSeed, 1, 1, 16, 64, 1, {}}),
+        TieCase{"T1_G1_S16_BS64", kSeed, 1, 1, 16, 64, 1, {}},
+        // Three K stages with the production key width; G = 8 and 4: a warp filters several tokens it scored.
+        TieCase{"seed_S16_G16_K128_overflow", kSeed, 16, 1, 16, 16, 3000, {}, DType::BF16, 128},
+        TieCase{"paper_S8_G8_BS16_overflow", kPaper, 16, 2, 8, 16, 2000, {}},
+        TieCase{"seed_S16_G4_BS16_K128", kSeed, 8, 2, 16, 16, 1500, {}, DType::BF16, 128},
+        // Two head chunks: Q reloaded per chunk while later K tiles are in flight.
+        TieCase{"paper_S16_G160_head_chunks", kPaper, 160, 1, 16, 16, 600, {}}),
     [](const ::testing::TestParamInfo<TieCase>& info) { return info.param.name; });
 
 }  // namespace
