@@ -14,6 +14,8 @@
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. cuda/tools/attention_bench.cu
 //        cuda/selected_attention.cu cuda/sliding_window.cu -o attention_bench
 // Add -DNSA_BENCH_OLD_LAUNCHER to time a selected_attention.cu that predates SelectedPath (no path figures).
+// Arguments (optional): the selected-attention path, auto | union | per-token (default auto); the patterns,
+// both | shared | random (default both).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -29,6 +31,8 @@
 #include "cuda/kernels.h"
 
 namespace {
+
+nsa::cuda::SelectedPath g_path = nsa::cuda::SelectedPath::Auto;
 
 void ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
@@ -135,7 +139,7 @@ void run(const Shape& s, bool random_pattern) {
 #ifdef NSA_BENCH_OLD_LAUNCHER
       (void)count_paths, nsa::cuda::selected_attention_forward(o, lse, q, k, v, idx_d, nullptr, L, nullptr);
 #else
-      nsa::cuda::selected_attention_forward(o, lse, q, k, v, idx_d, nullptr, L, nullptr, nsa::cuda::SelectedPath::Auto,
+      nsa::cuda::selected_attention_forward(o, lse, q, k, v, idx_d, nullptr, L, nullptr, g_path,
                                             count_paths ? counts_d : nullptr);
 #endif
   };
@@ -224,7 +228,13 @@ void run(const Shape& s, bool random_pattern) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const std::string path = argc > 1 ? argv[1] : "auto", patterns = argc > 2 ? argv[2] : "both";
+  if (path == "union") g_path = nsa::cuda::SelectedPath::Union;
+  else if (path == "per-token") g_path = nsa::cuda::SelectedPath::PerToken;
+  else if (path != "auto") return std::fprintf(stderr, "path: auto | union | per-token\n"), 2;
+  if (patterns != "both" && patterns != "shared" && patterns != "random")
+    return std::fprintf(stderr, "patterns: both | shared | random\n"), 2;
   cudaDeviceProp prop;
   ok(cudaGetDeviceProperties(&prop, 0), "device properties");
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -235,9 +245,10 @@ int main() {
       {32768, 16, 1, 128, 128, 16, 64, 0},                                        // G = 16, HQ = 16
       {32768, 64, 4, 128, 128, 16, 64, 512},                                      // sliding window
   };
+  std::printf("path %s\n", path.c_str());
   for (const Shape& s : shapes) {
-    run(s, false);
-    if (s.W == 0) run(s, true);
+    if (s.W > 0 || patterns != "random") run(s, false);
+    if (s.W == 0 && patterns != "shared") run(s, true);
   }
   return 0;
 }
