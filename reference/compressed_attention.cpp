@@ -81,37 +81,27 @@ void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* 
                                   const double* v_cmp, const Layout& L, const RowMask& rows) {
   const Dims& d = L.dims;
   const int64_t G = d.G(), BS = L.BS();
-  const std::vector<GroupTile> tiles = detail::make_tiles(L);
-#pragma omp parallel
-  {
-    Scratch s;
-#pragma omp for schedule(dynamic)
-    for (int64_t w = 0; w < int64_t(tiles.size()); ++w) {
-      const GroupTile& tile = tiles[w];
-      const Sequence& seq = L.sequences[tile.seq];
-      detail::tile_positions(s.positions, L, tile, rows);
-      if (s.positions.empty()) continue;
-      const int64_t n = int64_t(s.positions.size()) * G;
-      const int64_t nc = visible_blocks(s.positions.back(), BS);
-      detail::gather_group(s.q, q, L, seq, tile.h, d.K, s.positions);
-      s.z.resize(n * nc);
-      s.out.resize(n * d.V);
-      MatrixMap z(s.z.data(), n, nc);
-      MatrixMap out(s.out.data(), n, d.V);
-      const ConstMatrixMap qm(s.q.data(), n, d.K);
-      const ConstStridedMap kc = detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, nc);
-      const ConstStridedMap vc = detail::sequence_blocks(v_cmp, L, seq, tile.h, d.V, 0, nc);
-      z.noalias() = L.scale() * (qm * kc.transpose());
-      softmax_rows(z, s.lse, s.positions, G, BS);
-      out.noalias() = z * vc;  // rows that see no block get o = 0
-      for (int64_t r = 0; r < n; ++r) {
-        const int64_t t = s.positions[r / G], i = r % G;
-        if (!detail::row_selected(rows, L, seq, t)) continue;
-        std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + detail::head_offset(L, seq, t, tile.h, i, d.V));
-        lse_cmp[detail::head_offset(L, seq, t, tile.h, i, 1)] = s.lse[r];
-      }
+  detail::for_each_tile<Scratch>(L, rows, [&](Scratch& s, const GroupTile& tile, const Sequence& seq) {
+    const int64_t n = int64_t(s.positions.size()) * G;
+    const int64_t nc = visible_blocks(s.positions.back(), BS);
+    detail::gather_group(s.q, q, L, seq, tile.h, d.K, s.positions);
+    s.z.resize(n * nc);
+    s.out.resize(n * d.V);
+    MatrixMap z(s.z.data(), n, nc);
+    MatrixMap out(s.out.data(), n, d.V);
+    const ConstMatrixMap qm(s.q.data(), n, d.K);
+    const ConstStridedMap kc = detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, nc);
+    const ConstStridedMap vc = detail::sequence_blocks(v_cmp, L, seq, tile.h, d.V, 0, nc);
+    z.noalias() = L.scale() * (qm * kc.transpose());
+    softmax_rows(z, s.lse, s.positions, G, BS);
+    out.noalias() = z * vc;  // rows that see no block get o = 0
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t t = s.positions[r / G], i = r % G;
+      if (!detail::row_selected(rows, L, seq, t)) continue;
+      std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + detail::head_offset(L, seq, t, tile.h, i, d.V));
+      lse_cmp[detail::head_offset(L, seq, t, tile.h, i, 1)] = s.lse[r];
     }
-  }
+  });
 }
 
 void compressed_attention_backward(double* dq, double* dk_cmp, double* dv_cmp, const double* do_cmp, const double* q,
@@ -145,28 +135,19 @@ void compressed_attention_backward(double* dq, double* dk_cmp, double* dv_cmp, c
   };
 
   // Pass 1: dq, owned by query tile.
-  const std::vector<GroupTile> tiles = detail::make_tiles(L);
-#pragma omp parallel
-  {
-    Scratch s;
-#pragma omp for schedule(dynamic)
-    for (int64_t w = 0; w < int64_t(tiles.size()); ++w) {
-      const GroupTile& tile = tiles[w];
-      const Sequence& seq = L.sequences[tile.seq];
-      detail::tile_positions(s.positions, L, tile, {});
-      const int64_t nc = visible_blocks(s.positions.back(), BS);
-      if (nc == 0) continue;
-      const int64_t n = gather(s, seq, tile.h);
-      probabilities_and_ds(s, seq, tile.h, n, 0, nc);
-      s.out.resize(n * d.K);
-      MatrixMap dqm(s.out.data(), n, d.K);
-      dqm.noalias() = scale * (ConstMatrixMap(s.dp.data(), n, nc) * detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, nc));
-      for (int64_t r = 0; r < n; ++r) {
-        double* dst = dq + detail::head_offset(L, seq, s.positions[r / G], tile.h, r % G, d.K);
-        for (int64_t e = 0; e < d.K; ++e) dst[e] += dqm(r, e);
-      }
+  detail::for_each_tile<Scratch>(L, {}, [&](Scratch& s, const GroupTile& tile, const Sequence& seq) {
+    const int64_t nc = visible_blocks(s.positions.back(), BS);
+    if (nc == 0) return;
+    const int64_t n = gather(s, seq, tile.h);
+    probabilities_and_ds(s, seq, tile.h, n, 0, nc);
+    s.out.resize(n * d.K);
+    MatrixMap dqm(s.out.data(), n, d.K);
+    dqm.noalias() = scale * (ConstMatrixMap(s.dp.data(), n, nc) * detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, nc));
+    for (int64_t r = 0; r < n; ++r) {
+      double* dst = dq + detail::head_offset(L, seq, s.positions[r / G], tile.h, r % G, d.K);
+      for (int64_t e = 0; e < d.K; ++e) dst[e] += dqm(r, e);
     }
-  }
+  });
 
   // Pass 2: dk_cmp / dv_cmp, owned by tile of pooled blocks; the queries that see a block are visited in
   // position order, in tiles of a fixed size.

@@ -54,6 +54,11 @@ inline std::vector<GroupTile> make_tiles(const Layout& L) {
   return tiles;
 }
 
+// Runs body(scratch, tile, sequence) over the tiles of L in parallel (dynamic schedule) with one Scratch per
+// thread; scratch.positions holds the tile's positions (tile_positions), and tiles `rows` leaves out are skipped.
+template <typename Scratch, typename Body>
+void for_each_tile(const Layout& L, const RowMask& rows, Body&& body);
+
 // Flat query token (b * T + t) of position `t` of sequence `s`.
 inline int64_t flat_token(const Layout& L, const Sequence& s, int64_t t) { return s.batch * L.dims.T + s.start + t; }
 
@@ -93,6 +98,20 @@ inline void gather_group(std::vector<double>& out, const double* x, const Layout
   for (std::size_t p = 0; p < positions.size(); ++p) {
     const double* src = x + head_offset(L, s, positions[p], h, 0, D);
     std::copy(src, src + width, out.data() + p * width);
+  }
+}
+
+template <typename Scratch, typename Body>
+void for_each_tile(const Layout& L, const RowMask& rows, Body&& body) {
+  const std::vector<GroupTile> tiles = make_tiles(L);
+#pragma omp parallel
+  {
+    Scratch scratch;
+#pragma omp for schedule(dynamic)
+    for (int64_t w = 0; w < int64_t(tiles.size()); ++w) {
+      tile_positions(scratch.positions, L, tiles[w], rows);
+      if (!scratch.positions.empty()) body(scratch, tiles[w], L.sequences[tiles[w].seq]);
+    }
   }
 }
 

@@ -61,37 +61,31 @@ void topk_forward(int32_t* block_indices, const double* q, const double* k_cmp, 
                   const RowMask& rows) {
   const Dims& d = L.dims;
   const int64_t G = d.G(), BS = L.BS(), S = L.S();
-  const std::vector<GroupTile> tiles = detail::make_tiles(L);
-#pragma omp parallel
-  {
+  struct Scratch {
     std::vector<int64_t> positions;
     std::vector<double> qs, lse, z, score;
     std::vector<int32_t> order;
-#pragma omp for schedule(dynamic)
-    for (int64_t w = 0; w < int64_t(tiles.size()); ++w) {
-      const GroupTile& tile = tiles[w];
-      const Sequence& seq = L.sequences[tile.seq];
-      detail::tile_positions(positions, L, tile, rows);
-      if (positions.empty()) continue;
-      const int64_t n = int64_t(positions.size()) * G;
-      const int64_t cols = positions.back() / BS;  // scores are needed for blocks before the current one only
-      detail::gather_group(lse, lse_cmp, L, seq, tile.h, 1, positions);
-      z.resize(n * cols);
-      if (cols > 0) {
-        detail::gather_group(qs, q, L, seq, tile.h, d.K, positions);
-        MatrixMap(z.data(), n, cols).noalias() =
-            L.scale() * (ConstMatrixMap(qs.data(), n, d.K) * detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, cols).transpose());
-      }
-      score.resize(cols + 1);
-      for (std::size_t p = 0; p < positions.size(); ++p) {
-        const int64_t t = positions[p], cur = t / BS;
-        if (!detail::row_selected(rows, L, seq, t)) continue;
-        group_scores(score.data(), z.data() + p * G * cols, cols, lse.data() + p * G, G, cur, L.config.policy);
-        int32_t* out = block_indices + (detail::flat_token(L, seq, t) * d.H + tile.h) * S;
-        select_top(out, S, score.data(), cur, L.config.policy, order);
-      }
+  };
+  detail::for_each_tile<Scratch>(L, rows, [&](Scratch& s, const GroupTile& tile, const Sequence& seq) {
+    auto& [positions, qs, lse, z, score, order] = s;
+    const int64_t n = int64_t(positions.size()) * G;
+    const int64_t cols = positions.back() / BS;  // scores are needed for blocks before the current one only
+    detail::gather_group(lse, lse_cmp, L, seq, tile.h, 1, positions);
+    z.resize(n * cols);
+    if (cols > 0) {
+      detail::gather_group(qs, q, L, seq, tile.h, d.K, positions);
+      MatrixMap(z.data(), n, cols).noalias() =
+          L.scale() * (ConstMatrixMap(qs.data(), n, d.K) * detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, cols).transpose());
     }
-  }
+    score.resize(cols + 1);
+    for (std::size_t p = 0; p < positions.size(); ++p) {
+      const int64_t t = positions[p], cur = t / BS;
+      if (!detail::row_selected(rows, L, seq, t)) continue;
+      group_scores(score.data(), z.data() + p * G * cols, cols, lse.data() + p * G, G, cur, L.config.policy);
+      int32_t* out = block_indices + (detail::flat_token(L, seq, t) * d.H + tile.h) * S;
+      select_top(out, S, score.data(), cur, L.config.policy, order);
+    }
+  });
 }
 
 void topk_scores(BlockScores& out, int64_t b, int64_t t, int64_t h, const double* q, const double* k_cmp,
