@@ -14,23 +14,8 @@ namespace {
 
 using test::ProblemSpec;
 
-struct CmpResult {
-  std::vector<double> k_cmp, v_cmp, o, lse;
-};
-
-// Mean pooling then compressed attention, as the pipeline runs them.
-CmpResult run_compressed(const Problem& p, const RowMask& rows = {}) {
-  const Layout& L = p.layout;
-  const Dims& d = L.dims;
-  CmpResult r;
-  r.k_cmp.assign(d.B * L.chunks * d.H * d.K, 0);
-  r.v_cmp.assign(d.B * L.chunks * d.H * d.V, 0);
-  mean_pool_forward(r.k_cmp.data(), r.v_cmp.data(), p.k.data(), p.v.data(), L);
-  r.o.assign(d.B * d.T * d.HQ * d.V, 0);
-  r.lse.assign(d.B * d.T * d.HQ, 0);
-  compressed_attention_forward(r.o.data(), r.lse.data(), p.q.data(), r.k_cmp.data(), r.v_cmp.data(), L, rows);
-  return r;
-}
+using CmpResult = test::CompressedRun;
+using test::run_compressed;
 
 // The same outputs from a plain per-row loop over the visible pooled blocks.
 CmpResult naive_compressed(const Problem& p, const CmpResult& pooled) {
@@ -43,7 +28,7 @@ CmpResult naive_compressed(const Problem& p, const CmpResult& pooled) {
       std::vector<int64_t> blocks;
       for (int64_t c = 0; (c + 1) * L.BS() <= t + 1; ++c) blocks.push_back(s.batch * L.chunks + s.chunk_start + c);
       for (int64_t i = 0; i < d.HQ; ++i)
-        test::naive_attention_row(&r.o[(token * d.HQ + i) * d.V], &r.lse[token * d.HQ + i], p.q, pooled.k_cmp,
+        test::naive_attention_row(&r.o_cmp[(token * d.HQ + i) * d.V], &r.lse_cmp[token * d.HQ + i], p.q, pooled.k_cmp,
                                   pooled.v_cmp, token, i, blocks, L);
     }
   return r;
@@ -68,23 +53,23 @@ TEST(CompressedAttention, HandComputedRows) {
   EXPECT_EQ(r.k_cmp, (std::vector<double>{1, 2}));
   EXPECT_EQ(r.v_cmp, (std::vector<double>{1, 4}));
   // t = 0 sees no complete block.
-  EXPECT_EQ(r.o[0], 0.0);
-  EXPECT_EQ(r.lse[0], 0.0);
+  EXPECT_EQ(r.o_cmp[0], 0.0);
+  EXPECT_EQ(r.lse_cmp[0], 0.0);
   // t = 1, 2 see block 0 only: o = v_cmp[0], lse = q * k_cmp[0].
-  EXPECT_DOUBLE_EQ(r.o[1], 1.0);
-  EXPECT_DOUBLE_EQ(r.lse[1], 0.5);
-  EXPECT_DOUBLE_EQ(r.o[2], 1.0);
-  EXPECT_DOUBLE_EQ(r.lse[2], -0.25);
+  EXPECT_DOUBLE_EQ(r.o_cmp[1], 1.0);
+  EXPECT_DOUBLE_EQ(r.lse_cmp[1], 0.5);
+  EXPECT_DOUBLE_EQ(r.o_cmp[2], 1.0);
+  EXPECT_DOUBLE_EQ(r.lse_cmp[2], -0.25);
   // t = 3 sees both: z = [ln 3, 2 ln 3] -> p = [1/4, 3/4], o = 1/4 + 3, lse = ln 12.
-  EXPECT_NEAR(r.o[3], 3.25, 1e-15);
-  EXPECT_NEAR(r.lse[3], std::log(12.0), 1e-15);
+  EXPECT_NEAR(r.o_cmp[3], 3.25, 1e-15);
+  EXPECT_NEAR(r.lse_cmp[3], std::log(12.0), 1e-15);
 }
 
 TEST(CompressedAttention, BlockSizeOneAtTOneAttendsToItsOwnToken) {
   Problem p = test::random_problem(spec(1, 3, 1, 5, 2, 1));
   const CmpResult r = run_compressed(p);
   for (int64_t i = 0; i < 3; ++i)
-    for (int64_t e = 0; e < 2; ++e) EXPECT_DOUBLE_EQ(r.o[i * 2 + e], p.v[e]);
+    for (int64_t e = 0; e < 2; ++e) EXPECT_DOUBLE_EQ(r.o_cmp[i * 2 + e], p.v[e]);
 }
 
 TEST(CompressedAttention, MatchesNaiveLoopWithGroupsAndUnevenDims) {
@@ -94,9 +79,9 @@ TEST(CompressedAttention, MatchesNaiveLoopWithGroupsAndUnevenDims) {
   const Problem p = test::random_problem(s);
   const CmpResult r = run_compressed(p);
   const CmpResult e = naive_compressed(p, r);
-  EXPECT_FALSE(test::all_zero(r.o));
-  EXPECT_LT(test::max_abs_diff(r.o, e.o), 1e-13);
-  EXPECT_LT(test::max_abs_diff(r.lse, e.lse), 1e-13);
+  EXPECT_FALSE(test::all_zero(r.o_cmp));
+  EXPECT_LT(test::max_abs_diff(r.o_cmp, e.o_cmp), 1e-13);
+  EXPECT_LT(test::max_abs_diff(r.lse_cmp, e.lse_cmp), 1e-13);
 }
 
 TEST(CompressedAttention, MatchesNaiveLoopOnLongSequencesWithManyTiles) {
@@ -104,8 +89,8 @@ TEST(CompressedAttention, MatchesNaiveLoopOnLongSequencesWithManyTiles) {
   const Problem p = test::random_problem(spec(700, 2, 2, 8, 8, 16, 3));
   const CmpResult r = run_compressed(p);
   const CmpResult e = naive_compressed(p, r);
-  EXPECT_LT(test::max_abs_diff(r.o, e.o), 1e-13);
-  EXPECT_LT(test::max_abs_diff(r.lse, e.lse), 1e-12);
+  EXPECT_LT(test::max_abs_diff(r.o_cmp, e.o_cmp), 1e-13);
+  EXPECT_LT(test::max_abs_diff(r.lse_cmp, e.lse_cmp), 1e-12);
 }
 
 TEST(CompressedAttention, SoftmaxWeightsSumToOne) {
@@ -114,7 +99,7 @@ TEST(CompressedAttention, SoftmaxWeightsSumToOne) {
   std::fill(p.v.begin(), p.v.end(), 1.0);
   const CmpResult r = run_compressed(p);
   for (int64_t t = 0; t < 19; ++t)
-    for (int64_t i = 0; i < 3; ++i) EXPECT_NEAR(r.o[t * 3 + i], (t + 1) / 3 > 0 ? 1.0 : 0.0, 1e-15) << "t=" << t;
+    for (int64_t i = 0; i < 3; ++i) EXPECT_NEAR(r.o_cmp[t * 3 + i], (t + 1) / 3 > 0 ? 1.0 : 0.0, 1e-15) << "t=" << t;
 }
 
 TEST(CompressedAttention, RowsWithoutCompleteBlockGiveZero) {
@@ -122,8 +107,8 @@ TEST(CompressedAttention, RowsWithoutCompleteBlockGiveZero) {
   const Problem p = test::random_problem(spec(5, 2, 1, 4, 4, 8));
   const CmpResult r = run_compressed(p);
   EXPECT_FALSE(test::all_zero(r.k_cmp));
-  EXPECT_TRUE(test::all_zero(r.o));
-  EXPECT_TRUE(test::all_zero(r.lse));
+  EXPECT_TRUE(test::all_zero(r.o_cmp));
+  EXPECT_TRUE(test::all_zero(r.lse_cmp));
 }
 
 TEST(CompressedAttention, VarlenEqualsSeparateRuns) {
@@ -139,10 +124,10 @@ TEST(CompressedAttention, VarlenEqualsSeparateRuns) {
     part.k.assign(whole.k.begin() + start * d.H * d.K, whole.k.begin() + (start + len) * d.H * d.K);
     part.v.assign(whole.v.begin() + start * d.H * d.V, whole.v.begin() + (start + len) * d.H * d.V);
     const CmpResult alone = run_compressed(part);
-    const std::vector<double> o(r.o.begin() + start * d.HQ * d.V, r.o.begin() + (start + len) * d.HQ * d.V);
-    const std::vector<double> lse(r.lse.begin() + start * d.HQ, r.lse.begin() + (start + len) * d.HQ);
-    EXPECT_EQ(o, alone.o) << "sequence at " << start;
-    EXPECT_EQ(lse, alone.lse) << "sequence at " << start;
+    const std::vector<double> o(r.o_cmp.begin() + start * d.HQ * d.V, r.o_cmp.begin() + (start + len) * d.HQ * d.V);
+    const std::vector<double> lse(r.lse_cmp.begin() + start * d.HQ, r.lse_cmp.begin() + (start + len) * d.HQ);
+    EXPECT_EQ(o, alone.o_cmp) << "sequence at " << start;
+    EXPECT_EQ(lse, alone.lse_cmp) << "sequence at " << start;
     start += len;
   }
 }
@@ -153,8 +138,8 @@ TEST(CompressedAttention, FutureTokensChangeNothing) {
   const CmpResult before = run_compressed(p);
   for (std::size_t n = (last + 1) * 4; n < p.k.size(); ++n) p.k[n] += 3.0, p.v[n] -= 2.0;
   const CmpResult after = run_compressed(p);
-  for (int64_t n = 0; n < (last + 1) * 2 * 4; ++n) ASSERT_EQ(before.o[n], after.o[n]) << n;
-  EXPECT_NE(before.o.back(), after.o.back());
+  for (int64_t n = 0; n < (last + 1) * 2 * 4; ++n) ASSERT_EQ(before.o_cmp[n], after.o_cmp[n]) << n;
+  EXPECT_NE(before.o_cmp.back(), after.o_cmp.back());
 }
 
 TEST(CompressedAttention, RowSampleWritesOnlyThoseRowsBitIdentically) {
@@ -166,13 +151,13 @@ TEST(CompressedAttention, RowSampleWritesOnlyThoseRowsBitIdentically) {
   const Dims& d = p.layout.dims;
   for (int64_t t = 0; t < 40; ++t)
     for (int64_t i = 0; i < d.HQ; ++i) {
-      const double lse = some.lse[t * d.HQ + i];
+      const double lse = some.lse_cmp[t * d.HQ + i];
       // Sampled rows are bit-identical to the full run; the others stay untouched.
-      EXPECT_EQ(lse, rows[t] ? full.lse[t * d.HQ + i] : 0.0) << "t=" << t;
+      EXPECT_EQ(lse, rows[t] ? full.lse_cmp[t * d.HQ + i] : 0.0) << "t=" << t;
       for (int64_t e = 0; e < d.V; ++e)
-        EXPECT_EQ(some.o[(t * d.HQ + i) * d.V + e], rows[t] ? full.o[(t * d.HQ + i) * d.V + e] : 0.0) << "t=" << t;
+        EXPECT_EQ(some.o_cmp[(t * d.HQ + i) * d.V + e], rows[t] ? full.o_cmp[(t * d.HQ + i) * d.V + e] : 0.0) << "t=" << t;
     }
-  EXPECT_NE(some.lse[39 * d.HQ], 0.0);
+  EXPECT_NE(some.lse_cmp[39 * d.HQ], 0.0);
 }
 
 // loss = sum(do * o_cmp) as a function of q, k_cmp, v_cmp.
@@ -194,7 +179,7 @@ TEST(CompressedAttention, BackwardMatchesFiniteDifferences) {
   const std::vector<double>& d_o = *p.d_o;
   std::vector<double> dq(p.q.size(), 0), dk_cmp(r.k_cmp.size(), 0), dv_cmp(r.v_cmp.size(), 0);
   compressed_attention_backward(dq.data(), dk_cmp.data(), dv_cmp.data(), d_o.data(), p.q.data(), r.k_cmp.data(),
-                                r.v_cmp.data(), r.o.data(), r.lse.data(), p.layout);
+                                r.v_cmp.data(), r.o_cmp.data(), r.lse_cmp.data(), p.layout);
   auto loss = [&] { return cmp_loss(p, r.k_cmp, r.v_cmp, d_o); };
   const std::vector<double> fq = test::finite_difference(p.q, loss);
   const std::vector<double> fk = test::finite_difference(r.k_cmp, loss);
@@ -216,7 +201,7 @@ TEST(CompressedAttention, BackwardAccumulatesIntoItsOutputs) {
   auto backward = [&](double start) {
     std::vector<double> dq(p.q.size(), start), dk(r.k_cmp.size(), start), dv(r.v_cmp.size(), start);
     compressed_attention_backward(dq.data(), dk.data(), dv.data(), p.d_o->data(), p.q.data(), r.k_cmp.data(),
-                                  r.v_cmp.data(), r.o.data(), r.lse.data(), p.layout);
+                                  r.v_cmp.data(), r.o_cmp.data(), r.lse_cmp.data(), p.layout);
     dq.insert(dq.end(), dk.begin(), dk.end());
     dq.insert(dq.end(), dv.begin(), dv.end());
     return dq;
@@ -236,9 +221,9 @@ TEST(CompressedAttention, ForwardAndBackwardAreBitIdenticalForOneAndTwoThreads) 
     CmpResult r = run_compressed(p);
     std::vector<double> dq(p.q.size(), 0), dk(r.k_cmp.size(), 0), dv(r.v_cmp.size(), 0);
     compressed_attention_backward(dq.data(), dk.data(), dv.data(), p.d_o->data(), p.q.data(), r.k_cmp.data(),
-                                  r.v_cmp.data(), r.o.data(), r.lse.data(), p.layout);
-    std::vector<double> all = r.o;
-    for (const auto* part : {&r.lse, &dq, &dk, &dv}) all.insert(all.end(), part->begin(), part->end());
+                                  r.v_cmp.data(), r.o_cmp.data(), r.lse_cmp.data(), p.layout);
+    std::vector<double> all = r.o_cmp;
+    for (const auto* part : {&r.lse_cmp, &dq, &dk, &dv}) all.insert(all.end(), part->begin(), part->end());
     return all;
   };
   const std::vector<double> one = run(1), two = run(2);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/problem.h"
+#include "reference/reference.h"
 
 namespace nsa::test {
 
@@ -97,5 +98,23 @@ class ScopedThreads {
  private:
   int saved_;
 };
+
+// Mean pooling then compressed attention, as the pipeline runs them.
+struct CompressedRun {
+  std::vector<double> k_cmp, v_cmp, o_cmp, lse_cmp;
+};
+inline CompressedRun run_compressed(const Problem& p, const ref::RowMask& rows = {}) {
+  const Layout& L = p.layout;
+  const Dims& d = L.dims;
+  CompressedRun r;
+  r.k_cmp.assign(d.B * L.chunks * d.H * d.K, 0);
+  r.v_cmp.assign(d.B * L.chunks * d.H * d.V, 0);
+  ref::mean_pool_forward(r.k_cmp.data(), r.v_cmp.data(), p.k.data(), p.v.data(), L);
+  r.o_cmp.assign(d.B * d.T * d.HQ * d.V, 0);
+  r.lse_cmp.assign(d.B * d.T * d.HQ, 0);
+  ref::compressed_attention_forward(r.o_cmp.data(), r.lse_cmp.data(), p.q.data(), r.k_cmp.data(), r.v_cmp.data(), L,
+                                    rows);
+  return r;
+}
 
 }  // namespace nsa::test

@@ -12,8 +12,7 @@ namespace {
 
 using test::ProblemSpec;
 
-struct TopkRun {
-  std::vector<double> k_cmp, v_cmp, o_cmp, lse_cmp;
+struct TopkRun : test::CompressedRun {
   std::vector<int32_t> indices;
 };
 
@@ -21,12 +20,7 @@ TopkRun run_topk(const Problem& p, const RowMask& rows = {}) {
   const Layout& L = p.layout;
   const Dims& d = L.dims;
   TopkRun r;
-  r.k_cmp.assign(d.B * L.chunks * d.H * d.K, 0);
-  r.v_cmp.assign(d.B * L.chunks * d.H * d.V, 0);
-  mean_pool_forward(r.k_cmp.data(), r.v_cmp.data(), p.k.data(), p.v.data(), L);
-  r.o_cmp.assign(d.B * d.T * d.HQ * d.V, 0);
-  r.lse_cmp.assign(d.B * d.T * d.HQ, 0);
-  compressed_attention_forward(r.o_cmp.data(), r.lse_cmp.data(), p.q.data(), r.k_cmp.data(), r.v_cmp.data(), L);
+  static_cast<test::CompressedRun&>(r) = test::run_compressed(p);
   r.indices.assign(d.B * d.T * d.H * L.S(), -7);  // -7: "not written"
   topk_forward(r.indices.data(), p.q.data(), r.k_cmp.data(), r.lse_cmp.data(), L, rows);
   return r;
