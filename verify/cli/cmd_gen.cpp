@@ -20,8 +20,7 @@ namespace fs = std::filesystem;
 // Every flag that describes one fixture; unset ones fall back to the preset, then to GenSpec's defaults.
 struct GenFlags {
   std::optional<std::string> preset;
-  std::optional<int64_t> batch, seqlen, heads_q, heads_kv, dim_k, dim_v;
-  std::vector<int64_t> varlen;
+  ShapeFlags shape;
   std::optional<std::string> dtype;
   uint64_t seed = 0;
   bool with_grads = false, no_gates = false, block_counts = false, given_indices = false;
@@ -43,13 +42,7 @@ void bind_fixture_flags(CLI::App& cmd, GenFlags& f) {
   std::vector<std::string> names;
   for (const gen::Preset& p : gen::presets()) names.push_back(p.name);
   cmd.add_option("--preset", f.preset, "start from a named shape + configuration (see the footer)")->check(CLI::IsMember(names));
-  cmd.add_option("--batch", f.batch, "batch rows B (default 1)");
-  cmd.add_option("--seqlen", f.seqlen, "tokens per row T (default 256)");
-  cmd.add_option("--heads-q", f.heads_q, "query heads HQ (default 16)");
-  cmd.add_option("--heads-kv", f.heads_kv, "kv heads H, dividing HQ (default 1)");
-  cmd.add_option("--dim-k", f.dim_k, "query/key head dim K (default 64)");
-  cmd.add_option("--dim-v", f.dim_v, "value head dim V (default 64)");
-  cmd.add_option("--varlen", f.varlen, "varlen sequence lengths, e.g. 100,0,257 (B = 1, T = their sum)")->delimiter(',');
+  add_shape_flags(cmd, f.shape, gen::GenSpec{});
   cmd.add_option("--dtype", f.dtype, "input dtype (default bf16)")->check(CLI::IsMember({"f64", "f32", "f16", "bf16"}));
   cmd.add_option("--seed", f.seed, "generator seed (default 0)");
   cmd.add_flag("--with-grads", f.with_grads, "add the upstream gradient `do` (the backward is then computed)");
@@ -69,13 +62,7 @@ void bind_fixture_flags(CLI::App& cmd, GenFlags& f) {
 
 gen::GenSpec spec_from(const GenFlags& f) {
   gen::GenSpec s = f.preset ? gen::find_preset(*f.preset).spec : gen::GenSpec{};
-  if (f.batch) s.batch = *f.batch;
-  if (f.seqlen) s.seqlen = *f.seqlen;
-  if (f.heads_q) s.heads_q = *f.heads_q;
-  if (f.heads_kv) s.heads_kv = *f.heads_kv;
-  if (f.dim_k) s.dim_k = *f.dim_k;
-  if (f.dim_v) s.dim_v = *f.dim_v;
-  if (!f.varlen.empty()) s.varlen = f.varlen;
+  f.shape.apply(s);
   if (f.dtype) s.dtype = dtype_from_flag(*f.dtype);
   s.seed = f.seed;
   s.with_grads = f.with_grads;

@@ -18,8 +18,7 @@ struct GradcheckArgs {
   std::string input;
   std::string backend = "cpu";
   std::string preset;
-  std::optional<int64_t> batch, seqlen, heads_q, heads_kv, dim_k, dim_v;
-  std::vector<int64_t> varlen;
+  ShapeFlags shape;
   bool block_counts = false;
   ConfigOverrides overrides;
   bool elementwise = false;
@@ -70,19 +69,15 @@ const std::vector<NamedShape>& shapes() {
 }
 
 bool has_shape_flags(const GradcheckArgs& a) {
-  return a.batch || a.seqlen || a.heads_q || a.heads_kv || a.dim_k || a.dim_v || !a.varlen.empty() || a.block_counts;
+  return a.shape.any() || a.block_counts;
 }
 
 // Shape flags over a small default (T=40, HQ=4, H=2, K=8, V=8, BS=8, S=3), all gates, float64 inputs.
+gen::GenSpec flag_defaults() { return small_spec(40, 4, 2, 8, 8, 8, 3); }
+
 gen::GenSpec spec_from_flags(const GradcheckArgs& a) {
-  gen::GenSpec s = small_spec(40, 4, 2, 8, 8, 8, 3);
-  if (a.batch) s.batch = *a.batch;
-  if (a.seqlen) s.seqlen = *a.seqlen;
-  if (a.heads_q) s.heads_q = *a.heads_q;
-  if (a.heads_kv) s.heads_kv = *a.heads_kv;
-  if (a.dim_k) s.dim_k = *a.dim_k;
-  if (a.dim_v) s.dim_v = *a.dim_v;
-  if (!a.varlen.empty()) s.varlen = a.varlen;
+  gen::GenSpec s = flag_defaults();
+  a.shape.apply(s);
   s.block_counts = a.block_counts;
   return s;
 }
@@ -177,13 +172,7 @@ void setup_gradcheck(CLI::App& app) {
   cmd->add_option("-i,--input", args->input, "fixture to check (a random `do` from --seed is added when it has none)");
   cmd->add_option("--backend", args->backend, "backend whose gradients are checked: cpu or cuda");
   cmd->add_option("--preset", args->preset, "named small shape (see below)")->check(CLI::IsMember(names));
-  cmd->add_option("--batch", args->batch, "batch rows B (default 1)");
-  cmd->add_option("--seqlen", args->seqlen, "tokens per row T (default 40)");
-  cmd->add_option("--heads-q", args->heads_q, "query heads HQ (default 4)");
-  cmd->add_option("--heads-kv", args->heads_kv, "kv heads H (default 2)");
-  cmd->add_option("--dim-k", args->dim_k, "query/key dim K (default 8)");
-  cmd->add_option("--dim-v", args->dim_v, "value dim V (default 8)");
-  cmd->add_option("--varlen", args->varlen, "varlen sequence lengths, e.g. 9,0,20")->delimiter(',');
+  add_shape_flags(*cmd, args->shape, flag_defaults());
   cmd->add_flag("--block-counts", args->block_counts, "random per-query block counts in [0, S]");
   add_config_flags(*cmd, args->overrides);
   cmd->add_flag("--elementwise", args->elementwise, "difference every element (tiny shapes) instead of random directions");

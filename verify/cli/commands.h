@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/problem.h"
+#include "verify/generator.h"
 
 namespace nsa::cli {
 
@@ -18,6 +19,16 @@ extern int g_exit_code;
 void add_config_flags(CLI::App& cmd, ConfigOverrides& ov);
 // Each flag that is set replaces that field of c (for generated problems, which have no metadata to override).
 void apply_config_flags(Config& c, const ConfigOverrides& ov);
+
+// --batch --seqlen --heads-q --heads-kv --dim-k --dim-v --varlen, each overriding a base spec when given.
+struct ShapeFlags {
+  std::optional<int64_t> batch, seqlen, heads_q, heads_kv, dim_k, dim_v;
+  std::vector<int64_t> varlen;
+  bool any() const;
+  void apply(gen::GenSpec& s) const;
+};
+// `defaults` is the spec the flags override; its values are shown in the help.
+void add_shape_flags(CLI::App& cmd, ShapeFlags& f, const gen::GenSpec& defaults);
 
 void setup_run(CLI::App& app);
 void setup_gen(CLI::App& app);

@@ -25,6 +25,31 @@ void apply_config_flags(Config& c, const ConfigOverrides& ov) {
   if (ov.policy) c.policy = policy_from_name(*ov.policy);
 }
 
+bool ShapeFlags::any() const {
+  return batch || seqlen || heads_q || heads_kv || dim_k || dim_v || !varlen.empty();
+}
+
+void ShapeFlags::apply(gen::GenSpec& s) const {
+  if (batch) s.batch = *batch;
+  if (seqlen) s.seqlen = *seqlen;
+  if (heads_q) s.heads_q = *heads_q;
+  if (heads_kv) s.heads_kv = *heads_kv;
+  if (dim_k) s.dim_k = *dim_k;
+  if (dim_v) s.dim_v = *dim_v;
+  if (!varlen.empty()) s.varlen = varlen;
+}
+
+void add_shape_flags(CLI::App& cmd, ShapeFlags& f, const gen::GenSpec& d) {
+  auto def = [](int64_t v) { return " (default " + std::to_string(v) + ")"; };
+  cmd.add_option("--batch", f.batch, "batch rows B" + def(d.batch));
+  cmd.add_option("--seqlen", f.seqlen, "tokens per row T" + def(d.seqlen));
+  cmd.add_option("--heads-q", f.heads_q, "query heads HQ" + def(d.heads_q));
+  cmd.add_option("--heads-kv", f.heads_kv, "kv heads H, dividing HQ" + def(d.heads_kv));
+  cmd.add_option("--dim-k", f.dim_k, "query/key head dim K" + def(d.dim_k));
+  cmd.add_option("--dim-v", f.dim_v, "value head dim V" + def(d.dim_v));
+  cmd.add_option("--varlen", f.varlen, "varlen sequence lengths, e.g. 100,0,257 (B = 1, T = their sum)")->delimiter(',');
+}
+
 }  // namespace nsa::cli
 
 int main(int argc, char** argv) {
