@@ -231,13 +231,20 @@ struct WarpAttention {
   __device__ __forceinline__ void step(const T* sq_warp, const T* sk, const T* sv, float scale_log2, bool need_mask,
                                        const Mask& mask) {
     const int lane = threadIdx.x % 32;
-    float s[kMT][kSTiles][4];
+    // S = Q K^T accumulates over the k-steps; with few accumulator tiles (16-key tiles of the per-token path)
+    // each would be one chain of dependent mma, so the k-steps are spread over kSplit partial sums, added at
+    // the end, to keep 8 independent chains in flight.
+    constexpr int kChains = kMT * kSTiles;
+    constexpr int kSplit = kChains >= 8 ? 1 : (8 / kChains < kKSteps ? 8 / kChains : kKSteps);
+    float acc[kSplit][kMT][kSTiles][4];
 #pragma unroll
-    for (int m = 0; m < kMT; ++m)
+    for (int p = 0; p < kSplit; ++p)
 #pragma unroll
-      for (int n = 0; n < kSTiles; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
+      for (int m = 0; m < kMT; ++m)
+#pragma unroll
+        for (int n = 0; n < kSTiles; ++n) acc[p][m][n][0] = acc[p][m][n][1] = acc[p][m][n][2] = acc[p][m][n][3] = 0.f;
 
-    // S = Q K^T: each K fragment feeds every row tile.
+    // Each K fragment feeds every row tile.
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       uint32_t a[kMT][4];
@@ -256,11 +263,22 @@ struct WarpAttention {
         ldmatrix_x4(b, sk + (np * 16 + (lane % 8) + (lane / 16) * 8) * Shape::kStride + ks * 16 + ((lane / 8) % 2) * 8);
 #pragma unroll
         for (int m = 0; m < kMT; ++m) {
-          MmaElem<T>::mma(s[m][2 * np], a[m], b[0], b[1]);
-          MmaElem<T>::mma(s[m][2 * np + 1], a[m], b[2], b[3]);
+          MmaElem<T>::mma(acc[ks % kSplit][m][2 * np], a[m], b[0], b[1]);
+          MmaElem<T>::mma(acc[ks % kSplit][m][2 * np + 1], a[m], b[2], b[3]);
         }
       }
     }
+    float s[kMT][kSTiles][4];
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[m][n][e] = acc[0][m][n][e];
+#pragma unroll
+          for (int p = 1; p < kSplit; ++p) s[m][n][e] += acc[p][m][n][e];
+        }
 
     // Scale into the log2 domain, mask.
 #pragma unroll

@@ -135,10 +135,10 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
       mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
       mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
     }
-    const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+    const float new_a = lazy_reference(m_a, mx_a), new_b = lazy_reference(m_b, mx_b);
     // A row with nothing visible yet keeps a finite reference so that exp2 gives 0, not NaN.
     const float ref_a = new_a == -INFINITY ? 0.f : new_a, ref_b = new_b == -INFINITY ? 0.f : new_b;
-    const float alpha_a = exp2f(m_a - ref_a), alpha_b = exp2f(m_b - ref_b);
+    const float alpha_a = new_a == m_a ? 1.f : exp2f(m_a - ref_a), alpha_b = new_b == m_b ? 1.f : exp2f(m_b - ref_b);
     m_a = new_a;
     m_b = new_b;
     float sum_a = 0.f, sum_b = 0.f;
@@ -153,12 +153,15 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
     }
     l_a = l_a * alpha_a + sum_a;
     l_b = l_b * alpha_b + sum_b;
+    // Rescale only when some row's reference moved (lazy_reference): O is VP / 2 registers.
+    if (!__all_sync(0xffffffffu, alpha_a == 1.f && alpha_b == 1.f)) {
 #pragma unroll
-    for (int j = 0; j < VP / 8; ++j) {
-      o[j][0] *= alpha_a;
-      o[j][1] *= alpha_a;
-      o[j][2] *= alpha_b;
-      o[j][3] *= alpha_b;
+      for (int j = 0; j < VP / 8; ++j) {
+        o[j][0] *= alpha_a;
+        o[j][1] *= alpha_a;
+        o[j][2] *= alpha_b;
+        o[j][3] *= alpha_b;
+      }
     }
     tile::warp_pv<T, kBN, VP>(o, s, Vs, vs, Ps + warp * 16 * kBN, lane);
   }

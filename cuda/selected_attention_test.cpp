@@ -176,7 +176,11 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"bf16_G24_K64_BS48_S6", bf16, 1, 260, 24, 1, 64, 64, 48, 6, {}, false},
         SelectedCase{"f16_varlen_G16_K64_V128_BS32", f16, 1, 0, 16, 1, 64, 128, 32, 16, {130, 0, 77, 301}, true},
         SelectedCase{"bf16_varlen_G1_BS16", bf16, 1, 0, 1, 1, 32, 32, 16, 16, {0, 40, 7, 181}, true},
-        SelectedCase{"bf16_varlen_G3_K128_BS64", bf16, 1, 0, 3, 1, 128, 128, 64, 8, {100, 0, 20, 513}, false}),
+        SelectedCase{"bf16_varlen_G3_K128_BS64", bf16, 1, 0, 3, 1, 128, 128, 64, 8, {100, 0, 20, 513}, false},
+        // A partial 16-head chunk with two key tiles per block; K != V; more than 32 entries per token.
+        SelectedCase{"bf16_G24_K64_BS128_S6_counts", bf16, 2, 333, 48, 2, 64, 64, 128, 6, {}, true},
+        SelectedCase{"f16_varlen_G16_K64_V128_BS64", f16, 1, 0, 16, 1, 64, 128, 64, 16, {130, 0, 77, 301}, true},
+        SelectedCase{"bf16_G32_K32_V48_BS64_S40", bf16, 1, 2500, 32, 1, 32, 48, 64, 40, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Per tile, Auto keeps the union when neighbouring tokens select alike and walks each token's own blocks

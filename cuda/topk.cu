@@ -109,6 +109,19 @@ __device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
   return __uint_as_float(v);
 }
 
+// One level of a reduce-scatter over lanes `lane` and `lane ^ offset`: of the 2 * kHalf values v[0..2 kHalf),
+// the lane with the offset bit set keeps the upper half, the other the lower; each adds its partner's copy of
+// the half it keeps, into v[0..kHalf).
+template <int kHalf>
+__device__ __forceinline__ void reduce_scatter_level(float* v, int lane, int offset) {
+  const bool upper = lane & offset;
+#pragma unroll
+  for (int i = 0; i < kHalf; ++i) {
+    const float send = upper ? v[i] : v[i + kHalf], keep = upper ? v[i + kHalf] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFull, send, offset);
+  }
+}
+
 // Forced blocks of a token, ascending: seed {cur}; paper {0, cur-1, cur} without repeats.
 __device__ __forceinline__ int forced_count(bool paper, int cur) { return paper ? min(cur + 1, 3) : 1; }
 __device__ __forceinline__ int forced_block(bool paper, int cur, int i) {
@@ -255,15 +268,18 @@ __global__ void __launch_bounds__(W * 32, 2)
           s[j][e] = col < lim[half] ? exp2f(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
         }
       if (direct && G == 16) {
-        // Rows a and b are heads of one token.
+        // Rows a and b are heads of one token: the column sums over the 8 row groups by a reduce-scatter
+        // across lanes (each level sends half of what is left), so each lane ends up with 2 of the 64 sums.
+        static_assert(kBN == 64, "16 values per lane, 3 levels");
+        float v[16];
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float v = s[j][e] + s[j][e + 2];
-            for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(kFull, v, off);
-            if (lane < 4) score[tl[0] * kBN + col0 + j * 8 + e] = v;
-          }
+        for (int j = 0; j < 8; ++j) v[2 * j] = s[j][0] + s[j][2], v[2 * j + 1] = s[j][1] + s[j][3];
+        reduce_scatter_level<8>(v, lane, 4);
+        reduce_scatter_level<4>(v, lane, 8);
+        reduce_scatter_level<2>(v, lane, 16);
+        // v[0..1] are values 2 j + {0, 1} with j = 4 b0 + 2 b1 + b2 (b = lane bits 2, 3, 4): columns j * 8 + col0.
+        const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
+        *reinterpret_cast<float2*>(&score[tl[0] * kBN + j * 8 + col0]) = make_float2(v[0], v[1]);
       } else if (direct) {
         // G in {1, 2, 4, 8}: a token's heads are G consecutive row groups of 4 lanes.
 #pragma unroll
