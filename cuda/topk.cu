@@ -51,8 +51,9 @@ int smem_bytes(int warps, int k_padded, int tpt, int stages, int cap) {
 }
 
 // Keeps the k best of the n entries (bs, bi) -- score descending, then block ascending -- in the first k slots,
-// in no particular order, and returns the k-th best score. Preconditions: 1 <= k < n <= kMaxCap, scores >= 0,
-// blocks distinct; the whole warp calls it.
+// in no particular order, and returns a score v with every kept score >= v >= every dropped one (the k-th
+// best, or below it when the search stops early). Preconditions: 1 <= k < n <= kMaxCap, scores >= 0, blocks
+// distinct; the whole warp calls it.
 __device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
   __syncwarp();  // the warp's appends are visible
   uint32_t u[kMaxPerLane];
@@ -63,14 +64,25 @@ __device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
     u[j] = e < n ? __float_as_uint(bs[e]) : 0u;
     id[j] = e < n ? bi[e] : 0;
   }
-  // v = the largest bit pattern with at least k entries >= v, i.e. the k-th best score (bit 31 is the sign).
-  uint32_t v = 0;
-  for (int bit = 30; bit >= 0; --bit) {
+  // v = the largest bit pattern with at least k entries >= v, i.e. the k-th best score (bit 31 is the sign),
+  // found bit by bit below the bits that every entry shares; the search stops as soon as exactly k entries
+  // are >= v, which already separates the kept from the dropped.
+  uint32_t any = 0, all = ~0u;
+#pragma unroll
+  for (int j = 0; j < kMaxPerLane; ++j)
+    if (j * 32 + lane < n) any |= u[j], all &= u[j];
+  any = __reduce_or_sync(kFull, any);
+  all = __reduce_and_sync(kFull, all);
+  const int top = 31 - __clz(any ^ all);  // highest bit on which entries differ; -1: all equal
+  uint32_t v = top < 0 ? all : all & ~((2u << top) - 1u);
+  for (int bit = top; bit >= 0; --bit) {
     const uint32_t t = v | (1u << bit);
     int c = 0;
 #pragma unroll
     for (int j = 0; j < kMaxPerLane; ++j) c += (j * 32 + lane < n && u[j] >= t);
-    if (int(__reduce_add_sync(kFull, unsigned(c))) >= k) v = t;
+    const int total = int(__reduce_add_sync(kFull, unsigned(c)));
+    if (total >= k) v = t;
+    if (total == k) break;
   }
   int gt = 0, eq = 0;
 #pragma unroll
