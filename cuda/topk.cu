@@ -42,12 +42,18 @@ struct TopkParams {
 template <typename T>
 constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
 
+// Per token: its block, the end of its scored blocks (c < lim) and the ordinary blocks it keeps.
+struct TokenInfo {
+  int cur, lim, keep;
+};
+
 // Shared memory: Q tile, K tiles, score tile [tpt][kBN], candidate buffers [tpt][cap] (score, block), and per
-// token the buffer count and threshold.
+// token the buffer count, threshold and TokenInfo.
 template <typename T>
 int smem_bytes(int warps, int k_padded, int tpt, int stages, int cap) {
   const int ks = tile::smem_stride<T>(k_padded);
-  return (16 * warps * ks + stages * kBN * ks) * int(sizeof(T)) + tpt * kBN * 4 + tpt * cap * 8 + tpt * 8;
+  return (16 * warps * ks + stages * kBN * ks) * int(sizeof(T)) + tpt * kBN * 4 + tpt * cap * 8 +
+         tpt * (8 + int(sizeof(TokenInfo)));
 }
 
 // Keeps the k best of the n entries (bs, bi) -- score descending, then block ascending -- in the first k slots,
@@ -170,28 +176,24 @@ __global__ void __launch_bounds__(W * 32, 2)
   int* buf_block = reinterpret_cast<int*>(buf_score + tpt * cap);      // [tpt][cap]
   int* buf_count = buf_block + tpt * cap;                              // [tpt]
   float* buf_thr = reinterpret_cast<float*>(buf_count + tpt);          // [tpt]
+  TokenInfo* tok_info = reinterpret_cast<TokenInfo*>(buf_thr + tpt);  // [tpt]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tok_base = seq.batch * L.T + seq.start;
   const int64_t chunk_base = seq.batch * L.C + seq.chunk_start;
   const int64_t last_token = min(t0 + tpt, seq.length) - 1;
   const int nc_max = int((last_token + 1) / BS), lim_max = paper ? nc_max : int(last_token / BS);
+  // Per token, once (the filter reads it every tile; a 64-bit division is dozens of instructions).
   for (int i = threadIdx.x; i < tpt; i += blockDim.x) {
     buf_count[i] = 0;
     buf_thr[i] = -INFINITY;
-  }
-
-  // Per token: its block, the end of its scored blocks (c < lim) and the ordinary blocks it keeps.
-  struct TokenInfo {
-    int cur, lim, keep;
-  };
-  auto token_info = [&](int64_t t) {
+    const int64_t t = t0 + i;
     TokenInfo ti;
     ti.cur = int(t / BS);
     ti.lim = paper ? int((t + 1) / BS) : ti.cur;
     ti.keep = max(0, S - forced_count(paper, ti.cur));
-    return ti;
-  };
+    tok_info[i] = ti;
+  }
 
   auto row_token = [&](int r) { return t0 + r / hpt; };
   auto load_q = [&](int hc) {
@@ -329,7 +331,7 @@ __global__ void __launch_bounds__(W * 32, 2)
     for (int tl = tl_first; tl < tl_end; tl += tl_step) {
       const int64_t t = t0 + tl;
       if (t >= seq.length) break;
-      const TokenInfo ti = token_info(t);
+      const TokenInfo ti = tok_info[tl];
       if (c0 >= ti.lim || ti.keep == 0) continue;
       float* bs = buf_score + tl * cap;
       int* bi = buf_block + tl * cap;
@@ -367,7 +369,7 @@ __global__ void __launch_bounds__(W * 32, 2)
   for (int tl = warp; tl < tpt; tl += W) {
     const int64_t t = t0 + tl;
     if (t >= seq.length) break;
-    const TokenInfo ti = token_info(t);
+    const TokenInfo ti = tok_info[tl];
     float* bs = buf_score + tl * cap;
     int* bi = buf_block + tl * cap;
     const int n = buf_count[tl], k = min(ti.keep, n);
