@@ -24,6 +24,9 @@ namespace nsa::cuda {
 namespace {
 
 constexpr int kBN = tile::kBlockN;
+// Row stride of the score tile: padded so that the 8 token rows one store instruction writes (G < 16) fall in
+// different banks.
+constexpr int kScoreStride = kBN + 4;
 constexpr int kMaxS = 64;        // selected blocks per query
 constexpr int kMaxPerLane = 8;   // candidate buffer entries per lane in a select
 constexpr int kMaxCap = 32 * kMaxPerLane;
@@ -47,12 +50,12 @@ struct TokenInfo {
   int cur, lim, keep;
 };
 
-// Shared memory: Q tile, K tiles, score tile [tpt][kBN], candidate buffers [tpt][cap] (score, block), and per
+// Shared memory: Q tile, K tiles, score tile [tpt][kScoreStride], candidate buffers [tpt][cap] (score, block), and per
 // token the buffer count, threshold and TokenInfo.
 template <typename T>
 int smem_bytes(int warps, int k_padded, int tpt, int stages, int cap) {
   const int ks = tile::smem_stride<T>(k_padded);
-  return (16 * warps * ks + stages * kBN * ks) * int(sizeof(T)) + tpt * kBN * 4 + tpt * cap * 8 +
+  return (16 * warps * ks + stages * kBN * ks) * int(sizeof(T)) + tpt * kScoreStride * 4 + tpt * cap * 8 +
          tpt * (8 + int(sizeof(TokenInfo)));
 }
 
@@ -171,8 +174,8 @@ __global__ void __launch_bounds__(W * 32, 2)
   const int ks = tile::smem_stride<T>(P.k_padded);
   T* Qs = reinterpret_cast<T*>(smem_raw);                              // [ROWS][ks]
   T* Ks0 = Qs + ROWS * ks;                                             // [stages][kBN][ks]
-  float* score = reinterpret_cast<float*>(Ks0 + P.stages * kBN * ks);  // [tpt][kBN]
-  float* buf_score = score + tpt * kBN;                                // [tpt][cap]
+  float* score = reinterpret_cast<float*>(Ks0 + P.stages * kBN * ks);  // [tpt][kScoreStride]
+  float* buf_score = score + tpt * kScoreStride;                       // [tpt][cap]
   int* buf_block = reinterpret_cast<int*>(buf_score + tpt * cap);      // [tpt][cap]
   int* buf_count = buf_block + tpt * cap;                              // [tpt]
   float* buf_thr = reinterpret_cast<float*>(buf_count + tpt);          // [tpt]
@@ -255,7 +258,7 @@ __global__ void __launch_bounds__(W * 32, 2)
     if (P.stages > 1) load_k(c0 + (P.stages - 1) * kBN, (it + P.stages - 1) % P.stages);
     const T* Ks = Ks0 + (it % P.stages) * kBN * ks;
     if (!direct)
-      for (int i = threadIdx.x; i < tpt * kBN; i += blockDim.x) score[i] = 0.f;
+      for (int i = threadIdx.x; i < tpt * kScoreStride; i += blockDim.x) score[i] = 0.f;
 
     for (int hc = 0; hc < P.geo.head_chunks; ++hc) {
       if (P.geo.head_chunks > 1) {
@@ -293,7 +296,7 @@ __global__ void __launch_bounds__(W * 32, 2)
         reduce_scatter_level<2>(v, lane, 16);
         // v[0..1] are values 2 j + {0, 1} with j = 4 b0 + 2 b1 + b2 (b = lane bits 2, 3, 4): columns j * 8 + col0.
         const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
-        *reinterpret_cast<float2*>(&score[tl[0] * kBN + j * 8 + col0]) = make_float2(v[0], v[1]);
+        *reinterpret_cast<float2*>(&score[tl[0] * kScoreStride + j * 8 + col0]) = make_float2(v[0], v[1]);
       } else if (direct) {
         // G in {1, 2, 4, 8}: a token's heads are G consecutive row groups of 4 lanes.
 #pragma unroll
@@ -302,7 +305,7 @@ __global__ void __launch_bounds__(W * 32, 2)
           for (int e = 0; e < 4; ++e) {
             float v = s[j][e];
             for (int off = 4; off < 4 * G; off *= 2) v += __shfl_xor_sync(kFull, v, off);
-            if ((lane / 4) % G == 0) score[tl[e / 2] * kBN + col0 + j * 8 + (e & 1)] = v;
+            if ((lane / 4) % G == 0) score[tl[e / 2] * kScoreStride + col0 + j * 8 + (e & 1)] = v;
           }
       } else if (hpt % 16 == 0) {
 #pragma unroll
@@ -311,14 +314,14 @@ __global__ void __launch_bounds__(W * 32, 2)
           for (int e = 0; e < 2; ++e) {
             float v = s[j][e] + s[j][e + 2];
             for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(kFull, v, off);
-            if (lane < 4 && c0 + col0 + j * 8 + e < lim[0]) atomicAdd(&score[tl[0] * kBN + col0 + j * 8 + e], v);
+            if (lane < 4 && c0 + col0 + j * 8 + e < lim[0]) atomicAdd(&score[tl[0] * kScoreStride + col0 + j * 8 + e], v);
           }
       } else {
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            if (s[j][e] != 0.f) atomicAdd(&score[tl[e / 2] * kBN + col0 + j * 8 + (e & 1)], s[j][e]);
+            if (s[j][e] != 0.f) atomicAdd(&score[tl[e / 2] * kScoreStride + col0 + j * 8 + (e & 1)], s[j][e]);
       }
     }
     // Direct scores: a warp filters the tokens whose rows it holds, so it only waits for its own stores.
@@ -345,7 +348,7 @@ __global__ void __launch_bounds__(W * 32, 2)
         const int i = base + lane, c = c0 + i;
         const bool ordinary = c < ti.lim && (!paper || (c != 0 && c != ti.cur - 1 && c != ti.cur));
         float value = 0.f;
-        if (ordinary) value = paper ? score[tl * kBN + i] / float(G) : score[tl * kBN + i];
+        if (ordinary) value = paper ? score[tl * kScoreStride + i] / float(G) : score[tl * kScoreStride + i];
         const bool enters = ordinary && value > thr;
         const unsigned mask = __ballot_sync(kFull, enters);
         if (enters) {
