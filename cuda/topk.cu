@@ -50,8 +50,8 @@ struct TokenInfo {
   int cur, lim, keep;
 };
 
-// Shared memory: Q tile, K tiles, score tile [tpt][kScoreStride], candidate buffers [tpt][cap] (score, block), and per
-// token the buffer count, threshold and TokenInfo.
+// Shared memory: Q tile, K tiles, score tile [tpt][kScoreStride], candidate buffers [tpt][cap] (score, block),
+// and per token the buffer count, threshold and TokenInfo.
 template <typename T>
 int smem_bytes(int warps, int k_padded, int tpt, int stages, int cap) {
   const int ks = tile::smem_stride<T>(k_padded);
@@ -314,7 +314,8 @@ __global__ void __launch_bounds__(W * 32, 2)
           for (int e = 0; e < 2; ++e) {
             float v = s[j][e] + s[j][e + 2];
             for (int off = 4; off < 32; off *= 2) v += __shfl_xor_sync(kFull, v, off);
-            if (lane < 4 && c0 + col0 + j * 8 + e < lim[0]) atomicAdd(&score[tl[0] * kScoreStride + col0 + j * 8 + e], v);
+            if (lane < 4 && c0 + col0 + j * 8 + e < lim[0])
+              atomicAdd(&score[tl[0] * kScoreStride + col0 + j * 8 + e], v);
           }
       } else {
 #pragma unroll
