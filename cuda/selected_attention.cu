@@ -348,16 +348,25 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
       ++sub;
       return true;
     };
+    // Lane l copies chunk l % kChunks of key rows l / kChunks + x * kRowsPerPass: the chunk is fixed per lane,
+    // so each pass only steps two pointers (the address arithmetic was a large share of the walk's instructions).
+    constexpr int kRowsPerPass = 32 / WS::kChunks;
+    const int j0 = lane / WS::kChunks, ch = lane % WS::kChunks;
+    const bool k_ch = ch * 8 < p.K, v_ch = ch * 8 < p.V;
+    const int64_t k_step = int64_t(kRowsPerPass) * p.H * p.K, v_step = int64_t(kRowsPerPass) * p.H * p.V;
     auto load = [&](const TokenTile& d, int stage) {
-      T* sk = slot(2 * stage);
-      T* sv = slot(2 * stage + 1);
+      T* sk = slot(2 * stage) + j0 * WS::kStride + ch * 8;
+      T* sv = slot(2 * stage + 1) + j0 * WS::kStride + ch * 8;
+      const int64_t row0 = (key_base + d.base + j0) * p.H + kv_head;
+      const T* gk = p.k + row0 * p.K + ch * 8;
+      const T* gv = p.v + row0 * p.V + ch * 8;
 #pragma unroll
-      for (int x = 0; x < BN * WS::kChunks / 32; ++x) {
-        const int i = x * 32 + lane, j = i / WS::kChunks, ch = i % WS::kChunks;
-        const int64_t row = (key_base + d.base + j) * p.H + kv_head;
-        const bool k_ok = j < d.nkeys && ch * 8 < p.K, v_ok = j < d.nkeys && ch * 8 < p.V;
-        attn::cp_async_16(sk + j * WS::kStride + ch * 8, k_ok ? p.k + row * p.K + ch * 8 : p.k, k_ok);
-        attn::cp_async_16(sv + j * WS::kStride + ch * 8, v_ok ? p.v + row * p.V + ch * 8 : p.v, v_ok);
+      for (int x = 0; x < BN / kRowsPerPass; ++x) {
+        const bool in = j0 + x * kRowsPerPass < d.nkeys;
+        attn::cp_async_16(sk + x * kRowsPerPass * WS::kStride, in && k_ch ? gk : p.k, in && k_ch);
+        attn::cp_async_16(sv + x * kRowsPerPass * WS::kStride, in && v_ch ? gv : p.v, in && v_ch);
+        gk += k_step;
+        gv += v_step;
       }
     };
     // d[0] is multiplied while d[1..] load; every stage gets a commit group, possibly empty.
