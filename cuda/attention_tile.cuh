@@ -18,6 +18,7 @@
 // one warp per query row, the same online softmax in fp32 with natural exponentials.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -25,67 +26,12 @@
 #include <cuda_runtime.h>
 
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace nsa::cuda::attn {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// ---- element type: how two fp32 values become one mma operand register, and which mma to issue ----
-template <typename T> struct MmaElem;
-template <> struct MmaElem<__nv_bfloat16> {
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  // d += a (16x16, row-major) * b (16x8, column-major)
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct MmaElem<__half> {
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// ---- shared-memory primitives ----
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-// 16 bytes global -> shared; `valid == false` writes zeros (src-size 0 reads nothing, but `src` must still be
-// a mapped address: callers pass the tensor's base).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 // Query groups of at least this many heads take two 16-row tiles per warp (D = 64 or 128): a CTA of 128
 // rows is 8 tokens x 16 heads at G = 16 and 32 tokens x 4 heads at G = 4, whose block selections (or
@@ -140,6 +86,49 @@ struct TileSmem {
   __device__ __forceinline__ int* key_pos(int slot) const { return idx + slot * Shape::kBN; }
   // Per key row: which block of the tile it came from (selected attention's bit index).
   __device__ __forceinline__ int* key_slot(int slot) const { return idx + (3 + slot) * Shape::kBN; }
+};
+
+// What both tensor-core attention kernels take (selected attention and the sliding window add their own
+// fields): the tensors, the sequences, the sizes, and the tile geometry chosen at launch. Passed by value.
+template <typename T>
+struct AttentionParams {
+  const T* q;                // [B, T, HQ, K]
+  const T* k;                // [B, T, H, K]
+  const T* v;                // [B, T, H, V]
+  T* o;                      // [B, T, HQ, V]
+  float* lse;                // [B, T, HQ]
+  const DeviceSequence* seqs;
+  const int32_t* token_seq;  // [B * T]
+  int64_t row_tokens;        // T: tokens per batch row
+  int HQ, H, G, K, V;
+  float scale;               // natural
+  int heads_per_tile, tokens_per_tile, head_chunks;
+
+  // Tensors, sequences and sizes from the launcher's arguments.
+  void set_inputs(const void* q_, const void* k_, const void* v_, void* o_, float* lse_, const DeviceLayout& L) {
+    q = static_cast<const T*>(q_);
+    k = static_cast<const T*>(k_);
+    v = static_cast<const T*>(v_);
+    o = static_cast<T*>(o_);
+    lse = lse_;
+    seqs = L.seqs;
+    token_seq = L.token_seq;
+    row_tokens = L.T;
+    HQ = int(L.HQ), H = int(L.H), G = int(L.G()), K = int(L.K), V = int(L.V);
+    scale = L.scale;
+  }
+  // The tile geometry for CTAs of `rows` query rows and the grid (token tiles of the longest sequence,
+  // sequences, kv heads x head chunks); a grid too large for one launch throws, naming `kernel`.
+  dim3 set_tiles(int rows, const DeviceLayout& L, const char* kernel) {
+    heads_per_tile = G < rows ? G : rows;
+    head_chunks = int(div_up(G, heads_per_tile));
+    tokens_per_tile = rows / heads_per_tile;
+    const dim3 grid(unsigned(div_up(L.max_len > 1 ? L.max_len : 1, tokens_per_tile)), unsigned(L.num_seqs),
+                    unsigned(H * head_chunks));
+    if (grid.y > 65535 || grid.z > 65535)
+      throw CudaError(std::string(kernel) + ": too many sequences or heads for one launch");
+    return grid;
+  }
 };
 
 // Where a CTA's query rows live: row r is token tok0 + r / heads_per_tile (flat b*T + t), query head

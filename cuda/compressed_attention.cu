@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
     };
     tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, pooled(k_cmp, K));
     tile::load_rows(Vs0 + stage * kBN * vs, vs, kBN, int(V), VP, pooled(v_cmp, V));
-    tile::cp_async_commit();
+    cp_async_commit();
   };
   if (nc_max > 0) load_tile(0, 0);
   for (int it = 0, c0 = 0; c0 < nc_max; ++it, c0 += kBN) {
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
       __syncthreads();  // every warp is done with the buffer
       load_tile(c0, 0);
     }
-    tile::cp_async_wait<0>();  // tile `it` (and Q) landed: the only copies in flight
+    cp_async_wait<0>();  // tile `it` (and Q) landed: the only copies in flight
     // One barrier per tile: it makes tile `it` visible to every warp and, since every warp is past tile it - 1,
     // frees that tile's buffer for the next copy, which then overlaps this tile's math.
     __syncthreads();
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
     tile::warp_pv<T, kBN, VP>(o, s, Vs, vs, Ps + warp * 16 * kBN, lane);
   }
 
-  tile::cp_async_wait<0>();  // Q's copies when no block is visible
+  cp_async_wait<0>();  // Q's copies when no block is visible
 
   for (int off = 1; off < 4; off *= 2) {
     l_a += __shfl_xor_sync(0xffffffffu, l_a, off);

@@ -30,20 +30,10 @@ using attn::TileSmem;
 using attn::WarpAttention;
 
 template <typename T>
-struct SelectedParams {
-  const T* q;                // [B, T, HQ, K]
-  const T* k;                // [B, T, H, K]
-  const T* v;                // [B, T, H, V]
-  T* o;                      // [B, T, HQ, V]
-  float* lse;                // [B, T, HQ]
+struct SelectedParams : attn::AttentionParams<T> {
   const int32_t* indices;    // [B, T, H, S]
   const int32_t* counts;     // [B, T, H] or null
-  const DeviceSequence* seqs;
-  const int32_t* token_seq;  // [B * T]
-  int64_t row_tokens;        // T: tokens per batch row
-  int HQ, H, G, K, V, S, BS;
-  float scale;               // natural
-  int heads_per_tile, tokens_per_tile, head_chunks;
+  int S, BS;
   int path;                  // SelectedPath: 0 decide per CTA, 1 union, 2 per token
   int32_t* path_counts;      // [2] or null: CTAs that took the union / the per-token path
 };
@@ -301,7 +291,7 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
   if constexpr (kStages == 3) {
 #pragma unroll
     for (int ks = 0; ks < WA::kKSteps; ++ks)
-      attn::ldmatrix_x4(q_next[ks], WA::q_frag_addr(sq_warp + 16 * Shape::kStride, 0, ks));
+      ldmatrix_x4(q_next[ks], WA::q_frag_addr(sq_warp + 16 * Shape::kStride, 0, ks));
     __syncwarp();  // every lane's Q reads are done before key rows land there
   }
   for (int m = 0; m < kTiles; ++m) {
@@ -363,8 +353,8 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
 #pragma unroll
       for (int x = 0; x < BN / kRowsPerPass; ++x) {
         const bool in = j0 + x * kRowsPerPass < d.nkeys;
-        attn::cp_async_16(sk + x * kRowsPerPass * WS::kStride, in && k_ch ? gk : p.k, in && k_ch);
-        attn::cp_async_16(sv + x * kRowsPerPass * WS::kStride, in && v_ch ? gv : p.v, in && v_ch);
+        cp_async_16(sk + x * kRowsPerPass * WS::kStride, in && k_ch ? gk : p.k, in && k_ch);
+        cp_async_16(sv + x * kRowsPerPass * WS::kStride, in && v_ch ? gv : p.v, in && v_ch);
         gk += k_step;
         gv += v_step;
       }
@@ -376,15 +366,15 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
     for (int s = 0; s + 1 < kStages; ++s) {
       have[s] = next_tile(d[s]);
       if (have[s]) load(d[s], s);
-      attn::cp_async_commit();
+      cp_async_commit();
     }
     int stage = 0;
     while (have[0]) {
       have[kStages - 1] = next_tile(d[kStages - 1]);
       // That stage was last read before the __syncwarp closing the previous iteration.
       if (have[kStages - 1]) load(d[kStages - 1], (stage + kStages - 1) % kStages);
-      attn::cp_async_commit();
-      attn::cp_async_wait<kStages - 1>();
+      cp_async_commit();
+      cp_async_wait<kStages - 1>();
       __syncwarp();
       mask.tile = d[0];
       // Warp-uniform: a partial tile, keys after the first token, or a block some token did not select.
@@ -395,7 +385,7 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
       for (int s = 0; s + 1 < kStages; ++s) d[s] = d[s + 1], have[s] = have[s + 1];
       stage = stage + 1 == kStages ? 0 : stage + 1;
     }
-    attn::cp_async_wait<0>();
+    cp_async_wait<0>();
     __syncwarp();
     int64_t out_row[2];
 #pragma unroll
@@ -428,7 +418,7 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   const RowMap rows{key_base + t0, ntok, p.heads_per_tile, kv_head * p.G + int(blockIdx.z % p.head_chunks) * p.heads_per_tile,
                     (kv_head + 1) * p.G};
   attn::load_q_tile<T, Shape>(sm.q, p.q, rows, p.HQ, p.K);
-  attn::cp_async_commit();
+  cp_async_commit();
 
   // Each token's valid selections, sorted ascending: one thread per entry, which reads the entries coalesced
   // and places its own by rank (value, then position), while Q loads. A repeated block (invalid input) just
@@ -455,7 +445,7 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
     if (c >= 0) ss.sel[tt * S + rank] = c;
     if (j == 0) ss.sel_count[tt] = count, ss.cursor[tt] = 0;
   }
-  attn::cp_async_wait<0>();
+  cp_async_wait<0>();
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -601,19 +591,10 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     SelectedParams<T> p{};
-    p.q = static_cast<const T*>(q);
-    p.k = static_cast<const T*>(k);
-    p.v = static_cast<const T*>(v);
-    p.o = static_cast<T*>(o_slc);
-    p.lse = lse_slc;
+    p.set_inputs(q, k, v, o_slc, lse_slc, L);
     p.indices = block_indices;
     p.counts = block_counts;
-    p.seqs = L.seqs;
-    p.token_seq = L.token_seq;
-    p.row_tokens = L.T;
-    p.HQ = int(L.HQ), p.H = int(L.H), p.G = int(L.G()), p.K = int(L.K), p.V = int(L.V);
     p.S = L.block_count, p.BS = L.block_size;
-    p.scale = L.scale;
     p.path = int(path);
     p.path_counts = path_counts;
     if constexpr (Elem<T>::kTensorCore) {
@@ -622,13 +603,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
         auto launch = [&](auto dim, auto mt) {
           constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value;
           using Shape = TileShape<T, D, kWarps, kMT>;
-          p.heads_per_tile = std::min(p.G, Shape::kRows);
-          p.head_chunks = int(div_up(p.G, p.heads_per_tile));
-          p.tokens_per_tile = Shape::kRows / p.heads_per_tile;
-          const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
-                          unsigned(p.H * p.head_chunks));
-          if (grid.y > 65535 || grid.z > 65535)
-            throw CudaError("selected_attention_tc_kernel: too many sequences or heads for one launch");
+          const dim3 grid = p.set_tiles(Shape::kRows, L, "selected_attention_tc_kernel");
           const size_t bytes =
               Shape::kTileBytes + SelectionSmem::bytes(p.tokens_per_tile, p.S, Shape::kThreads, kWarps);
           int device = 0, limit = 0;

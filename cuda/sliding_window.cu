@@ -21,18 +21,8 @@ using attn::TileSmem;
 using attn::WarpAttention;
 
 template <typename T>
-struct WindowParams {
-  const T* q;  // [B, T, HQ, K]
-  const T* k;  // [B, T, H, K]
-  const T* v;  // [B, T, H, V]
-  T* o;        // [B, T, HQ, V]
-  float* lse;  // [B, T, HQ]
-  const DeviceSequence* seqs;
-  const int32_t* token_seq;  // [B * T]
-  int64_t row_tokens;        // T: tokens per batch row
-  int HQ, H, G, K, V, W;
-  float scale;  // natural
-  int heads_per_tile, tokens_per_tile, head_chunks;
+struct WindowParams : attn::AttentionParams<T> {
+  int W;
 };
 
 constexpr int kWarps = 4;
@@ -86,8 +76,8 @@ __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const Wi
   const RowMap rows{key_base + t0, ntok, p.heads_per_tile,
                     kv_head * p.G + int(blockIdx.z % p.head_chunks) * p.heads_per_tile, (kv_head + 1) * p.G};
   attn::load_q_tile<T, Shape>(sm.q, p.q, rows, p.HQ, p.K);
-  attn::cp_async_commit();
-  attn::cp_async_wait<0>();
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
 
   const int warp = threadIdx.x / 32;
@@ -147,30 +137,15 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     WindowParams<T> p{};
-    p.q = static_cast<const T*>(q);
-    p.k = static_cast<const T*>(k);
-    p.v = static_cast<const T*>(v);
-    p.o = static_cast<T*>(o_swa);
-    p.lse = lse_swa;
-    p.seqs = L.seqs;
-    p.token_seq = L.token_seq;
-    p.row_tokens = L.T;
-    p.HQ = int(L.HQ), p.H = int(L.H), p.G = int(L.G()), p.K = int(L.K), p.V = int(L.V);
+    p.set_inputs(q, k, v, o_swa, lse_swa, L);
     // A window longer than any sequence is the plain causal one; clamping keeps t - W + 1 in int range.
     p.W = int(std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1)));
-    p.scale = L.scale;
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0) {
         auto launch = [&](auto dim, auto mt) {
           constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value;
           using Shape = TileShape<T, D, kWarps, kMT>;
-          p.heads_per_tile = std::min(p.G, Shape::kRows);
-          p.head_chunks = int(div_up(p.G, p.heads_per_tile));
-          p.tokens_per_tile = Shape::kRows / p.heads_per_tile;
-          const dim3 grid(unsigned(div_up(std::max<int64_t>(L.max_len, 1), p.tokens_per_tile)), unsigned(L.num_seqs),
-                          unsigned(p.H * p.head_chunks));
-          if (grid.y > 65535 || grid.z > 65535)
-            throw CudaError("sliding_window_tc_kernel: too many sequences or heads for one launch");
+          const dim3 grid = p.set_tiles(Shape::kRows, L, "sliding_window_tc_kernel");
           CUDA_CHECK(cudaFuncSetAttribute(sliding_window_tc_kernel<T, D, kMT>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kTileBytes)),
                      "cudaFuncSetAttribute(sliding_window_tc_kernel)");

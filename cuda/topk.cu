@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(W * 32, 2)
       tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, [&](int r) -> const T* {
         return c0 + r < nc_max ? k_cmp + ((chunk_base + c0 + r) * H + h) * K : nullptr;
       });
-    tile::cp_async_commit();  // empty groups too, so that a fixed wait count finds tile `it`
+    cp_async_commit();  // empty groups too, so that a fixed wait count finds tile `it`
   };
   if (lim_max > 0)
     for (int st = 0; st < P.stages - 1 || st == 0; ++st) load_k(st * kBN, st);
@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(W * 32, 2)
     // Tile `it` landed (the groups after it are the stages - 2 later tiles), then one barrier: tile `it` is
     // visible to every warp, and every warp is past tile it - 1 (its scores filtered, its buffer free for the
     // copy issued next).
-    if (P.stages == 3) tile::cp_async_wait<1>();
-    else tile::cp_async_wait<0>();
+    if (P.stages == 3) cp_async_wait<1>();
+    else cp_async_wait<0>();
     __syncthreads();
     if (P.stages > 1) load_k(c0 + (P.stages - 1) * kBN, (it + P.stages - 1) % P.stages);
     const T* Ks = Ks0 + (it % P.stages) * kBN * ks;
@@ -264,8 +264,8 @@ __global__ void __launch_bounds__(W * 32, 2)
       if (P.geo.head_chunks > 1) {
         __syncthreads();
         load_q(hc);
-        tile::cp_async_commit();
-        tile::cp_async_wait<0>();
+        cp_async_commit();
+        cp_async_wait<0>();
       }
       if (!direct) __syncthreads();  // the zeroed score tile (and a new head chunk's Q) visible
       if (P.geo.head_chunks > 1) set_rows(hc);
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(W * 32, 2)
       }
     }
   }
-  tile::cp_async_wait<0>();  // Q's copies when no tile ran
+  cp_async_wait<0>();  // Q's copies when no tile ran
   __syncthreads();           // counts of tokens that no tile reached are initialised
 
   // The S' best ordinary blocks, the forced blocks, then the slots by score descending, ties to the smaller block.

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace nsa::cuda::tile {
 
@@ -42,54 +43,6 @@ inline Geometry make_geometry(int64_t G, int rows, int64_t max_len) {
   return g;
 }
 
-__device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8x8 b16 matrices: lanes 8m..8m+7 give the row addresses of matrix m; lane i receives row i / 4,
-// columns 2 (i % 4) and 2 (i % 4) + 1 of each matrix, which is the mma A / B fragment layout.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// Four 8x8 b16 matrices, transposed: the B fragments of two 8-column groups of a row-major [16 x 16] tile.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // Copies `rows_total` rows of `cols_padded` elements into smem (row stride `stride`), zero-filling rows for
 // which row_ptr(r) is null and columns >= cols. When every row is 16-byte aligned the copies are cp.async
 // (the caller commits and waits: cp_async_commit / cp_async_wait, then __syncthreads); otherwise they are
@@ -104,8 +57,7 @@ __device__ __forceinline__ void load_rows(T* dst, int stride, int rows_total, in
     const T* src = row_ptr(r);
     T* d = dst + r * stride + c;
     if (src && vec_ok && c < cols) {
-      const uint32_t saddr = static_cast<uint32_t>(__cvta_generic_to_shared(d));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(src + c));
+      cp_async_16(d, src + c, true);
     } else if (!src || c >= cols) {
       *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
     } else {
@@ -114,11 +66,6 @@ __device__ __forceinline__ void load_rows(T* dst, int stride, int rows_total, in
     }
   }
 }
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most N committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 // s[j][e] = q[row] . k[col] for the warp's 16 rows starting at row0 and the BN keys of the tile.
 template <typename T, int BN>
@@ -139,8 +86,8 @@ __device__ __forceinline__ void warp_scores(float (&s)[BN / 8][4], const T* Qs, 
       for (int j = 0; j < BN / 8; j += 2) {
         uint32_t b[4];
         ldmatrix_x4(b, b_row + (j * 8 * stride + kc) * int(sizeof(T)));
-        mma16816<T>(s[j], a, b[0], b[1]);
-        mma16816<T>(s[j + 1], a, b[2], b[3]);
+        MmaElem<T>::mma(s[j], a, b[0], b[1]);
+        MmaElem<T>::mma(s[j + 1], a, b[2], b[3]);
       }
     }
   } else {
@@ -168,16 +115,16 @@ __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       uint32_t a[4];
-      a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
-      a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
-      a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-      a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+      a[0] = MmaElem<T>::pack(p[2 * kk][0], p[2 * kk][1]);
+      a[1] = MmaElem<T>::pack(p[2 * kk][2], p[2 * kk][3]);
+      a[2] = MmaElem<T>::pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+      a[3] = MmaElem<T>::pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
 #pragma unroll
       for (int nv = 0; nv < VP / 16; ++nv) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, v_row + (kk * 16 * vstride + nv * 16) * int(sizeof(T)));
-        mma16816<T>(o[2 * nv], a, b[0], b[1]);
-        mma16816<T>(o[2 * nv + 1], a, b[2], b[3]);
+        MmaElem<T>::mma(o[2 * nv], a, b[0], b[1]);
+        MmaElem<T>::mma(o[2 * nv + 1], a, b[2], b[3]);
       }
     }
   } else {
