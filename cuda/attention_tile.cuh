@@ -337,9 +337,16 @@ struct WarpAttention {
     }
   }
 
-  // Normalises and writes row ri to out_row[ri] (flat token * HQ + head; -1 for padding rows).
-  // out: [.., V] in T; lse fp32, natural log. Rows that saw no key get o = 0 and lse = 0.
-  __device__ __forceinline__ void store(T* out, float* lse, int V, const int64_t (&out_row)[kR]) {
+  // Normalises and writes the thread's rows: the warp's rows start at row0 of the CTA tile described by `rows`;
+  // padding rows are skipped. out: [.., HQ, V] in T; lse fp32, natural log. Rows that saw no key get o = 0 and
+  // lse = 0.
+  __device__ __forceinline__ void store(T* out, float* lse, int V, int HQ, const RowMap& rows, int row0) {
+    int64_t out_row[kR];
+#pragma unroll
+    for (int ri = 0; ri < kR; ++ri) {
+      const int r = row0 + warp_row(ri);
+      out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * HQ + rows.head(r) : -1;
+    }
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int m = 0; m < kMT; ++m)

@@ -387,13 +387,7 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
     }
     cp_async_wait<0>();
     __syncwarp();
-    int64_t out_row[2];
-#pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-      const int r = r0 + WA::warp_row(ri);
-      out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
-    }
-    wa.store(p.o, p.lse, p.V, out_row);
+    wa.store(p.o, p.lse, p.V, p.HQ, rows, r0);
   }
 }
 
@@ -539,13 +533,7 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
     keys.num_blocks = built_total >= 0 ? built_total : build_window(win);
     attn::attend_key_tiles<T, Shape>(wa, sm, sq_warp, keys, p.k, p.v, key_base, kv_head, p.H, p.K, p.V, scale_log2);
   }
-  int64_t out_row[WA::kR];
-#pragma unroll
-  for (int ri = 0; ri < WA::kR; ++ri) {
-    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
-    out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
-  }
-  wa.store(p.o, p.lse, p.V, out_row);
+  wa.store(p.o, p.lse, p.V, p.HQ, rows, warp * Shape::kWarpRows);
 }
 
 // CUDA-core fallback: one warp per (token, query head) row.

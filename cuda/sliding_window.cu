@@ -99,13 +99,7 @@ __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const Wi
   }
   attn::attend_key_tiles<T, Shape>(wa, sm, sq_warp, keys, p.k, p.v, key_base, kv_head, p.H, p.K, p.V,
                                    p.scale * attn::kLog2e);
-  int64_t out_row[WA::kR];
-#pragma unroll
-  for (int ri = 0; ri < WA::kR; ++ri) {
-    const int r = warp * Shape::kWarpRows + WA::warp_row(ri);
-    out_row[ri] = rows.valid(r) ? (rows.tok0 + rows.token(r)) * p.HQ + rows.head(r) : -1;
-  }
-  wa.store(p.o, p.lse, p.V, out_row);
+  wa.store(p.o, p.lse, p.V, p.HQ, rows, warp * Shape::kWarpRows);
 }
 
 // CUDA-core fallback: one warp per (token, query head) row.
