@@ -45,10 +45,13 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
-// How the tensor-core kernel walks a tile of tokens: per tile, whichever multiplies fewer keys (Auto), the
-// union of the tile's blocks, or each 16-row group's own blocks. For tests and benchmarks; path_counts
-// (device [2], may be null) gains the number of tiles that took the union / the per-token walk.
-enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2 };
+// How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
+// blocks, or (sm_90, G a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
+// kernel, which gathers each token's own blocks. Auto takes the streamed kernel where it can, else per
+// tile whichever of the first two multiplies fewer keys; a forced path that cannot run falls back to Auto.
+// For tests and benchmarks; path_counts (device [3], may be null) gains the number of CTAs that took the
+// union / the per-token walk / the streamed kernel.
+enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2, Streamed = 3 };
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts);

@@ -20,6 +20,7 @@
 #include "cuda/attention_tile.cuh"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/selected_attention_streamed.h"
 
 namespace nsa::cuda {
 namespace {
@@ -35,7 +36,7 @@ struct SelectedParams : attn::AttentionParams<T> {
   const int32_t* counts;     // [B, T, H] or null
   int S, BS;
   int path;                  // SelectedPath: 0 decide per CTA, 1 union, 2 per token
-  int32_t* path_counts;      // [2] or null: CTAs that took the union / the per-token path
+  int32_t* path_counts;      // [3] or null: CTAs that took the union / the per-token path (/ streamed)
 };
 
 // The per-token path takes a CTA when its row-keys times this margin are fewer than the union's (ties go to
@@ -576,6 +577,11 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
+  if ((path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v)) {
+    selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts);
+    return;
+  }
+  if (path == SelectedPath::Streamed) path = SelectedPath::Auto;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     SelectedParams<T> p{};

@@ -51,8 +51,8 @@ SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMas
   if (c.with_counts) d_counts.upload(counts.data());
 
   DeviceAttentionOutputs out(L, c.dtype);
-  DeviceBytes d_paths(2 * 4);
-  const std::vector<int32_t> zeros(2, 0);
+  DeviceBytes d_paths(3 * 4);
+  const std::vector<int32_t> zeros(3, 0);
   d_paths.upload(zeros.data());
   cuda::selected_attention_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
                                    static_cast<const int32_t*>(d_idx.get()),
@@ -60,7 +60,7 @@ SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMas
                                    nullptr, path, static_cast<int32_t*>(d_paths.get()));
   cuda_ok(cudaDeviceSynchronize(), "selected_attention_forward");
   if (path_counts) {
-    path_counts->assign(2, 0);
+    path_counts->assign(3, 0);
     d_paths.download(path_counts->data());
   }
 
@@ -99,6 +99,17 @@ void expect_close(const SelectedRun& r, DType dtype) {
   // lse is fp32 whatever the inputs are; the logits come from exact products summed in fp32.
   const double lse_tol = dtype == DType::F32 ? 1e-5 : 1e-4;
   EXPECT_LE(rel_l2(r.lse, r.ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(r.lse, r.ref_lse);
+}
+
+// The rule the streamed (TMA) kernel is documented to follow: sm_90 or newer, 16-bit elements, G a multiple of
+// 16, BS a multiple of 64, K and V in {64, 128}.
+bool streamed_kernel_applies(const SelectedCase& c) {
+  int device = 0, major = 0;
+  cuda_ok(cudaGetDevice(&device), "cudaGetDevice");
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+  const auto d64_128 = [](int64_t x) { return x == 64 || x == 128; };
+  return major >= 9 && c.dtype != DType::F32 && (c.HQ / c.H) % 16 == 0 && c.BS % 64 == 0 && d64_128(c.K) &&
+         d64_128(c.V);
 }
 
 class SelectedAttentionCuda : public ::testing::TestWithParam<SelectedCase> {
@@ -156,10 +167,23 @@ class SelectedAttentionCudaPaths : public ::testing::TestWithParam<SelectedCase>
 
 TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
   const SelectedCase& c = GetParam();
-  for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken, cuda::SelectedPath::Auto})
+  const bool streamed = streamed_kernel_applies(c);
+  for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken,
+                                  cuda::SelectedPath::Streamed, cuda::SelectedPath::Auto})
     for (Pattern pattern : {Pattern::Mixed, Pattern::Independent}) {
       SCOPED_TRACE("path " + std::to_string(int(path)) + ", pattern " + std::to_string(int(pattern)));
-      expect_close(run_selected(c, 4, {}, path, pattern), c.dtype);
+      std::vector<int32_t> ctas;
+      expect_close(run_selected(c, 4, {}, path, pattern, &ctas), c.dtype);
+      // Streamed and Auto take the streamed kernel exactly where it applies; the others never do.
+      const bool want_streamed =
+          streamed && (path == cuda::SelectedPath::Streamed || path == cuda::SelectedPath::Auto);
+      if (want_streamed) {
+        EXPECT_GT(ctas[2], 0);
+        EXPECT_EQ(ctas[0] + ctas[1], 0);
+      } else {
+        EXPECT_EQ(ctas[2], 0);
+        EXPECT_GT(ctas[0] + ctas[1], 0);
+      }
     }
 }
 
@@ -180,16 +204,21 @@ INSTANTIATE_TEST_SUITE_P(
         // A partial 16-head chunk with two key tiles per block; K != V; more than 32 entries per token.
         SelectedCase{"bf16_G24_K64_BS128_S6_counts", bf16, 2, 333, 48, 2, 64, 64, 128, 6, {}, true},
         SelectedCase{"f16_varlen_G16_K64_V128_BS64", f16, 1, 0, 16, 1, 64, 128, 64, 16, {130, 0, 77, 301}, true},
-        SelectedCase{"bf16_G32_K32_V48_BS64_S40", bf16, 1, 2500, 32, 1, 32, 48, 64, 40, {}, false}),
+        SelectedCase{"bf16_G32_K32_V48_BS64_S40", bf16, 1, 2500, 32, 1, 32, 48, 64, 40, {}, false},
+        // Streamed kernel: two 16-head chunks with two 64-key tiles per block, K != V; short sequences
+        // (CTAs of fewer tokens than their tile, empty sequences); K = V = 64 in fp16.
+        SelectedCase{"bf16_G32_K128_V64_BS128_S8_counts", bf16, 2, 333, 64, 2, 128, 64, 128, 8, {}, true},
+        SelectedCase{"bf16_varlen_G16_K64_BS64_short", bf16, 1, 0, 32, 2, 64, 64, 64, 16, {5, 0, 8, 9, 300}, false},
+        SelectedCase{"f16_G16_K64_BS64_S16", f16, 2, 200, 16, 1, 64, 64, 64, 16, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
-// Per tile, Auto keeps the union when neighbouring tokens select alike and walks each token's own blocks
-// when they do not.
+// Where the streamed kernel does not apply, Auto keeps the union per tile when neighbouring tokens select
+// alike and walks each token's own blocks when they do not (K = V = 96 keeps G = 16 off the streamed kernel).
 TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
   for (int64_t G : {16, 4, 1}) {
     SCOPED_TRACE("G " + std::to_string(G));
-    const SelectedCase c{"decision", DType::BF16, 1, 8192, G, 1, 128, 128, 64, 16, {}, false};
+    const SelectedCase c{"decision", DType::BF16, 1, 8192, G, 1, 96, 96, 64, 16, {}, false};
     ref::RowMask rows(c.T, 0);
     for (int64_t t = 0; t < c.T; t += 97) rows[t] = 1;
     std::vector<int32_t> shared, independent;
@@ -218,14 +247,15 @@ TEST(SelectedAttentionCudaLong, UnionSpanningSeveralBitmapWindows) {
 // A row whose entries are all -1, all after the token or cut to zero by block_counts sees no key.
 TEST(SelectedAttentionCudaEmpty, RowsWithoutKeysGiveZero) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  for (DType dtype : {DType::BF16, DType::F32}) {
+  for (DType dtype : {DType::BF16, DType::F32})
+  for (int64_t BS : {32, 64}) {  // BS = 64 in bf16: the streamed kernel, where it applies
     ProblemSpec spec;
     spec.T = 100, spec.HQ = 16, spec.H = 1, spec.K = 64, spec.V = 64;
-    spec.config.block_size = 32, spec.config.block_count = 4;
+    spec.config.block_size = BS, spec.config.block_count = 4;
     Problem p = random_problem(spec);
     DeviceInputs in(p, dtype);
     std::vector<int32_t> idx(100 * 4, -1);
-    for (int t = 0; t < 100; ++t) idx[t * 4 + 1] = t / 32 + 1;  // always a future block
+    for (int t = 0; t < 100; ++t) idx[t * 4 + 1] = int32_t(t / BS + 1);  // always a future block
     DeviceBytes d_idx(idx.size() * 4);
     d_idx.upload(idx.data());
     DeviceAttentionOutputs out(p.layout, dtype);

@@ -12,9 +12,9 @@
 // sliding window 2 * sum_t min(t + 1, W) * HQ * (K + V).
 //
 // Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. cuda/tools/attention_bench.cu
-//        cuda/selected_attention.cu cuda/sliding_window.cu -o attention_bench
+//        cuda/selected_attention.cu cuda/selected_attention_streamed.cu cuda/sliding_window.cu -o attention_bench
 // Add -DNSA_BENCH_OLD_LAUNCHER to time a selected_attention.cu that predates SelectedPath (no path figures).
-// Arguments (optional): the selected-attention path, auto | union | per-token (default auto); the patterns,
+// Arguments (optional): the selected-attention path, auto | union | per-token | streamed (default auto); the patterns,
 // both | shared | random (default both).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -114,7 +114,7 @@ void run(const Shape& s, bool random_pattern) {
   ok(cudaMalloc(&lse, s.T * s.HQ * 4), "malloc lse");
   ok(cudaMalloc(&idx_d, s.T * s.H * s.S * 4), "malloc idx");
   ok(cudaMalloc(&token_seq, s.T * 4), "malloc token_seq");
-  ok(cudaMalloc(&counts_d, 2 * 4), "malloc path counts");
+  ok(cudaMalloc(&counts_d, 3 * 4), "malloc path counts");
   ok(cudaMalloc(&seqs, sizeof(nsa::cuda::DeviceSequence)), "malloc seqs");
   fill_random<<<1024, 256>>>(q, nq, 1);
   fill_random<<<1024, 256>>>(k, nk, 2);
@@ -143,11 +143,11 @@ void run(const Shape& s, bool random_pattern) {
                                             count_paths ? counts_d : nullptr);
 #endif
   };
-  ok(cudaMemset(counts_d, 0, 2 * 4), "clear path counts");
+  ok(cudaMemset(counts_d, 0, 3 * 4), "clear path counts");
   launch(true);
   ok(cudaDeviceSynchronize(), "first run");
-  int32_t paths[2];
-  ok(cudaMemcpy(paths, counts_d, 2 * 4, cudaMemcpyDeviceToHost), "path counts");
+  int32_t paths[3] = {};
+  ok(cudaMemcpy(paths, counts_d, 3 * 4, cudaMemcpyDeviceToHost), "path counts");
 
   // Check 64 random rows in float64 on the host.
   std::vector<__nv_bfloat16> hq(nq), hk(nk), hv(nv), ho(no);
@@ -216,10 +216,10 @@ void run(const Shape& s, bool random_pattern) {
   }
   const double med = ms[ms.size() / 2];
   std::printf("%-9s %-6s T=%6lld HQ=%3lld H=%2lld G=%2lld K=%3lld V=%3lld S=%2d BS=%3d W=%4d | %8.3f ms (min %8.3f) %7.1f "
-              "TFLOP/s | tiles union/per-token %d/%d | sample rel-L2 %.2e, max |lse err| %.1e\n",
+              "TFLOP/s | CTAs union/per-token/streamed %d/%d/%d | sample rel-L2 %.2e, max |lse err| %.1e\n",
               s.W > 0 ? "window" : "selected", s.W > 0 ? "-" : random_pattern ? "random" : "shared", (long long)s.T, (long long)s.HQ, (long long)s.H,
               (long long)(s.HQ / s.H), (long long)s.K, (long long)s.V, s.S, s.BS, s.W, med, ms[0], flops / med * 1e-9,
-              paths[0], paths[1], std::sqrt(err2 / ref2), lse_err);
+              paths[0], paths[1], paths[2], std::sqrt(err2 / ref2), lse_err);
   std::fflush(stdout);
   cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(o), cudaFree(lse), cudaFree(idx_d), cudaFree(token_seq), cudaFree(seqs);
   cudaFree(counts_d);
@@ -232,7 +232,8 @@ int main(int argc, char** argv) {
   const std::string path = argc > 1 ? argv[1] : "auto", patterns = argc > 2 ? argv[2] : "both";
   if (path == "union") g_path = nsa::cuda::SelectedPath::Union;
   else if (path == "per-token") g_path = nsa::cuda::SelectedPath::PerToken;
-  else if (path != "auto") return std::fprintf(stderr, "path: auto | union | per-token\n"), 2;
+  else if (path == "streamed") g_path = nsa::cuda::SelectedPath::Streamed;
+  else if (path != "auto") return std::fprintf(stderr, "path: auto | union | per-token | streamed\n"), 2;
   if (patterns != "both" && patterns != "shared" && patterns != "random")
     return std::fprintf(stderr, "patterns: both | shared | random\n"), 2;
   cudaDeviceProp prop;
