@@ -21,6 +21,7 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/selected_attention_streamed.h"
+#include "cuda/selected_runs.cuh"
 
 namespace nsa::cuda {
 namespace {
@@ -35,7 +36,7 @@ struct SelectedParams : attn::AttentionParams<T> {
   const int32_t* indices;    // [B, T, H, S]
   const int32_t* counts;     // [B, T, H] or null
   int S, BS;
-  int path;                  // SelectedPath: 0 decide per CTA, 1 union, 2 per token
+  int path;                  // 0 decide per CTA, 1 union, 2 per token, 3 union on runs selecting alike only
   int32_t* path_counts;      // [3] or null: CTAs that took the union / the per-token path (/ streamed)
 };
 
@@ -412,6 +413,13 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   const int64_t key_base = seq.batch * p.row_tokens + seq.start;  // flat row of the sequence's token 0
   const RowMap rows{key_base + t0, ntok, p.heads_per_tile, kv_head * p.G + int(blockIdx.z % p.head_chunks) * p.heads_per_tile,
                     (kv_head + 1) * p.G};
+  if (p.path == 3) {  // beside the streamed kernel: only the runs whose tokens select alike
+    const int r0 = t0 / kRunTokens * kRunTokens;
+    const int n = int(min(int64_t(kRunTokens), seq.length - r0));
+    if (!run_selects_alike(p.indices, p.counts, key_base + r0, r0, n, p.H, kv_head, p.S, p.BS,
+                           reinterpret_cast<int*>(sm.kv)))
+      return;
+  }
   attn::load_q_tile<T, Shape>(sm.q, p.q, rows, p.HQ, p.K);
   cp_async_commit();
 
@@ -577,19 +585,19 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
-  if ((path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v)) {
-    selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts);
-    return;
-  }
-  if (path == SelectedPath::Streamed) path = SelectedPath::Auto;
-  dispatch_elem(L.dtype, [&](auto tag) {
+  // Where the streamed kernel applies, Auto gives it every run of tokens but those selecting alike, which
+  // the union walk takes (kernel path 3); if the union kernel cannot launch, the streamed kernel takes all.
+  const bool streamed = (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);
+  const int kernel_path = streamed ? 3 : path == SelectedPath::Streamed ? 0 : int(path);
+  bool union_launched = false;
+  if (!streamed || path == SelectedPath::Auto) dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     SelectedParams<T> p{};
     p.set_inputs(q, k, v, o_slc, lse_slc, L);
     p.indices = block_indices;
     p.counts = block_counts;
     p.S = L.block_count, p.BS = L.block_size;
-    p.path = int(path);
+    p.path = kernel_path;
     p.path_counts = path_counts;
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
@@ -622,14 +630,19 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
           }
           launch(dim, std::integral_constant<int, 1>{});
         });
+        union_launched = launched;
         if (launched) return;
       }
     }
+    if (streamed) return;
     const int64_t rows = L.B * L.T * L.HQ;
     const int threads = 128;
     selected_attention_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
     check_launch("selected_attention_rows_kernel");
   });
+  if (streamed)
+    selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts,
+                                /*skip_alike_runs=*/union_launched);
 }
 
 }  // namespace nsa::cuda

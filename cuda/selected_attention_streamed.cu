@@ -16,6 +16,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/selected_runs.cuh"
 #include "cuda/tma.cuh"
 
 namespace nsa::cuda {
@@ -28,15 +29,13 @@ constexpr int kHeads = 16;                            // query heads per CTA
 constexpr int kBoxBytes = kTileKeys * 128;            // 64 key rows x 64 columns of 16-bit elements
 constexpr int kQBoxBytes = kHeads * 128;              // 16 head rows x 64 columns
 
-// Ring stages and tokens per CTA: compile-time knobs for tuning.
+// Ring stages: a compile-time knob for tuning (2 measured 5% slower than 3 on an H100; 4 would leave one CTA
+// per SM).
 #ifndef NSA_STREAMED_STAGES
 #define NSA_STREAMED_STAGES 3
 #endif
-#ifndef NSA_STREAMED_TOKENS
-#define NSA_STREAMED_TOKENS 8
-#endif
 constexpr int kStages = NSA_STREAMED_STAGES;
-constexpr int kTokens = NSA_STREAMED_TOKENS;
+constexpr int kTokens = kRunTokens;  // tokens per CTA
 
 // One stage: the K boxes, the V boxes, then the Q boxes (written with a token's first item only).
 template <int KD, int VD>
@@ -62,6 +61,7 @@ struct StreamedParams {
   int max_items;             // tiles per token: S * BS / 64
   float scale_log2;          // scale * log2(e): the softmax runs in base 2
   int32_t* path_counts;      // [3] or null
+  bool skip_alike_runs;      // leave runs that select alike to the union walk
 };
 
 // Shared memory: the stages (1024-byte aligned, for the swizzle), then the full and empty barriers, each
@@ -296,6 +296,12 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   const int kv_head = int(blockIdx.z) / chunks;
   const int head0 = kv_head * p.G + (int(blockIdx.z) % chunks) * kHeads;
   const int64_t key_base = seq.batch * p.row_tokens + seq.start;
+  if (p.skip_alike_runs) {
+    if (run_selects_alike(p.indices, p.counts, key_base + t0, t0, ntok, p.H, kv_head, p.S, p.BS,
+                          reinterpret_cast<int*>(sm.stages)))
+      return;
+    fence_proxy_async_smem();  // the scratch in the stages is refilled by TMA
+  }
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1), mbar_init(&sm.empty[s], kConsumerWarps);
@@ -397,7 +403,7 @@ size_t smem_bytes(const DeviceLayout& L) {
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   if (L.dtype == ElemType::F32 || L.H == 0 || L.G() % kHeads != 0 || L.block_size % kTileKeys != 0) return false;
   if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
-  if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0) return false;
+  if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0 || L.block_count > 256) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16) return false;
   if (device_major() < 9) return false;
   int device = 0, limit = 0;
@@ -409,7 +415,7 @@ bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k,
 
 void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                 cudaStream_t s, int32_t* path_counts) {
+                                 cudaStream_t s, int32_t* path_counts, bool skip_alike_runs) {
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {
@@ -424,6 +430,7 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
       p.max_items = max_items(L);
       p.scale_log2 = L.scale * 1.4426950408889634f;
       p.path_counts = path_counts;
+      p.skip_alike_runs = skip_alike_runs;
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t rows = uint64_t(L.B * L.T);
       const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, rows, 64, kHeads, 1, "selected_streamed_kernel(q)");

@@ -9,13 +9,15 @@
 namespace nsa::cuda {
 
 // Whether the streamed kernel can take this problem: a device of compute capability >= 9.0, 16-bit
-// elements, G a multiple of 16, BS a multiple of 64, K and V in {64, 128}, 16-byte aligned tensors.
+// elements, G a multiple of 16, BS a multiple of 64, K and V in {64, 128}, S <= 256, 16-byte aligned
+// tensors.
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v);
 
 // Same arguments as selected_attention_forward; path_counts (device [3], may be null) gains the CTAs run
-// in its third slot. Call only where selected_streamed_fits.
+// in its third slot. With skip_alike_runs, runs of tokens that select alike (selected_runs.cuh) are left to
+// the union walk. Call only where selected_streamed_fits.
 void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                 cudaStream_t s, int32_t* path_counts);
+                                 cudaStream_t s, int32_t* path_counts, bool skip_alike_runs);
 
 }  // namespace nsa::cuda

@@ -174,12 +174,14 @@ TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
       SCOPED_TRACE("path " + std::to_string(int(path)) + ", pattern " + std::to_string(int(pattern)));
       std::vector<int32_t> ctas;
       expect_close(run_selected(c, 4, {}, path, pattern, &ctas), c.dtype);
-      // Streamed and Auto take the streamed kernel exactly where it applies; the others never do.
-      const bool want_streamed =
-          streamed && (path == cuda::SelectedPath::Streamed || path == cuda::SelectedPath::Auto);
-      if (want_streamed) {
+      // Streamed takes the streamed kernel exactly where it applies, Auto there the streamed kernel or, for
+      // runs of tokens that select alike (early tokens see few blocks), the union walk; the others never do.
+      if (streamed && path == cuda::SelectedPath::Streamed) {
         EXPECT_GT(ctas[2], 0);
         EXPECT_EQ(ctas[0] + ctas[1], 0);
+      } else if (streamed && path == cuda::SelectedPath::Auto) {
+        EXPECT_GT(ctas[0] + ctas[2], 0);
+        EXPECT_EQ(ctas[1], 0);
       } else {
         EXPECT_EQ(ctas[2], 0);
         EXPECT_GT(ctas[0] + ctas[1], 0);
@@ -232,6 +234,24 @@ TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
       EXPECT_GT(independent[1], 2 * independent[0]) << "union tiles " << independent[0] << ", per-token tiles "
                                                     << independent[1];
   }
+}
+
+// Where the streamed kernel applies, Auto gives the union walk the runs of 8 tokens that select alike and the
+// streamed kernel the others.
+TEST(SelectedAttentionCudaDecision, StreamedKernelLeavesAlikeRunsToTheUnion) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  const SelectedCase c{"split", DType::BF16, 1, 8192, 32, 2, 128, 128, 64, 16, {}, false};
+  if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
+  ref::RowMask rows(c.T, 0);
+  for (int64_t t = 0; t < c.T; t += 89) rows[t] = 1;
+  std::vector<int32_t> shared, independent;
+  expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &shared), c.dtype);
+  expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::Independent, &independent), c.dtype);
+  EXPECT_GT(shared[0], 0);
+  EXPECT_EQ(shared[1] + shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
+  EXPECT_GT(independent[2], 4 * independent[0]) << "union CTAs " << independent[0] << ", streamed CTAs "
+                                                << independent[2];
+  EXPECT_EQ(independent[1], 0);
 }
 
 // At BS = 16 a tile's union of 70000-token selections spans more than one 4096-block bitmap window.
