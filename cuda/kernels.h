@@ -46,7 +46,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
 // How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
-// blocks, or (sm_90, G a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
+// blocks, or (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
 // kernel, which gathers each token's own blocks. Auto takes the streamed kernel where it can, else per
 // tile whichever of the first two multiplies fewer keys; a forced path that cannot run falls back to Auto.
 // For tests and benchmarks; path_counts (device [3], may be null) gains the number of CTAs that took the

@@ -414,8 +414,9 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   const RowMap rows{key_base + t0, ntok, p.heads_per_tile, kv_head * p.G + int(blockIdx.z % p.head_chunks) * p.heads_per_tile,
                     (kv_head + 1) * p.G};
   if (p.path == 3) {  // beside the streamed kernel: only the runs whose tokens select alike
-    const int r0 = t0 / kRunTokens * kRunTokens;
-    const int n = int(min(int64_t(kRunTokens), seq.length - r0));
+    const int run = run_tokens(p.G);
+    const int r0 = t0 / run * run;
+    const int n = int(min(int64_t(run), seq.length - r0));
     if (!run_selects_alike(p.indices, p.counts, key_base + r0, r0, n, p.H, kv_head, p.S, p.BS,
                            reinterpret_cast<int*>(sm.kv)))
       return;

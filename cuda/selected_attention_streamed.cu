@@ -1,6 +1,8 @@
-// Selected attention forward (nsa-spec §2.4), streamed with TMA on sm_90, for groups of 16k query heads.
+// Selected attention forward (nsa-spec §2.4), streamed with TMA on sm_90, for groups of 4, 8 or 16k query
+// heads.
 //
-// A CTA takes kTokens consecutive tokens of one sequence and one 16-head chunk of a kv head's query group.
+// A CTA takes a run of consecutive tokens of one sequence (selected_runs.cuh) and one 16-head chunk of a kv
+// head's query group (G = 4, 8: the group's heads in the first G of 16 rows, the others discarded).
 // Each token's valid selections become items: 64-key tiles (a block of BS = 64 is one tile, BS = 128 two).
 // A producer warp streams the items, token after token, through a ring of shared-memory stages: per item one
 // tensor-map copy per 64-column box of K and V (and of Q with a token's first item), counted on the stage's
@@ -12,6 +14,7 @@
 // instruction count, not its bytes, limited the other kernels.
 #include "cuda/selected_attention_streamed.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/common.cuh"
@@ -35,7 +38,6 @@ constexpr int kQBoxBytes = kHeads * 128;              // 16 head rows x 64 colum
 #define NSA_STREAMED_STAGES 3
 #endif
 constexpr int kStages = NSA_STREAMED_STAGES;
-constexpr int kTokens = kRunTokens;  // tokens per CTA
 
 // One stage: the K boxes, the V boxes, then the Q boxes (written with a token's first item only).
 template <int KD, int VD>
@@ -58,6 +60,8 @@ struct StreamedParams {
   const DeviceSequence* seqs;
   int64_t row_tokens;        // T
   int HQ, H, G, S, BS;
+  int rows;                  // query heads per CTA: min(G, 16)
+  int run;                   // tokens per CTA: run_tokens(G)
   int max_items;             // tiles per token: S * BS / 64
   float scale_log2;          // scale * log2(e): the softmax runs in base 2
   int32_t* path_counts;      // [3] or null
@@ -73,11 +77,11 @@ struct StreamedSmem {
   uint64_t* full;
   uint64_t* empty;
   float* merge;  // [warp][16 rows][2]
-  int* count;    // [kTokens]
-  int* items;    // [kTokens][max_items]
-  static size_t bytes(int stage_bytes, int max_items) {
+  int* count;    // [kMaxRunTokens]
+  int* items;    // [run][max_items]
+  static size_t bytes(int stage_bytes, int run, int max_items) {
     return size_t(kStages) * stage_bytes + 2 * kStages * sizeof(uint64_t) +
-           kConsumerWarps * kHeads * 2 * sizeof(float) + sizeof(int) * kTokens * (1 + size_t(max_items));
+           kConsumerWarps * kHeads * 2 * sizeof(float) + sizeof(int) * (kMaxRunTokens + size_t(run) * max_items);
   }
   __device__ StreamedSmem(unsigned char* raw, int stage_bytes) {
     stages = raw;
@@ -85,7 +89,7 @@ struct StreamedSmem {
     empty = full + kStages;
     merge = reinterpret_cast<float*>(empty + kStages);
     count = reinterpret_cast<int*>(merge + kConsumerWarps * kHeads * 2);
-    items = count + kTokens;
+    items = count + kMaxRunTokens;
   }
 };
 
@@ -261,6 +265,7 @@ struct ConsumerState {
       add(0);
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
+        if (g + 8 * ri >= p.rows) continue;  // a head of the next group (G < 16)
         const int64_t row = flat * p.HQ + head0 + g + 8 * ri;
         const float inv = total[ri] > 0.f ? 1.f / total[ri] : 0.f;
         T* out = p.o + row * VD + 2 * (lane % 4);
@@ -289,10 +294,10 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   const StreamedSmem sm(smem_raw, St::kBytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const DeviceSequence seq = p.seqs[blockIdx.y];
-  const int64_t t0 = int64_t(blockIdx.x) * kTokens;
+  const int64_t t0 = int64_t(blockIdx.x) * p.run;
   if (t0 >= seq.length) return;
-  const int ntok = int(seq.length - t0 < kTokens ? seq.length - t0 : kTokens);
-  const int chunks = p.G / kHeads;
+  const int ntok = int(seq.length - t0 < p.run ? seq.length - t0 : p.run);
+  const int chunks = p.G > kHeads ? p.G / kHeads : 1;
   const int kv_head = int(blockIdx.z) / chunks;
   const int head0 = kv_head * p.G + (int(blockIdx.z) % chunks) * kHeads;
   const int64_t key_base = seq.batch * p.row_tokens + seq.start;
@@ -328,9 +333,9 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
     }
     if (lane == 0) sm.count[tk] = total;
     if (total == 0) {
-      for (int i = lane; i < kHeads * VD; i += 32)
+      for (int i = lane; i < p.rows * VD; i += 32)
         p.o[(flat * p.HQ + head0 + i / VD) * VD + i % VD] = Elem<T>::from_float(0.f);
-      if (lane < kHeads) p.lse[flat * p.HQ + head0 + lane] = 0.f;
+      if (lane < p.rows) p.lse[flat * p.HQ + head0 + lane] = 0.f;
     }
   }
   __syncthreads();
@@ -395,15 +400,17 @@ int max_items(const DeviceLayout& L) { return L.block_count * (L.block_size / kT
 
 size_t smem_bytes(const DeviceLayout& L) {
   const int stage = int((L.K / 64 + L.V / 64) * kBoxBytes + (L.K / 64) * kQBoxBytes);
-  return StreamedSmem::bytes(stage, max_items(L));
+  return StreamedSmem::bytes(stage, run_tokens(int(L.G())), max_items(L));
 }
 
 }  // namespace
 
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
-  if (L.dtype == ElemType::F32 || L.H == 0 || L.G() % kHeads != 0 || L.block_size % kTileKeys != 0) return false;
+  if (L.dtype == ElemType::F32 || L.H == 0 || L.block_size % kTileKeys != 0) return false;
+  if (L.G() % kHeads != 0 && L.G() != 4 && L.G() != 8) return false;
   if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
-  if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0 || L.block_count > 256) return false;
+  if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0) return false;
+  if (int64_t(run_tokens(int(L.G()))) * L.block_count > kMaxRunEntries) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16) return false;
   if (device_major() < 9) return false;
   int device = 0, limit = 0;
@@ -427,6 +434,8 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
       p.seqs = L.seqs;
       p.row_tokens = L.T;
       p.HQ = int(L.HQ), p.H = int(L.H), p.G = int(L.G()), p.S = L.block_count, p.BS = L.block_size;
+      p.rows = int(std::min<int64_t>(L.G(), kHeads));
+      p.run = run_tokens(int(L.G()));
       p.max_items = max_items(L);
       p.scale_log2 = L.scale * 1.4426950408889634f;
       p.path_counts = path_counts;
@@ -436,7 +445,8 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
       const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, rows, 64, kHeads, 1, "selected_streamed_kernel(q)");
       const CUtensorMap map_k = make_tensor_map_3d(k, bf16, L.K, L.H, rows, 64, 1, kTileKeys, "selected_streamed_kernel(k)");
       const CUtensorMap map_v = make_tensor_map_3d(v, bf16, L.V, L.H, rows, 64, 1, kTileKeys, "selected_streamed_kernel(v)");
-      const dim3 grid(unsigned(div_up(L.max_len, kTokens)), unsigned(L.num_seqs), unsigned(L.H * (L.G() / kHeads)));
+      const dim3 grid(unsigned(div_up(L.max_len, p.run)), unsigned(L.num_seqs),
+                      unsigned(L.H * std::max<int64_t>(L.G() / kHeads, 1)));
       if (grid.y > 65535 || grid.z > 65535)
         throw CudaError("selected_streamed_kernel: too many sequences or heads for one launch");
       if (grid.x == 0) return;

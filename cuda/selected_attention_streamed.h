@@ -9,8 +9,8 @@
 namespace nsa::cuda {
 
 // Whether the streamed kernel can take this problem: a device of compute capability >= 9.0, 16-bit
-// elements, G a multiple of 16, BS a multiple of 64, K and V in {64, 128}, S <= 256, 16-byte aligned
-// tensors.
+// elements, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}, S at most 4096 / (the
+// run of tokens a CTA takes: 8, 16 or 32), 16-byte aligned tensors.
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v);
 
 // Same arguments as selected_attention_forward; path_counts (device [3], may be null) gains the CTAs run

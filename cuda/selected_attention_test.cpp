@@ -101,15 +101,16 @@ void expect_close(const SelectedRun& r, DType dtype) {
   EXPECT_LE(rel_l2(r.lse, r.ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(r.lse, r.ref_lse);
 }
 
-// The rule the streamed (TMA) kernel is documented to follow: sm_90 or newer, 16-bit elements, G a multiple of
-// 16, BS a multiple of 64, K and V in {64, 128}.
+// The rule the streamed (TMA) kernel is documented to follow: sm_90 or newer, 16-bit elements, G in {4, 8} or
+// a multiple of 16, BS a multiple of 64, K and V in {64, 128}.
 bool streamed_kernel_applies(const SelectedCase& c) {
   int device = 0, major = 0;
   cuda_ok(cudaGetDevice(&device), "cudaGetDevice");
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
   const auto d64_128 = [](int64_t x) { return x == 64 || x == 128; };
-  return major >= 9 && c.dtype != DType::F32 && (c.HQ / c.H) % 16 == 0 && c.BS % 64 == 0 && d64_128(c.K) &&
-         d64_128(c.V);
+  const int64_t G = c.HQ / c.H;
+  return major >= 9 && c.dtype != DType::F32 && (G % 16 == 0 || G == 4 || G == 8) && c.BS % 64 == 0 &&
+         d64_128(c.K) && d64_128(c.V);
 }
 
 class SelectedAttentionCuda : public ::testing::TestWithParam<SelectedCase> {
@@ -211,7 +212,10 @@ INSTANTIATE_TEST_SUITE_P(
         // (CTAs of fewer tokens than their tile, empty sequences); K = V = 64 in fp16.
         SelectedCase{"bf16_G32_K128_V64_BS128_S8_counts", bf16, 2, 333, 64, 2, 128, 64, 128, 8, {}, true},
         SelectedCase{"bf16_varlen_G16_K64_BS64_short", bf16, 1, 0, 32, 2, 64, 64, 64, 16, {5, 0, 8, 9, 300}, false},
-        SelectedCase{"f16_G16_K64_BS64_S16", f16, 2, 200, 16, 1, 64, 64, 64, 16, {}, false}),
+        SelectedCase{"f16_G16_K64_BS64_S16", f16, 2, 200, 16, 1, 64, 64, 64, 16, {}, false},
+        // Streamed kernel at G = 8 and 4 (16-row tiles holding one group, runs of 16 and 32 tokens).
+        SelectedCase{"bf16_varlen_G8_K64_V128_BS128_S6_counts", bf16, 1, 0, 16, 2, 64, 128, 128, 6, {100, 0, 37, 250}, true},
+        SelectedCase{"f16_G4_K128_BS64_S16", f16, 1, 700, 16, 4, 128, 128, 64, 16, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Where the streamed kernel does not apply, Auto keeps the union per tile when neighbouring tokens select
@@ -240,18 +244,26 @@ TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
 // streamed kernel the others.
 TEST(SelectedAttentionCudaDecision, StreamedKernelLeavesAlikeRunsToTheUnion) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  const SelectedCase c{"split", DType::BF16, 1, 8192, 32, 2, 128, 128, 64, 16, {}, false};
-  if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
-  ref::RowMask rows(c.T, 0);
-  for (int64_t t = 0; t < c.T; t += 89) rows[t] = 1;
-  std::vector<int32_t> shared, independent;
-  expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &shared), c.dtype);
-  expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::Independent, &independent), c.dtype);
-  EXPECT_GT(shared[0], 0);
-  EXPECT_EQ(shared[1] + shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
-  EXPECT_GT(independent[2], 4 * independent[0]) << "union CTAs " << independent[0] << ", streamed CTAs "
-                                                << independent[2];
-  EXPECT_EQ(independent[1], 0);
+  for (int64_t HQ : {32, 8}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32)
+    SCOPED_TRACE("HQ " + std::to_string(HQ));
+    const SelectedCase c{"split", DType::BF16, 1, 8192, HQ, 2, 128, 128, 64, 16, {}, false};
+    if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
+    ref::RowMask rows(c.T, 0);
+    for (int64_t t = 0; t < c.T; t += 89) rows[t] = 1;
+    std::vector<int32_t> shared, independent;
+    expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &shared), c.dtype);
+    expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::Independent, &independent), c.dtype);
+    EXPECT_GT(shared[0], 0);
+    EXPECT_EQ(shared[1] + shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
+    // At G = 16 a run's 8 tokens choose among many blocks past the first few runs; at G = 4 a run of 32
+    // tokens covers most of an 8k history's blocks, and the union keeps more than half of the runs.
+    if (HQ == 32)
+      EXPECT_GT(independent[2], 4 * independent[0]) << "union CTAs " << independent[0] << ", streamed CTAs "
+                                                    << independent[2];
+    else
+      EXPECT_GT(independent[2], 0);
+    EXPECT_EQ(independent[1], 0);
+  }
 }
 
 // At BS = 16 a tile's union of 70000-token selections spans more than one 4096-block bitmap window.
