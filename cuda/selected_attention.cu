@@ -12,6 +12,10 @@
 // tile, by a cursor into the token's sorted list) and the keys after its own position; neighbouring tokens share most blocks, so little of the
 // union is wasted.
 //
+// On sm_90, for G in {4, 8} or a multiple of 16, Auto runs this kernel only on the runs of tokens that
+// select alike (selected_runs.cuh) and gives the others to the streamed TMA kernel
+// (selected_attention_streamed.cu), which gathers each token's own blocks.
+//
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
 #include <algorithm>

@@ -10,8 +10,9 @@
 // (a lazy reference max that moves only by more than 2^8, so O is rarely rescaled); after a token's last
 // item they merge their four partial results through that item's stage and release it on its "empty"
 // mbarrier. Nothing waits CTA-wide per tile, and a copy is one instruction per box instead of a loop of
-// per-thread 16-byte copies: on independent selections every token gathers its own blocks, and the gather's
-// instruction count, not its bytes, limited the other kernels.
+// per-thread 16-byte copies, whose instruction count limited the per-token walk of the tile kernel. On
+// independent selections every token gathers its own blocks; this kernel moves them at ~89% of the L2's
+// throughput (ncu, H100), so fewer bytes, not fewer instructions, is what is left to gain.
 #include "cuda/selected_attention_streamed.h"
 
 #include <algorithm>
@@ -403,7 +404,33 @@ size_t smem_bytes(const DeviceLayout& L) {
   return StreamedSmem::bytes(stage, run_tokens(int(L.G())), max_items(L));
 }
 
+// Calls f with the kernel instance for L's K and V.
+template <typename T, typename F>
+void with_kernel(const DeviceLayout& L, F&& f) {
+  if (L.K == 128 && L.V == 128) f(selected_streamed_kernel<T, 128, 128>);
+  else if (L.K == 128) f(selected_streamed_kernel<T, 128, 64>);
+  else if (L.V == 128) f(selected_streamed_kernel<T, 64, 128>);
+  else f(selected_streamed_kernel<T, 64, 64>);
+}
+
 }  // namespace
+
+int selected_streamed_ctas_per_sm(const DeviceLayout& L) {
+  int ctas = 0;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore) {
+      with_kernel<T>(L, [&](auto kernel) {
+        const int bytes = int(smem_bytes(L));
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                   "cudaFuncSetAttribute(selected_streamed_kernel)");
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, kThreads, bytes),
+                   "cudaOccupancyMaxActiveBlocksPerMultiprocessor(selected_streamed_kernel)");
+      });
+    }
+  });
+  return ctas;
+}
 
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   if (L.dtype == ElemType::F32 || L.H == 0 || L.block_size % kTileKeys != 0) return false;
@@ -457,10 +484,7 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
         kernel<<<grid, kThreads, bytes, s>>>(map_q, map_k, map_v, p);
         check_launch("selected_streamed_kernel");
       };
-      if (L.K == 128 && L.V == 128) launch(selected_streamed_kernel<T, 128, 128>);
-      else if (L.K == 128) launch(selected_streamed_kernel<T, 128, 64>);
-      else if (L.V == 128) launch(selected_streamed_kernel<T, 64, 128>);
-      else launch(selected_streamed_kernel<T, 64, 64>);
+      with_kernel<T>(L, launch);
     }
   });
 }

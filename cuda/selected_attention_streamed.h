@@ -20,4 +20,7 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                  cudaStream_t s, int32_t* path_counts, bool skip_alike_runs);
 
+// CTAs of the streamed kernel resident per SM for this problem (shared memory and registers); for benchmarks.
+int selected_streamed_ctas_per_sm(const DeviceLayout& L);
+
 }  // namespace nsa::cuda

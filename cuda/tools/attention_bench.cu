@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cuda/kernels.h"
+#include "cuda/selected_attention_streamed.h"
 
 namespace {
 
@@ -143,6 +144,8 @@ void run(const Shape& s, bool random_pattern) {
                                             count_paths ? counts_d : nullptr);
 #endif
   };
+  if (s.W == 0 && nsa::cuda::selected_streamed_fits(L, q, k, v))
+    std::printf("streamed kernel: %d CTAs per SM\n", nsa::cuda::selected_streamed_ctas_per_sm(L));
   ok(cudaMemset(counts_d, 0, 3 * 4), "clear path counts");
   launch(true);
   ok(cudaDeviceSynchronize(), "first run");
