@@ -218,6 +218,20 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"f16_G4_K128_BS64_S16", f16, 1, 700, 16, 4, 128, 128, 64, 16, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
+// Auto's CTA counts per path on `c` for selections shared by aligned runs of 64 tokens and for independent
+// ones, each run checked against the reference on every `row_step`-th token.
+struct AutoPaths {
+  std::vector<int32_t> shared, independent;
+};
+AutoPaths auto_paths(const SelectedCase& c, uint64_t seed, int64_t row_step) {
+  ref::RowMask rows(c.T, 0);
+  for (int64_t t = 0; t < c.T; t += row_step) rows[t] = 1;
+  AutoPaths a;
+  expect_close(run_selected(c, seed, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &a.shared), c.dtype);
+  expect_close(run_selected(c, seed, rows, cuda::SelectedPath::Auto, Pattern::Independent, &a.independent), c.dtype);
+  return a;
+}
+
 // Where the streamed kernel does not apply, Auto keeps the union per tile when neighbouring tokens select
 // alike and walks each token's own blocks when they do not (K = V = 96 keeps G = 16 off the streamed kernel).
 TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
@@ -225,11 +239,7 @@ TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
   for (int64_t G : {16, 4, 1}) {
     SCOPED_TRACE("G " + std::to_string(G));
     const SelectedCase c{"decision", DType::BF16, 1, 8192, G, 1, 96, 96, 64, 16, {}, false};
-    ref::RowMask rows(c.T, 0);
-    for (int64_t t = 0; t < c.T; t += 97) rows[t] = 1;
-    std::vector<int32_t> shared, independent;
-    expect_close(run_selected(c, 6, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &shared), c.dtype);
-    expect_close(run_selected(c, 6, rows, cuda::SelectedPath::Auto, Pattern::Independent, &independent), c.dtype);
+    const auto [shared, independent] = auto_paths(c, 6, 97);
     EXPECT_GT(shared[0], 0);
     EXPECT_EQ(shared[1], 0) << "runs of 64 tokens share their blocks: every tile should walk the union";
     // At G = 16 a tile's 8 tokens choose S of few blocks early on, which overlap; past ~40 blocks they hardly
@@ -248,11 +258,7 @@ TEST(SelectedAttentionCudaDecision, StreamedKernelLeavesAlikeRunsToTheUnion) {
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split", DType::BF16, 1, 8192, HQ, 2, 128, 128, 64, 16, {}, false};
     if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
-    ref::RowMask rows(c.T, 0);
-    for (int64_t t = 0; t < c.T; t += 89) rows[t] = 1;
-    std::vector<int32_t> shared, independent;
-    expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::SharedRuns, &shared), c.dtype);
-    expect_close(run_selected(c, 7, rows, cuda::SelectedPath::Auto, Pattern::Independent, &independent), c.dtype);
+    const auto [shared, independent] = auto_paths(c, 7, 89);
     EXPECT_GT(shared[0], 0);
     EXPECT_EQ(shared[1] + shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
     // At G = 16 a run's 8 tokens choose among many blocks past the first few runs; at G = 4 a run of 32
