@@ -23,6 +23,15 @@ inline void check_launch(const char* kernel) {
   if (err != cudaSuccess) throw CudaError(std::string("launch of ") + kernel + ": " + cudaGetErrorString(err));
 }
 
+// An attribute of the current device (e.g. cudaDevAttrMaxSharedMemoryPerBlockOptin); a failure throws
+// CudaError naming `what`.
+inline int device_attribute(cudaDeviceAttr attr, const char* what) {
+  int device = 0, value = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&value, attr, device), what);
+  return value;
+}
+
 // Element traits: conversions to and from the fp32 accumulator type, and whether tensor cores take the type.
 template <typename T> struct Elem;
 template <> struct Elem<float> {

@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   for (int i = threadIdx.x; i < nsel; i += Shape::kThreads) {
     const int tt = i / S, j = i % S;
     const int64_t flat = rows.tok0 + tt;
-    const int n = p.counts ? min(max(p.counts[flat * p.H + kv_head], 0), S) : S;
+    const int n = selection_count(p.counts, flat, p.H, kv_head, S);
     const int c = j < n ? p.indices[(flat * p.H + kv_head) * S + j] : -1;
     ss.raw[i] = c >= 0 && int64_t(c) * p.BS <= t0 + tt ? c : -1;
   }
@@ -564,7 +564,7 @@ __global__ void __launch_bounds__(128) selected_attention_rows_kernel(const Sele
   const int64_t t = flat - key_base;
   attn::RowAttention<T> ra;
   ra.init(p.q + row * p.K, p.K);
-  const int n = p.counts ? min(max(p.counts[flat * p.H + kv_head], 0), p.S) : p.S;
+  const int n = selection_count(p.counts, flat, p.H, kv_head, p.S);
   const int32_t* idx = p.indices + (flat * p.H + kv_head) * p.S;
   for (int j = 0; j < n; ++j) {
     const int c = idx[j];
@@ -613,10 +613,8 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
           const dim3 grid = p.set_tiles(Shape::kRows, L, "selected_attention_tc_kernel");
           const size_t bytes =
               Shape::kTileBytes + SelectionSmem::bytes(p.tokens_per_tile, p.S, Shape::kThreads, kWarps);
-          int device = 0, limit = 0;
-          CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice");
-          CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                     "cudaDeviceGetAttribute(max shared memory)");
+          const int limit =
+              device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
           if (bytes > size_t(limit)) return;  // a huge S: the row kernel takes it
           CUDA_CHECK(cudaFuncSetAttribute(selected_attention_tc_kernel<T, D, kMT>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),

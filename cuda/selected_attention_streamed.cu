@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   // tile start <= t). A token with none gets o = 0, lse = 0 here.
   for (int tk = warp; tk < ntok; tk += kConsumerWarps + 1) {
     const int64_t t = t0 + tk, flat = key_base + t;
-    const int n = p.counts ? min(max(p.counts[flat * p.H + kv_head], 0), p.S) : p.S;
+    const int n = selection_count(p.counts, flat, p.H, kv_head, p.S);
     const int32_t* idx = p.indices + (flat * p.H + kv_head) * p.S;
     int* mine = sm.items + tk * p.max_items;
     int total = 0;
@@ -389,14 +389,6 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
 #endif
 }
 
-int device_major() {
-  int device = 0, major = 0;
-  CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice");
-  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-             "cudaDeviceGetAttribute(compute capability)");
-  return major;
-}
-
 int max_items(const DeviceLayout& L) { return L.block_count * (L.block_size / kTileKeys); }
 
 size_t smem_bytes(const DeviceLayout& L) {
@@ -439,12 +431,10 @@ bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k,
   if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0) return false;
   if (int64_t(run_tokens(int(L.G()))) * L.block_count > kMaxRunEntries) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16) return false;
-  if (device_major() < 9) return false;
-  int device = 0, limit = 0;
-  CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice");
-  CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute(max shared memory)");
-  return smem_bytes(L) <= size_t(limit);
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") < 9)
+    return false;
+  return smem_bytes(L) <=
+         size_t(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)"));
 }
 
 void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,

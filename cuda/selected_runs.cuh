@@ -1,4 +1,4 @@
-// How Auto splits selected attention between the union walk and the streamed kernel: by runs of consecutive
+// How the selected-attention kernels read a token's selections, and how Auto splits selected attention between the union walk and the streamed kernel: by runs of consecutive
 // tokens of a sequence, one streamed CTA each: 8 tokens when G is a multiple of 16, else 128 / G (G = 4, 8),
 // so that a union tile (128 or 64 rows of whole tokens) lies inside one run. Both kernels are launched over
 // the whole problem and evaluate the same predicate on the same run, so each token is taken by exactly one.
@@ -6,6 +6,11 @@
 #include <cstdint>
 
 namespace nsa::cuda {
+
+// How many entries of block_indices[flat, kv_head, :] count: block_counts there clamped to [0, S], or S.
+__device__ __forceinline__ int selection_count(const int32_t* counts, int64_t flat, int H, int kv_head, int S) {
+  return counts ? min(max(counts[flat * H + kv_head], 0), S) : S;
+}
 
 constexpr int kMaxRunTokens = 32;
 __host__ __device__ __forceinline__ int run_tokens(int G) { return G % 16 == 0 ? 8 : 128 / G; }
@@ -40,7 +45,7 @@ __device__ __forceinline__ bool run_selects_alike(const int32_t* indices, const 
     if (i < entries) {
       const int tt = i / S, j = i % S;
       const int64_t flat = flat0 + tt;
-      const int cnt = counts ? min(max(counts[flat * H + kv_head], 0), S) : S;
+      const int cnt = selection_count(counts, flat, H, kv_head, S);
       const int c = j < cnt ? indices[(flat * H + kv_head) * S + j] : -1;
       is_valid = c >= 0 && int64_t(c) * BS <= t0 + tt;
       if (is_valid) {

@@ -442,12 +442,8 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
     P.G = int(L.HQ / L.H);
     P.k_padded = int(div_up(L.K, 16) * 16);
     P.scale_log2 = L.scale * 1.4426950408889634f;
-    int device = 0, smem_optin = 0, smem_sm = 0;
-    CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice(topk)");
-    CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute(topk)");
-    CUDA_CHECK(cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
-               "cudaDeviceGetAttribute(topk)");
+    const int smem_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(topk)");
+    const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "cudaDeviceGetAttribute(topk)");
     const int S = L.block_count;
     // Two CTAs per SM where they fit (each also reserves 1 KB), else one with the largest buffer; with few
     // heads, long keys and many blocks per query, half the warps (half the tokens per CTA).
