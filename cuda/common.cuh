@@ -62,6 +62,16 @@ void dispatch_elem(ElemType t, F&& f) {
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Online softmax with a lazy reference (log2 domain): a row's reference max moves only when a new tile's max
+// exceeds it by more than kLazyRescaleLog2, so most tiles skip rescaling the O accumulators. Meanwhile
+// p = exp2(z - reference) <= 2^8, far inside fp32 and the bf16/fp16 range of the P operand; o and lse come out
+// the same up to rounding, since every term and the final sum share the reference. `ref` is the running
+// reference (-inf before the first visible key).
+constexpr float kLazyRescaleLog2 = 8.f;
+__device__ __forceinline__ float lazy_reference(float ref, float tile_max) {
+  return tile_max > ref + kLazyRescaleLog2 ? tile_max : ref;
+}
+
 // The sequence holding pooled block `chunk` of batch row `b`: the last sequence whose (batch, chunk_start)
 // is <= (b, chunk). Sequences are ordered by batch row, then by start, so a binary search finds it; empty
 // sequences share their successor's chunk_start and lose the tie to it.

@@ -5,6 +5,7 @@
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2.
 #include "cuda/common.cuh"
+#include "cuda/compressed_attention_sm90.h"
 #include "cuda/kernels.h"
 #include "cuda/warp_tile.cuh"
 
@@ -12,16 +13,6 @@ namespace nsa::cuda {
 namespace {
 
 constexpr int kBN = tile::kBlockN;
-
-// Online softmax with a lazy reference (log2 domain): a row's reference max moves only when a new tile's max
-// exceeds it by more than kLazyRescaleLog2, so most tiles skip rescaling the O accumulators. Meanwhile
-// p = exp2(z - reference) <= 2^8, far inside fp32 and the bf16/fp16 range of the P operand; o and lse come out
-// the same up to rounding, since every term and the final sum share the reference. `ref` is the running
-// reference (-inf before the first visible key).
-constexpr float kLazyRescaleLog2 = 8.f;
-__device__ __forceinline__ float lazy_reference(float ref, float tile_max) {
-  return tile_max > ref + kLazyRescaleLog2 ? tile_max : ref;
-}
 
 struct CompressedParams {
   DeviceLayout L;
@@ -230,6 +221,15 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
 
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s) {
+  compressed_attention_forward(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s, CompressedPath::Auto);
+}
+
+void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                                  const DeviceLayout& L, cudaStream_t s, CompressedPath path) {
+  if (path == CompressedPath::Auto && compressed_sm90_fits(L, q, k_cmp, v_cmp)) {
+    compressed_attention_sm90(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+    return;
+  }
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (L.V <= 64) launch<T, 64>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);

@@ -39,6 +39,12 @@ struct DeviceLayout {
 void mean_pool_forward(void* k_cmp, void* v_cmp, const void* k, const void* v, const DeviceLayout& L, cudaStream_t s);
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s);
+// Which compressed-attention kernel runs: Auto takes the wgmma kernel (sm_90; bf16/fp16, K and V in {64, 128},
+// G dividing 64 or a multiple of 64) where it fits, else the mma.sync tile kernel, which Tile forces. For tests
+// and benchmarks.
+enum class CompressedPath { Auto = 0, Tile = 1 };
+void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                                  const DeviceLayout& L, cudaStream_t s, CompressedPath path);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s);
 // block_counts may be null.

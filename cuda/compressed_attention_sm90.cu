@@ -1,0 +1,335 @@
+// Compressed attention forward (nsa-spec §2.2) on sm_90a with warpgroup MMAs: the math of
+// compressed_attention.cu (the same visibility rule, the lazy reference max in base 2, o = 0 and lse = 0 for
+// rows that see no block) for bf16/fp16 with K and V in {64, 128} and G dividing 64 or a multiple of 64.
+//
+// A CTA has two consumer warpgroups and a producer warp. A warpgroup owns a 64-row tile whose rows are
+// (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one token. The
+// producer loads both tiles' Q with tensor-map copies, then streams the pooled K/V tiles (64 blocks each)
+// through a ring of stages on full/empty mbarriers; each stage serves both warpgroups. Per tile a warpgroup
+// computes S = Q K^T (wgmma, both operands in shared memory), the softmax in registers, and O += P V (wgmma,
+// P from registers, V read MN-major). The MMAs are asynchronous: tile j's softmax runs while tile j-1's P V
+// is on the tensor cores, and tile j+1's scores are issued before that P V is waited for.
+#include "cuda/compressed_attention_sm90.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace nsa::cuda {
+namespace {
+
+constexpr int kWarpgroups = 2;
+constexpr int kConsumerThreads = kWarpgroups * 128;
+constexpr int kThreads = kConsumerThreads + 32;  // the last warp produces
+constexpr int kKeys = 64;                          // pooled blocks per tile
+constexpr int kBoxBytes = 64 * 128;                // 64 rows x 64 columns of 16-bit elements
+constexpr int kStages = 3;
+[[maybe_unused]] constexpr unsigned kFull = 0xffffffffu;
+
+template <int KD, int VD>
+struct SmemLayout {
+  // Q first: [warpgroup][KD / 64] boxes.
+  static constexpr int kStage0 = kWarpgroups * (KD / 64) * kBoxBytes;
+  static constexpr int kV = (KD / 64) * kBoxBytes;            // in a stage: the K boxes, then the V boxes
+  static constexpr int kStageBytes = kV + (VD / 64) * kBoxBytes;
+  static constexpr int kBarriers = kStage0 + kStages * kStageBytes;
+  static constexpr int kBytes = kBarriers + (1 + 2 * kStages) * 8;
+};
+
+template <typename T>
+struct Sm90Params {
+  T* o;                             // [B, T, HQ, V]
+  float* lse;                       // [B, T, HQ]
+  const DeviceSequence* seqs;
+  int64_t row_tokens, row_chunks;   // L.T, L.C
+  int HQ, G, BS;
+  int heads, tokens, chunks;        // a 64-row tile: heads x tokens; head chunks per group (G / heads)
+  float scale_log2;
+};
+
+// 64-row tile number `unit` of a sequence (head chunk fastest): its first token and first head in the group.
+struct Unit {
+  int64_t t0;
+  int head0;
+};
+[[maybe_unused]] __device__ __forceinline__ Unit unit_of(int unit, int tokens, int heads, int chunks) {
+  return {int64_t(unit / chunks) * tokens, (unit % chunks) * heads};
+}
+
+template <typename T, int KD, int VD>
+__global__ void __launch_bounds__(kThreads, 1)
+    compressed_sm90_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                           const __grid_constant__ CUtensorMap map_v, const Sm90Params<T> p) {
+#if NSA_HAS_WGMMA
+  using Ly = SmemLayout<KD, VD>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
+  uint64_t* full = q_full + 1;
+  uint64_t* empty = full + kStages;
+
+  const DeviceSequence seq = p.seqs[blockIdx.y];
+  // Late tokens see the most blocks: launch them first so that the short tiles fill the tail.
+  const int unit0 = int(gridDim.x - 1 - blockIdx.x) * kWarpgroups;
+  if (unit_of(unit0, p.tokens, p.heads, p.chunks).t0 >= seq.length) return;
+  int64_t last = 0;  // the CTA's last token
+  for (int w = 0; w < kWarpgroups; ++w) {
+    const Unit u = unit_of(unit0 + w, p.tokens, p.heads, p.chunks);
+    if (u.t0 < seq.length) last = max(last, min(u.t0 + p.tokens, seq.length) - 1);
+  }
+  const int nc_max = int((last + 1) / p.BS);
+  const int tiles = (nc_max + kKeys - 1) / kKeys;
+  const int h = blockIdx.z;
+  const int64_t tok_base = seq.batch * p.row_tokens + seq.start;
+  const int64_t chunk_base = seq.batch * p.row_chunks + seq.chunk_start;
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], kConsumerThreads / 32);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kConsumerThreads) {  // producer
+    if (threadIdx.x == kConsumerThreads && tiles > 0) {
+      mbar_arrive_expect_tx(q_full, kWarpgroups * (KD / 64) * kBoxBytes);
+      for (int w = 0; w < kWarpgroups; ++w) {
+        const Unit u = unit_of(unit0 + w, p.tokens, p.heads, p.chunks);
+        for (int b = 0; b < KD / 64; ++b)
+          tma_load_3d(smem + (w * (KD / 64) + b) * kBoxBytes, &map_q, b * 64, h * p.G + u.head0,
+                      int(tok_base + u.t0), q_full);
+      }
+      for (int j = 0; j < tiles; ++j) {
+        const int s = j % kStages;
+        mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(&full[s], Ly::kStageBytes);
+        unsigned char* stage = smem + Ly::kStage0 + s * Ly::kStageBytes;
+        const int c = int(chunk_base + int64_t(j) * kKeys);
+        for (int b = 0; b < KD / 64; ++b) tma_load_3d(stage + b * kBoxBytes, &map_k, b * 64, h, c, &full[s]);
+        for (int b = 0; b < VD / 64; ++b) tma_load_3d(stage + Ly::kV + b * kBoxBytes, &map_v, b * 64, h, c, &full[s]);
+      }
+    }
+    return;
+  }
+
+  // Consumers. This thread holds rows r and r + 8 of its warp's 16 (the wgmma accumulator layout).
+  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const Unit u = unit_of(unit0 + wg, p.tokens, p.heads, p.chunks);
+  int64_t tok[2];
+  int nc[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + lane / 4 + 8 * i;
+    tok[i] = u.t0 + r / p.heads;
+    nc[i] = tok[i] < seq.length ? int((tok[i] + 1) / p.BS) : 0;
+  }
+
+  float o[VD / 64][32], s[32];
+  uint32_t p_even[4][4], p_odd[4][4];  // P of even / odd tiles: one may still feed the tensor cores
+#pragma unroll
+  for (int b = 0; b < VD / 64; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p_even[kk][i] = p_odd[kk][i] = 0u;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  const uint32_t q_addr = smem_addr(smem + wg * (KD / 64) * kBoxBytes);
+  auto stage_addr = [&](int j) { return smem_addr(smem + Ly::kStage0 + (j % kStages) * Ly::kStageBytes); };
+  // S = Q K^T of tile j, once its copies have landed.
+  auto issue_scores = [&](int j) {
+    mbar_wait(&full[j % kStages], (j / kStages) & 1);
+    const uint32_t k_addr = stage_addr(j);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KD / 16; ++kk) {
+      const uint32_t off = (kk / 4) * kBoxBytes + (kk % 4) * 32;
+      wgmma_ss<T>(s, wgmma_desc(q_addr + off), wgmma_desc(k_addr + off), kk > 0);
+    }
+    wgmma_commit();
+  };
+  // O += P V of tile j: 16 keys (two 8-row groups of V) per k-step, one 64-column box of V per MMA.
+  auto issue_pv = [&](int j, uint32_t (&pf)[4][4]) {
+    const uint32_t v_addr = stage_addr(j) + Ly::kV;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int b = 0; b < VD / 64; ++b) wgmma_rs<T>(o[b], pf[kk], wgmma_desc(v_addr + b * kBoxBytes + kk * 2048));
+    wgmma_commit();
+  };
+  // Tile j's scores -> P (the A fragments of P V) and each row's O rescale factor.
+  // The accumulators are only read here: the next tile's scores reuse them.
+  auto softmax = [&](int j, uint32_t (&pf)[4][4], float (&alpha)[2]) {
+    const int col0 = j * kKeys + 2 * (lane % 4);
+    float x[32], mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
+      x[i] = col < nc[half] ? s[i] * p.scale_log2 : -INFINITY;
+      mx[half] = fmaxf(mx[half], x[i]);
+    }
+    float ref[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      for (int off = 1; off < 4; off *= 2) mx[half] = fmaxf(mx[half], __shfl_xor_sync(kFull, mx[half], off));
+      const float next = lazy_reference(m[half], mx[half]);
+      // A row with nothing visible yet keeps a finite reference so that exp2 gives 0, not NaN.
+      ref[half] = next == -INFINITY ? 0.f : next;
+      alpha[half] = next == m[half] ? 1.f : exp2f(m[half] - ref[half]);
+      m[half] = next;
+    }
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      x[i] = exp2f(x[i] - ref[(i / 2) % 2]);
+      sum[(i / 2) % 2] += x[i];
+    }
+    l[0] = l[0] * alpha[0] + sum[0];
+    l[1] = l[1] * alpha[1] + sum[1];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pf[kk][i] = MmaElem<T>::pack(x[8 * kk + 2 * i], x[8 * kk + 2 * i + 1]);
+  };
+  // Blocks at or past nc_max are visible to no row here and get P = 0, but a non-finite V there would still
+  // turn 0 * inf into NaN, so the last tile's rows past nc_max are zeroed (both warpgroups read the stage).
+  auto zero_invisible_values = [&](int j) {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+    unsigned char* v = smem + Ly::kStage0 + (j % kStages) * Ly::kStageBytes + Ly::kV;
+    const int first = nc_max - j * kKeys, per_box = (kKeys - first) * 8;  // 16-byte chunks per box
+    for (int i = threadIdx.x; i < per_box * (VD / 64); i += kConsumerThreads)
+      *reinterpret_cast<uint4*>(v + (i / per_box) * kBoxBytes + first * 128 + (i % per_box) * 16) = make_uint4(0, 0, 0, 0);
+    fence_proxy_async_smem();  // the generic writes before the MMA's async-proxy reads
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
+  };
+  // One tile: P from its scores; the next tile's scores issued; the previous P V waited for (its stage is then
+  // released and O may be rescaled); this tile's P V issued; the next scores waited for.
+  auto step = [&](int j, uint32_t (&pf)[4][4], uint32_t (&prev)[4][4]) {
+    float alpha[2];
+    softmax(j, pf, alpha);
+    const bool more = j + 1 < tiles;
+    if (more) {
+      issue_scores(j + 1);
+      wgmma_wait<1>();
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_registers(o);
+    fence_registers(prev);
+    if (j > 0 && lane == 0) mbar_arrive(&empty[(j - 1) % kStages]);
+    if (alpha[0] != 1.f || alpha[1] != 1.f) {
+#pragma unroll
+      for (int b = 0; b < VD / 64; ++b)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) o[b][i] *= alpha[(i / 2) % 2];
+    }
+    if (!more && (j + 1) * kKeys > nc_max) zero_invisible_values(j);
+    issue_pv(j, pf);
+    if (more) {
+      wgmma_wait<1>();
+      fence_registers(s);
+    }
+  };
+
+  if (tiles > 0) {
+    mbar_wait(q_full, 0);
+    issue_scores(0);
+    wgmma_wait<0>();
+    fence_registers(s);
+  }
+  for (int j = 0; j < tiles; j += 2) {
+    step(j, p_even, p_odd);
+    if (j + 1 < tiles) step(j + 1, p_odd, p_even);
+  }
+  wgmma_wait<0>();
+  fence_registers(o);
+
+  constexpr float kLn2 = 0.693147180559945309f;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    for (int off = 1; off < 4; off *= 2) l[half] += __shfl_xor_sync(kFull, l[half], off);
+    if (tok[half] >= seq.length) continue;
+    const int r = warp * 16 + lane / 4 + 8 * half;
+    const int64_t row = (tok_base + tok[half]) * p.HQ + h * p.G + u.head0 + r % p.heads;
+    const float inv = nc[half] > 0 ? 1.f / l[half] : 0.f;
+    T* out = p.o + row * VD + 2 * (lane % 4);
+#pragma unroll
+    for (int b = 0; b < VD / 64; ++b)
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        *reinterpret_cast<uint32_t*>(out + b * 64 + 8 * i) =
+            MmaElem<T>::pack(o[b][4 * i + 2 * half] * inv, o[b][4 * i + 2 * half + 1] * inv);
+    if (lane % 4 == 0) p.lse[row] = nc[half] > 0 ? (m[half] + log2f(l[half])) * kLn2 : 0.f;
+  }
+#endif
+}
+
+template <typename T, typename F>
+void with_kernel(const DeviceLayout& L, F&& f) {
+  if (L.K == 128 && L.V == 128) f(compressed_sm90_kernel<T, 128, 128>, SmemLayout<128, 128>::kBytes);
+  else if (L.K == 128) f(compressed_sm90_kernel<T, 128, 64>, SmemLayout<128, 64>::kBytes);
+  else if (L.V == 128) f(compressed_sm90_kernel<T, 64, 128>, SmemLayout<64, 128>::kBytes);
+  else f(compressed_sm90_kernel<T, 64, 64>, SmemLayout<64, 64>::kBytes);
+}
+
+}  // namespace
+
+bool compressed_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
+  if (L.dtype == ElemType::F32 || L.H == 0 || L.num_seqs == 0 || L.B * L.C == 0) return false;
+  if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
+  const int64_t G = L.G();
+  if (64 % G != 0 && G % 64 != 0) return false;
+  // Tensor-map coordinates are int32, and a tile may start up to 64 rows past the end.
+  if (L.B * L.T + L.max_len + 64 >= (int64_t(1) << 31) || L.B * L.C + 64 >= (int64_t(1) << 31)) return false;
+  if (L.HQ >= (int64_t(1) << 31) || L.num_seqs > 65535 || L.H > 65535) return false;
+  if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp) | reinterpret_cast<uintptr_t>(v_cmp)) % 16)
+    return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") != 9)
+    return false;
+  return SmemLayout<128, 128>::kBytes <=
+         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+}
+
+void compressed_attention_sm90(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                               const DeviceLayout& L, cudaStream_t s) {
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore) {
+      Sm90Params<T> p{};
+      p.o = static_cast<T*>(o_cmp);
+      p.lse = lse_cmp;
+      p.seqs = L.seqs;
+      p.row_tokens = L.T, p.row_chunks = L.C;
+      p.HQ = int(L.HQ), p.G = int(L.G()), p.BS = L.block_size;
+      p.heads = int(std::min<int64_t>(L.G(), 64));
+      p.tokens = 64 / p.heads;
+      p.chunks = p.G / p.heads;
+      p.scale_log2 = L.scale * 1.4426950408889634f;
+      const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+      const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, p.heads, p.tokens,
+                                                   "compressed_sm90_kernel(q)");
+      const CUtensorMap map_k = make_tensor_map_3d(k_cmp, bf16, L.K, L.H, uint64_t(L.B * L.C), 64, 1, kKeys,
+                                                   "compressed_sm90_kernel(k_cmp)");
+      const CUtensorMap map_v = make_tensor_map_3d(v_cmp, bf16, L.V, L.H, uint64_t(L.B * L.C), 64, 1, kKeys,
+                                                   "compressed_sm90_kernel(v_cmp)");
+      const int64_t units = div_up(L.max_len, p.tokens) * p.chunks;
+      const dim3 grid(unsigned(div_up(units, kWarpgroups)), unsigned(L.num_seqs), unsigned(L.H));
+      if (grid.x == 0) return;
+      with_kernel<T>(L, [&](auto kernel, int bytes) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                   "cudaFuncSetAttribute(compressed_sm90_kernel)");
+        kernel<<<grid, kThreads, bytes, s>>>(map_q, map_k, map_v, p);
+        check_launch("compressed_sm90_kernel");
+      });
+    }
+  });
+}
+
+}  // namespace nsa::cuda
