@@ -127,6 +127,7 @@ class DeviceInputs {
     dl_.C = L.chunks;
     dl_.block_size = int(L.BS()), dl_.block_count = int(L.S()), dl_.window = int(L.config.window);
     dl_.scale = float(L.scale());
+    dl_.paper_policy = L.config.policy == Policy::Paper;
     dl_.num_seqs = int(seqs.size());
     dl_.max_len = max_len;
     dl_.seqs = static_cast<const cuda::DeviceSequence*>(seqs_.get());

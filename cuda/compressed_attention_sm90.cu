@@ -23,11 +23,15 @@
 namespace nsa::cuda {
 namespace {
 
-constexpr int kWarpgroups = 2;
+// Consumer warpgroups per CTA: a compile-time knob for tuning.
+#ifndef NSA_COMPRESSED_WARPGROUPS
+#define NSA_COMPRESSED_WARPGROUPS 2
+#endif
+constexpr int kWarpgroups = NSA_COMPRESSED_WARPGROUPS;
 constexpr int kConsumerThreads = kWarpgroups * 128;
 constexpr int kThreads = kConsumerThreads + 32;  // the last warp produces
 constexpr int kKeys = 64;                          // pooled blocks per tile
-constexpr int kBoxBytes = 64 * 128;                // 64 rows x 64 columns of 16-bit elements
+constexpr int kBoxBytes = kWgmmaBoxBytes;
 constexpr int kStages = 3;
 [[maybe_unused]] constexpr unsigned kFull = 0xffffffffu;
 
@@ -130,15 +134,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   float o[VD / 64][32], s[32];
-  uint32_t p_even[4][4], p_odd[4][4];  // P of even / odd tiles: one may still feed the tensor cores
+  uint32_t pf[4][4];  // P of the tile whose P V is next
 #pragma unroll
   for (int b = 0; b < VD / 64; ++b)
 #pragma unroll
     for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p_even[kk][i] = p_odd[kk][i] = 0u;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   const uint32_t q_addr = smem_addr(smem + wg * (KD / 64) * kBoxBytes);
@@ -146,17 +146,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   // S = Q K^T of tile j, once its copies have landed.
   auto issue_scores = [&](int j) {
     mbar_wait(&full[j % kStages], (j / kStages) & 1);
-    const uint32_t k_addr = stage_addr(j);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KD / 16; ++kk) {
-      const uint32_t off = (kk / 4) * kBoxBytes + (kk % 4) * 32;
-      wgmma_ss<T>(s, wgmma_desc(q_addr + off), wgmma_desc(k_addr + off), kk > 0);
-    }
-    wgmma_commit();
+    wgmma_scores<T, KD>(s, q_addr, stage_addr(j));
   };
   // O += P V of tile j: 16 keys (two 8-row groups of V) per k-step, one 64-column box of V per MMA.
-  auto issue_pv = [&](int j, uint32_t (&pf)[4][4]) {
+  auto issue_pv = [&](int j) {
     const uint32_t v_addr = stage_addr(j) + Ly::kV;
     wgmma_fence();
 #pragma unroll
@@ -165,11 +158,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int b = 0; b < VD / 64; ++b) wgmma_rs<T>(o[b], pf[kk], wgmma_desc(v_addr + b * kBoxBytes + kk * 2048));
     wgmma_commit();
   };
-  // Tile j's scores -> P (the A fragments of P V) and each row's O rescale factor.
-  // The accumulators are only read here: the next tile's scores reuse them.
-  auto softmax = [&](int j, uint32_t (&pf)[4][4], float (&alpha)[2]) {
+  // Tile j's logits (the accumulators, only read) -> probabilities x relative to each row's reference, and the
+  // factor alpha by which O must be rescaled.
+  float x[32];
+  auto softmax = [&](int j, float (&alpha)[2]) {
     const int col0 = j * kKeys + 2 * (lane % 4);
-    float x[32], mx[2] = {-INFINITY, -INFINITY};
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
@@ -193,6 +187,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     l[0] = l[0] * alpha[0] + sum[0];
     l[1] = l[1] * alpha[1] + sum[1];
+  };
+  // x -> P, the A fragments of P V (16 keys per k-step).
+  auto pack_p = [&] {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
@@ -209,44 +206,42 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_proxy_async_smem();  // the generic writes before the MMA's async-proxy reads
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
   };
-  // One tile: P from its scores; the next tile's scores issued; the previous P V waited for (its stage is then
-  // released and O may be rescaled); this tile's P V issued; the next scores waited for.
-  auto step = [&](int j, uint32_t (&pf)[4][4], uint32_t (&prev)[4][4]) {
+  // Per tile j (its P ready): tile j+1's scores and tile j's P V are issued, in that order; once the scores
+  // are in, their softmax runs while P V is still on the tensor cores; then both are waited for, the stage is
+  // released, O rescaled and the next P packed, so accumulators and P are only touched once their MMA is
+  // complete. The last tile is peeled off: ptxas serialises every wgmma of a kernel whose issue or wait
+  // depends on a branch inside the loop.
+  if (tiles > 0) {
+    mbar_wait(q_full, 0);
+    issue_scores(0);
+    wgmma_wait<0>();
+    fence_registers(s);
     float alpha[2];
-    softmax(j, pf, alpha);
-    const bool more = j + 1 < tiles;
-    if (more) {
-      issue_scores(j + 1);
-      wgmma_wait<1>();
-    } else {
-      wgmma_wait<0>();
-    }
+    softmax(0, alpha);  // O is still 0: nothing to rescale
+    pack_p();
+  }
+  for (int j = 0; j + 1 < tiles; ++j) {
+    issue_scores(j + 1);
+    issue_pv(j);
+    wgmma_wait<1>();
+    fence_registers(s);
+    float alpha[2];
+    softmax(j + 1, alpha);
+    wgmma_wait<0>();
     fence_registers(o);
-    fence_registers(prev);
-    if (j > 0 && lane == 0) mbar_arrive(&empty[(j - 1) % kStages]);
+    fence_registers(pf);
+    if (lane == 0) mbar_arrive(&empty[j % kStages]);
     if (alpha[0] != 1.f || alpha[1] != 1.f) {
 #pragma unroll
       for (int b = 0; b < VD / 64; ++b)
 #pragma unroll
         for (int i = 0; i < 32; ++i) o[b][i] *= alpha[(i / 2) % 2];
     }
-    if (!more && (j + 1) * kKeys > nc_max) zero_invisible_values(j);
-    issue_pv(j, pf);
-    if (more) {
-      wgmma_wait<1>();
-      fence_registers(s);
-    }
-  };
-
-  if (tiles > 0) {
-    mbar_wait(q_full, 0);
-    issue_scores(0);
-    wgmma_wait<0>();
-    fence_registers(s);
+    pack_p();
   }
-  for (int j = 0; j < tiles; j += 2) {
-    step(j, p_even, p_odd);
-    if (j + 1 < tiles) step(j + 1, p_odd, p_even);
+  if (tiles > 0) {
+    if (tiles * kKeys > nc_max) zero_invisible_values(tiles - 1);
+    issue_pv(tiles - 1);
   }
   wgmma_wait<0>();
   fence_registers(o);

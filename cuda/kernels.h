@@ -47,6 +47,11 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
                                   const DeviceLayout& L, cudaStream_t s, CompressedPath path);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s);
+// Which top-k kernel runs: Auto takes the wgmma kernel (sm_90; bf16/fp16, K in {64, 128}, G = 16) where it fits,
+// else the mma.sync tile kernel, which Tile forces. For tests and benchmarks.
+enum class TopkPath { Auto = 0, Tile = 1 };
+void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
+                  cudaStream_t s, TopkPath path);
 // block_counts may be null.
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,

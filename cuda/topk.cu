@@ -15,10 +15,13 @@
 // selected the same way, the forced blocks added, and the slots ordered by score descending, ties to the
 // smaller block; -1 pads.
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/tma.cuh"
 #include "cuda/warp_tile.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace nsa::cuda {
 namespace {
@@ -150,6 +153,112 @@ __device__ __forceinline__ int forced_block(bool paper, int cur, int i) {
   return i == 0 ? 0 : cur - (forced_count(paper, cur) - 1 - i);
 }
 
+// Direct scores (G divides 16, one head chunk): a warp's 16 rows are whole tokens. Sums each token's heads of
+// the warp's 16 x 64 probabilities (mma accumulator layout; tl[half] is the token of rows lane / 4 and
+// lane / 4 + 8) and stores its 64 scores in the score tile.
+__device__ __forceinline__ void store_head_sums(const float (&s)[kBN / 8][4], float* score, const int (&tl)[2], int G,
+                                                int lane) {
+  const int col0 = (lane % 4) * 2;
+  if (G == 16) {
+    // Rows a and b are heads of one token: the column sums over the 8 row groups by a reduce-scatter across
+    // lanes (each level sends half of what is left), so each lane ends up with 2 of the 64 sums.
+    static_assert(kBN == 64, "16 values per lane, 3 levels");
+    float v[16];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[2 * j] = s[j][0] + s[j][2], v[2 * j + 1] = s[j][1] + s[j][3];
+    reduce_scatter_level<8>(v, lane, 4);
+    reduce_scatter_level<4>(v, lane, 8);
+    reduce_scatter_level<2>(v, lane, 16);
+    // v[0..1] are values 2 j + {0, 1} with j = 4 b0 + 2 b1 + b2 (b = lane bits 2, 3, 4): columns j * 8 + col0.
+    const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
+    *reinterpret_cast<float2*>(&score[tl[0] * kScoreStride + j * 8 + col0]) = make_float2(v[0], v[1]);
+  } else {
+    // G in {1, 2, 4, 8}: a token's heads are G consecutive row groups of 4 lanes.
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[j][e];
+        for (int off = 4; off < 4 * G; off *= 2) v += __shfl_xor_sync(kFull, v, off);
+        if ((lane / 4) % G == 0) score[tl[e / 2] * kScoreStride + col0 + j * 8 + (e & 1)] = v;
+      }
+  }
+}
+
+// A token's block, the end of its scored blocks (c < lim) and the ordinary blocks it keeps.
+__device__ __forceinline__ TokenInfo token_info(int64_t t, int BS, int S, bool paper) {
+  TokenInfo ti;
+  ti.cur = int(t / BS);
+  ti.lim = paper ? int((t + 1) / BS) : ti.cur;
+  ti.keep = max(0, S - forced_count(paper, ti.cur));
+  return ti;
+}
+
+// A token's candidate buffer in shared memory: `cap` (score, block) entries, their count and the threshold.
+struct Candidates {
+  float* score;
+  int* block;
+  int* count;
+  float* thr;
+};
+
+// Filter: appends the token's ordinary blocks of one pooled tile (row[i] scores block c0 + i) whose score is
+// above its threshold, 32 at a time; a full buffer is first cut back to its `keep` best. The whole warp calls it.
+__device__ __forceinline__ void filter_tile(const Candidates& cb, const float* row, int c0, const TokenInfo& ti,
+                                            bool paper, int G, int cap, int lane) {
+  int n = *cb.count;
+  float thr = *cb.thr;
+  for (int base = 0; base < kBN && c0 + base < ti.lim; base += 32) {
+    if (n + 32 > cap) {
+      thr = warp_keep_best(cb.score, cb.block, n, ti.keep, lane);
+      n = ti.keep;
+    }
+    const int i = base + lane, c = c0 + i;
+    const bool ordinary = c < ti.lim && (!paper || (c != 0 && c != ti.cur - 1 && c != ti.cur));
+    float value = 0.f;
+    if (ordinary) value = paper ? row[i] / float(G) : row[i];
+    const bool enters = ordinary && value > thr;
+    const unsigned mask = __ballot_sync(kFull, enters);
+    if (enters) {
+      const int pos = n + __popc(mask & ((1u << lane) - 1));
+      cb.score[pos] = value;
+      cb.block[pos] = c;
+    }
+    n += __popc(mask);
+  }
+  __syncwarp();
+  if (lane == 0) {
+    *cb.count = n;
+    *cb.thr = thr;
+  }
+}
+
+// The token's S' best ordinary blocks, its forced blocks, then the S slots by score descending, ties to the
+// smaller block; -1 pads. The whole warp calls it.
+__device__ __forceinline__ void write_selection(int32_t* out, const Candidates& cb, const TokenInfo& ti, bool paper,
+                                                int G, int S, int lane) {
+  float* bs = cb.score;
+  int* bi = cb.block;
+  const int n = *cb.count, k = min(ti.keep, n);
+  if (k > 0 && n > k) warp_keep_best(bs, bi, n, k, lane);
+  const int nf = min(forced_count(paper, ti.cur), S);
+  if (lane < nf) {
+    bs[k + lane] = paper ? 1.f : float(G);
+    bi[k + lane] = forced_block(paper, ti.cur, lane);
+  }
+  __syncwarp();
+  const int m = k + nf;
+  for (int i = lane; i < m; i += 32) {
+    const float si = bs[i];
+    const int bi_i = bi[i];
+    int slot = 0;
+    for (int j = 0; j < m; ++j) slot += bs[j] > si || (bs[j] == si && bi[j] < bi_i);
+    out[slot] = bi_i;
+  }
+  for (int j = m + lane; j < S; j += 32) out[j] = -1;
+  __syncwarp();
+}
+
 // Preconditions: K <= k_padded <= 256, S <= kMaxS, cap in [S + 31, kMaxCap], the grid is
 // (geo.tiles_x / geo.head_chunks, num_seqs, H) with geo made for 16 * W rows.
 template <typename T, int W>
@@ -180,6 +289,9 @@ __global__ void __launch_bounds__(W * 32, 2)
   int* buf_count = buf_block + tpt * cap;                              // [tpt]
   float* buf_thr = reinterpret_cast<float*>(buf_count + tpt);          // [tpt]
   TokenInfo* tok_info = reinterpret_cast<TokenInfo*>(buf_thr + tpt);  // [tpt]
+  auto candidates = [&](int tl) {
+    return Candidates{buf_score + tl * cap, buf_block + tl * cap, buf_count + tl, buf_thr + tl};
+  };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tok_base = seq.batch * L.T + seq.start;
@@ -190,12 +302,7 @@ __global__ void __launch_bounds__(W * 32, 2)
   for (int i = threadIdx.x; i < tpt; i += blockDim.x) {
     buf_count[i] = 0;
     buf_thr[i] = -INFINITY;
-    const int64_t t = t0 + i;
-    TokenInfo ti;
-    ti.cur = int(t / BS);
-    ti.lim = paper ? int((t + 1) / BS) : ti.cur;
-    ti.keep = max(0, S - forced_count(paper, ti.cur));
-    tok_info[i] = ti;
+    tok_info[i] = token_info(t0 + i, BS, S, paper);
   }
 
   auto row_token = [&](int r) { return t0 + r / hpt; };
@@ -284,29 +391,8 @@ __global__ void __launch_bounds__(W * 32, 2)
           const int half = e / 2, col = c0 + col0 + j * 8 + (e & 1);
           s[j][e] = col < lim[half] ? exp2f(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
         }
-      if (direct && G == 16) {
-        // Rows a and b are heads of one token: the column sums over the 8 row groups by a reduce-scatter
-        // across lanes (each level sends half of what is left), so each lane ends up with 2 of the 64 sums.
-        static_assert(kBN == 64, "16 values per lane, 3 levels");
-        float v[16];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) v[2 * j] = s[j][0] + s[j][2], v[2 * j + 1] = s[j][1] + s[j][3];
-        reduce_scatter_level<8>(v, lane, 4);
-        reduce_scatter_level<4>(v, lane, 8);
-        reduce_scatter_level<2>(v, lane, 16);
-        // v[0..1] are values 2 j + {0, 1} with j = 4 b0 + 2 b1 + b2 (b = lane bits 2, 3, 4): columns j * 8 + col0.
-        const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
-        *reinterpret_cast<float2*>(&score[tl[0] * kScoreStride + j * 8 + col0]) = make_float2(v[0], v[1]);
-      } else if (direct) {
-        // G in {1, 2, 4, 8}: a token's heads are G consecutive row groups of 4 lanes.
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float v = s[j][e];
-            for (int off = 4; off < 4 * G; off *= 2) v += __shfl_xor_sync(kFull, v, off);
-            if ((lane / 4) % G == 0) score[tl[e / 2] * kScoreStride + col0 + j * 8 + (e & 1)] = v;
-          }
+      if (direct) {
+        store_head_sums(s, score, tl, G, lane);
       } else if (hpt % 16 == 0) {
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j)
@@ -337,33 +423,7 @@ __global__ void __launch_bounds__(W * 32, 2)
       if (t >= seq.length) break;
       const TokenInfo ti = tok_info[tl];
       if (c0 >= ti.lim || ti.keep == 0) continue;
-      float* bs = buf_score + tl * cap;
-      int* bi = buf_block + tl * cap;
-      int n = buf_count[tl];
-      float thr = buf_thr[tl];
-      for (int base = 0; base < kBN && c0 + base < ti.lim; base += 32) {
-        if (n + 32 > cap) {
-          thr = warp_keep_best(bs, bi, n, ti.keep, lane);
-          n = ti.keep;
-        }
-        const int i = base + lane, c = c0 + i;
-        const bool ordinary = c < ti.lim && (!paper || (c != 0 && c != ti.cur - 1 && c != ti.cur));
-        float value = 0.f;
-        if (ordinary) value = paper ? score[tl * kScoreStride + i] / float(G) : score[tl * kScoreStride + i];
-        const bool enters = ordinary && value > thr;
-        const unsigned mask = __ballot_sync(kFull, enters);
-        if (enters) {
-          const int pos = n + __popc(mask & ((1u << lane) - 1));
-          bs[pos] = value;
-          bi[pos] = c;
-        }
-        n += __popc(mask);
-      }
-      __syncwarp();
-      if (lane == 0) {
-        buf_count[tl] = n;
-        buf_thr[tl] = thr;
-      }
+      filter_tile(candidates(tl), score + tl * kScoreStride, c0, ti, paper, G, cap, lane);
     }
   }
   cp_async_wait<0>();  // Q's copies when no tile ran
@@ -373,29 +433,206 @@ __global__ void __launch_bounds__(W * 32, 2)
   for (int tl = warp; tl < tpt; tl += W) {
     const int64_t t = t0 + tl;
     if (t >= seq.length) break;
-    const TokenInfo ti = tok_info[tl];
-    float* bs = buf_score + tl * cap;
-    int* bi = buf_block + tl * cap;
-    const int n = buf_count[tl], k = min(ti.keep, n);
-    if (k > 0 && n > k) warp_keep_best(bs, bi, n, k, lane);
-    const int nf = min(forced_count(paper, ti.cur), S);
-    if (lane < nf) {
-      bs[k + lane] = paper ? 1.f : float(G);
-      bi[k + lane] = forced_block(paper, ti.cur, lane);
-    }
-    __syncwarp();
-    const int m = k + nf;
-    int32_t* out = block_indices + ((tok_base + t) * H + h) * S;
-    for (int i = lane; i < m; i += 32) {
-      const float si = bs[i];
-      const int bi_i = bi[i];
-      int slot = 0;
-      for (int j = 0; j < m; ++j) slot += bs[j] > si || (bs[j] == si && bi[j] < bi_i);
-      out[slot] = bi_i;
-    }
-    for (int j = m + lane; j < S; j += 32) out[j] = -1;
-    __syncwarp();
+    write_selection(block_indices + ((tok_base + t) * H + h) * S, candidates(tl), tok_info[tl], paper, G, S, lane);
   }
+}
+
+// ---- sm_90: the scores by asynchronous wgmma ----
+// For bf16/fp16, K in {64, 128} and G = 16. A CTA's rows are whole tokens, 4 per warpgroup of 64 rows (three
+// warpgroups: 12 tokens; two measured 35% slower at 64k), one token per warp: each warp sums its token's heads, stores its score row, filters it and writes its
+// selection itself, with no CTA-wide barrier. (At G = 4 or 8 a warp would filter 4 or 2 tokens in turn, with
+// half the warps per SM of the tile kernel: measured slower there, so those keep the tile kernel.) A
+// producer warp loads Q once and streams the pooled K tiles through a ring of stages (TMA, mbarriers). A
+// warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention kernel's very sequence, so the
+// logits are the ones that produced lse_cmp) before it turns tile j into scores and filters them.
+#ifndef NSA_TOPK_WARPGROUPS  // a compile-time knob for tuning
+#define NSA_TOPK_WARPGROUPS 3
+#endif
+constexpr int kSm90Warpgroups = NSA_TOPK_WARPGROUPS;
+constexpr int kSm90Consumers = kSm90Warpgroups * 128;
+constexpr int kSm90Threads = kSm90Consumers + 32;  // the last warp produces
+constexpr int kSm90Stages = 3;
+constexpr int kSm90Rows = kSm90Warpgroups * 64;
+
+// Shared memory: Q boxes, K stages, mbarriers, then the score tile, candidate buffers, counts, thresholds and
+// token info of the CTA's tokens (as in smem_bytes).
+template <int KD>
+struct Sm90Layout {
+  static constexpr int kStageBytes = (KD / 64) * kWgmmaBoxBytes;
+  static constexpr int kStage0 = kSm90Warpgroups * kStageBytes;
+  static constexpr int kBarriers = kStage0 + kSm90Stages * kStageBytes;
+  static constexpr int kTokens = kBarriers + (1 + 2 * kSm90Stages) * 8;
+  static int bytes(int tpt, int cap) { return kTokens + tpt * kScoreStride * 4 + tpt * cap * 8 + tpt * (8 + int(sizeof(TokenInfo))); }
+};
+
+template <typename T, int KD>
+__global__ void __launch_bounds__(kSm90Threads, 1)
+    topk_sm90_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                     int32_t* __restrict__ block_indices,  // [B, T, H, S]
+                     const float* __restrict__ lse_cmp,    // [B, T, HQ]
+                     const TopkParams P) {
+#if NSA_HAS_WGMMA
+  using Ly = Sm90Layout<KD>;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const DeviceLayout& L = P.L;
+  const DeviceSequence seq = L.seqs[blockIdx.y];
+  const int G = P.G, tpt = kSm90Rows / G, BS = L.block_size, S = L.block_count, cap = P.cap;
+  // Late tokens score the most blocks: launch them first so that the short CTAs fill the tail.
+  const int64_t t0 = int64_t(gridDim.x - 1 - blockIdx.x) * tpt;
+  if (t0 >= seq.length) return;
+  const int h = blockIdx.z;
+  const bool paper = L.paper_policy;
+
+  extern __shared__ __align__(1024) unsigned char smem[];
+  if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
+  uint64_t* full = q_full + 1;
+  uint64_t* empty = full + kSm90Stages;
+  float* score = reinterpret_cast<float*>(smem + Ly::kTokens);    // [tpt][kScoreStride]
+  float* buf_score = score + tpt * kScoreStride;                   // [tpt][cap]
+  int* buf_block = reinterpret_cast<int*>(buf_score + tpt * cap);  // [tpt][cap]
+  int* buf_count = buf_block + tpt * cap;                          // [tpt]
+  float* buf_thr = reinterpret_cast<float*>(buf_count + tpt);      // [tpt]
+  TokenInfo* tok_info = reinterpret_cast<TokenInfo*>(buf_thr + tpt);
+  auto candidates = [&](int tl) {
+    return Candidates{buf_score + tl * cap, buf_block + tl * cap, buf_count + tl, buf_thr + tl};
+  };
+
+  const int64_t tok_base = seq.batch * L.T + seq.start;
+  const int64_t chunk_base = seq.batch * L.C + seq.chunk_start;
+  const int64_t last_token = min(t0 + tpt, seq.length) - 1;
+  const int lim_max = paper ? int((last_token + 1) / BS) : int(last_token / BS);
+  const int tiles = (lim_max + kBN - 1) / kBN;
+  for (int i = threadIdx.x; i < tpt; i += blockDim.x) {
+    buf_count[i] = 0;
+    buf_thr[i] = -INFINITY;
+    tok_info[i] = token_info(t0 + i, BS, S, paper);
+  }
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int st = 0; st < kSm90Stages; ++st) mbar_init(&full[st], 1), mbar_init(&empty[st], kSm90Consumers / 32);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kSm90Consumers) {  // producer
+    if (threadIdx.x == kSm90Consumers && tiles > 0) {
+      mbar_arrive_expect_tx(q_full, kSm90Warpgroups * Ly::kStageBytes);
+      for (int w = 0; w < kSm90Warpgroups; ++w)
+        for (int b = 0; b < KD / 64; ++b)
+          tma_load_3d(smem + (w * (KD / 64) + b) * kWgmmaBoxBytes, &map_q, b * 64, h * G,
+                      int(tok_base + t0 + w * (64 / G)), q_full);
+      for (int j = 0; j < tiles; ++j) {
+        const int st = j % kSm90Stages;
+        mbar_wait(&empty[st], ((j / kSm90Stages) & 1) ^ 1);
+        mbar_arrive_expect_tx(&full[st], Ly::kStageBytes);
+        for (int b = 0; b < KD / 64; ++b)
+          tma_load_3d(smem + Ly::kStage0 + st * Ly::kStageBytes + b * kWgmmaBoxBytes, &map_k, b * 64, h,
+                      int(chunk_base + int64_t(j) * kBN), &full[st]);
+      }
+    }
+    return;
+  }
+
+  // Consumers: this thread's rows lane / 4 and lane / 4 + 8 of its warp's 16 (the accumulator layout).
+  const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int tl[2], lim[2];
+  float lse2[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp * 16 + lane / 4 + 8 * half;  // row in the CTA: token r / G, head r % G
+    tl[half] = r / G;
+    const int64_t t = t0 + tl[half];
+    const bool valid = t < seq.length;
+    lim[half] = valid ? tok_info[tl[half]].lim : 0;
+    lse2[half] = valid ? lse_cmp[(tok_base + t) * L.HQ + h * G + r % G] * kLog2e : 0.f;
+  }
+  int warp_lim = max(lim[0], lim[1]);
+  for (int off = 16; off > 0; off /= 2) warp_lim = max(warp_lim, __shfl_xor_sync(kFull, warp_lim, off));
+  const int tl_first = warp * 16 / G, tl_end = min(tpt, (warp + 1) * 16 / G);
+
+  const uint32_t q_addr = smem_addr(smem + wg * Ly::kStageBytes);
+  auto issue_scores = [&](int j, float (&s)[32]) {
+    mbar_wait(&full[j % kSm90Stages], (j / kSm90Stages) & 1);
+    wgmma_scores<T, KD>(s, q_addr, smem_addr(smem + Ly::kStage0 + (j % kSm90Stages) * Ly::kStageBytes));
+  };
+  // Tile j's logits (complete) -> the warp's tokens' scores -> their filters, while tile j+1's run.
+  auto step = [&](int j, float (&s)[32], float (&next)[32]) {
+    if (lane == 0) mbar_arrive(&empty[j % kSm90Stages]);  // S of tile j is done with its K stage
+    if (j + 1 < tiles) issue_scores(j + 1, next);
+    const int c0 = j * kBN;
+    if (c0 < warp_lim) {
+      float p[kBN / 8][4];
+      const int col0 = c0 + (lane % 4) * 2;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
+        p[i / 4][i % 4] = col < lim[half] ? exp2f(s[i] * P.scale_log2 - lse2[half]) : 0.f;
+      }
+      store_head_sums(p, score, tl, G, lane);
+      __syncwarp();
+      for (int k = tl_first; k < tl_end; ++k) {
+        const TokenInfo ti = tok_info[k];
+        if (t0 + k >= seq.length) break;
+        if (c0 >= ti.lim || ti.keep == 0) continue;
+        filter_tile(candidates(k), score + k * kScoreStride, c0, ti, paper, G, cap, lane);
+      }
+    }
+    wgmma_wait<0>();
+    fence_registers(next);
+  };
+
+  float s_even[32], s_odd[32];
+  if (tiles > 0) {
+    mbar_wait(q_full, 0);
+    issue_scores(0, s_even);
+    wgmma_wait<0>();
+    fence_registers(s_even);
+  }
+  for (int j = 0; j < tiles; j += 2) {
+    step(j, s_even, s_odd);
+    if (j + 1 < tiles) step(j + 1, s_odd, s_even);
+  }
+  for (int k = tl_first; k < tl_end && t0 + k < seq.length; ++k)
+    write_selection(block_indices + ((tok_base + t0 + k) * L.H + h) * S, candidates(k), tok_info[k], paper, G, S,
+                    lane);
+#endif
+}
+
+// Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G = 16, pooled blocks to
+// score, int32 tensor-map coordinates, 16-byte aligned tensors, compute capability 9.x and the shared memory.
+bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap) {
+  const int64_t G = L.G();
+  if (L.dtype == ElemType::F32 || L.H == 0 || L.B * L.C == 0) return false;
+  if ((L.K != 64 && L.K != 128) || G != 16) return false;
+  if (L.B * L.T + L.max_len + kSm90Rows >= (int64_t(1) << 31) || L.B * L.C + kBN >= (int64_t(1) << 31)) return false;
+  if (L.num_seqs > 65535 || L.H > 65535) return false;
+  if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp)) % 16) return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") != 9)
+    return false;
+  return Sm90Layout<128>::bytes(int(kSm90Rows / G), cap) <=
+         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+}
+
+template <typename T>
+void launch_sm90(TopkParams P, int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp,
+                 cudaStream_t s) {
+  const DeviceLayout& L = P.L;
+  const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const int tpt = kSm90Rows / P.G;
+  const CUtensorMap map_q =
+      make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, P.G, 64 / P.G, "topk_sm90_kernel(q)");
+  const CUtensorMap map_k =
+      make_tensor_map_3d(k_cmp, bf16, L.K, L.H, uint64_t(L.B * L.C), 64, 1, kBN, "topk_sm90_kernel(k_cmp)");
+  const dim3 grid(unsigned(div_up(L.max_len, tpt)), unsigned(L.num_seqs), unsigned(L.H));
+  auto run = [&](auto kernel, int bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute(topk_sm90_kernel)");
+    kernel<<<grid, kSm90Threads, bytes, s>>>(map_q, map_k, block_indices, lse_cmp, P);
+    check_launch("topk_sm90_kernel");
+  };
+  if (L.K == 128) run(topk_sm90_kernel<T, 128>, Sm90Layout<128>::bytes(tpt, P.cap));
+  else run(topk_sm90_kernel<T, 64>, Sm90Layout<64>::bytes(tpt, P.cap));
 }
 
 // Launch shape: warps per CTA, K stages, buffer capacity.
@@ -432,6 +669,11 @@ void launch(TopkParams P, int32_t* block_indices, const void* q, const void* k_c
 
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s) {
+  topk_forward(block_indices, q, k_cmp, lse_cmp, L, s, TopkPath::Auto);
+}
+
+void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
+                  cudaStream_t s, TopkPath path) {
   if (L.block_count > kMaxS) throw CudaError("topk_forward: block_count > " + std::to_string(kMaxS));
   if (L.num_seqs == 0 || L.max_len == 0) return;
   dispatch_elem(L.dtype, [&](auto tag) {
@@ -442,6 +684,13 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
     P.G = int(L.HQ / L.H);
     P.k_padded = int(div_up(L.K, 16) * 16);
     P.scale_log2 = L.scale * 1.4426950408889634f;
+    if constexpr (Elem<T>::kTensorCore) {
+      if (path == TopkPath::Auto && sm90_fits(L, q, k_cmp, kMaxCap)) {
+        P.cap = kMaxCap;
+        launch_sm90<T>(P, block_indices, q, k_cmp, lse_cmp, s);
+        return;
+      }
+    }
     const int smem_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(topk)");
     const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "cudaDeviceGetAttribute(topk)");
     const int S = L.block_count;

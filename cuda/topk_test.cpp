@@ -10,7 +10,9 @@
 #include <string>
 #include <vector>
 
+#include "cuda/attention_test_util.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/kernels.h"
 #include "reference/reference.h"
 #include "reference/test_util.h"
 
@@ -59,6 +61,23 @@ TEST_P(CudaTopkTies, ZeroQueriesSelectByTheTieRulesExactly) {
     ASSERT_EQ(out.block_indices[i], expected[i])
         << c.name << ": token " << row / L.dims.H << ", kv head " << row % L.dims.H << ", slot " << i % L.S();
   }
+  // Each top-k kernel on its own, from the backend's k_cmp and lse_cmp: the same slots.
+  test::DeviceInputs in(p, c.dtype);
+  test::DeviceBytes k_cmp(out.k_cmp.size() * dtype_size(c.dtype)), lse(out.lse_cmp.size() * sizeof(float)),
+      indices(expected.size() * sizeof(int32_t));
+  k_cmp.upload(test::pack(out.k_cmp, c.dtype).data());
+  const std::vector<float> lse_host(out.lse_cmp.begin(), out.lse_cmp.end());
+  lse.upload(lse_host.data());
+  for (cuda::TopkPath path : {cuda::TopkPath::Auto, cuda::TopkPath::Tile}) {
+    SCOPED_TRACE(path == cuda::TopkPath::Auto ? "Auto" : "Tile");
+    indices.poison();
+    cuda::topk_forward(static_cast<int32_t*>(indices.get()), in.q(), k_cmp.get(), static_cast<const float*>(lse.get()),
+                       in.layout(), nullptr, path);
+    test::cuda_ok(cudaDeviceSynchronize(), "topk_forward");
+    std::vector<int32_t> got(expected.size());
+    indices.download(got.data());
+    EXPECT_EQ(got, expected);
+  }
   // Not vacuous: some row fills all S slots with real blocks.
   bool full_row = false;
   for (std::size_t r = 0; r + L.S() <= expected.size(); r += L.S())
@@ -90,7 +109,12 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"paper_S8_G8_BS16_overflow", kPaper, 16, 2, 8, 16, 2000, {}},
         TieCase{"seed_S16_G4_BS16_K128", kSeed, 8, 2, 16, 16, 1500, {}, DType::BF16, 128},
         // Two head chunks: Q reloaded per chunk while later K tiles are in flight.
-        TieCase{"paper_S16_G160_head_chunks", kPaper, 160, 1, 16, 16, 600, {}}),
+        TieCase{"paper_S16_G160_head_chunks", kPaper, 160, 1, 16, 16, 600, {}},
+        // K = 64 / 128 (G = 16: the wgmma kernel on sm_90), a varlen batch, overflowing buffers.
+        TieCase{"seed_S16_G16_K64_BS64", kSeed, 16, 1, 16, 64, 3000, {}, DType::BF16, 64},
+        TieCase{"paper_varlen_S16_G16_K128_f16", kPaper, 32, 2, 16, 16, 0, {900, 0, 3, 2000}, DType::F16, 128},
+        TieCase{"paper_varlen_S8_G8_K64", kPaper, 16, 2, 8, 16, 0, {700, 0, 5, 1300}, DType::F16, 64},
+        TieCase{"paper_S64_G4_K128_f16_overflow", kPaper, 8, 2, 64, 16, 4000, {}, DType::F16, 128}),
     [](const ::testing::TestParamInfo<TieCase>& info) { return info.param.name; });
 
 }  // namespace

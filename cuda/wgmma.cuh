@@ -102,4 +102,20 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4],
 #endif
 }
 
+// Bytes of one 64-row x 64-column box of 16-bit elements: the unit of every TMA tile the wgmma kernels read.
+constexpr int kWgmmaBoxBytes = 64 * 128;
+
+// Issues and commits S (64 x 64) = Q K^T over KD columns, Q and K each KD / 64 consecutive boxes. Compressed
+// attention and top-k both call it, so their logits are bit-identical (top-k's scores are exp(z - lse_cmp)).
+template <typename T, int KD>
+__device__ __forceinline__ void wgmma_scores(float (&s)[32], uint32_t q_addr, uint32_t k_addr) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < KD / 16; ++kk) {
+    const uint32_t off = (kk / 4) * kWgmmaBoxBytes + (kk % 4) * 32;
+    wgmma_ss<T>(s, wgmma_desc(q_addr + off), wgmma_desc(k_addr + off), kk > 0);
+  }
+  wgmma_commit();
+}
+
 }  // namespace nsa::cuda
