@@ -1,9 +1,13 @@
 // Top-k block selection (nsa-spec §2.3), seed and paper policies.
 //
-// The scores are the group's summed probabilities p = exp(z - lse_cmp) over pooled blocks, with z computed by
-// the same warp tiles, in the same order, as the compressed-attention pass (warp_tile.cuh), so they come from
-// the very logits that produced lse_cmp. One CTA per (token tile, sequence, kv head) walks the pooled blocks
-// in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the group's heads).
+// The scores are the group's summed probabilities p = exp(z - lse_cmp) over pooled blocks. Each top-k kernel
+// computes z as its compressed-attention twin does, in the same order, so the logits are the very ones that
+// produced lse_cmp: the tile kernel with the warp tiles of compressed_attention.cu (warp_tile.cuh), the sm_90
+// kernel (G = 16) with the wgmma sequence of compressed_attention_sm90.cu. Where compressed attention takes its
+// wgmma kernel but top-k the tile kernel (sm_90, its G other than 16), z differs from the pass that made
+// lse_cmp by fp32 rounding only, which the tie-aware comparison absorbs. One CTA per (token tile, sequence, kv
+// head) walks the pooled blocks in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the
+// group's heads).
 //
 // Selection: forced blocks (seed: cur, score G; paper: {0, cur-1, cur}, score 1) are always members -- they
 // carry the highest possible score and win exact ties -- so only the S' = S - forced best ordinary blocks

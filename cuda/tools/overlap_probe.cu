@@ -1,0 +1,120 @@
+// Timing probe (not a test): does selected attention, bound by the L2, overlap with compressed attention and
+// top-k, bound by latency, when they run on two streams? B = 1, T = 65536 (or argv[1]), HQ = 64, H = 4,
+// K = V = 128, BS = 64, S = 16, bf16, random inputs, the real top-k as selections. Prints the mean ms of the
+// three stages in sequence, and of {compressed + top-k} on one stream beside {selected} on another (each
+// reading its own buffers, so they are independent), with either stream at the higher priority.
+//
+// Build: nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -I.
+//        cuda/tools/overlap_probe.cu build/cuda/libnsa_cuda.a -o overlap_probe
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "cuda/kernels.h"
+
+namespace {
+
+void ok(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+void* alloc(size_t bytes) {
+  void* p = nullptr;
+  ok(cudaMalloc(&p, bytes), "cudaMalloc");
+  return p;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace nsa::cuda;
+  const int64_t T = argc > 1 ? std::atoll(argv[1]) : 65536;
+  DeviceLayout L;
+  L.dtype = ElemType::BF16;
+  L.B = 1, L.T = T, L.HQ = 64, L.H = 4, L.K = 128, L.V = 128;
+  L.block_size = 64, L.block_count = 16, L.window = 0;
+  L.C = T / 64;
+  L.scale = 1.f / std::sqrt(128.f);
+  L.num_seqs = 1, L.max_len = T;
+  const DeviceSequence seq{0, 0, T, 0};
+  auto* seqs = static_cast<DeviceSequence*>(alloc(sizeof(seq)));
+  ok(cudaMemcpy(seqs, &seq, sizeof(seq), cudaMemcpyHostToDevice), "seqs");
+  L.seqs = seqs;
+  auto* token_seq = static_cast<int32_t*>(alloc(T * 4));
+  ok(cudaMemset(token_seq, 0, T * 4), "token_seq");
+  L.token_seq = token_seq;
+
+  const size_t nq = T * L.HQ * L.K, nkv = T * L.H * L.K, nc = L.C * L.H * L.K;
+  void *q = alloc(nq * 2), *k = alloc(nkv * 2), *v = alloc(nkv * 2), *kc = alloc(nc * 2), *vc = alloc(nc * 2);
+  void *o_cmp = alloc(nq * 2), *o_slc = alloc(nq * 2);
+  auto* lse_cmp = static_cast<float*>(alloc(T * L.HQ * 4));
+  auto* lse_slc = static_cast<float*>(alloc(T * L.HQ * 4));
+  auto* idx_a = static_cast<int32_t*>(alloc(T * L.H * 16 * 4));
+  auto* idx_b = static_cast<int32_t*>(alloc(T * L.H * 16 * 4));
+  fill_random(q, nq, ElemType::BF16, 1, true, 0, 0, nullptr);
+  fill_random(k, nkv, ElemType::BF16, 2, true, 0, 0, nullptr);
+  fill_random(v, nkv, ElemType::BF16, 3, true, 0, 0, nullptr);
+  mean_pool_forward(kc, vc, k, v, L, nullptr);
+  compressed_attention_forward(o_cmp, lse_cmp, q, kc, vc, L, nullptr);
+  topk_forward(idx_a, q, kc, lse_cmp, L, nullptr);
+  ok(cudaDeviceSynchronize(), "setup");
+
+  int lo = 0, hi = 0;
+  ok(cudaDeviceGetStreamPriorityRange(&lo, &hi), "priorities");
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  auto time = [&](const char* name, auto&& body) {
+    body();
+    ok(cudaDeviceSynchronize(), name);
+    const int iters = 10;
+    cudaEventRecord(e0, nullptr);
+    for (int i = 0; i < iters; ++i) body();
+    cudaEventRecord(e1, nullptr);
+    ok(cudaEventSynchronize(e1), name);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    std::printf("%-40s %8.3f ms\n", name, ms / iters);
+  };
+  auto first = [&](cudaStream_t s) {
+    compressed_attention_forward(o_cmp, lse_cmp, q, kc, vc, L, s);
+    topk_forward(idx_b, q, kc, lse_cmp, L, s);
+  };
+  auto second = [&](cudaStream_t s) { selected_attention_forward(o_slc, lse_slc, q, k, v, idx_a, nullptr, L, s); };
+  time("compressed + top-k", [&] { first(nullptr); });
+  time("selected", [&] { second(nullptr); });
+  time("compressed + top-k, then selected", [&] {
+    first(nullptr);
+    second(nullptr);
+  });
+  for (int variant = 0; variant < 3; ++variant) {
+    cudaStream_t a, b;
+    const int pa = variant == 1 ? hi : lo, pb = variant == 2 ? hi : lo;
+    ok(cudaStreamCreateWithPriority(&a, cudaStreamNonBlocking, pa), "stream a");
+    ok(cudaStreamCreateWithPriority(&b, cudaStreamNonBlocking, pb), "stream b");
+    cudaEvent_t fork, join_a, join_b;
+    cudaEventCreateWithFlags(&fork, cudaEventDisableTiming);
+    cudaEventCreateWithFlags(&join_a, cudaEventDisableTiming);
+    cudaEventCreateWithFlags(&join_b, cudaEventDisableTiming);
+    const std::string name = std::string("two streams, priority ") +
+                             (variant == 0 ? "equal" : variant == 1 ? "compressed+top-k" : "selected");
+    time(name.c_str(), [&] {
+      cudaEventRecord(fork, nullptr);
+      cudaStreamWaitEvent(a, fork, 0);
+      cudaStreamWaitEvent(b, fork, 0);
+      second(b);
+      first(a);
+      cudaEventRecord(join_a, a);
+      cudaEventRecord(join_b, b);
+      cudaStreamWaitEvent(nullptr, join_a, 0);
+      cudaStreamWaitEvent(nullptr, join_b, 0);
+    });
+  }
+  return 0;
+}
