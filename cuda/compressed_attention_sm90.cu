@@ -29,7 +29,11 @@ namespace {
 #endif
 constexpr int kWarpgroups = NSA_COMPRESSED_WARPGROUPS;
 constexpr int kConsumerThreads = kWarpgroups * 128;
-constexpr int kThreads = kConsumerThreads + 32;  // the last warp produces
+// The last warpgroup produces (one thread issues the copies). Registers are allocated per warpgroup, so a
+// whole producer warpgroup costs no more than a warp, and it hands most of its registers to the consumers.
+constexpr int kThreads = kConsumerThreads + 128;
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads <= 65536, "register file");
 constexpr int kKeys = 64;                          // pooled blocks per tile
 constexpr int kBoxBytes = kWgmmaBoxBytes;
 constexpr int kStages = 3;
@@ -100,6 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (threadIdx.x >= kConsumerThreads) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
     if (threadIdx.x == kConsumerThreads && tiles > 0) {
       mbar_arrive_expect_tx(q_full, kWarpgroups * (KD / 64) * kBoxBytes);
       for (int w = 0; w < kWarpgroups; ++w) {
@@ -122,6 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Consumers. This thread holds rows r and r + 8 of its warp's 16 (the wgmma accumulator layout).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const Unit u = unit_of(unit0 + wg, p.tokens, p.heads, p.chunks);
   int64_t tok[2];
@@ -159,16 +165,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
   };
   // Tile j's logits (the accumulators, only read) -> probabilities x relative to each row's reference, and the
-  // factor alpha by which O must be rescaled.
+  // factor alpha by which O must be rescaled. Only a tile reaching past the visible blocks of one of this
+  // thread's rows needs the mask; on the others (with a positive scale, the max of the scaled logits being the
+  // scaled max) a probability is one FMA and one exp2.
   float x[32];
   auto softmax = [&](int j, float (&alpha)[2]) {
-    const int col0 = j * kKeys + 2 * (lane % 4);
+    const float sc = p.scale_log2;
+    const bool masked = (j + 1) * kKeys > min(nc[0], nc[1]) || sc < 0.f;
     float mx[2] = {-INFINITY, -INFINITY};
+    if (masked) {
+      const int col0 = j * kKeys + 2 * (lane % 4);
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
-      x[i] = col < nc[half] ? s[i] * p.scale_log2 : -INFINITY;
-      mx[half] = fmaxf(mx[half], x[i]);
+      for (int i = 0; i < 32; ++i) {
+        const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
+        x[i] = col < nc[half] ? s[i] * sc : -INFINITY;
+        mx[half] = fmaxf(mx[half], x[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], s[i]);
+      mx[0] *= sc, mx[1] *= sc;
     }
     float ref[2], sum[2] = {0.f, 0.f};
 #pragma unroll
@@ -180,11 +196,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       alpha[half] = next == m[half] ? 1.f : exp2f(m[half] - ref[half]);
       m[half] = next;
     }
+    if (masked) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      x[i] = exp2f(x[i] - ref[(i / 2) % 2]);
-      sum[(i / 2) % 2] += x[i];
+      for (int i = 0; i < 32; ++i) x[i] = exp2f(x[i] - ref[(i / 2) % 2]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) x[i] = exp2f(fmaf(s[i], sc, -ref[(i / 2) % 2]));
     }
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sum[(i / 2) % 2] += x[i];
     l[0] = l[0] * alpha[0] + sum[0];
     l[1] = l[1] * alpha[1] + sum[1];
   };

@@ -2,11 +2,14 @@
 // top-k, bound by latency, when they run on two streams? B = 1, T = 65536 (or argv[1]), HQ = 64, H = 4,
 // K = V = 128, BS = 64, S = 16, bf16, random inputs, the real top-k as selections. Prints the mean ms of the
 // three stages in sequence, and of {compressed + top-k} on one stream beside {selected} on another (each
-// reading its own buffers, so they are independent), with either stream at the higher priority.
+// reading its own buffers, so they are independent), with either stream at the higher priority, and with the
+// two streams in green contexts that split the SMs between them.
 //
 // Build: nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -I.
 //        cuda/tools/overlap_probe.cu build/cuda/libnsa_cuda.a -o overlap_probe
+#include <cuda.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>
 
 #include <cmath>
 #include <cstdio>
@@ -28,6 +31,48 @@ void* alloc(size_t bytes) {
   void* p = nullptr;
   ok(cudaMalloc(&p, bytes), "cudaMalloc");
   return p;
+}
+
+template <typename F>
+F driver(const char* name, int version) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult status{};
+  ok(cudaGetDriverEntryPointByVersion(name, &fn, version, cudaEnableDefault, &status), name);
+  if (!fn || status != cudaDriverEntryPointSuccess) {
+    std::fprintf(stderr, "no driver entry point %s\n", name);
+    std::exit(1);
+  }
+  return reinterpret_cast<F>(fn);
+}
+
+// Two streams in green contexts: the first on `sms` SMs, the second on the rest of the device.
+void green_streams(int sms, cudaStream_t& a, cudaStream_t& b) {
+  static auto get = driver<PFN_cuDeviceGetDevResource_v12040>("cuDeviceGetDevResource", 12040);
+  static auto split = driver<PFN_cuDevSmResourceSplitByCount_v12040>("cuDevSmResourceSplitByCount", 12040);
+  static auto desc = driver<PFN_cuDevResourceGenerateDesc_v12040>("cuDevResourceGenerateDesc", 12040);
+  static auto create = driver<PFN_cuGreenCtxCreate_v12040>("cuGreenCtxCreate", 12040);
+  static auto stream = driver<PFN_cuGreenCtxStreamCreate_v12050>("cuGreenCtxStreamCreate", 12050);
+  auto check = [](CUresult r, const char* what) {
+    if (r != CUDA_SUCCESS) {
+      std::fprintf(stderr, "%s failed: %d\n", what, int(r));
+      std::exit(1);
+    }
+  };
+  CUdevResource all{}, part{}, rest{};
+  check(get(0, &all, CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource");
+  unsigned groups = 1;
+  check(split(&part, &groups, &all, &rest, 0, unsigned(sms)), "cuDevSmResourceSplitByCount");
+  CUdevResourceDesc da{}, db{};
+  check(desc(&da, &part, 1), "cuDevResourceGenerateDesc");
+  check(desc(&db, &rest, 1), "cuDevResourceGenerateDesc");
+  CUgreenCtx ga{}, gb{};
+  check(create(&ga, da, 0, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate");
+  check(create(&gb, db, 0, CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate");
+  CUstream sa{}, sb{};
+  check(stream(&sa, ga, CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate");
+  check(stream(&sb, gb, CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate");
+  std::printf("green contexts: %u SMs / %u SMs\n", part.sm.smCount, rest.sm.smCount);
+  a = sa, b = sb;
 }
 
 }  // namespace
@@ -105,6 +150,39 @@ int main(int argc, char** argv) {
     const std::string name = std::string("two streams, priority ") +
                              (variant == 0 ? "equal" : variant == 1 ? "compressed+top-k" : "selected");
     time(name.c_str(), [&] {
+      cudaEventRecord(fork, nullptr);
+      cudaStreamWaitEvent(a, fork, 0);
+      cudaStreamWaitEvent(b, fork, 0);
+      second(b);
+      first(a);
+      cudaEventRecord(join_a, a);
+      cudaEventRecord(join_b, b);
+      cudaStreamWaitEvent(nullptr, join_a, 0);
+      cudaStreamWaitEvent(nullptr, join_b, 0);
+    });
+  }
+  for (int sms : {40, 52, 64, 76}) {
+    cudaStream_t a, b;
+    green_streams(sms, a, b);
+    cudaEvent_t fork, join_a, join_b;
+    cudaEventCreateWithFlags(&fork, cudaEventDisableTiming);
+    cudaEventCreateWithFlags(&join_a, cudaEventDisableTiming);
+    cudaEventCreateWithFlags(&join_b, cudaEventDisableTiming);
+    time("  compressed + top-k alone in its part", [&] {
+      cudaEventRecord(fork, nullptr);
+      cudaStreamWaitEvent(a, fork, 0);
+      first(a);
+      cudaEventRecord(join_a, a);
+      cudaStreamWaitEvent(nullptr, join_a, 0);
+    });
+    time("  selected alone in its part", [&] {
+      cudaEventRecord(fork, nullptr);
+      cudaStreamWaitEvent(b, fork, 0);
+      second(b);
+      cudaEventRecord(join_b, b);
+      cudaStreamWaitEvent(nullptr, join_b, 0);
+    });
+    time("  both, each in its part", [&] {
       cudaEventRecord(fork, nullptr);
       cudaStreamWaitEvent(a, fork, 0);
       cudaStreamWaitEvent(b, fork, 0);
