@@ -567,11 +567,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     const int c0 = j * kBN;
     if (c0 < warp_lim) {
       float p[kBN / 8][4];
-      const int col0 = c0 + (lane % 4) * 2;
+      if (c0 + kBN <= min(lim[0], lim[1])) {  // both rows score the whole tile
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
-        p[i / 4][i % 4] = col < lim[half] ? exp2f(s[i] * P.scale_log2 - lse2[half]) : 0.f;
+        for (int i = 0; i < 32; ++i) p[i / 4][i % 4] = exp2f(s[i] * P.scale_log2 - lse2[(i / 2) % 2]);
+      } else {
+        const int col0 = c0 + (lane % 4) * 2;
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
+          p[i / 4][i % 4] = col < lim[half] ? exp2f(s[i] * P.scale_log2 - lse2[half]) : 0.f;
+        }
       }
       store_head_sums(p, score, tl, G, lane);
       __syncwarp();
