@@ -138,61 +138,42 @@ int main(int argc, char** argv) {
     first(nullptr);
     second(nullptr);
   });
+  // {compressed + top-k} on stream a and / or {selected} on stream b (launched first), forked from and joined
+  // to the default stream.
+  cudaEvent_t fork, join_a, join_b;
+  cudaEventCreateWithFlags(&fork, cudaEventDisableTiming);
+  cudaEventCreateWithFlags(&join_a, cudaEventDisableTiming);
+  cudaEventCreateWithFlags(&join_b, cudaEventDisableTiming);
+  auto side_by_side = [&](cudaStream_t a, cudaStream_t b, bool on_a, bool on_b) {
+    cudaEventRecord(fork, nullptr);
+    if (on_b) {
+      cudaStreamWaitEvent(b, fork, 0);
+      second(b);
+      cudaEventRecord(join_b, b);
+    }
+    if (on_a) {
+      cudaStreamWaitEvent(a, fork, 0);
+      first(a);
+      cudaEventRecord(join_a, a);
+    }
+    if (on_b) cudaStreamWaitEvent(nullptr, join_b, 0);
+    if (on_a) cudaStreamWaitEvent(nullptr, join_a, 0);
+  };
   for (int variant = 0; variant < 3; ++variant) {
     cudaStream_t a, b;
     const int pa = variant == 1 ? hi : lo, pb = variant == 2 ? hi : lo;
     ok(cudaStreamCreateWithPriority(&a, cudaStreamNonBlocking, pa), "stream a");
     ok(cudaStreamCreateWithPriority(&b, cudaStreamNonBlocking, pb), "stream b");
-    cudaEvent_t fork, join_a, join_b;
-    cudaEventCreateWithFlags(&fork, cudaEventDisableTiming);
-    cudaEventCreateWithFlags(&join_a, cudaEventDisableTiming);
-    cudaEventCreateWithFlags(&join_b, cudaEventDisableTiming);
     const std::string name = std::string("two streams, priority ") +
                              (variant == 0 ? "equal" : variant == 1 ? "compressed+top-k" : "selected");
-    time(name.c_str(), [&] {
-      cudaEventRecord(fork, nullptr);
-      cudaStreamWaitEvent(a, fork, 0);
-      cudaStreamWaitEvent(b, fork, 0);
-      second(b);
-      first(a);
-      cudaEventRecord(join_a, a);
-      cudaEventRecord(join_b, b);
-      cudaStreamWaitEvent(nullptr, join_a, 0);
-      cudaStreamWaitEvent(nullptr, join_b, 0);
-    });
+    time(name.c_str(), [&] { side_by_side(a, b, true, true); });
   }
   for (int sms : {40, 52, 64, 76}) {
     cudaStream_t a, b;
     green_streams(sms, a, b);
-    cudaEvent_t fork, join_a, join_b;
-    cudaEventCreateWithFlags(&fork, cudaEventDisableTiming);
-    cudaEventCreateWithFlags(&join_a, cudaEventDisableTiming);
-    cudaEventCreateWithFlags(&join_b, cudaEventDisableTiming);
-    time("  compressed + top-k alone in its part", [&] {
-      cudaEventRecord(fork, nullptr);
-      cudaStreamWaitEvent(a, fork, 0);
-      first(a);
-      cudaEventRecord(join_a, a);
-      cudaStreamWaitEvent(nullptr, join_a, 0);
-    });
-    time("  selected alone in its part", [&] {
-      cudaEventRecord(fork, nullptr);
-      cudaStreamWaitEvent(b, fork, 0);
-      second(b);
-      cudaEventRecord(join_b, b);
-      cudaStreamWaitEvent(nullptr, join_b, 0);
-    });
-    time("  both, each in its part", [&] {
-      cudaEventRecord(fork, nullptr);
-      cudaStreamWaitEvent(a, fork, 0);
-      cudaStreamWaitEvent(b, fork, 0);
-      second(b);
-      first(a);
-      cudaEventRecord(join_a, a);
-      cudaEventRecord(join_b, b);
-      cudaStreamWaitEvent(nullptr, join_a, 0);
-      cudaStreamWaitEvent(nullptr, join_b, 0);
-    });
+    time("  compressed + top-k alone in its part", [&] { side_by_side(a, b, true, false); });
+    time("  selected alone in its part", [&] { side_by_side(a, b, false, true); });
+    time("  both, each in its part", [&] { side_by_side(a, b, true, true); });
   }
   return 0;
 }
