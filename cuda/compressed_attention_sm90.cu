@@ -78,8 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem[];
   if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
-  uint64_t* full = q_full + 1;
-  uint64_t* empty = full + kStages;
+  const StageRing<kStages> ring{q_full + 1, q_full + 1 + kStages};
 
   const DeviceSequence seq = p.seqs[blockIdx.y];
   // Late tokens see the most blocks: launch them first so that the short tiles fill the tail.
@@ -98,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
-    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], kConsumerThreads / 32);
+    ring.init(kConsumerThreads / 32);
     mbar_init_fence();
   }
   __syncthreads();
@@ -114,13 +113,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                       int(tok_base + u.t0), q_full);
       }
       for (int j = 0; j < tiles; ++j) {
-        const int s = j % kStages;
-        mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
-        mbar_arrive_expect_tx(&full[s], Ly::kStageBytes);
-        unsigned char* stage = smem + Ly::kStage0 + s * Ly::kStageBytes;
+        uint64_t* bar = ring.begin_fill(j, Ly::kStageBytes);
+        unsigned char* stage = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes;
         const int c = int(chunk_base + int64_t(j) * kKeys);
-        for (int b = 0; b < KD / 64; ++b) tma_load_3d(stage + b * kBoxBytes, &map_k, b * 64, h, c, &full[s]);
-        for (int b = 0; b < VD / 64; ++b) tma_load_3d(stage + Ly::kV + b * kBoxBytes, &map_v, b * 64, h, c, &full[s]);
+        for (int b = 0; b < KD / 64; ++b) tma_load_3d(stage + b * kBoxBytes, &map_k, b * 64, h, c, bar);
+        for (int b = 0; b < VD / 64; ++b) tma_load_3d(stage + Ly::kV + b * kBoxBytes, &map_v, b * 64, h, c, bar);
       }
     }
     return;
@@ -148,10 +145,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
   const uint32_t q_addr = smem_addr(smem + wg * (KD / 64) * kBoxBytes);
-  auto stage_addr = [&](int j) { return smem_addr(smem + Ly::kStage0 + (j % kStages) * Ly::kStageBytes); };
+  auto stage_addr = [&](int j) { return smem_addr(smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes); };
   // S = Q K^T of tile j, once its copies have landed.
   auto issue_scores = [&](int j) {
-    mbar_wait(&full[j % kStages], (j / kStages) & 1);
+    ring.wait_full(j);
     wgmma_scores<T, KD>(s, q_addr, stage_addr(j));
   };
   // O += P V of tile j: 16 keys (two 8-row groups of V) per k-step, one 64-column box of V per MMA.
@@ -219,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // turn 0 * inf into NaN, so the last tile's rows past nc_max are zeroed (both warpgroups read the stage).
   auto zero_invisible_values = [&](int j) {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
-    unsigned char* v = smem + Ly::kStage0 + (j % kStages) * Ly::kStageBytes + Ly::kV;
+    unsigned char* v = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + Ly::kV;
     const int first = nc_max - j * kKeys, per_box = (kKeys - first) * 8;  // 16-byte chunks per box
     for (int i = threadIdx.x; i < per_box * (VD / 64); i += kConsumerThreads)
       *reinterpret_cast<uint4*>(v + (i / per_box) * kBoxBytes + first * 128 + (i % per_box) * 16) = make_uint4(0, 0, 0, 0);
@@ -250,7 +247,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_wait<0>();
     fence_registers(o);
     fence_registers(pf);
-    if (lane == 0) mbar_arrive(&empty[j % kStages]);
+    if (lane == 0) ring.release(j);
     if (alpha[0] != 1.f || alpha[1] != 1.f) {
 #pragma unroll
       for (int b = 0; b < VD / 64; ++b)

@@ -293,6 +293,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   if (smem_addr(smem_raw) & 1023) __trap();  // the swizzled addressing below needs the declared alignment
   const StreamedSmem sm(smem_raw, St::kBytes);
+  const StageRing<kStages> ring{sm.full, sm.empty};
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const DeviceSequence seq = p.seqs[blockIdx.y];
   const int64_t t0 = int64_t(blockIdx.x) * p.run;
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   }
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&sm.full[s], 1), mbar_init(&sm.empty[s], kConsumerWarps);
+    ring.init(kConsumerWarps);
     mbar_init_fence();
     if (p.path_counts) atomicAdd(p.path_counts + 2, 1);
   }
@@ -347,19 +348,17 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
       for (int tk = 0; tk < ntok; ++tk) {
         const int n = sm.count[tk];
         for (int j = 0; j < n; ++j, ++it) {
-          const int s = it % kStages;
-          mbar_wait(&sm.empty[s], ((it / kStages) & 1) ^ 1);
-          unsigned char* st = sm.stages + s * St::kBytes;
-          mbar_arrive_expect_tx(&sm.full[s], j == 0 ? St::kBytes : St::kQ);
+          uint64_t* bar = ring.begin_fill(it, j == 0 ? St::kBytes : St::kQ);
+          unsigned char* st = sm.stages + ring.stage(it) * St::kBytes;
           const int row = int(key_base + sm.items[tk * p.max_items + j]);
 #pragma unroll
-          for (int b = 0; b < St::kKBoxes; ++b) tma_load_3d(st + St::kK + b * kBoxBytes, &map_k, 64 * b, kv_head, row, &sm.full[s]);
+          for (int b = 0; b < St::kKBoxes; ++b) tma_load_3d(st + St::kK + b * kBoxBytes, &map_k, 64 * b, kv_head, row, bar);
 #pragma unroll
-          for (int b = 0; b < St::kVBoxes; ++b) tma_load_3d(st + St::kV + b * kBoxBytes, &map_v, 64 * b, kv_head, row, &sm.full[s]);
+          for (int b = 0; b < St::kVBoxes; ++b) tma_load_3d(st + St::kV + b * kBoxBytes, &map_v, 64 * b, kv_head, row, bar);
           if (j == 0) {
 #pragma unroll
             for (int b = 0; b < St::kKBoxes; ++b)
-              tma_load_3d(st + St::kQ + b * kQBoxBytes, &map_q, 64 * b, head0, int(key_base + t0 + tk), &sm.full[s]);
+              tma_load_3d(st + St::kQ + b * kQBoxBytes, &map_q, 64 * b, head0, int(key_base + t0 + tk), bar);
           }
         }
       }
@@ -373,9 +372,8 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
     const int n = sm.count[tk];
     const int t = int(t0) + tk;
     for (int j = 0; j < n; ++j, ++it) {
-      const int s = it % kStages;
-      mbar_wait(&sm.full[s], (it / kStages) & 1);
-      unsigned char* st = sm.stages + s * St::kBytes;
+      ring.wait_full(it);
+      unsigned char* st = sm.stages + ring.stage(it) * St::kBytes;
       const uint32_t st_addr = smem_addr(st);
       if (j == 0) cs.begin(st_addr);
       float sc[2][4];
@@ -383,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
       cs.update(st_addr, sc, sm.items[tk * p.max_items + j], t, p.scale_log2);
       if (j == n - 1) cs.finish(reinterpret_cast<float*>(st), sm.merge, p, key_base + t, head0);
       __syncwarp();
-      if (lane == 0) mbar_arrive(&sm.empty[s]);
+      if (lane == 0) ring.release(it);
     }
   }
 #endif

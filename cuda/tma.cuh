@@ -59,6 +59,31 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 #endif
 }
 
+// A ring of kStages shared-memory stages that TMA fills: per stage a "full" mbarrier (the producer's arrival
+// plus the bytes it announced) and an "empty" one (one arrival per consumer). Fill n, counted from 0, uses
+// stage n % kStages, and the phase parities follow from n.
+template <int kStages>
+struct StageRing {
+  uint64_t* full;   // [kStages]
+  uint64_t* empty;  // [kStages]
+  // Callers add mbar_init_fence() once all their barriers are initialised.
+  __device__ void init(uint32_t consumers) const {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], consumers);
+  }
+  __device__ static int stage(int n) { return n % kStages; }
+  // Producer: waits until fill n's stage is free, announces `bytes` for it and returns the barrier its copies
+  // count on.
+  __device__ uint64_t* begin_fill(int n, uint32_t bytes) const {
+    mbar_wait(&empty[n % kStages], ((n / kStages) & 1) ^ 1);
+    mbar_arrive_expect_tx(&full[n % kStages], bytes);
+    return &full[n % kStages];
+  }
+  // Consumer: waits until fill n has landed.
+  __device__ void wait_full(int n) const { mbar_wait(&full[n % kStages], (n / kStages) & 1); }
+  // Consumer: its arrival that frees fill n's stage.
+  __device__ void release(int n) const { mbar_arrive(&empty[n % kStages]); }
+};
+
 // One box of a rank-3 tensor map into shared memory (1024-byte aligned for the 128-byte swizzle), counted
 // on `bar`. Coordinates are in elements, innermost first; rows outside the tensor arrive as zeros.
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar) {

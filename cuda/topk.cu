@@ -490,8 +490,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   extern __shared__ __align__(1024) unsigned char smem[];
   if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
-  uint64_t* full = q_full + 1;
-  uint64_t* empty = full + kSm90Stages;
+  const StageRing<kSm90Stages> ring{q_full + 1, q_full + 1 + kSm90Stages};
   float* score = reinterpret_cast<float*>(smem + Ly::kTokens);    // [tpt][kScoreStride]
   float* buf_score = score + tpt * kScoreStride;                   // [tpt][cap]
   int* buf_block = reinterpret_cast<int*>(buf_score + tpt * cap);  // [tpt][cap]
@@ -514,7 +513,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   }
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
-    for (int st = 0; st < kSm90Stages; ++st) mbar_init(&full[st], 1), mbar_init(&empty[st], kSm90Consumers / 32);
+    ring.init(kSm90Consumers / 32);
     mbar_init_fence();
   }
   __syncthreads();
@@ -527,12 +526,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
           tma_load_3d(smem + (w * (KD / 64) + b) * kWgmmaBoxBytes, &map_q, b * 64, h * G,
                       int(tok_base + t0 + w * (64 / G)), q_full);
       for (int j = 0; j < tiles; ++j) {
-        const int st = j % kSm90Stages;
-        mbar_wait(&empty[st], ((j / kSm90Stages) & 1) ^ 1);
-        mbar_arrive_expect_tx(&full[st], Ly::kStageBytes);
+        uint64_t* bar = ring.begin_fill(j, Ly::kStageBytes);
         for (int b = 0; b < KD / 64; ++b)
-          tma_load_3d(smem + Ly::kStage0 + st * Ly::kStageBytes + b * kWgmmaBoxBytes, &map_k, b * 64, h,
-                      int(chunk_base + int64_t(j) * kBN), &full[st]);
+          tma_load_3d(smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + b * kWgmmaBoxBytes, &map_k, b * 64, h,
+                      int(chunk_base + int64_t(j) * kBN), bar);
       }
     }
     return;
@@ -557,12 +554,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
   const uint32_t q_addr = smem_addr(smem + wg * Ly::kStageBytes);
   auto issue_scores = [&](int j, float (&s)[32]) {
-    mbar_wait(&full[j % kSm90Stages], (j / kSm90Stages) & 1);
-    wgmma_scores<T, KD>(s, q_addr, smem_addr(smem + Ly::kStage0 + (j % kSm90Stages) * Ly::kStageBytes));
+    ring.wait_full(j);
+    wgmma_scores<T, KD>(s, q_addr, smem_addr(smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes));
   };
   // Tile j's logits (complete) -> the warp's tokens' scores -> their filters, while tile j+1's run.
   auto step = [&](int j, float (&s)[32], float (&next)[32]) {
-    if (lane == 0) mbar_arrive(&empty[j % kSm90Stages]);  // S of tile j is done with its K stage
+    if (lane == 0) ring.release(j);  // S of tile j is done with its K stage
     if (j + 1 < tiles) issue_scores(j + 1, next);
     const int c0 = j * kBN;
     if (c0 < warp_lim) {
