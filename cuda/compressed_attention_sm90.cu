@@ -36,7 +36,10 @@ constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 static_assert(kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads <= 65536, "register file");
 constexpr int kKeys = 64;                          // pooled blocks per tile
 constexpr int kBoxBytes = kWgmmaBoxBytes;
-constexpr int kStages = 3;
+#ifndef NSA_COMPRESSED_STAGES  // K/V tiles in flight: a compile-time knob for tuning
+#define NSA_COMPRESSED_STAGES 3
+#endif
+constexpr int kStages = NSA_COMPRESSED_STAGES;
 [[maybe_unused]] constexpr unsigned kFull = 0xffffffffu;
 
 template <int KD, int VD>
