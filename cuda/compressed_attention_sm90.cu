@@ -2,9 +2,9 @@
 // compressed_attention.cu (the same visibility rule, the lazy reference max in base 2, o = 0 and lse = 0 for
 // rows that see no block) for bf16/fp16 with K and V in {64, 128} and G dividing 64 or a multiple of 64.
 //
-// A CTA has two consumer warpgroups and a producer warp. A warpgroup owns a 64-row tile whose rows are
-// (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one token. The
-// producer loads both tiles' Q with tensor-map copies, then streams the pooled K/V tiles (64 blocks each)
+// A CTA has two consumer warpgroups and a producer warpgroup. A consumer warpgroup owns a 64-row tile whose
+// rows are (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one
+// token. One producer thread loads both tiles' Q with tensor-map copies, then streams the pooled K/V tiles (64 blocks each)
 // through a ring of stages on full/empty mbarriers; each stage serves both warpgroups. Per tile a warpgroup
 // computes S = Q K^T (wgmma, both operands in shared memory), the softmax in registers, and O += P V (wgmma,
 // P from registers, V read MN-major). The MMAs are asynchronous: tile j's softmax runs while tile j-1's P V
@@ -29,8 +29,9 @@ namespace {
 #endif
 constexpr int kWarpgroups = NSA_COMPRESSED_WARPGROUPS;
 constexpr int kConsumerThreads = kWarpgroups * 128;
-// The last warpgroup produces (one thread issues the copies). Registers are allocated per warpgroup, so a
-// whole producer warpgroup costs no more than a warp, and it hands most of its registers to the consumers.
+// The last warpgroup produces (one thread issues the copies). setmaxnreg moves registers between whole
+// warpgroups: the producer drops to 40 and the consumers rise to 232. (With a producer warp instead, ptxas
+// capped the kernel at 168 registers and the consumers spilled.)
 constexpr int kThreads = kConsumerThreads + 128;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
 static_assert(kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads <= 65536, "register file");
