@@ -5,7 +5,7 @@
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2.
 #include "cuda/common.cuh"
-#include "cuda/compressed_attention_sm90.h"
+#include "cuda/attention_sm90.h"
 #include "cuda/kernels.h"
 #include "cuda/warp_tile.cuh"
 
@@ -221,12 +221,12 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
 
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s) {
-  compressed_attention_forward(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s, CompressedPath::Auto);
+  compressed_attention_forward(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s, KernelChoice::Auto);
 }
 
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
-                                  const DeviceLayout& L, cudaStream_t s, CompressedPath path) {
-  if (path == CompressedPath::Auto && compressed_sm90_fits(L, q, k_cmp, v_cmp)) {
+                                  const DeviceLayout& L, cudaStream_t s, KernelChoice choice) {
+  if (choice == KernelChoice::Auto && compressed_sm90_fits(L, q, k_cmp, v_cmp)) {
     compressed_attention_sm90(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
     return;
   }

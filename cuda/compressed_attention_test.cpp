@@ -9,7 +9,7 @@
 
 #include "cuda/attention_test_util.h"
 #include "cuda/common.cuh"
-#include "cuda/compressed_attention_sm90.h"
+#include "cuda/attention_sm90.h"
 #include "cuda/kernels.h"
 #include "reference/reference.h"
 #include "reference/test_util.h"
@@ -58,10 +58,10 @@ struct Result {
   std::vector<double> o, lse;
 };
 
-Result run(const DeviceInputs& in, const PooledInputs& pooled, const Layout& L, cuda::CompressedPath path) {
+Result run(const DeviceInputs& in, const PooledInputs& pooled, const Layout& L, cuda::KernelChoice choice) {
   DeviceAttentionOutputs out(L, in.dtype());
   cuda::compressed_attention_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), pooled.k_dev.get(),
-                                     pooled.v_dev.get(), in.layout(), nullptr, path);
+                                     pooled.v_dev.get(), in.layout(), nullptr, choice);
   cuda_ok(cudaDeviceSynchronize(), "compressed_attention_forward");
   return {out.o_host(), out.lse_host()};
 }
@@ -97,9 +97,9 @@ TEST_P(CompressedAttentionCuda, BothKernelsMatchFloat64Reference) {
           << "which kernel Auto takes";
     const Result want = reference(p, pooled);
     ASSERT_FALSE(all_zero(want.o)) << "vacuous case: the reference output is all zero";
-    for (cuda::CompressedPath path : {cuda::CompressedPath::Auto, cuda::CompressedPath::Tile}) {
-      SCOPED_TRACE(path == cuda::CompressedPath::Auto ? "Auto" : "Tile");
-      const Result got = run(in, pooled, p.layout, path);
+    for (cuda::KernelChoice choice : {cuda::KernelChoice::Auto, cuda::KernelChoice::Tile}) {
+      SCOPED_TRACE(choice == cuda::KernelChoice::Auto ? "Auto" : "Tile");
+      const Result got = run(in, pooled, p.layout, choice);
       ASSERT_TRUE(all_finite(got.o)) << "an output element is NaN/Inf or was never written";
       ASSERT_TRUE(all_finite(got.lse)) << "an lse element is NaN/Inf or was never written";
       EXPECT_LE(rel_l2(got.o, want.o), output_tolerance(c.dtype)) << "o: max abs diff " << max_abs_diff(got.o, want.o);
@@ -154,9 +154,9 @@ TEST(CompressedAttentionCuda, NonFiniteValuesOfTheNextSequenceDoNotLeak) {
       return std::vector<double>(o.begin() + first.start * d.HQ * d.V,
                                  o.begin() + (first.start + first.length) * d.HQ * d.V);
     };
-    for (cuda::CompressedPath path : {cuda::CompressedPath::Auto, cuda::CompressedPath::Tile}) {
-      SCOPED_TRACE(path == cuda::CompressedPath::Auto ? "Auto" : "Tile");
-      const Result got = run(in, pooled, L, path);
+    for (cuda::KernelChoice choice : {cuda::KernelChoice::Auto, cuda::KernelChoice::Tile}) {
+      SCOPED_TRACE(choice == cuda::KernelChoice::Auto ? "Auto" : "Tile");
+      const Result got = run(in, pooled, L, choice);
       ASSERT_TRUE(all_finite(first_rows(got.o))) << "the first sequence's output is not finite";
       EXPECT_LE(rel_l2(first_rows(got.o), first_rows(want.o)), output_tolerance(dtype));
     }

@@ -39,19 +39,17 @@ struct DeviceLayout {
 void mean_pool_forward(void* k_cmp, void* v_cmp, const void* k, const void* v, const DeviceLayout& L, cudaStream_t s);
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s);
-// Which compressed-attention kernel runs: Auto takes the wgmma kernel (sm_90; bf16/fp16, K and V in {64, 128},
-// G dividing 64 or a multiple of 64) where it fits, else the mma.sync tile kernel, which Tile forces. For tests
-// and benchmarks.
-enum class CompressedPath { Auto = 0, Tile = 1 };
+// Which kernel a stage with a warpgroup (sm_90) kernel runs: Auto takes the warpgroup kernel where it fits,
+// else the mma.sync tile kernel, which Tile forces. For tests and benchmarks. Compressed attention and the
+// sliding window: bf16/fp16, K and V in {64, 128}, G dividing 64 or a multiple of 64
+// (attention_sm90.cu); top-k: bf16/fp16, K in {64, 128}, G = 16 (topk.cu).
+enum class KernelChoice { Auto = 0, Tile = 1 };
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
-                                  const DeviceLayout& L, cudaStream_t s, CompressedPath path);
+                                  const DeviceLayout& L, cudaStream_t s, KernelChoice choice);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s);
-// Which top-k kernel runs: Auto takes the wgmma kernel (sm_90; bf16/fp16, K in {64, 128}, G = 16) where it fits,
-// else the mma.sync tile kernel, which Tile forces. For tests and benchmarks.
-enum class TopkPath { Auto = 0, Tile = 1 };
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
-                  cudaStream_t s, TopkPath path);
+                  cudaStream_t s, KernelChoice choice);
 // block_counts may be null.
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
@@ -68,6 +66,8 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts);
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
                             const DeviceLayout& L, cudaStream_t s);
+void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
+                            const DeviceLayout& L, cudaStream_t s, KernelChoice choice);
 // Null gates (or branches) drop their branch. Gates are in L.dtype.
 void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp, const void* g_slc,
                   const void* g_swa, const DeviceLayout& L, cudaStream_t s);

@@ -1,13 +1,15 @@
 // Sliding-window attention forward (nsa-spec §2.5): token t (within its sequence) attends keys
 // [max(0, t-W+1), t] (FlashAttention's window_size = (W-1, 0), causal); o and natural-log lse as in §2.4.
 //
-// Tensor-core path: the tile machinery of attention_tile.cuh over the contiguous key range
-// [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their own
-// window only on tiles that straddle a window edge.
+// On sm_90, bf16/fp16 with K and V in {64, 128} and G dividing 64 or a multiple of 64 run the warpgroup kernel
+// of attention_sm90.cu instead. Tensor-core path: the tile machinery of attention_tile.cuh over the contiguous
+// key range [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their
+// own window only on tiles that straddle a window edge.
 //
 // FLOPs: 2 * sum over query rows of (keys in the row's window) * (K + V).
 #include <algorithm>
 
+#include "cuda/attention_sm90.h"
 #include "cuda/attention_tile.cuh"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
@@ -127,7 +129,16 @@ __global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowPa
 
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
                             const DeviceLayout& L, cudaStream_t s) {
+  sliding_window_forward(o_swa, lse_swa, q, k, v, L, s, KernelChoice::Auto);
+}
+
+void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
+                            const DeviceLayout& L, cudaStream_t s, KernelChoice choice) {
   if (L.window <= 0 || L.B * L.T == 0 || L.HQ == 0) return;
+  if (choice == KernelChoice::Auto && sliding_window_sm90_fits(L, q, k, v)) {
+    sliding_window_sm90(o_swa, lse_swa, q, k, v, L, s);
+    return;
+  }
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     WindowParams<T> p{};

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/attention_sm90.h"
 #include "cuda/attention_test_util.h"
 #include "cuda/kernels.h"
 #include "reference/reference.h"
@@ -17,7 +18,13 @@ struct WindowCase {
   DType dtype;
   int64_t B, T, HQ, H, K, V, W;
   std::vector<int64_t> lengths;  // varlen when non-empty
+  bool wgmma;                    // whether Auto takes the warpgroup kernel on sm_90
 };
+
+bool on_sm90() {
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
+}
 
 std::ostream& operator<<(std::ostream& os, const WindowCase& c) { return os << c.name; }
 
@@ -40,22 +47,27 @@ TEST_P(SlidingWindowCuda, MatchesFloat64Reference) {
     Problem p = random_problem(spec);
     DeviceInputs in(p, c.dtype);  // rounds p.q/k/v to the kernel's dtype
     const Layout& L = p.layout;
-    DeviceAttentionOutputs out(L, c.dtype);
-    cuda::sliding_window_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(), in.layout(),
-                                 nullptr);
-    cuda_ok(cudaDeviceSynchronize(), "sliding_window_forward");
-    const std::vector<double> o = out.o_host(), lse = out.lse_host();
-
     const Dims& d = L.dims;
     std::vector<double> ref_o(d.B * d.T * d.HQ * d.V), ref_lse(d.B * d.T * d.HQ);
     ref::sliding_window_forward(ref_o.data(), ref_lse.data(), p.q.data(), p.k.data(), p.v.data(), L);
-
-    ASSERT_TRUE(all_finite(o)) << "an output element is NaN/Inf or was never written";
-    ASSERT_TRUE(all_finite(lse)) << "an lse element is NaN/Inf or was never written";
     ASSERT_FALSE(all_zero(ref_o)) << "vacuous case: the reference output is all zero";
-    EXPECT_LE(rel_l2(o, ref_o), output_tolerance(c.dtype)) << "o: max abs diff " << max_abs_diff(o, ref_o);
-    const double lse_tol = c.dtype == DType::F32 ? 1e-5 : 1e-4;
-    EXPECT_LE(rel_l2(lse, ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(lse, ref_lse);
+    if (on_sm90())
+      EXPECT_EQ(cuda::sliding_window_sm90_fits(in.layout(), in.q(), in.k(), in.v()), c.wgmma)
+          << "which kernel Auto takes";
+
+    for (cuda::KernelChoice choice : {cuda::KernelChoice::Auto, cuda::KernelChoice::Tile}) {
+      SCOPED_TRACE(choice == cuda::KernelChoice::Auto ? "Auto" : "Tile");
+      DeviceAttentionOutputs out(L, c.dtype);
+      cuda::sliding_window_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
+                                   in.layout(), nullptr, choice);
+      cuda_ok(cudaDeviceSynchronize(), "sliding_window_forward");
+      const std::vector<double> o = out.o_host(), lse = out.lse_host();
+      ASSERT_TRUE(all_finite(o)) << "an output element is NaN/Inf or was never written";
+      ASSERT_TRUE(all_finite(lse)) << "an lse element is NaN/Inf or was never written";
+      EXPECT_LE(rel_l2(o, ref_o), output_tolerance(c.dtype)) << "o: max abs diff " << max_abs_diff(o, ref_o);
+      const double lse_tol = c.dtype == DType::F32 ? 1e-5 : 1e-4;
+      EXPECT_LE(rel_l2(lse, ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(lse, ref_lse);
+    }
   }
 }
 
@@ -64,20 +76,27 @@ const DType bf16 = DType::BF16, f16 = DType::F16, f32 = DType::F32;
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SlidingWindowCuda,
     ::testing::Values(
-        // name, dtype, B, T, HQ, H, K, V, W, varlen lengths
-        WindowCase{"bf16_G16_K128_W64", bf16, 2, 300, 32, 2, 128, 128, 64, {}},
-        WindowCase{"bf16_G1_K64_V128_W100", bf16, 1, 333, 2, 2, 64, 128, 100, {}},
-        // G >= 8 at D = 64 / 128: two 16-row tiles per warp.
-        WindowCase{"bf16_G8_K64_W200_two_row_tiles", bf16, 1, 300, 16, 2, 64, 64, 200, {}},
-        WindowCase{"f16_varlen_G12_K128_W70_two_row_tiles", f16, 1, 0, 12, 1, 128, 128, 70, {90, 0, 41}},
-        WindowCase{"bf16_G3_K16_W1", bf16, 1, 150, 6, 2, 16, 16, 1, {}},
-        WindowCase{"bf16_G16_K256_W_longer_than_T", bf16, 1, 200, 16, 1, 256, 256, 1000, {}},
-        WindowCase{"bf16_varlen_G3_W37", bf16, 1, 0, 3, 1, 32, 64, 37, {70, 0, 200, 13}},
-        WindowCase{"bf16_K20_V12_row_kernel", bf16, 1, 100, 4, 2, 20, 12, 30, {}},
-        WindowCase{"f16_G16_K128_W128", f16, 1, 300, 16, 1, 128, 128, 128, {}},
-        WindowCase{"f16_varlen_G1_K16_W16", f16, 1, 0, 2, 2, 16, 16, 16, {5, 0, 150}},
-        WindowCase{"f32_G3_K64_V128_W50", f32, 1, 120, 3, 1, 64, 128, 50, {}},
-        WindowCase{"f32_varlen_G16_K256_W500", f32, 1, 0, 16, 1, 256, 256, 500, {90, 0, 20}}),
+        // name, dtype, B, T, HQ, H, K, V, W, varlen lengths, warpgroup kernel on sm_90
+        WindowCase{"bf16_G16_K128_W64", bf16, 2, 300, 32, 2, 128, 128, 64, {}, true},
+        WindowCase{"bf16_G1_K64_V128_W100", bf16, 1, 333, 2, 2, 64, 128, 100, {}, true},
+        // G >= 8 at D = 64 / 128: two 16-row tiles per warp in the tile kernel.
+        WindowCase{"bf16_G8_K64_W200_two_row_tiles", bf16, 1, 300, 16, 2, 64, 64, 200, {}, true},
+        WindowCase{"f16_varlen_G12_K128_W70_two_row_tiles", f16, 1, 0, 12, 1, 128, 128, 70, {90, 0, 41}, false},
+        WindowCase{"bf16_G3_K16_W1", bf16, 1, 150, 6, 2, 16, 16, 1, {}, false},
+        WindowCase{"bf16_G16_K256_W_longer_than_T", bf16, 1, 200, 16, 1, 256, 256, 1000, {}, false},
+        WindowCase{"bf16_varlen_G3_W37", bf16, 1, 0, 3, 1, 32, 64, 37, {70, 0, 200, 13}, false},
+        WindowCase{"bf16_K20_V12_row_kernel", bf16, 1, 100, 4, 2, 20, 12, 30, {}, false},
+        WindowCase{"f16_G16_K128_W128", f16, 1, 300, 16, 1, 128, 128, 128, {}, true},
+        WindowCase{"f16_varlen_G1_K16_W16", f16, 1, 0, 2, 2, 16, 16, 16, {5, 0, 150}, false},
+        WindowCase{"f32_G3_K64_V128_W50", f32, 1, 120, 3, 1, 64, 128, 50, {}, false},
+        WindowCase{"f32_varlen_G16_K256_W500", f32, 1, 0, 16, 1, 256, 256, 500, {90, 0, 20}, false},
+        // The warpgroup kernel: windows of 1, of more than a tile, longer than the sequence; G = 4 / 64 / 128;
+        // varlen with empty and short sequences; fp16.
+        WindowCase{"bf16_G16_K128_W1", bf16, 1, 200, 16, 1, 128, 128, 1, {}, true},
+        WindowCase{"bf16_G4_K128_V64_W512", bf16, 1, 1500, 8, 2, 128, 64, 512, {}, true},
+        WindowCase{"f16_varlen_G16_K64_V128_W300", f16, 1, 0, 32, 2, 64, 128, 300, {700, 0, 9, 1100, 65}, true},
+        WindowCase{"bf16_G64_K64_W97", bf16, 1, 400, 64, 1, 64, 64, 97, {}, true},
+        WindowCase{"bf16_G128_K128_W5000", bf16, 1, 300, 128, 1, 128, 128, 5000, {}, true}),
     [](const ::testing::TestParamInfo<WindowCase>& info) { return info.param.name; });
 
 }  // namespace

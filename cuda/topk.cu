@@ -678,11 +678,11 @@ void launch(TopkParams P, int32_t* block_indices, const void* q, const void* k_c
 
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s) {
-  topk_forward(block_indices, q, k_cmp, lse_cmp, L, s, TopkPath::Auto);
+  topk_forward(block_indices, q, k_cmp, lse_cmp, L, s, KernelChoice::Auto);
 }
 
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
-                  cudaStream_t s, TopkPath path) {
+                  cudaStream_t s, KernelChoice choice) {
   if (L.block_count > kMaxS) throw CudaError("topk_forward: block_count > " + std::to_string(kMaxS));
   if (L.num_seqs == 0 || L.max_len == 0) return;
   dispatch_elem(L.dtype, [&](auto tag) {
@@ -694,7 +694,7 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
     P.k_padded = int(div_up(L.K, 16) * 16);
     P.scale_log2 = L.scale * 1.4426950408889634f;
     if constexpr (Elem<T>::kTensorCore) {
-      if (path == TopkPath::Auto && sm90_fits(L, q, k_cmp, kSm90Cap)) {
+      if (choice == KernelChoice::Auto && sm90_fits(L, q, k_cmp, kSm90Cap)) {
         P.cap = kSm90Cap;
         launch_sm90<T>(P, block_indices, q, k_cmp, lse_cmp, s);
         return;

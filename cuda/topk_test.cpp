@@ -68,11 +68,11 @@ TEST_P(CudaTopkTies, ZeroQueriesSelectByTheTieRulesExactly) {
   k_cmp.upload(test::pack(out.k_cmp, c.dtype).data());
   const std::vector<float> lse_host(out.lse_cmp.begin(), out.lse_cmp.end());
   lse.upload(lse_host.data());
-  for (cuda::TopkPath path : {cuda::TopkPath::Auto, cuda::TopkPath::Tile}) {
-    SCOPED_TRACE(path == cuda::TopkPath::Auto ? "Auto" : "Tile");
+  for (cuda::KernelChoice choice : {cuda::KernelChoice::Auto, cuda::KernelChoice::Tile}) {
+    SCOPED_TRACE(choice == cuda::KernelChoice::Auto ? "Auto" : "Tile");
     indices.poison();
     cuda::topk_forward(static_cast<int32_t*>(indices.get()), in.q(), k_cmp.get(), static_cast<const float*>(lse.get()),
-                       in.layout(), nullptr, path);
+                       in.layout(), nullptr, choice);
     test::cuda_ok(cudaDeviceSynchronize(), "topk_forward");
     std::vector<int32_t> got(expected.size());
     indices.download(got.data());

@@ -1,15 +1,17 @@
-// Compressed attention forward (nsa-spec §2.2) on sm_90a with warpgroup MMAs: the math of
-// compressed_attention.cu (the same visibility rule, the lazy reference max in base 2, o = 0 and lse = 0 for
-// rows that see no block) for bf16/fp16 with K and V in {64, 128} and G dividing 64 or a multiple of 64.
+// Compressed attention (nsa-spec §2.2) and the sliding window (§2.5) forward on sm_90a with warpgroup MMAs:
+// both attend each query to a contiguous range of keys -- the pooled blocks [0, NC(t)), or the tokens
+// [max(0, t - W + 1), t] -- so one kernel serves both. The math is that of the tile kernels
+// (compressed_attention.cu, sliding_window.cu): the lazy reference max in base 2, o = 0 and lse = 0 for rows
+// that see no key. bf16/fp16, K and V in {64, 128}, G dividing 64 or a multiple of 64.
 //
 // A CTA has two consumer warpgroups and a producer warpgroup. A consumer warpgroup owns a 64-row tile whose
 // rows are (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one
-// token. One producer thread loads both tiles' Q with tensor-map copies, then streams the pooled K/V tiles (64 blocks each)
-// through a ring of stages on full/empty mbarriers; each stage serves both warpgroups. Per tile a warpgroup
-// computes S = Q K^T (wgmma, both operands in shared memory), the softmax in registers, and O += P V (wgmma,
-// P from registers, V read MN-major). The MMAs are asynchronous: tile j's softmax runs while tile j-1's P V
-// is on the tensor cores, and tile j+1's scores are issued before that P V is waited for.
-#include "cuda/compressed_attention_sm90.h"
+// token. One producer thread loads both tiles' Q with tensor-map copies, then streams the 64-key K/V tiles of
+// the CTA's key range through a ring of stages on full/empty mbarriers; each stage serves both warpgroups. Per
+// tile a warpgroup computes S = Q K^T (wgmma, both operands in shared memory), the softmax in registers, and
+// O += P V (wgmma, P from registers, V read MN-major). The MMAs are asynchronous: tile j+1's scores and tile
+// j's P V are in flight while tile j+1's softmax runs.
+#include "cuda/attention_sm90.h"
 
 #include <algorithm>
 #include <cmath>
@@ -59,7 +61,7 @@ struct Sm90Params {
   float* lse;                       // [B, T, HQ]
   const DeviceSequence* seqs;
   int64_t row_tokens, row_chunks;   // L.T, L.C
-  int HQ, G, BS;
+  int HQ, G, BS, W;                 // W: the window (sliding-window kernel)
   int heads, tokens, chunks;        // a 64-row tile: heads x tokens; head chunks per group (G / heads)
   float scale_log2;
 };
@@ -73,9 +75,19 @@ struct Unit {
   return {int64_t(unit / chunks) * tokens, (unit % chunks) * heads};
 }
 
-template <typename T, int KD, int VD>
+// The keys a token sees: pooled blocks [0, NC(t)) or, with kWindow, tokens [max(0, t - W + 1), t + 1).
+template <bool kWindow, typename T>
+__device__ __forceinline__ int key_begin(int64_t t, const Sm90Params<T>& p) {
+  return kWindow ? int(max(int64_t(0), t - p.W + 1)) : 0;
+}
+template <bool kWindow, typename T>
+__device__ __forceinline__ int key_end(int64_t t, const Sm90Params<T>& p) {
+  return kWindow ? int(t + 1) : int((t + 1) / p.BS);
+}
+
+template <typename T, int KD, int VD, bool kWindow>
 __global__ void __launch_bounds__(kThreads, 1)
-    compressed_sm90_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+    attention_sm90_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const Sm90Params<T> p) {
 #if NSA_HAS_WGMMA
   using Ly = SmemLayout<KD, VD>;
@@ -85,19 +97,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const StageRing<kStages> ring{q_full + 1, q_full + 1 + kStages};
 
   const DeviceSequence seq = p.seqs[blockIdx.y];
-  // Late tokens see the most blocks: launch them first so that the short tiles fill the tail.
+  // Late tokens see the most keys: launch them first so that the short tiles fill the tail.
   const int unit0 = int(gridDim.x - 1 - blockIdx.x) * kWarpgroups;
-  if (unit_of(unit0, p.tokens, p.heads, p.chunks).t0 >= seq.length) return;
+  const int64_t first = unit_of(unit0, p.tokens, p.heads, p.chunks).t0;  // the CTA's first token
+  if (first >= seq.length) return;
   int64_t last = 0;  // the CTA's last token
   for (int w = 0; w < kWarpgroups; ++w) {
     const Unit u = unit_of(unit0 + w, p.tokens, p.heads, p.chunks);
     if (u.t0 < seq.length) last = max(last, min(u.t0 + p.tokens, seq.length) - 1);
   }
-  const int nc_max = int((last + 1) / p.BS);
-  const int tiles = (nc_max + kKeys - 1) / kKeys;
+  // The CTA's keys: [key0, key_stop), the union of its rows' ranges; tile j holds keys key0 + 64 j ...
+  const int key0 = key_begin<kWindow>(first, p), key_stop = key_end<kWindow>(last, p);
+  const int tiles = (key_stop - key0 + kKeys - 1) / kKeys;
   const int h = blockIdx.z;
   const int64_t tok_base = seq.batch * p.row_tokens + seq.start;
-  const int64_t chunk_base = seq.batch * p.row_chunks + seq.chunk_start;
+  // Rows of the key tensor: the sequence's tokens, or its pooled blocks.
+  const int64_t key_base = kWindow ? tok_base : seq.batch * p.row_chunks + seq.chunk_start;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -119,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < tiles; ++j) {
         uint64_t* bar = ring.begin_fill(j, Ly::kStageBytes);
         unsigned char* stage = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes;
-        const int c = int(chunk_base + int64_t(j) * kKeys);
+        const int c = int(key_base + key0 + int64_t(j) * kKeys);
         for (int b = 0; b < KD / 64; ++b) tma_load_3d(stage + b * kBoxBytes, &map_k, b * 64, h, c, bar);
         for (int b = 0; b < VD / 64; ++b) tma_load_3d(stage + Ly::kV + b * kBoxBytes, &map_v, b * 64, h, c, bar);
       }
@@ -132,12 +147,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const Unit u = unit_of(unit0 + wg, p.tokens, p.heads, p.chunks);
   int64_t tok[2];
-  int nc[2];
+  int lo[2], hi[2];  // the row's keys [lo, hi); none past the sequence
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = warp * 16 + lane / 4 + 8 * i;
     tok[i] = u.t0 + r / p.heads;
-    nc[i] = tok[i] < seq.length ? int((tok[i] + 1) / p.BS) : 0;
+    const bool valid = tok[i] < seq.length;
+    lo[i] = valid ? key_begin<kWindow>(tok[i], p) : 0;
+    hi[i] = valid ? key_end<kWindow>(tok[i], p) : 0;
   }
 
   float o[VD / 64][32], s[32];
@@ -172,14 +189,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   float x[32];
   auto softmax = [&](int j, float (&alpha)[2]) {
     const float sc = p.scale_log2;
-    const bool masked = (j + 1) * kKeys > min(nc[0], nc[1]) || sc < 0.f;
+    const int tile0 = key0 + j * kKeys;
+    const bool masked = tile0 < max(lo[0], lo[1]) || tile0 + kKeys > min(hi[0], hi[1]) || sc < 0.f;
     float mx[2] = {-INFINITY, -INFINITY};
     if (masked) {
-      const int col0 = j * kKeys + 2 * (lane % 4);
+      const int col0 = tile0 + 2 * (lane % 4);
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
-        x[i] = col < nc[half] ? s[i] * sc : -INFINITY;
+        x[i] = col >= lo[half] && col < hi[half] ? s[i] * sc : -INFINITY;
         mx[half] = fmaxf(mx[half], x[i]);
       }
     } else {
@@ -216,12 +234,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i) pf[kk][i] = MmaElem<T>::pack(x[8 * kk + 2 * i], x[8 * kk + 2 * i + 1]);
   };
-  // Blocks at or past nc_max are visible to no row here and get P = 0, but a non-finite V there would still
-  // turn 0 * inf into NaN, so the last tile's rows past nc_max are zeroed (both warpgroups read the stage).
+  // Keys at or past key_stop are visible to no row here and get P = 0, but a non-finite V there would still
+  // turn 0 * inf into NaN, so the last tile's rows past key_stop are zeroed (both warpgroups read the stage).
   auto zero_invisible_values = [&](int j) {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
     unsigned char* v = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + Ly::kV;
-    const int first = nc_max - j * kKeys, per_box = (kKeys - first) * 8;  // 16-byte chunks per box
+    const int first = key_stop - key0 - j * kKeys, per_box = (kKeys - first) * 8;  // 16-byte chunks per box
     for (int i = threadIdx.x; i < per_box * (VD / 64); i += kConsumerThreads)
       *reinterpret_cast<uint4*>(v + (i / per_box) * kBoxBytes + first * 128 + (i % per_box) * 16) = make_uint4(0, 0, 0, 0);
     fence_proxy_async_smem();  // the generic writes before the MMA's async-proxy reads
@@ -261,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     pack_p();
   }
   if (tiles > 0) {
-    if (tiles * kKeys > nc_max) zero_invisible_values(tiles - 1);
+    if (key0 + tiles * kKeys > key_stop) zero_invisible_values(tiles - 1);
     issue_pv(tiles - 1);
   }
   wgmma_wait<0>();
@@ -274,7 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tok[half] >= seq.length) continue;
     const int r = warp * 16 + lane / 4 + 8 * half;
     const int64_t row = (tok_base + tok[half]) * p.HQ + h * p.G + u.head0 + r % p.heads;
-    const float inv = nc[half] > 0 ? 1.f / l[half] : 0.f;
+    const bool seen = hi[half] > lo[half];
+    const float inv = seen ? 1.f / l[half] : 0.f;
     T* out = p.o + row * VD + 2 * (lane % 4);
 #pragma unroll
     for (int b = 0; b < VD / 64; ++b)
@@ -282,30 +301,29 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 8; ++i)
         *reinterpret_cast<uint32_t*>(out + b * 64 + 8 * i) =
             MmaElem<T>::pack(o[b][4 * i + 2 * half] * inv, o[b][4 * i + 2 * half + 1] * inv);
-    if (lane % 4 == 0) p.lse[row] = nc[half] > 0 ? (m[half] + log2f(l[half])) * kLn2 : 0.f;
+    if (lane % 4 == 0) p.lse[row] = seen ? (m[half] + log2f(l[half])) * kLn2 : 0.f;
   }
 #endif
 }
 
-template <typename T, typename F>
+template <typename T, bool kWindow, typename F>
 void with_kernel(const DeviceLayout& L, F&& f) {
-  if (L.K == 128 && L.V == 128) f(compressed_sm90_kernel<T, 128, 128>, SmemLayout<128, 128>::kBytes);
-  else if (L.K == 128) f(compressed_sm90_kernel<T, 128, 64>, SmemLayout<128, 64>::kBytes);
-  else if (L.V == 128) f(compressed_sm90_kernel<T, 64, 128>, SmemLayout<64, 128>::kBytes);
-  else f(compressed_sm90_kernel<T, 64, 64>, SmemLayout<64, 64>::kBytes);
+  if (L.K == 128 && L.V == 128) f(attention_sm90_kernel<T, 128, 128, kWindow>, SmemLayout<128, 128>::kBytes);
+  else if (L.K == 128) f(attention_sm90_kernel<T, 128, 64, kWindow>, SmemLayout<128, 64>::kBytes);
+  else if (L.V == 128) f(attention_sm90_kernel<T, 64, 128, kWindow>, SmemLayout<64, 128>::kBytes);
+  else f(attention_sm90_kernel<T, 64, 64, kWindow>, SmemLayout<64, 64>::kBytes);
 }
 
-}  // namespace
-
-bool compressed_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
-  if (L.dtype == ElemType::F32 || L.H == 0 || L.num_seqs == 0 || L.B * L.C == 0) return false;
+// The conditions both stages share; `key_rows` is the key tensor's rows (B * C pooled blocks or B * T tokens).
+bool shape_fits(const DeviceLayout& L, const void* q, const void* k, const void* v, int64_t key_rows) {
+  if (L.dtype == ElemType::F32 || L.H == 0 || L.num_seqs == 0 || key_rows == 0) return false;
   if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
   const int64_t G = L.G();
   if (64 % G != 0 && G % 64 != 0) return false;
   // Tensor-map coordinates are int32, and a tile may start up to 64 rows past the end.
-  if (L.B * L.T + L.max_len + 64 >= (int64_t(1) << 31) || L.B * L.C + 64 >= (int64_t(1) << 31)) return false;
+  if (L.B * L.T + L.max_len + 64 >= (int64_t(1) << 31) || key_rows + kKeys >= (int64_t(1) << 31)) return false;
   if (L.HQ >= (int64_t(1) << 31) || L.num_seqs > 65535 || L.H > 65535) return false;
-  if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp) | reinterpret_cast<uintptr_t>(v_cmp)) % 16)
+  if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16)
     return false;
   if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") != 9)
     return false;
@@ -313,39 +331,60 @@ bool compressed_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cm
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
 
-void compressed_attention_sm90(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
-                               const DeviceLayout& L, cudaStream_t s) {
+template <bool kWindow>
+void launch(void* o, float* lse, const void* q, const void* k, const void* v, const DeviceLayout& L,
+            cudaStream_t s) {
+  const char* name = kWindow ? "attention_sm90_kernel(window)" : "attention_sm90_kernel(compressed)";
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {
       Sm90Params<T> p{};
-      p.o = static_cast<T*>(o_cmp);
-      p.lse = lse_cmp;
+      p.o = static_cast<T*>(o);
+      p.lse = lse;
       p.seqs = L.seqs;
       p.row_tokens = L.T, p.row_chunks = L.C;
       p.HQ = int(L.HQ), p.G = int(L.G()), p.BS = L.block_size;
+      // A window longer than any sequence is the plain causal one; clamping keeps t - W + 1 in int range.
+      p.W = int(std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1)));
       p.heads = int(std::min<int64_t>(L.G(), 64));
       p.tokens = 64 / p.heads;
       p.chunks = p.G / p.heads;
       p.scale_log2 = L.scale * 1.4426950408889634f;
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-      const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, p.heads, p.tokens,
-                                                   "compressed_sm90_kernel(q)");
-      const CUtensorMap map_k = make_tensor_map_3d(k_cmp, bf16, L.K, L.H, uint64_t(L.B * L.C), 64, 1, kKeys,
-                                                   "compressed_sm90_kernel(k_cmp)");
-      const CUtensorMap map_v = make_tensor_map_3d(v_cmp, bf16, L.V, L.H, uint64_t(L.B * L.C), 64, 1, kKeys,
-                                                   "compressed_sm90_kernel(v_cmp)");
+      const uint64_t key_rows = uint64_t(kWindow ? L.B * L.T : L.B * L.C);
+      const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, p.heads, p.tokens, name);
+      const CUtensorMap map_k = make_tensor_map_3d(k, bf16, L.K, L.H, key_rows, 64, 1, kKeys, name);
+      const CUtensorMap map_v = make_tensor_map_3d(v, bf16, L.V, L.H, key_rows, 64, 1, kKeys, name);
       const int64_t units = div_up(L.max_len, p.tokens) * p.chunks;
       const dim3 grid(unsigned(div_up(units, kWarpgroups)), unsigned(L.num_seqs), unsigned(L.H));
       if (grid.x == 0) return;
-      with_kernel<T>(L, [&](auto kernel, int bytes) {
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-                   "cudaFuncSetAttribute(compressed_sm90_kernel)");
+      with_kernel<T, kWindow>(L, [&](auto kernel, int bytes) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name);
         kernel<<<grid, kThreads, bytes, s>>>(map_q, map_k, map_v, p);
-        check_launch("compressed_sm90_kernel");
+        check_launch(name);
       });
     }
   });
+}
+
+}  // namespace
+
+bool compressed_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
+  return shape_fits(L, q, k_cmp, v_cmp, L.B * L.C);
+}
+
+bool sliding_window_sm90_fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+  return L.window > 0 && shape_fits(L, q, k, v, L.B * L.T);
+}
+
+void compressed_attention_sm90(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                               const DeviceLayout& L, cudaStream_t s) {
+  launch<false>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+}
+
+void sliding_window_sm90(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
+                         const DeviceLayout& L, cudaStream_t s) {
+  launch<true>(o_swa, lse_swa, q, k, v, L, s);
 }
 
 }  // namespace nsa::cuda
