@@ -3,7 +3,7 @@
 // The scores are the group's summed probabilities p = exp(z - lse_cmp) over pooled blocks. Each top-k kernel
 // computes z as its compressed-attention twin does, in the same order, so the logits are the very ones that
 // produced lse_cmp: the tile kernel with the warp tiles of compressed_attention.cu (warp_tile.cuh), the sm_90
-// kernel (G = 16) with the wgmma sequence of compressed_attention_sm90.cu. Where compressed attention takes its
+// kernel (G = 16) with the wgmma sequence of attention_sm90.cu. Where compressed attention takes its
 // wgmma kernel but top-k the tile kernel (sm_90, its G other than 16), z differs from the pass that made
 // lse_cmp by fp32 rounding only, which the tie-aware comparison absorbs. One CTA per (token tile, sequence, kv
 // head) walks the pooled blocks in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the
