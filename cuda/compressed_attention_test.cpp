@@ -27,11 +27,6 @@ struct CompressedCase {
 
 std::ostream& operator<<(std::ostream& os, const CompressedCase& c) { return os << c.name; }
 
-bool on_sm90() {
-  int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
-}
-
 // k_cmp / v_cmp of a problem, pooled in float64 from its (already rounded) k / v and rounded to `dtype`.
 struct PooledInputs {
   PooledInputs(const Problem& p, DType dtype)

@@ -21,11 +21,6 @@ struct WindowCase {
   bool wgmma;                    // whether Auto takes the warpgroup kernel on sm_90
 };
 
-bool on_sm90() {
-  int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess && major == 9;
-}
-
 std::ostream& operator<<(std::ostream& os, const WindowCase& c) { return os << c.name; }
 
 class SlidingWindowCuda : public ::testing::TestWithParam<WindowCase> {
