@@ -3,6 +3,7 @@
 // block selections that mix the current block, earlier blocks, future blocks and -1 padding.
 #pragma once
 #include <cuda_runtime.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include "core/dtype.h"
 #include "core/problem.h"
 #include "cuda/kernels.h"
+#include "reference/test_util.h"
 
 namespace nsa::test {
 
@@ -268,6 +270,18 @@ inline double output_tolerance(DType t) {
     case DType::F16: return 2e-3;
     default: return 1e-5;
   }
+}
+
+// An attention stage's o and lse against the float64 reference: every element written and finite, o within the
+// dtype's tolerance, lse (fp32 whatever the inputs; its logits are exact products summed in fp32) within 1e-5
+// for fp32 inputs, else 1e-4.
+inline void expect_attention_close(const std::vector<double>& o, const std::vector<double>& lse,
+                                   const std::vector<double>& ref_o, const std::vector<double>& ref_lse, DType dtype) {
+  ASSERT_TRUE(all_finite(o)) << "an output element is NaN/Inf or was never written";
+  ASSERT_TRUE(all_finite(lse)) << "an lse element is NaN/Inf or was never written";
+  EXPECT_LE(rel_l2(o, ref_o), output_tolerance(dtype)) << "o: max abs diff " << max_abs_diff(o, ref_o);
+  const double lse_tol = dtype == DType::F32 ? 1e-5 : 1e-4;
+  EXPECT_LE(rel_l2(lse, ref_lse), lse_tol) << "lse: max abs diff " << max_abs_diff(lse, ref_lse);
 }
 
 }  // namespace nsa::test
