@@ -11,8 +11,9 @@
 // FLOPs (as the published NSA figures count them): selected 2 * T * HQ * S * BS * (K + V);
 // sliding window 2 * sum_t min(t + 1, W) * HQ * (K + V).
 //
-// Build: nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I. cuda/tools/attention_bench.cu
-//        cuda/selected_attention.cu cuda/selected_attention_streamed.cu cuda/sliding_window.cu -o attention_bench
+// Build: nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -I.
+//        cuda/tools/attention_bench.cu cuda/selected_attention.cu cuda/selected_attention_streamed.cu
+//        cuda/sliding_window.cu cuda/attention_sm90.cu -o attention_bench
 // Add -DNSA_BENCH_OLD_LAUNCHER to time a selected_attention.cu that predates SelectedPath (no path figures).
 // Arguments (optional): the selected-attention path, auto | union | per-token | streamed (default auto); the patterns,
 // both | shared | random (default both).
