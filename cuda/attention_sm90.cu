@@ -241,7 +241,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     unsigned char* v = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + Ly::kV;
     const int first = key_stop - key0 - j * kKeys, per_box = (kKeys - first) * 8;  // 16-byte chunks per box
     for (int i = threadIdx.x; i < per_box * (VD / 64); i += kConsumerThreads)
-      *reinterpret_cast<uint4*>(v + (i / per_box) * kBoxBytes + first * 128 + (i % per_box) * 16) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(v + (i / per_box) * kBoxBytes + first * 128 + (i % per_box) * 16) =
+          make_uint4(0, 0, 0, 0);
     fence_proxy_async_smem();  // the generic writes before the MMA's async-proxy reads
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
   };
@@ -352,7 +353,8 @@ void launch(void* o, float* lse, const void* q, const void* k, const void* v, co
       p.scale_log2 = L.scale * 1.4426950408889634f;
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t key_rows = uint64_t(kWindow ? L.B * L.T : L.B * L.C);
-      const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, p.heads, p.tokens, name);
+      const CUtensorMap map_q =
+          make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, p.heads, p.tokens, name);
       const CUtensorMap map_k = make_tensor_map_3d(k, bf16, L.K, L.H, key_rows, 64, 1, kKeys, name);
       const CUtensorMap map_v = make_tensor_map_3d(v, bf16, L.V, L.H, key_rows, 64, 1, kKeys, name);
       const int64_t units = div_up(L.max_len, p.tokens) * p.chunks;

@@ -443,12 +443,13 @@ __global__ void __launch_bounds__(W * 32, 2)
 
 // ---- sm_90: the scores by asynchronous wgmma ----
 // For bf16/fp16, K in {64, 128} and G = 16. A CTA's rows are whole tokens, 4 per warpgroup of 64 rows (three
-// warpgroups: 12 tokens; two measured 35% slower at 64k), one token per warp: each warp sums its token's heads, stores its score row, filters it and writes its
-// selection itself, with no CTA-wide barrier. (At G = 4 or 8 a warp would filter 4 or 2 tokens in turn, with
-// half the warps per SM of the tile kernel: measured slower there, so those keep the tile kernel.) A
-// producer warp loads Q once and streams the pooled K tiles through a ring of stages (TMA, mbarriers). A
-// warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention kernel's very sequence, so the
-// logits are the ones that produced lse_cmp) before it turns tile j into scores and filters them.
+// warpgroups: 12 tokens; two measured 35% slower at 64k), one token per warp: each warp sums its token's heads, stores
+// its score row, filters it and writes its selection itself, with no CTA-wide barrier. (At G = 4 or 8 a warp would
+// filter 4 or 2 tokens in turn, with fewer warps per SM than the tile kernel: measured slower at G = 4 with two
+// warpgroups, so those keep the tile kernel.) A producer warp loads Q once and streams the pooled K tiles through a
+// ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention
+// kernel's very sequence, so the logits are the ones that produced lse_cmp) before it turns tile j into scores and
+// filters them.
 #ifndef NSA_TOPK_WARPGROUPS  // a compile-time knob for tuning
 #define NSA_TOPK_WARPGROUPS 3
 #endif
@@ -469,7 +470,9 @@ struct Sm90Layout {
   static constexpr int kStage0 = kSm90Warpgroups * kStageBytes;
   static constexpr int kBarriers = kStage0 + kSm90Stages * kStageBytes;
   static constexpr int kTokens = kBarriers + (1 + 2 * kSm90Stages) * 8;
-  static int bytes(int tpt, int cap) { return kTokens + tpt * kScoreStride * 4 + tpt * cap * 8 + tpt * (8 + int(sizeof(TokenInfo))); }
+  static int bytes(int tpt, int cap) {
+    return kTokens + tpt * kScoreStride * 4 + tpt * cap * 8 + tpt * (8 + int(sizeof(TokenInfo)));
+  }
 };
 
 template <typename T, int KD>
