@@ -68,12 +68,7 @@ Result reference(const Problem& p, const PooledInputs& pooled) {
   return r;
 }
 
-class CompressedAttentionCuda : public ::testing::TestWithParam<CompressedCase> {
- protected:
-  void SetUp() override {
-    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  }
-};
+class CompressedAttentionCuda : public GpuParamTest<CompressedCase> {};
 
 TEST_P(CompressedAttentionCuda, BothKernelsMatchFloat64Reference) {
   const CompressedCase& c = GetParam();

@@ -107,12 +107,7 @@ bool streamed_kernel_applies(const SelectedCase& c) {
          d64_128(c.K) && d64_128(c.V);
 }
 
-class SelectedAttentionCuda : public ::testing::TestWithParam<SelectedCase> {
- protected:
-  void SetUp() override {
-    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  }
-};
+class SelectedAttentionCuda : public GpuParamTest<SelectedCase> {};
 
 TEST_P(SelectedAttentionCuda, MatchesFloat64Reference) {
   const SelectedCase& c = GetParam();
@@ -153,12 +148,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Both ways of walking a tile's blocks, forced and chosen per tile, on selections that differ from token to
 // token (current block, earlier and later blocks, -1 entries, block_counts) and on independent ones.
-class SelectedAttentionCudaPaths : public ::testing::TestWithParam<SelectedCase> {
- protected:
-  void SetUp() override {
-    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  }
-};
+class SelectedAttentionCudaPaths : public GpuParamTest<SelectedCase> {};
 
 TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
   const SelectedCase& c = GetParam();

@@ -23,12 +23,7 @@ struct WindowCase {
 
 std::ostream& operator<<(std::ostream& os, const WindowCase& c) { return os << c.name; }
 
-class SlidingWindowCuda : public ::testing::TestWithParam<WindowCase> {
- protected:
-  void SetUp() override {
-    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  }
-};
+class SlidingWindowCuda : public GpuParamTest<WindowCase> {};
 
 TEST_P(SlidingWindowCuda, MatchesFloat64Reference) {
   const WindowCase& c = GetParam();
