@@ -3,9 +3,9 @@
 // The scores are the group's summed probabilities p = exp(z - lse_cmp) over pooled blocks. Each top-k kernel
 // computes z as its compressed-attention twin does, in the same order, so the logits are the very ones that
 // produced lse_cmp: the tile kernel with the warp tiles of compressed_attention.cu (warp_tile.cuh), the sm_90
-// kernel (G = 16) with the wgmma sequence of attention_sm90.cu. Where compressed attention takes its
-// wgmma kernel but top-k the tile kernel (sm_90, its G other than 16), z differs from the pass that made
-// lse_cmp by fp32 rounding only, which the tie-aware comparison absorbs. One CTA per (token tile, sequence, kv
+// kernel (G = 4, 8, 16) with the wgmma sequence of attention_sm90.cu. Where compressed attention takes its
+// wgmma kernel but top-k the tile kernel (sm_90, G = 1, 2 or a multiple of 32), z differs from the pass that
+// made lse_cmp by fp32 rounding only, which the tie-aware comparison absorbs. One CTA per (token tile, sequence, kv
 // head) walks the pooled blocks in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the
 // group's heads).
 //
@@ -276,7 +276,9 @@ __global__ void __launch_bounds__(W * 32, 2)
   constexpr float kLog2e = 1.4426950408889634f;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
-  const int64_t t0 = int64_t(blockIdx.x) * P.geo.tpt;  // one CTA covers every head chunk of its tokens
+  // One CTA covers every head chunk of its tokens. Late tokens score the most blocks: launched first, so that
+  // the short CTAs fill the tail.
+  const int64_t t0 = int64_t(gridDim.x - 1 - blockIdx.x) * P.geo.tpt;
   if (t0 >= seq.length) return;
   const int h = blockIdx.z, G = P.G, hpt = P.geo.hpt, tpt = P.geo.tpt, BS = L.block_size, S = L.block_count;
   const int cap = P.cap;
@@ -442,18 +444,21 @@ __global__ void __launch_bounds__(W * 32, 2)
 }
 
 // ---- sm_90: the scores by asynchronous wgmma ----
-// For bf16/fp16, K in {64, 128} and G = 16. A CTA's rows are whole tokens, 4 per warpgroup of 64 rows (three
-// warpgroups: 12 tokens; two measured 35% slower at 64k), one token per warp: each warp sums its token's heads, stores
-// its score row, filters it and writes its selection itself, with no CTA-wide barrier. (At G = 4 or 8 a warp would
-// filter 4 or 2 tokens in turn, with fewer warps per SM than the tile kernel: measured slower at G = 4 with two
-// warpgroups, so those keep the tile kernel.) A producer warp loads Q once and streams the pooled K tiles through a
-// ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention
+// For bf16/fp16, K in {64, 128} and G in {4, 8, 16}. A CTA's rows are whole tokens, 64 / G per warpgroup of 64
+// rows (three warpgroups; two measured 35% slower at 64k, G = 16), 16 / G per warp: each warp sums its tokens'
+// heads, stores their score rows, filters them in turn and writes their selections itself, with no CTA-wide
+// barrier. Against the tile kernel (H100, T = 32k): G = 4 0.98 ms against 1.03, G = 8 3.14 against 3.45. A
+// producer warp loads Q once and streams the pooled K tiles through a ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention
 // kernel's very sequence, so the logits are the ones that produced lse_cmp) before it turns tile j into scores and
 // filters them.
 #ifndef NSA_TOPK_WARPGROUPS  // a compile-time knob for tuning
 #define NSA_TOPK_WARPGROUPS 3
 #endif
 constexpr int kSm90Warpgroups = NSA_TOPK_WARPGROUPS;
+#ifndef NSA_TOPK_SM90_MIN_G  // a compile-time knob for tuning: the smallest G (a divisor of 16) taken here
+#define NSA_TOPK_SM90_MIN_G 4
+#endif
+constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
 constexpr int kSm90Consumers = kSm90Warpgroups * 128;
 constexpr int kSm90Threads = kSm90Consumers + 32;  // the last warp produces
 constexpr int kSm90Stages = 3;
@@ -611,12 +616,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 #endif
 }
 
-// Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G = 16, pooled blocks to
+// Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G in {4, 8, 16}, pooled blocks to
 // score, int32 tensor-map coordinates, 16-byte aligned tensors, compute capability 9.x and the shared memory.
 bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap) {
   const int64_t G = L.G();
   if (L.dtype == ElemType::F32 || L.H == 0 || L.B * L.C == 0) return false;
-  if ((L.K != 64 && L.K != 128) || G != 16) return false;
+  if ((L.K != 64 && L.K != 128) || 16 % G != 0 || G < kSm90MinG) return false;
   if (L.B * L.T + L.max_len + kSm90Rows >= (int64_t(1) << 31) || L.B * L.C + kBN >= (int64_t(1) << 31)) return false;
   if (L.num_seqs > 65535 || L.H > 65535) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp)) % 16) return false;

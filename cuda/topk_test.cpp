@@ -110,7 +110,7 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"seed_S16_G4_BS16_K128", kSeed, 8, 2, 16, 16, 1500, {}, DType::BF16, 128},
         // Two head chunks: Q reloaded per chunk while later K tiles are in flight.
         TieCase{"paper_S16_G160_head_chunks", kPaper, 160, 1, 16, 16, 600, {}},
-        // K = 64 / 128 (G = 16: the wgmma kernel on sm_90), a varlen batch, overflowing buffers.
+        // K = 64 / 128 (G = 4, 8, 16: the wgmma kernel on sm_90), a varlen batch, overflowing buffers.
         TieCase{"seed_S16_G16_K64_BS64", kSeed, 16, 1, 16, 64, 3000, {}, DType::BF16, 64},
         TieCase{"paper_varlen_S16_G16_K128_f16", kPaper, 32, 2, 16, 16, 0, {900, 0, 3, 2000}, DType::F16, 128},
         TieCase{"paper_varlen_S8_G8_K64", kPaper, 16, 2, 8, 16, 0, {700, 0, 5, 1300}, DType::F16, 64},
