@@ -40,8 +40,10 @@ struct SelectedParams : attn::AttentionParams<T> {
   const int32_t* indices;    // [B, T, H, S]
   const int32_t* counts;     // [B, T, H] or null
   int S, BS;
-  int path;                  // 0 decide per CTA, 1 union, 2 per token, 3 union on runs selecting alike only
+  int path;                  // 0 decide per CTA, 1 union, 2 per token, 3 union on the split's marked runs only
   int32_t* path_counts;      // [3] or null: CTAs that took the union / the per-token path (/ streamed)
+  RunSplit split;            // path 3: the runs to take
+  int run;                   // path 3: run_tokens(G)
 };
 
 // The per-token path takes a CTA when its row-keys times this margin are fewer than the union's (ties go to
@@ -403,6 +405,12 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   using WA = WarpAttention<T, Shape>;
   static_assert(Shape::kRows <= Shape::kThreads, "a thread per token describes the token's blocks");
   extern __shared__ __align__(16) unsigned char smem[];
+  // Beside the streamed kernel (path 3): only the runs the split marks. (Resident CTAs taking the marked runs'
+  // tiles in turn, instead of a grid whose other CTAs exit here, measured 11-20% slower where the union takes
+  // most runs, H100: the loop made the two-row tiles spill more.)
+  if (p.path == 3 && !p.split.alike[(int64_t(blockIdx.y) * p.split.runs_per_seq +
+                                     blockIdx.x * p.tokens_per_tile / p.run) * p.H + blockIdx.z / p.head_chunks])
+    return;
   TileSmem<T, Shape> sm(smem);
   SelectionSmem* ss_shared = reinterpret_cast<SelectionSmem*>(smem + Shape::kTileBytes);
   SelectionSmem ss;
@@ -417,14 +425,6 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   const int64_t key_base = seq.batch * p.row_tokens + seq.start;  // flat row of the sequence's token 0
   const RowMap rows{key_base + t0, ntok, p.heads_per_tile, kv_head * p.G + int(blockIdx.z % p.head_chunks) * p.heads_per_tile,
                     (kv_head + 1) * p.G};
-  if (p.path == 3) {  // beside the streamed kernel: only the runs whose tokens select alike
-    const int run = run_tokens(p.G);
-    const int r0 = t0 / run * run;
-    const int n = int(min(int64_t(run), seq.length - r0));
-    if (!run_selects_alike(p.indices, p.counts, key_base + r0, r0, n, p.H, kv_head, p.S, p.BS,
-                           reinterpret_cast<int*>(sm.kv)))
-      return;
-  }
   attn::load_q_tile<T, Shape>(sm.q, p.q, rows, p.HQ, p.K);
   cp_async_commit();
 
@@ -550,6 +550,53 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   wa.store(p.o, p.lse, p.V, p.HQ, rows, warp * Shape::kWarpRows);
 }
 
+// Marks the runs that select alike, one CTA per run and kv head: a small kernel with many CTAs per SM, where
+// the union and streamed kernels (one or two CTAs per SM) would each evaluate the predicate on every run.
+__global__ void __launch_bounds__(128) classify_runs_kernel(RunSplit split, const int32_t* indices,
+                                                            const int32_t* counts, const DeviceSequence* seqs,
+                                                            int64_t row_tokens, int run, int H, int S, int BS) {
+  extern __shared__ int run_set[];
+  const DeviceSequence seq = seqs[blockIdx.y];
+  const int64_t t0 = int64_t(blockIdx.x) * run;
+  const int kv_head = int(blockIdx.z);
+  const int64_t flag = (int64_t(blockIdx.y) * split.runs_per_seq + blockIdx.x) * H + kv_head;
+  bool alike = false;
+  if (t0 < seq.length) {
+    const int n = int(min(int64_t(run), seq.length - t0));
+    alike = run_selects_alike(indices, counts, seq.batch * row_tokens + seq.start + t0, t0, n, H, kv_head, S, BS,
+                              run_set);
+  }
+  if (threadIdx.x == 0) split.alike[flag] = alike;
+}
+
+// Device memory of a RunSplit, freed in stream order.
+struct RunSplitMemory {
+  RunSplit split{};
+  cudaStream_t stream = nullptr;
+  ~RunSplitMemory() {
+    if (split.alike) cudaFreeAsync(split.alike, stream);  // a destructor does not throw; a failure shows later
+  }
+};
+
+// Allocates and fills the split of the problem's runs for Auto; false where its grid would not launch.
+bool build_run_split(RunSplitMemory& mem, const int32_t* indices, const int32_t* counts, const DeviceLayout& L,
+                     cudaStream_t s) {
+  const int G = int(L.G()), run = run_tokens(G), S = L.block_count;
+  const int64_t runs_per_seq = div_up(L.max_len, run);
+  const int64_t flags = runs_per_seq * L.num_seqs * L.H;
+  if (flags == 0 || runs_per_seq > 0x7fffffff || L.num_seqs > 65535 || L.H > 65535) return false;
+  void* base = nullptr;
+  CUDA_CHECK(cudaMallocAsync(&base, size_t(flags), s), "cudaMallocAsync(selected attention run split)");
+  mem.stream = s;
+  mem.split.alike = static_cast<uint8_t*>(base);
+  mem.split.runs_per_seq = int(runs_per_seq);
+  const dim3 grid(unsigned(runs_per_seq), unsigned(L.num_seqs), unsigned(L.H));
+  classify_runs_kernel<<<grid, 128, run_set_size(run * S) * sizeof(int), s>>>(
+      mem.split, indices, counts, L.seqs, L.T, run, int(L.H), S, L.block_size);
+  check_launch("classify_runs_kernel");
+  return true;
+}
+
 // CUDA-core fallback: one warp per (token, query head) row.
 template <typename T>
 __global__ void __launch_bounds__(128) selected_attention_rows_kernel(const SelectedParams<T> p, int64_t num_rows) {
@@ -594,6 +641,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
   // the union walk takes (kernel path 3); if the union kernel cannot launch, the streamed kernel takes all.
   const bool streamed = (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);
   const int kernel_path = streamed ? 3 : path == SelectedPath::Streamed ? 0 : int(path);
+  RunSplitMemory split;
   bool union_launched = false;
   if (!streamed || path == SelectedPath::Auto) dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -604,6 +652,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
     p.S = L.block_count, p.BS = L.block_size;
     p.path = kernel_path;
     p.path_counts = path_counts;
+    p.run = run_tokens(p.G);
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
         bool launched = false;
@@ -616,10 +665,14 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
           const int limit =
               device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
           if (bytes > size_t(limit)) return;  // a huge S: the row kernel takes it
-          CUDA_CHECK(cudaFuncSetAttribute(selected_attention_tc_kernel<T, D, kMT>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+          const auto kernel = selected_attention_tc_kernel<T, D, kMT>;
+          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
                      "cudaFuncSetAttribute(selected_attention_tc_kernel)");
-          selected_attention_tc_kernel<T, D, kMT><<<grid, Shape::kThreads, bytes, s>>>(p);
+          if (kernel_path == 3) {  // the union takes the runs the split marks
+            if (!build_run_split(split, block_indices, block_counts, L, s)) return;
+            p.split = split.split;
+          }
+          kernel<<<grid, Shape::kThreads, bytes, s>>>(p);
           check_launch("selected_attention_tc_kernel");
           launched = true;
         };
@@ -645,7 +698,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
   });
   if (streamed)
     selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts,
-                                /*skip_alike_runs=*/union_launched);
+                                union_launched ? &split.split : nullptr);
 }
 
 }  // namespace nsa::cuda

@@ -66,7 +66,8 @@ struct StreamedParams {
   int max_items;             // tiles per token: S * BS / 64
   float scale_log2;          // scale * log2(e): the softmax runs in base 2
   int32_t* path_counts;      // [3] or null
-  bool skip_alike_runs;      // leave runs that select alike to the union walk
+  const uint8_t* alike;      // RunSplit::alike, or null: runs marked there are left to the union walk
+  int runs_per_seq;          // RunSplit::runs_per_seq
 };
 
 // Shared memory: the stages (1024-byte aligned, for the swizzle), then the full and empty barriers, each
@@ -283,6 +284,13 @@ struct ConsumerState {
   }
 };
 
+// A measurement knob: 1 streams every tile and computes nothing, which times the gather alone (the floor of
+// this kernel's design; the outputs are left unwritten).
+#ifndef NSA_STREAMED_GATHER_ONLY
+#define NSA_STREAMED_GATHER_ONLY 0
+#endif
+constexpr bool kGatherOnly = NSA_STREAMED_GATHER_ONLY;
+
 template <typename T, int KD, int VD>
 __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __grid_constant__ CUtensorMap map_q,
                                                                      const __grid_constant__ CUtensorMap map_k,
@@ -303,12 +311,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   const int kv_head = int(blockIdx.z) / chunks;
   const int head0 = kv_head * p.G + (int(blockIdx.z) % chunks) * kHeads;
   const int64_t key_base = seq.batch * p.row_tokens + seq.start;
-  if (p.skip_alike_runs) {
-    if (run_selects_alike(p.indices, p.counts, key_base + t0, t0, ntok, p.H, kv_head, p.S, p.BS,
-                          reinterpret_cast<int*>(sm.stages)))
-      return;
-    fence_proxy_async_smem();  // the scratch in the stages is refilled by TMA
-  }
+  if (p.alike && p.alike[(int64_t(blockIdx.y) * p.runs_per_seq + blockIdx.x) * p.H + kv_head]) return;
 
   if (threadIdx.x == 0) {
     ring.init(kConsumerWarps);
@@ -375,11 +378,13 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
       ring.wait_full(it);
       unsigned char* st = sm.stages + ring.stage(it) * St::kBytes;
       const uint32_t st_addr = smem_addr(st);
-      if (j == 0) cs.begin(st_addr);
-      float sc[2][4];
-      cs.scores(st_addr, sc);
-      cs.update(st_addr, sc, sm.items[tk * p.max_items + j], t, p.scale_log2);
-      if (j == n - 1) cs.finish(reinterpret_cast<float*>(st), sm.merge, p, key_base + t, head0);
+      if constexpr (!kGatherOnly) {
+        if (j == 0) cs.begin(st_addr);
+        float sc[2][4];
+        cs.scores(st_addr, sc);
+        cs.update(st_addr, sc, sm.items[tk * p.max_items + j], t, p.scale_log2);
+        if (j == n - 1) cs.finish(reinterpret_cast<float*>(st), sm.merge, p, key_base + t, head0);
+      }
       __syncwarp();
       if (lane == 0) ring.release(it);
     }
@@ -437,7 +442,7 @@ bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k,
 
 void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                 cudaStream_t s, int32_t* path_counts, bool skip_alike_runs) {
+                                 cudaStream_t s, int32_t* path_counts, const RunSplit* split) {
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {
@@ -454,7 +459,8 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
       p.max_items = max_items(L);
       p.scale_log2 = L.scale * 1.4426950408889634f;
       p.path_counts = path_counts;
-      p.skip_alike_runs = skip_alike_runs;
+      p.alike = split ? split->alike : nullptr;
+      p.runs_per_seq = split ? split->runs_per_seq : 0;
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t rows = uint64_t(L.B * L.T);
       const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, rows, 64, kHeads, 1, "selected_streamed_kernel(q)");

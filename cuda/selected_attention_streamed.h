@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/kernels.h"
+#include "cuda/selected_runs.cuh"
 
 namespace nsa::cuda {
 
@@ -14,11 +15,11 @@ namespace nsa::cuda {
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v);
 
 // Same arguments as selected_attention_forward; path_counts (device [3], may be null) gains the CTAs run
-// in its third slot. With skip_alike_runs, runs of tokens that select alike (selected_runs.cuh) are left to
-// the union walk. Call only where selected_streamed_fits.
+// in its third slot. With a split (selected_runs.cuh), the runs of tokens it marks as selecting alike are
+// left to the union walk. Call only where selected_streamed_fits.
 void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                 cudaStream_t s, int32_t* path_counts, bool skip_alike_runs);
+                                 cudaStream_t s, int32_t* path_counts, const RunSplit* split);
 
 // CTAs of the streamed kernel resident per SM for this problem (shared memory and registers); for benchmarks.
 int selected_streamed_ctas_per_sm(const DeviceLayout& L);

@@ -1,11 +1,19 @@
-// How the selected-attention kernels read a token's selections, and how Auto splits selected attention between the union walk and the streamed kernel: by runs of consecutive
-// tokens of a sequence, one streamed CTA each: 8 tokens when G is a multiple of 16, else 128 / G (G = 4, 8),
-// so that a union tile (128 or 64 rows of whole tokens) lies inside one run. Both kernels are launched over
-// the whole problem and evaluate the same predicate on the same run, so each token is taken by exactly one.
+// How the selected-attention kernels read a token's selections, and how Auto splits selected attention
+// between the union walk and the streamed kernel: by runs of consecutive tokens of a sequence, one streamed
+// CTA each: 8 tokens when G is a multiple of 16, else 128 / G (G = 4, 8), so that a union tile (128 or 64
+// rows of whole tokens) lies inside one run. A small kernel marks each run once (RunSplit); the union kernel
+// takes the marked runs and the streamed kernel the others, so each token is taken by exactly one.
 #pragma once
 #include <cstdint>
 
 namespace nsa::cuda {
+
+// The split, in device memory: alike[(seq * runs_per_seq + run) * H + kv_head] is 1 where that run's
+// selections are alike (run_selects_alike).
+struct RunSplit {
+  uint8_t* alike;
+  int runs_per_seq;
+};
 
 // How many entries of block_indices[flat, kv_head, :] count: block_counts there clamped to [0, S], or S.
 __device__ __forceinline__ int selection_count(const int32_t* counts, int64_t flat, int H, int kv_head, int S) {
