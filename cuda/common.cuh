@@ -32,6 +32,43 @@ inline int device_attribute(cudaDeviceAttr attr, const char* what) {
   return value;
 }
 
+// A second stream forked from `main` (it starts after main's work so far) for a kernel that may run beside the
+// next ones on main; join() (or the destructor) makes main wait for it. Streams and events are released once
+// their work is done.
+class SideStream {
+ public:
+  explicit SideStream(cudaStream_t main) : main_(main) {
+    check_cuda(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags(side stream)");
+    check_cuda(cudaEventCreateWithFlags(&forked_, cudaEventDisableTiming), "cudaEventCreateWithFlags(side stream)");
+    check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "cudaEventCreateWithFlags(side stream)");
+    check_cuda(cudaEventRecord(forked_, main_), "cudaEventRecord(side stream fork)");
+    check_cuda(cudaStreamWaitEvent(side_, forked_, 0), "cudaStreamWaitEvent(side stream fork)");
+  }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  cudaStream_t get() const { return side_; }
+  void join() {
+    if (joined_) return;
+    joined_ = true;
+    check_cuda(cudaEventRecord(done_, side_), "cudaEventRecord(side stream join)");
+    check_cuda(cudaStreamWaitEvent(main_, done_, 0), "cudaStreamWaitEvent(side stream join)");
+  }
+  ~SideStream() {
+    if (!joined_) {  // an error path: still order main after the side work; failures show at the next check
+      cudaEventRecord(done_, side_);
+      cudaStreamWaitEvent(main_, done_, 0);
+    }
+    cudaEventDestroy(forked_);
+    cudaEventDestroy(done_);
+    cudaStreamDestroy(side_);
+  }
+
+ private:
+  cudaStream_t main_, side_ = nullptr;
+  cudaEvent_t forked_ = nullptr, done_ = nullptr;
+  bool joined_ = false;
+};
+
 // Element traits: conversions to and from the fp32 accumulator type, and whether tensor cores take the type.
 template <typename T> struct Elem;
 template <> struct Elem<float> {

@@ -19,6 +19,7 @@
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
 #include <algorithm>
+#include <memory>
 #include <string>
 
 #include "cuda/attention_tile.cuh"
@@ -638,10 +639,12 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
   // Where the streamed kernel applies, Auto gives it every run of tokens but those selecting alike, which
-  // the union walk takes (kernel path 3); if the union kernel cannot launch, the streamed kernel takes all.
+  // the union walk takes (kernel path 3) on a side stream, beside it; if the union kernel cannot launch, the
+  // streamed kernel takes all.
   const bool streamed = (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);
   const int kernel_path = streamed ? 3 : path == SelectedPath::Streamed ? 0 : int(path);
   RunSplitMemory split;
+  std::unique_ptr<SideStream> side;  // path 3: the union's few tiles run beside the streamed kernel
   bool union_launched = false;
   if (!streamed || path == SelectedPath::Auto) dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -668,11 +671,14 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
           const auto kernel = selected_attention_tc_kernel<T, D, kMT>;
           CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
                      "cudaFuncSetAttribute(selected_attention_tc_kernel)");
-          if (kernel_path == 3) {  // the union takes the runs the split marks
+          cudaStream_t stream = s;
+          if (kernel_path == 3) {  // the union takes the runs the split marks, on a side stream
             if (!build_run_split(split, block_indices, block_counts, L, s)) return;
             p.split = split.split;
+            side = std::make_unique<SideStream>(s);
+            stream = side->get();
           }
-          kernel<<<grid, Shape::kThreads, bytes, s>>>(p);
+          kernel<<<grid, Shape::kThreads, bytes, stream>>>(p);
           check_launch("selected_attention_tc_kernel");
           launched = true;
         };
@@ -699,6 +705,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
   if (streamed)
     selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts,
                                 union_launched ? &split.split : nullptr);
+  if (side) side->join();  // before the split's memory is freed on s
 }
 
 }  // namespace nsa::cuda
