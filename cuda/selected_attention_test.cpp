@@ -256,6 +256,22 @@ TEST(SelectedAttentionCudaDecision, StreamedKernelLeavesAlikeRunsToTheUnion) {
   }
 }
 
+// The split on a varlen batch, every row compared (the outputs start poisoned): the union kernel on its side
+// stream and the streamed kernel must together write each token once, with the runs' marks indexed by
+// sequence. Early runs (few blocks to choose from) select alike, later ones do not.
+TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  for (int64_t HQ : {32, 8}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32)
+    SCOPED_TRACE("HQ " + std::to_string(HQ));
+    const SelectedCase c{"split_varlen", DType::BF16, 1, 0, HQ, 2, 128, 64, 64, 16, {1500, 0, 9, 2100, 70}, true};
+    if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
+    std::vector<int32_t> ctas;
+    expect_close(run_selected(c, 9, {}, cuda::SelectedPath::Auto, Pattern::Independent, &ctas), c.dtype);
+    EXPECT_GT(ctas[0], 0) << "no run took the union";
+    EXPECT_GT(ctas[2], 0) << "no run took the streamed kernel";
+  }
+}
+
 // At BS = 16 a tile's union of 70000-token selections spans more than one 4096-block bitmap window.
 TEST(SelectedAttentionCudaLong, UnionSpanningSeveralBitmapWindows) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
