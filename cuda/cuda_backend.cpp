@@ -141,8 +141,9 @@ void validate_layout(const Layout& L, const PipelineOptions& opt, const std::str
   if (d.K > 256 || d.V > 256)
     fail_input(origin, d.K > 256 ? "q" : "v",
                "the CUDA backend takes K and V up to 256, got K = " + std::to_string(d.K) + ", V = " + std::to_string(d.V));
-  if (!opt.given_indices && L.S() > 64)
-    fail_input(origin, "", "the CUDA top-k takes block counts S up to 64, got S = " + std::to_string(L.S()));
+  if (!opt.given_indices && L.S() > kTopkMaxBlockCount)
+    fail_input(origin, "", "the CUDA top-k takes block counts S up to " + std::to_string(kTopkMaxBlockCount) +
+                               ", got S = " + std::to_string(L.S()));
   if (L.sequences.size() > 65535)
     fail_input(origin, "cu_seqlens", "the CUDA backend takes up to 65535 sequences, got " + std::to_string(L.sequences.size()));
   if (d.H > 65535 || d.B > 65535) fail_input(origin, "k", "the CUDA backend takes B and H up to 65535");

@@ -60,7 +60,7 @@ struct PipelineOptions {
   bool block_counts = false;
 };
 
-// Throws InputError when the CUDA kernels cannot take the layout (K or V > 256, S > 64 with top-k, ...).
+// Throws InputError when the CUDA kernels cannot take the layout (K or V > 256, S > 225 with top-k, ...).
 void validate_layout(const Layout& L, const PipelineOptions& opt, const std::string& origin = "");
 
 // Every buffer of one problem shape on the device, and the forward stages over them, all on one stream with

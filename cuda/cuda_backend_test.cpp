@@ -257,6 +257,10 @@ INSTANTIATE_TEST_SUITE_P(
         make_case("topk_S16_G1_f16_overflow", DType::F16, 1, 3000, 2, 2, 32, 16, 16, 16, kSeed),
         make_case("topk_G3_bf16_BS128", DType::BF16, 1, 900, 3, 1, 64, 32, 128, 4, kSeed),
         make_case("topk_T1_bf16", DType::BF16, 1, 1, 4, 1, 32, 16, 64, 16, kSeed),
+        // The largest S: the candidate buffers keep S - 1 entries, and compact every pass (wgmma kernel at
+        // G = 16, K = 64; tile kernel at G = 1).
+        make_case("topk_S225_G16_bf16_K64_BS16", DType::BF16, 1, 4600, 16, 1, 64, 16, 16, 225, kSeed),
+        make_case("topk_S128_G1_f16_BS16_paper", DType::F16, 1, 3000, 2, 2, 32, 16, 16, 128, kPaper),
         [] {
           Case c = make_case("block_counts_bf16_G16", DType::BF16, 1, 300, 16, 1, 64, 64, 32, 4, kSeed);
           c.with_counts = true;
@@ -315,6 +319,19 @@ TEST(CudaBackend, RejectsHeadDimensionsOver256) {
   EXPECT_THROW(cuda::validate_layout(test::random_problem(s).layout, opt), InputError);
   s.V = 256;
   EXPECT_NO_THROW(cuda::validate_layout(test::random_problem(s).layout, opt));
+}
+
+TEST(CudaBackend, RejectsBlockCountsOverTheTopkLimitUnlessIndicesAreGiven) {
+  ProblemSpec s;
+  s.T = 16;
+  s.config.block_count = cuda::kTopkMaxBlockCount;
+  cuda::PipelineOptions opt;
+  EXPECT_NO_THROW(cuda::validate_layout(test::random_problem(s).layout, opt));
+  s.config.block_count = cuda::kTopkMaxBlockCount + 1;
+  const Layout L = test::random_problem(s).layout;
+  EXPECT_THROW(cuda::validate_layout(L, opt), InputError);
+  opt.given_indices = true;  // top-k does not run
+  EXPECT_NO_THROW(cuda::validate_layout(L, opt));
 }
 
 TEST(CudaBackend, ForwardOnlyWhenTheProblemHasUpstreamGradients) {

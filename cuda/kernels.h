@@ -36,6 +36,10 @@ struct DeviceLayout {
   int64_t G() const { return HQ / H; }
 };
 
+// The most blocks per query (S) that the CUDA top-k selects: each token's candidate buffer holds 256
+// entries, S + 31 of which a filter pass needs.
+constexpr int kTopkMaxBlockCount = 225;
+
 void mean_pool_forward(void* k_cmp, void* v_cmp, const void* k, const void* v, const DeviceLayout& L, cudaStream_t s);
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s);

@@ -34,9 +34,10 @@ constexpr int kBN = tile::kBlockN;
 // Row stride of the score tile: padded so that the 8 token rows one store instruction writes (G < 16) fall in
 // different banks.
 constexpr int kScoreStride = kBN + 4;
-constexpr int kMaxS = 64;        // selected blocks per query
 constexpr int kMaxPerLane = 8;   // candidate buffer entries per lane in a select
 constexpr int kMaxCap = 32 * kMaxPerLane;
+constexpr int kMaxS = kTopkMaxBlockCount;  // selected blocks per query: a filter pass appends up to 32 to S - 1
+static_assert(kMaxS + 31 <= kMaxCap, "the candidate buffer holds S - 1 kept entries and a pass of 32");
 constexpr unsigned kFull = 0xffffffffu;
 
 struct TopkParams {

@@ -114,7 +114,10 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"seed_S16_G16_K64_BS64", kSeed, 16, 1, 16, 64, 3000, {}, DType::BF16, 64},
         TieCase{"paper_varlen_S16_G16_K128_f16", kPaper, 32, 2, 16, 16, 0, {900, 0, 3, 2000}, DType::F16, 128},
         TieCase{"paper_varlen_S8_G8_K64", kPaper, 16, 2, 8, 16, 0, {700, 0, 5, 1300}, DType::F16, 64},
-        TieCase{"paper_S64_G4_K128_f16_overflow", kPaper, 8, 2, 64, 16, 4000, {}, DType::F16, 128}),
+        TieCase{"paper_S64_G4_K128_f16_overflow", kPaper, 8, 2, 64, 16, 4000, {}, DType::F16, 128},
+        // The largest S, on each kernel.
+        TieCase{"seed_S225_G16_K64_BS16", kSeed, 16, 1, 225, 16, 4000, {}, DType::BF16, 64},
+        TieCase{"paper_S225_G1_BS16", kPaper, 1, 1, 225, 16, 4000, {}}),
     [](const ::testing::TestParamInfo<TieCase>& info) { return info.param.name; });
 
 }  // namespace
