@@ -673,7 +673,8 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                      "cudaFuncSetAttribute(selected_attention_tc_kernel)");
           cudaStream_t stream = s;
           if (kernel_path == 3) {  // the union takes the runs the split marks, on a side stream
-            if (!build_run_split(split, block_indices, block_counts, L, s)) return;
+            // (Its tiles always lie inside one run; were one not to, the streamed kernel would take every run.)
+            if (p.run % p.tokens_per_tile != 0 || !build_run_split(split, block_indices, block_counts, L, s)) return;
             p.split = split.split;
             side = std::make_unique<SideStream>(s);
             stream = side->get();
