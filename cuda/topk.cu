@@ -4,7 +4,7 @@
 // computes z as its compressed-attention twin does, in the same order, so the logits are the very ones that
 // produced lse_cmp: the tile kernel with the warp tiles of compressed_attention.cu (warp_tile.cuh), the sm_90
 // kernel (G = 4, 8, 16) with the wgmma sequence of attention_sm90.cu. Where compressed attention takes its
-// wgmma kernel but top-k the tile kernel (sm_90, G = 1, 2 or a multiple of 32), z differs from the pass that
+// wgmma kernel but top-k the tile kernel (sm_90, G = 1, 2, 32 or a multiple of 64), z differs from the pass that
 // made lse_cmp by fp32 rounding only, which the tie-aware comparison absorbs. One CTA per (token tile, sequence, kv
 // head) walks the pooled blocks in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the
 // group's heads).
