@@ -409,8 +409,8 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   // Beside the streamed kernel (path 3): only the runs the split marks. (Resident CTAs taking the marked runs'
   // tiles in turn, instead of a grid whose other CTAs exit here, measured 11-20% slower where the union takes
   // most runs, H100: the loop made the two-row tiles spill more.)
-  if (p.path == 3 && !p.split.alike[(int64_t(blockIdx.y) * p.split.runs_per_seq +
-                                     blockIdx.x * p.tokens_per_tile / p.run) * p.H + blockIdx.z / p.head_chunks])
+  if (p.path == 3 &&
+      !p.split.alike[p.split.flag(blockIdx.y, blockIdx.x * p.tokens_per_tile / p.run, p.H, blockIdx.z / p.head_chunks)])
     return;
   TileSmem<T, Shape> sm(smem);
   SelectionSmem* ss_shared = reinterpret_cast<SelectionSmem*>(smem + Shape::kTileBytes);
@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(128) classify_runs_kernel(RunSplit split, cons
   const DeviceSequence seq = seqs[blockIdx.y];
   const int64_t t0 = int64_t(blockIdx.x) * run;
   const int kv_head = int(blockIdx.z);
-  const int64_t flag = (int64_t(blockIdx.y) * split.runs_per_seq + blockIdx.x) * H + kv_head;
+  const int64_t flag = split.flag(blockIdx.y, blockIdx.x, H, kv_head);
   bool alike = false;
   if (t0 < seq.length) {
     const int n = int(min(int64_t(run), seq.length - t0));

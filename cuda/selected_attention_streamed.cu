@@ -66,8 +66,7 @@ struct StreamedParams {
   int max_items;             // tiles per token: S * BS / 64
   float scale_log2;          // scale * log2(e): the softmax runs in base 2
   int32_t* path_counts;      // [3] or null
-  const uint8_t* alike;      // RunSplit::alike, or null: runs marked there are left to the union walk
-  int runs_per_seq;          // RunSplit::runs_per_seq
+  RunSplit split;            // runs marked there are left to the union walk; alike null: no split
 };
 
 // Shared memory: the stages (1024-byte aligned, for the swizzle), then the full and empty barriers, each
@@ -311,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_streamed_kernel(const __
   const int kv_head = int(blockIdx.z) / chunks;
   const int head0 = kv_head * p.G + (int(blockIdx.z) % chunks) * kHeads;
   const int64_t key_base = seq.batch * p.row_tokens + seq.start;
-  if (p.alike && p.alike[(int64_t(blockIdx.y) * p.runs_per_seq + blockIdx.x) * p.H + kv_head]) return;
+  if (p.split.alike && p.split.alike[p.split.flag(blockIdx.y, blockIdx.x, p.H, kv_head)]) return;
 
   if (threadIdx.x == 0) {
     ring.init(kConsumerWarps);
@@ -459,8 +458,7 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
       p.max_items = max_items(L);
       p.scale_log2 = L.scale * 1.4426950408889634f;
       p.path_counts = path_counts;
-      p.alike = split ? split->alike : nullptr;
-      p.runs_per_seq = split ? split->runs_per_seq : 0;
+      if (split) p.split = *split;
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t rows = uint64_t(L.B * L.T);
       const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, rows, 64, kHeads, 1, "selected_streamed_kernel(q)");

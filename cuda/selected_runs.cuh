@@ -13,6 +13,10 @@ namespace nsa::cuda {
 struct RunSplit {
   uint8_t* alike;
   int runs_per_seq;
+  // Index into `alike` of run `run` (tokens [run * run_tokens, ..)) of sequence `seq`, kv head `kv_head`.
+  __host__ __device__ __forceinline__ int64_t flag(int64_t seq, int64_t run, int H, int kv_head) const {
+    return (seq * runs_per_seq + run) * H + kv_head;
+  }
 };
 
 // How many entries of block_indices[flat, kv_head, :] count: block_counts there clamped to [0, S], or S.
