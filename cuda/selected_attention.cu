@@ -638,15 +638,17 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
-  // Where the streamed kernel applies, Auto gives it every run of tokens but those selecting alike, which
-  // the union walk takes (kernel path 3) on a side stream, beside it; if the union kernel cannot launch, the
-  // streamed kernel takes all.
+  // Where the streamed kernel applies, Auto gives it every run of tokens, but at G = 4 and 8 (whose 16-row
+  // tiles there hold G useful rows) those selecting alike, which the union walk takes (kernel path 3) on a
+  // side stream, beside it; if the union kernel cannot launch, the streamed kernel takes all. At G a multiple
+  // of 16 the streamed kernel loads a tile its run's tokens share once, and beats the union walk on them too.
   const bool streamed = (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);
   const int kernel_path = streamed ? 3 : path == SelectedPath::Streamed ? 0 : int(path);
   RunSplitMemory split;
   std::unique_ptr<SideStream> side;  // path 3: the union's few tiles run beside the streamed kernel
   bool union_launched = false;
-  if (!streamed || path == SelectedPath::Auto) dispatch_elem(L.dtype, [&](auto tag) {
+  const bool split_runs = path == SelectedPath::Auto && L.G() % 16 != 0;
+  if (!streamed || split_runs) dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     SelectedParams<T> p{};
     p.set_inputs(q, k, v, o_slc, lse_slc, L);

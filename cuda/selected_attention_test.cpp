@@ -234,31 +234,35 @@ TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
   }
 }
 
-// Where the streamed kernel applies, Auto gives the union walk the runs of 8 tokens that select alike and the
-// streamed kernel the others.
-TEST(SelectedAttentionCudaDecision, StreamedKernelLeavesAlikeRunsToTheUnion) {
+// Where the streamed kernel applies, Auto gives it every run of tokens at G a multiple of 16 (it loads a tile
+// that a unit's 8 tokens share once); at G = 4 and 8 the union walk takes the runs that select alike.
+TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHeads) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
   for (int64_t HQ : {32, 8}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32)
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split", DType::BF16, 1, 8192, HQ, 2, 128, 128, 64, 16, {}, false};
     if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
     const auto [shared, independent] = auto_paths(c, 7, 89);
-    EXPECT_GT(shared[0], 0);
-    EXPECT_EQ(shared[1] + shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
-    // At G = 16 a run's 8 tokens choose among many blocks past the first few runs; at G = 4 a run of 32
-    // tokens covers most of an 8k history's blocks, and the union keeps more than half of the runs.
-    if (HQ == 32)
-      EXPECT_GT(independent[2], 4 * independent[0]) << "union CTAs " << independent[0] << ", streamed CTAs "
-                                                    << independent[2];
-    else
+    EXPECT_EQ(shared[1] + independent[1], 0);
+    if (HQ == 32) {
+      // Every unit of 8 tokens and one kv head, once: 8192 / 8 x 2.
+      EXPECT_EQ(shared[0] + independent[0], 0) << "the union walk ran at G = 16";
+      EXPECT_EQ(shared[2], 2048);
+      EXPECT_EQ(independent[2], 2048);
+    } else {
+      EXPECT_GT(shared[0], 0);
+      EXPECT_EQ(shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
+      // A run of 32 tokens covers most of an 8k history's blocks, and the union keeps more than half of the
+      // runs; the streamed kernel takes the others.
       EXPECT_GT(independent[2], 0);
-    EXPECT_EQ(independent[1], 0);
+    }
   }
 }
 
-// The split on a varlen batch, every row compared (the outputs start poisoned): the union kernel on its side
-// stream and the streamed kernel must together write each token once, with the runs' marks indexed by
-// sequence. Early runs (few blocks to choose from) select alike, later ones do not.
+// Auto on a varlen batch, every row compared (the outputs start poisoned): at G = 4 the union kernel on its
+// side stream and the streamed kernel must together write each token once, with the runs' marks indexed by
+// sequence (early runs, with few blocks to choose from, select alike; later ones do not); at G = 16 the
+// streamed kernel's units cross no sequence.
 TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
   for (int64_t HQ : {32, 8}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32)
@@ -267,7 +271,8 @@ TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
     if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
     std::vector<int32_t> ctas;
     expect_close(run_selected(c, 9, {}, cuda::SelectedPath::Auto, Pattern::Independent, &ctas), c.dtype);
-    EXPECT_GT(ctas[0], 0) << "no run took the union";
+    if (HQ == 8) EXPECT_GT(ctas[0], 0) << "no run took the union";
+    else EXPECT_EQ(ctas[0], 0) << "the union walk ran at G = 16";
     EXPECT_GT(ctas[2], 0) << "no run took the streamed kernel";
   }
 }

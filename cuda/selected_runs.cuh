@@ -1,8 +1,9 @@
-// How the selected-attention kernels read a token's selections, and how Auto splits selected attention
-// between the union walk and the streamed kernel: by runs of consecutive tokens of a sequence, one streamed
-// CTA each: 8 tokens when G is a multiple of 16, else 128 / G (G = 4, 8), so that a union tile (128 or 64
-// rows of whole tokens) lies inside one run. A small kernel marks each run once (RunSplit); the union kernel
-// takes the marked runs and the streamed kernel the others, so each token is taken by exactly one.
+// How the selected-attention kernels read a token's selections, and how Auto splits selected attention at
+// G = 4 and 8 between the union walk and the streamed kernel: by runs of consecutive tokens of a sequence,
+// 128 / G of them (16 or 32; 8 when G is a multiple of 16), so that a union tile (64 or 128 rows of whole
+// tokens) lies inside one run and a run holds whole streamed units of 8 tokens. A small kernel marks each run
+// once (RunSplit); the union kernel takes the marked runs and the streamed kernel the others, so each token
+// is taken by exactly one.
 #pragma once
 #include <cstdint>
 
@@ -24,13 +25,13 @@ __device__ __forceinline__ int selection_count(const int32_t* counts, int64_t fl
   return counts ? min(max(counts[flat * H + kv_head], 0), S) : S;
 }
 
-constexpr int kMaxRunTokens = 32;
 __host__ __device__ __forceinline__ int run_tokens(int G) { return G % 16 == 0 ? 8 : 128 / G; }
-// The union walk loads each distinct block of the run once, and a block costs it about as much as 7 items
-// of the streamed kernel, which loads one item per valid entry (H100, T = 64k, G = 16: 13.8 ms for runs
-// sharing all 16 blocks against 16.6 ms streamed). So the union takes a run when distinct * 7 <= entries.
-constexpr int kUnionShare = 7;
-
+// The union takes a run whose tokens all select the same blocks (distinct blocks x tokens <= valid entries).
+// At G = 4 the streamed kernel, which loads a block its unit's 8 tokens share once but multiplies 16-row
+// tiles holding 4 useful rows, is the faster on anything less (H100, T = 32k, G = 4, independent
+// selections: 6.73 ms with this rule, 7.16 with the union taking runs of distinct x 7 <= valid, 6.61 with
+// the streamed kernel alone; runs of 64 tokens sharing their blocks: 1.84-1.88 ms either rule, 4.21 ms
+// streamed alone).
 // Shared memory that run_selects_alike needs: an open-addressing set of twice the run's entries (a power
 // of two). Callers keep run * S <= kMaxRunEntries.
 constexpr int kMaxRunEntries = 4096;
@@ -71,7 +72,7 @@ __device__ __forceinline__ bool run_selects_alike(const int32_t* indices, const 
     valid += __syncthreads_count(is_valid);
     distinct += __syncthreads_count(first);
   }
-  return valid > 0 && distinct * kUnionShare <= valid;
+  return valid > 0 && distinct * n <= valid;
 }
 
 }  // namespace nsa::cuda

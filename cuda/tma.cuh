@@ -31,6 +31,12 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 #endif
 }
+// `count` (>= 1) arrivals at once.
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar, uint32_t count) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
 // One arrival that also announces `bytes` of TMA traffic the phase must wait for.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 #if __CUDA_ARCH__ >= 900
@@ -52,6 +58,15 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   } while (!done);
 #endif
 }
+// A shared-memory int that one thread publishes and others poll (release / acquire at CTA scope).
+__device__ __forceinline__ void store_release(int* p, int v) {
+  asm volatile("st.release.cta.shared::cta.b32 [%0], %1;\n" ::"r"(smem_addr(p)), "r"(v) : "memory");
+}
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.cta.shared::cta.b32 %0, [%1];\n" : "=r"(v) : "r"(smem_addr(p)) : "memory");
+  return v;
+}
 // Orders this thread's generic-proxy shared-memory accesses before later async-proxy (TMA) writes.
 __device__ __forceinline__ void fence_proxy_async_smem() {
 #if __CUDA_ARCH__ >= 900
@@ -59,29 +74,35 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 #endif
 }
 
-// A ring of kStages shared-memory stages that TMA fills: per stage a "full" mbarrier (the producer's arrival
-// plus the bytes it announced) and an "empty" one (one arrival per consumer). Fill n, counted from 0, uses
-// stage n % kStages, and the phase parities follow from n.
+// A ring of shared-memory stages that TMA fills: per stage a "full" mbarrier (the producer's arrival plus
+// the bytes it announced) and an "empty" one (one arrival per consumer). Fill n, counted from 0, uses stage
+// n % stages, and the phase parities follow from n. kStages = 0 takes the stage count at run time (`count`).
 template <int kStages>
 struct StageRing {
-  uint64_t* full;   // [kStages]
-  uint64_t* empty;  // [kStages]
+  uint64_t* full;   // [stages]
+  uint64_t* empty;  // [stages]
+  int count = kStages;
+  __device__ int stages() const { return kStages ? kStages : count; }
   // Callers add mbar_init_fence() once all their barriers are initialised.
   __device__ void init(uint32_t consumers) const {
-    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], consumers);
+    for (int s = 0; s < stages(); ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], consumers);
   }
-  __device__ static int stage(int n) { return n % kStages; }
+  __device__ int stage(int n) const { return n % stages(); }
+  __device__ uint32_t phase(int n) const { return (n / stages()) & 1; }
   // Producer: waits until fill n's stage is free, announces `bytes` for it and returns the barrier its copies
   // count on.
   __device__ uint64_t* begin_fill(int n, uint32_t bytes) const {
-    mbar_wait(&empty[n % kStages], ((n / kStages) & 1) ^ 1);
-    mbar_arrive_expect_tx(&full[n % kStages], bytes);
-    return &full[n % kStages];
+    mbar_wait(&empty[stage(n)], phase(n) ^ 1);
+    mbar_arrive_expect_tx(&full[stage(n)], bytes);
+    return &full[stage(n)];
   }
   // Consumer: waits until fill n has landed.
-  __device__ void wait_full(int n) const { mbar_wait(&full[n % kStages], (n / kStages) & 1); }
+  __device__ void wait_full(int n) const { mbar_wait(&full[stage(n)], phase(n)); }
   // Consumer: its arrival that frees fill n's stage.
-  __device__ void release(int n) const { mbar_arrive(&empty[n % kStages]); }
+  __device__ void release(int n) const { mbar_arrive(&empty[stage(n)]); }
+  // Producer: `arrivals` on fill n's "empty" barrier for consumers that will not read it (after
+  // begin_fill(n), so that they count towards fill n's phase).
+  __device__ void release_for(int n, uint32_t arrivals) const { mbar_arrive(&empty[stage(n)], arrivals); }
 };
 
 // One box of a rank-3 tensor map into shared memory (1024-byte aligned for the 128-byte swizzle), counted
