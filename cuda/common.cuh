@@ -99,6 +99,24 @@ void dispatch_elem(ElemType t, F&& f) {
 
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Device scratch memory for work queued on one stream: cudaMallocAsync'ed there, freed in stream order when
+// this goes out of scope (no host synchronisation).
+class StreamScratch {
+ public:
+  StreamScratch(size_t bytes, cudaStream_t stream, const char* what) : stream_(stream) {
+    check_cuda(cudaMallocAsync(&ptr_, bytes, stream), what);
+  }
+  ~StreamScratch() { cudaFreeAsync(ptr_, stream_); }  // a destructor does not throw; a failure shows later
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
 // Online softmax with a lazy reference (log2 domain): a row's reference max moves only when a new tile's max
 // exceeds it by more than kLazyRescaleLog2, so most tiles skip rescaling the O accumulators. Meanwhile
 // p = exp2(z - reference) <= 2^8, far inside fp32 and the bf16/fp16 range of the P operand; o and lse come out

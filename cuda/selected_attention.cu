@@ -20,6 +20,7 @@
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "cuda/attention_tile.cuh"
@@ -573,10 +574,7 @@ __global__ void __launch_bounds__(128) classify_runs_kernel(RunSplit split, cons
 // Device memory of a RunSplit, freed in stream order.
 struct RunSplitMemory {
   RunSplit split{};
-  cudaStream_t stream = nullptr;
-  ~RunSplitMemory() {
-    if (split.alike) cudaFreeAsync(split.alike, stream);  // a destructor does not throw; a failure shows later
-  }
+  std::optional<StreamScratch> flags;
 };
 
 // Allocates and fills the split of the problem's runs for Auto; false where its grid would not launch.
@@ -586,10 +584,8 @@ bool build_run_split(RunSplitMemory& mem, const int32_t* indices, const int32_t*
   const int64_t runs_per_seq = div_up(L.max_len, run);
   const int64_t flags = runs_per_seq * L.num_seqs * L.H;
   if (flags == 0 || runs_per_seq > 0x7fffffff || L.num_seqs > 65535 || L.H > 65535) return false;
-  void* base = nullptr;
-  CUDA_CHECK(cudaMallocAsync(&base, size_t(flags), s), "cudaMallocAsync(selected attention run split)");
-  mem.stream = s;
-  mem.split.alike = static_cast<uint8_t*>(base);
+  mem.flags.emplace(size_t(flags), s, "cudaMallocAsync(selected attention run split)");
+  mem.split.alike = mem.flags->as<uint8_t>();
   mem.split.runs_per_seq = int(runs_per_seq);
   const dim3 grid(unsigned(runs_per_seq), unsigned(L.num_seqs), unsigned(L.H));
   classify_runs_kernel<<<grid, 128, run_set_size(run * S) * sizeof(int), s>>>(
