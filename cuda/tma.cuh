@@ -116,6 +116,29 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, i
       : "memory");
 #endif
 }
+// The same with an L2 cache policy (l2_policy).
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, uint64_t* bar,
+                                            uint64_t policy) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, %4}], "
+      "[%5], %6;\n" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+#endif
+}
+// L2 cache policies for the hinted copies.
+enum class L2Evict { First, Normal, Last };
+template <L2Evict kEvict>
+__device__ __forceinline__ uint64_t l2_policy() {
+  uint64_t policy = 0;
+#if __CUDA_ARCH__ >= 900
+  if constexpr (kEvict == L2Evict::First) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  else if constexpr (kEvict == L2Evict::Normal) asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  else asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+  return policy;
+}
 
 // Byte offset of the 16-byte chunk `chunk` (0..7) of row `row` in a tile of 128-byte rows written by TMA
 // with CU_TENSOR_MAP_SWIZZLE_128B: the chunk index is XORed with the row's position in its 8-row group.
