@@ -99,7 +99,8 @@ struct Unit {
   }
   template <typename P>
   __device__ bool taken(const P& p, int u) const {  // tokens to compute, not left to the union walk
-    return ntok > 0 && !(p.split.alike && p.split.alike[p.split.flag(u / p.runs % p.seqs_n, t0 / run_tokens(p.G), p.H, kv_head)]);
+    if (ntok <= 0) return false;
+    return !p.split.alike || !p.split.alike[p.split.flag(u / p.runs % p.seqs_n, t0 / run_tokens(p.G), p.H, kv_head)];
   }
 };
 
@@ -134,6 +135,11 @@ struct StreamedSmem {
   int* plans;  // two plans
   int entries;
   __device__ Plan plan(int i) const { return Plan{plans + (i & 1) * Plan::ints(entries), entries}; }
+  // Waits until plan i is written and returns its unit (-1: no more).
+  __device__ int wait_plan(int i) const {
+    mbar_wait(&plan_full[i & 1], (i >> 1) & 1);
+    return plan(i).unit();
+  }
   static size_t bytes(int q_bytes, int stage_bytes, int stages, int max_items) {
     const int entries = kRunTokens * max_items;
     return size_t(q_bytes) + size_t(stages) * stage_bytes + (2 * kMaxStages + 6) * sizeof(uint64_t) +
@@ -186,7 +192,8 @@ struct ConsumerState {
     // A fragments: matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15) of each 16-column step.
 #pragma unroll
     for (int ks = 0; ks < KD / 16; ++ks)
-      ldmatrix_x4(q[ks], q_rows + (ks >> 2) * kQBoxBytes + swizzle128(8 * (mi & 1) + (lane & 7), 2 * (ks & 3) + (mi >> 1)));
+      ldmatrix_x4(q[ks], q_rows + (ks >> 2) * kQBoxBytes +
+                             swizzle128(8 * (mi & 1) + (lane & 7), 2 * (ks & 3) + (mi >> 1)));
   }
 
   // One tile in `stage` whose first key is `first_key`: S = Q K^T, the online softmax (keys after t masked)
@@ -314,7 +321,7 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
     }
     const Unit w(p, u);
     // Every token's list has a slot per tile of each selection (max_items), -1 where the entry is not valid;
-    // all the warp's index loads are independent.
+    // all the warp's index loads are independent. The counts are zeroed here and summed after the dedup.
     if (lane < kRunTokens) plan.count()[lane] = 0;
     __syncwarp();
     const int per_block = p.BS / kTileKeys;
@@ -328,16 +335,8 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
         if (c >= 0 && first <= t) key = int(first);
       }
       sm.items[tk * p.max_items + pos] = key;
-      if (key >= 0) atomicAdd(&plan.count()[tk], 1);
     }
     __syncwarp();
-    for (int tk = 0; tk < w.ntok; ++tk)
-      if (plan.count()[tk] == 0) {
-        const int64_t flat = w.key_base + w.t0 + tk;
-        for (int k = lane; k < p.rows * VD; k += 32)
-          p.o[(flat * p.HQ + w.head0 + k / VD) * VD + k % VD] = Elem<T>::from_float(0.f);
-        if (lane < p.rows) p.lse[flat * p.HQ + w.head0 + lane] = 0.f;
-      }
     for (int e = lane; e < entries; e += 32) {
       const int tk = e % kRunTokens, pos = e / kRunTokens;
       const int key = sm.items[tk * p.max_items + pos];
@@ -369,6 +368,17 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
       n += __popc(votes);
     }
     __syncwarp();
+    // A token's count is its bits in the masks (a block it listed twice, invalid input, counts once).
+    for (int j = lane; j < n; j += 32)
+      for (unsigned m = unsigned(plan.mask()[j]); m; m &= m - 1) atomicAdd(&plan.count()[__ffs(m) - 1], 1);
+    __syncwarp();
+    for (int tk = 0; tk < w.ntok; ++tk)
+      if (plan.count()[tk] == 0) {
+        const int64_t flat = w.key_base + w.t0 + tk;
+        for (int k = lane; k < p.rows * VD; k += 32)
+          p.o[(flat * p.HQ + w.head0 + k / VD) * VD + k % VD] = Elem<T>::from_float(0.f);
+        if (lane < p.rows) p.lse[flat * p.HQ + w.head0 + lane] = 0.f;
+      }
     if (lane == 0) {
       plan.unit() = u;
       plan.tiles() = n;
@@ -412,10 +422,9 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
     const uint64_t keep = kHints ? l2_policy<L2Evict::Last>() : l2_policy<L2Evict::Normal>();
     const uint64_t once = kHints ? l2_policy<L2Evict::First>() : keep;
     for (int i = 0, it = 0;; ++i) {
-      const Plan plan = sm.plan(i);
-      mbar_wait(&sm.plan_full[i & 1], (i >> 1) & 1);
-      const int u = plan.unit();
+      const int u = sm.wait_plan(i);
       if (u < 0) return;
+      const Plan plan = sm.plan(i);
       const Unit w(p, u);
       // The unit's Q rows, once every consumer has taken the previous unit's (rows past the sequence or the
       // tensor are loaded or zero-filled, and never written).
@@ -429,9 +438,11 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
         unsigned char* st = sm.stages + ring.stage(it) * St::kBytes;
         const int row = int(w.key_base + plan.tile()[j]);
 #pragma unroll
-        for (int b = 0; b < St::kKBoxes; ++b) tma_load_3d(st + St::kK + b * kBoxBytes, &map_k, 64 * b, w.kv_head, row, bar, keep);
+        for (int b = 0; b < St::kKBoxes; ++b)
+          tma_load_3d(st + St::kK + b * kBoxBytes, &map_k, 64 * b, w.kv_head, row, bar, keep);
 #pragma unroll
-        for (int b = 0; b < St::kVBoxes; ++b) tma_load_3d(st + St::kV + b * kBoxBytes, &map_v, 64 * b, w.kv_head, row, bar, keep);
+        for (int b = 0; b < St::kVBoxes; ++b)
+          tma_load_3d(st + St::kV + b * kBoxBytes, &map_v, 64 * b, w.kv_head, row, bar, keep);
         const int readers = __popc(plan.mask()[j]);
         if (readers < kConsumerWarps) ring.release_for(it, kConsumerWarps - readers);
         store_release(sm.issued, it + 1);
@@ -447,10 +458,9 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
   const unsigned bit = 1u << tk;
   ConsumerState<T, KD, VD> cs;
   for (int i = 0, first_fill = 0;; ++i) {
-    const Plan plan = sm.plan(i);
-    mbar_wait(&sm.plan_full[i & 1], (i >> 1) & 1);
-    const int u = plan.unit();
+    const int u = sm.wait_plan(i);
     if (u < 0) return;
+    const Plan plan = sm.plan(i);
     const Unit w(p, u);
     const int tiles = plan.tiles(), t = int(w.t0) + tk;
     int left = plan.count()[tk];  // this token's tiles still to compute
