@@ -277,6 +277,22 @@ TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
   }
 }
 
+// Many selections per token (S = 96): the unit plans no longer leave room for six ring stages, and the streamed
+// kernel runs with five (a stage count that does not divide the fills evenly); every 11th token compared.
+TEST(SelectedAttentionCudaStreamed, ManySelectionsLeaveFewerRingStages) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  const SelectedCase c{"many_selections", DType::BF16, 1, 6600, 16, 1, 128, 128, 64, 96, {}, false};
+  if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
+  ref::RowMask rows(c.T, 0);
+  for (int64_t t = 0; t < c.T; t += 11) rows[t] = 1;
+  for (Pattern pattern : {Pattern::Mixed, Pattern::Independent}) {
+    SCOPED_TRACE("pattern " + std::to_string(int(pattern)));
+    std::vector<int32_t> ctas;
+    expect_close(run_selected(c, 12, rows, cuda::SelectedPath::Streamed, pattern, &ctas), c.dtype);
+    EXPECT_EQ(ctas[2], (c.T + 7) / 8) << "every unit of 8 tokens, once";
+  }
+}
+
 // At BS = 16 a tile's union of 70000-token selections spans more than one 4096-block bitmap window.
 TEST(SelectedAttentionCudaLong, UnionSpanningSeveralBitmapWindows) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
