@@ -26,12 +26,7 @@ __device__ __forceinline__ int selection_count(const int32_t* counts, int64_t fl
 }
 
 __host__ __device__ __forceinline__ int run_tokens(int G) { return G % 16 == 0 ? 8 : 128 / G; }
-// The union takes a run whose tokens all select the same blocks (distinct blocks x tokens <= valid entries).
-// At G = 4 the streamed kernel, which loads a block its unit's 8 tokens share once but multiplies 16-row
-// tiles holding 4 useful rows, is the faster on anything less (H100, T = 32k, G = 4, independent
-// selections: 6.73 ms with this rule, 7.16 with the union taking runs of distinct x 7 <= valid, 6.61 with
-// the streamed kernel alone; runs of 64 tokens sharing their blocks: 1.84-1.88 ms either rule, 4.21 ms
-// streamed alone).
+
 // Shared memory that run_selects_alike needs: an open-addressing set of twice the run's entries (a power
 // of two). Callers keep run * S <= kMaxRunEntries.
 constexpr int kMaxRunEntries = 4096;
@@ -42,8 +37,13 @@ __host__ __device__ __forceinline__ int run_set_size(int entries) {
 }
 
 // Whether kv head `kv_head`'s valid selections over the run's `n` tokens (flat rows flat0.., positions
-// t0..) are alike enough for the union walk. Every thread of the CTA must call it (it counts with
-// __syncthreads_count); `set` is shared memory for run_set_size(n * S) ints.
+// t0..) are alike enough for the union walk: all the tokens select the same blocks, i.e. distinct blocks x n
+// <= valid entries (a token lists a block at most once, so only equality passes). At G = 4 the streamed
+// kernel, which loads a block its unit's 8 tokens share once but multiplies 16-row tiles holding 4 useful
+// rows, is the faster on anything less (H100, T = 32k, G = 4, independent selections: 6.73 ms with this rule,
+// 7.16 with the union taking runs of distinct x 7 <= valid, 6.61 with the streamed kernel alone; runs of 64
+// tokens sharing their blocks: 1.84-1.88 ms either rule, 4.21 ms streamed alone). Every thread of the CTA
+// must call it (it counts with __syncthreads_count); `set` is shared memory for run_set_size(n * S) ints.
 __device__ __forceinline__ bool run_selects_alike(const int32_t* indices, const int32_t* counts, int64_t flat0,
                                                   int64_t t0, int n, int H, int kv_head, int S, int BS, int* set) {
   const int entries = n * S, size = run_set_size(entries);
