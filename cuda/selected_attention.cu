@@ -9,12 +9,12 @@
 // tile's blocks in ascending order (a bitmap over a window of blocks, compacted by a prefix count), and walks
 // the union in key tiles of kBN keys: one block per tile, several blocks per tile when BS < kBN, several tiles
 // per block when BS > kBN. A row masks out the blocks its token did not select (found once per token and
-// tile, by a cursor into the token's sorted list) and the keys after its own position; neighbouring tokens share most blocks, so little of the
-// union is wasted.
+// tile, by a cursor into the token's sorted list) and the keys after its own position; neighbouring tokens
+// share most blocks, so little of the union is wasted.
 //
-// On sm_90, for G in {4, 8} or a multiple of 16, Auto runs this kernel only on the runs of tokens that
-// select alike (selected_runs.cuh) and gives the others to the streamed TMA kernel
-// (selected_attention_streamed.cu), which gathers each token's own blocks.
+// On sm_90, for G in {4, 8} or a multiple of 16, Auto gives the streamed TMA kernel
+// (selected_attention_streamed.cu), which loads each distinct block of a unit of 8 tokens once, every token
+// but, at G = 4 and 8, the runs whose tokens all select the same blocks (selected_runs.cuh), which stay here.
 //
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
