@@ -16,7 +16,9 @@
 //        cuda/sliding_window.cu cuda/attention_sm90.cu -o attention_bench
 // Add -DNSA_BENCH_OLD_LAUNCHER to time a selected_attention.cu that predates SelectedPath (no path figures).
 // Arguments (optional): the selected-attention path, auto | union | per-token | streamed (default auto); the patterns,
-// both | shared | random (default both).
+// both | shared | random (default both); a sequence length T to time only the shapes of that length (default all).
+// NSA_BENCH_SPAN=n (environment) draws the random pattern's blocks from the n blocks before the current one
+// only, a working set of n blocks per kv head (with more repeats between neighbours).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -82,6 +84,8 @@ std::vector<int32_t> shared_run_indices(const Shape& s) {
 std::vector<int32_t> random_indices(const Shape& s) {
   std::vector<int32_t> idx(size_t(s.T * s.H * s.S), -1);
   std::mt19937_64 rng(12345);
+  const char* span_env = std::getenv("NSA_BENCH_SPAN");
+  const int32_t span = span_env && std::atoi(span_env) > 0 ? std::max(s.S, std::atoi(span_env)) : 0;
   std::vector<int32_t> chosen;
   for (int64_t t = 0; t < s.T; ++t)
     for (int64_t h = 0; h < s.H; ++h) {
@@ -91,7 +95,8 @@ std::vector<int32_t> random_indices(const Shape& s) {
         for (int32_t c = 0; c < cur; ++c) chosen.push_back(c);
       } else {
         while (int(chosen.size()) < s.S) {
-          const int32_t c = int32_t(rng() % uint64_t(cur));
+          const int32_t lo = span > 0 && cur > span ? cur - span : 0;
+          const int32_t c = lo + int32_t(rng() % uint64_t(cur - lo));
           if (std::find(chosen.begin(), chosen.end(), c) == chosen.end()) chosen.push_back(c);
         }
       }
@@ -219,11 +224,29 @@ void run(const Shape& s, bool random_pattern) {
     flops = 2.0 * s.T * s.HQ * s.S * s.BS * (s.K + s.V);
   }
   const double med = ms[ms.size() / 2];
+  // Distinct 64-key tiles over runs of 8 tokens of one kv head (what the streamed kernel loads), as GB/s.
+  double distinct_bytes = 0;
+  if (s.W == 0) {
+    std::vector<int32_t> run_blocks;
+    for (int64_t h = 0; h < s.H; ++h)
+      for (int64_t t0 = 0; t0 < s.T; t0 += 8) {
+        run_blocks.clear();
+        for (int64_t t = t0; t < std::min<int64_t>(t0 + 8, s.T); ++t)
+          for (int j = 0; j < s.S; ++j) {
+            const int32_t c = idx[size_t((t * s.H + h) * s.S + j)];
+            if (c >= 0 && int64_t(c) * s.BS <= t) run_blocks.push_back(c);
+          }
+        std::sort(run_blocks.begin(), run_blocks.end());
+        const auto end = std::unique(run_blocks.begin(), run_blocks.end());
+        distinct_bytes += double(end - run_blocks.begin()) * s.BS * (s.K + s.V) * 2;
+      }
+    distinct_bytes *= double(std::max<int64_t>(s.HQ / s.H / 16, 1));
+  }
   std::printf("%-9s %-6s T=%6lld HQ=%3lld H=%2lld G=%2lld K=%3lld V=%3lld S=%2d BS=%3d W=%4d | %8.3f ms (min %8.3f) %7.1f "
-              "TFLOP/s | CTAs union/per-token/streamed %d/%d/%d | sample rel-L2 %.2e, max |lse err| %.1e\n",
+              "TFLOP/s | distinct tiles %.1f GB, %.2f TB/s | CTAs union/per-token/streamed %d/%d/%d | sample rel-L2 %.2e, max |lse err| %.1e\n",
               s.W > 0 ? "window" : "selected", s.W > 0 ? "-" : random_pattern ? "random" : "shared", (long long)s.T, (long long)s.HQ, (long long)s.H,
               (long long)(s.HQ / s.H), (long long)s.K, (long long)s.V, s.S, s.BS, s.W, med, ms[0], flops / med * 1e-9,
-              paths[0], paths[1], paths[2], std::sqrt(err2 / ref2), lse_err);
+              distinct_bytes * 1e-9, distinct_bytes / med * 1e-9, paths[0], paths[1], paths[2], std::sqrt(err2 / ref2), lse_err);
   std::fflush(stdout);
   cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(o), cudaFree(lse), cudaFree(idx_d), cudaFree(token_seq), cudaFree(seqs);
   cudaFree(counts_d);
@@ -234,6 +257,7 @@ void run(const Shape& s, bool random_pattern) {
 
 int main(int argc, char** argv) {
   const std::string path = argc > 1 ? argv[1] : "auto", patterns = argc > 2 ? argv[2] : "both";
+  const int64_t only_t = argc > 3 ? std::atoll(argv[3]) : 0;
   if (path == "union") g_path = nsa::cuda::SelectedPath::Union;
   else if (path == "per-token") g_path = nsa::cuda::SelectedPath::PerToken;
   else if (path == "streamed") g_path = nsa::cuda::SelectedPath::Streamed;
@@ -252,6 +276,7 @@ int main(int argc, char** argv) {
   };
   std::printf("path %s\n", path.c_str());
   for (const Shape& s : shapes) {
+    if (only_t > 0 && s.T != only_t) continue;
     if (s.W > 0 || patterns != "random") run(s, false);
     if (s.W == 0 && patterns != "shared") run(s, true);
   }
