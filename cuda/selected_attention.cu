@@ -26,6 +26,7 @@
 #include "cuda/attention_tile.cuh"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/selected_attention_blocks.h"
 #include "cuda/selected_attention_streamed.h"
 #include "cuda/selected_runs.cuh"
 
@@ -556,7 +557,8 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
 // the union and streamed kernels (one or two CTAs per SM) would each evaluate the predicate on every run.
 __global__ void __launch_bounds__(128) classify_runs_kernel(RunSplit split, const int32_t* indices,
                                                             const int32_t* counts, const DeviceSequence* seqs,
-                                                            int64_t row_tokens, int run, int H, int S, int BS) {
+                                                            int64_t row_tokens, int run, int H, int S, int BS,
+                                                            int slack) {
   extern __shared__ int run_set[];
   const DeviceSequence seq = seqs[blockIdx.y];
   const int64_t t0 = int64_t(blockIdx.x) * run;
@@ -566,10 +568,14 @@ __global__ void __launch_bounds__(128) classify_runs_kernel(RunSplit split, cons
   if (t0 < seq.length) {
     const int n = int(min(int64_t(run), seq.length - t0));
     alike = run_selects_alike(indices, counts, seq.batch * row_tokens + seq.start + t0, t0, n, H, kv_head, S, BS,
-                              run_set);
+                              slack, run_set);
   }
   if (threadIdx.x == 0) split.alike[flag] = alike;
 }
+
+// run_selects_alike's slack where the block-major path takes the other runs: its list building, partial results
+// and merge cost about what walking a few times a token's blocks per tile does (H100, T = 32k, G = 1).
+constexpr int kBlocksUnionSlack = 4;
 
 // Device memory of a RunSplit, freed in stream order.
 struct RunSplitMemory {
@@ -577,19 +583,21 @@ struct RunSplitMemory {
   std::optional<StreamScratch> flags;
 };
 
-// Allocates and fills the split of the problem's runs for Auto; false where its grid would not launch.
+// Allocates and fills the split of the problem's runs for Auto (run_selects_alike's slack); false where its grid
+// would not launch.
 bool build_run_split(RunSplitMemory& mem, const int32_t* indices, const int32_t* counts, const DeviceLayout& L,
-                     cudaStream_t s) {
+                     int slack, cudaStream_t s) {
   const int G = int(L.G()), run = run_tokens(G), S = L.block_count;
   const int64_t runs_per_seq = div_up(L.max_len, run);
   const int64_t flags = runs_per_seq * L.num_seqs * L.H;
   if (flags == 0 || runs_per_seq > 0x7fffffff || L.num_seqs > 65535 || L.H > 65535) return false;
+  if (int64_t(run) * S > kMaxRunEntries) return false;  // run_selects_alike's shared set
   mem.flags.emplace(size_t(flags), s, "cudaMallocAsync(selected attention run split)");
   mem.split.alike = mem.flags->as<uint8_t>();
   mem.split.runs_per_seq = int(runs_per_seq);
   const dim3 grid(unsigned(runs_per_seq), unsigned(L.num_seqs), unsigned(L.H));
   classify_runs_kernel<<<grid, 128, run_set_size(run * S) * sizeof(int), s>>>(
-      mem.split, indices, counts, L.seqs, L.T, run, int(L.H), S, L.block_size);
+      mem.split, indices, counts, L.seqs, L.T, run, int(L.H), S, L.block_size, slack);
   check_launch("classify_runs_kernel");
   return true;
 }
@@ -634,17 +642,24 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
-  // Where the streamed kernel applies, Auto gives it every run of tokens, but at G = 4 and 8 (whose 16-row
-  // tiles there hold G useful rows) those selecting alike, which the union walk takes (kernel path 3) on a
-  // side stream, beside it; if the union kernel cannot launch, the streamed kernel takes all. At G a multiple
-  // of 16 the streamed kernel loads a tile its run's tokens share once, and beats the union walk on them too.
-  const bool streamed = (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);
-  const int kernel_path = streamed ? 3 : path == SelectedPath::Streamed ? 0 : int(path);
+  // Small groups (G <= 2, or Blocks forced): the block-major path, each selected block serving full 16-row tiles
+  // of the queries that selected it. Where the streamed kernel applies, Auto gives it every run of tokens, but
+  // at G = 4 and 8 (whose 16-row tiles there hold G useful rows) those selecting alike. Beside either (Auto),
+  // the union walk takes the runs that select alike (kernel path 3) on a side stream; if the union kernel
+  // cannot launch, the main kernel takes all. At G a multiple of 16 the streamed kernel loads a tile its run's
+  // tokens share once, and beats the union walk on them too.
+  const bool blocks =
+      (path == SelectedPath::Blocks || (path == SelectedPath::Auto && L.G() <= 2)) && selected_blocks_fits(L);
+  if (path == SelectedPath::Blocks && !blocks) path = SelectedPath::Auto;  // a forced path that cannot run
+  const bool streamed =
+      !blocks && (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);
+  const bool main_kernel = blocks || streamed;
+  const int kernel_path = main_kernel ? 3 : path == SelectedPath::Streamed ? 0 : int(path);
   RunSplitMemory split;
-  std::unique_ptr<SideStream> side;  // path 3: the union's few tiles run beside the streamed kernel
+  std::unique_ptr<SideStream> side;  // path 3: the union's few tiles run beside the main kernel
   bool union_launched = false;
-  const bool split_runs = path == SelectedPath::Auto && L.G() % 16 != 0;
-  if (!streamed || split_runs) dispatch_elem(L.dtype, [&](auto tag) {
+  const bool split_runs = path == SelectedPath::Auto && (blocks || L.G() % 16 != 0);
+  if (!main_kernel || split_runs) dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     SelectedParams<T> p{};
     p.set_inputs(q, k, v, o_slc, lse_slc, L);
@@ -672,7 +687,9 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
           cudaStream_t stream = s;
           if (kernel_path == 3) {  // the union takes the runs the split marks, on a side stream
             // (Its tiles always lie inside one run; were one not to, the streamed kernel would take every run.)
-            if (p.run % p.tokens_per_tile != 0 || !build_run_split(split, block_indices, block_counts, L, s)) return;
+            if (p.run % p.tokens_per_tile != 0 ||
+                !build_run_split(split, block_indices, block_counts, L, blocks ? kBlocksUnionSlack : 1, s))
+              return;
             p.split = split.split;
             side = std::make_unique<SideStream>(s);
             stream = side->get();
@@ -695,7 +712,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
         if (launched) return;
       }
     }
-    if (streamed) return;
+    if (main_kernel) return;
     const int64_t rows = L.B * L.T * L.HQ;
     const int threads = 128;
     selected_attention_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
@@ -704,6 +721,9 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
   if (streamed)
     selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts,
                                 union_launched ? &split.split : nullptr);
+  if (blocks)
+    selected_attention_blocks(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s,
+                              union_launched ? &split.split : nullptr);
   if (side) side->join();  // before the split's memory is freed on s
 }
 

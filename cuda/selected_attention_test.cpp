@@ -107,6 +107,19 @@ bool streamed_kernel_applies(const SelectedCase& c) {
          d64_128(c.K) && d64_128(c.V);
 }
 
+// The rule the block-major path is documented to follow (sm_80 or newer, 16-bit elements, G in {1, 2, 4},
+// K and V in {64, 128}, BS a multiple of 16 up to 128; the test shapes keep its scratch small). Auto takes it
+// at G <= 2.
+bool blocks_path_applies(const SelectedCase& c) {
+  int device = 0, major = 0;
+  cuda_ok(cudaGetDevice(&device), "cudaGetDevice");
+  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
+  const auto d64_128 = [](int64_t x) { return x == 64 || x == 128; };
+  const int64_t G = c.HQ / c.H;
+  return major >= 8 && c.dtype != DType::F32 && (G == 1 || G == 2 || G == 4) && d64_128(c.K) && d64_128(c.V) &&
+         c.BS % 16 == 0 && c.BS <= 128;
+}
+
 class SelectedAttentionCuda : public GpuParamTest<SelectedCase> {};
 
 TEST_P(SelectedAttentionCuda, MatchesFloat64Reference) {
@@ -152,19 +165,29 @@ class SelectedAttentionCudaPaths : public GpuParamTest<SelectedCase> {};
 
 TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
   const SelectedCase& c = GetParam();
-  const bool streamed = streamed_kernel_applies(c);
-  for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken,
-                                  cuda::SelectedPath::Streamed, cuda::SelectedPath::Auto})
+  const bool streamed = streamed_kernel_applies(c), blocks = blocks_path_applies(c);
+  const int64_t G = c.HQ / c.H;
+  for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken, cuda::SelectedPath::Streamed,
+                                  cuda::SelectedPath::Blocks, cuda::SelectedPath::Auto})
     for (Pattern pattern : {Pattern::Mixed, Pattern::Independent}) {
       SCOPED_TRACE("path " + std::to_string(int(path)) + ", pattern " + std::to_string(int(pattern)));
       std::vector<int32_t> ctas;
       expect_close(run_selected(c, 4, {}, path, pattern, &ctas), c.dtype);
-      // Streamed takes the streamed kernel exactly where it applies, Auto there the streamed kernel or, for
-      // runs of tokens that select alike (early tokens see few blocks), the union walk; the others never do.
-      if (streamed && path == cuda::SelectedPath::Streamed) {
+      // Blocks (and Auto at G <= 2) takes the block-major path where it applies, which counts no CTA (Auto
+      // leaves the runs that select alike to the union walk); where it does not, Blocks is Auto. Streamed takes the streamed kernel exactly where it applies, Auto there the
+      // streamed kernel or, for runs of tokens that select alike (early tokens see few blocks), the union walk;
+      // the others never do.
+      const bool block_major =
+          blocks && (path == cuda::SelectedPath::Blocks || (path == cuda::SelectedPath::Auto && G <= 2));
+      const cuda::SelectedPath taken = path == cuda::SelectedPath::Blocks ? cuda::SelectedPath::Auto : path;
+      if (block_major && path == cuda::SelectedPath::Blocks) {
+        EXPECT_EQ(ctas[0] + ctas[1] + ctas[2], 0);
+      } else if (block_major) {
+        EXPECT_EQ(ctas[1] + ctas[2], 0);
+      } else if (streamed && taken == cuda::SelectedPath::Streamed) {
         EXPECT_GT(ctas[2], 0);
         EXPECT_EQ(ctas[0] + ctas[1], 0);
-      } else if (streamed && path == cuda::SelectedPath::Auto) {
+      } else if (streamed && taken == cuda::SelectedPath::Auto) {
         EXPECT_GT(ctas[0] + ctas[2], 0);
         EXPECT_EQ(ctas[1], 0);
       } else {
@@ -199,7 +222,10 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"f16_G16_K64_BS64_S16", f16, 2, 200, 16, 1, 64, 64, 64, 16, {}, false},
         // Streamed kernel at G = 8 and 4 (16-row tiles holding one group, runs of 16 and 32 tokens).
         SelectedCase{"bf16_varlen_G8_K64_V128_BS128_S6_counts", bf16, 1, 0, 16, 2, 64, 128, 128, 6, {100, 0, 37, 250}, true},
-        SelectedCase{"f16_G4_K128_BS64_S16", f16, 1, 700, 16, 4, 128, 128, 64, 16, {}, false}),
+        SelectedCase{"f16_G4_K128_BS64_S16", f16, 1, 700, 16, 4, 128, 128, 64, 16, {}, false},
+        // Block-major path: G = 2 varlen with block_counts and an empty sequence, K != V; G = 1 at B = 2.
+        SelectedCase{"bf16_varlen_G2_K64_V128_BS32_counts", bf16, 1, 0, 4, 2, 64, 128, 32, 16, {300, 0, 9, 450}, true},
+        SelectedCase{"f16_G1_K128_BS64_S16", f16, 2, 400, 2, 2, 128, 128, 64, 16, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Auto's CTA counts per path on `c` for selections shared by aligned runs of 64 tokens and for independent
@@ -260,20 +286,22 @@ TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHea
 }
 
 // Auto on a varlen batch, every row compared (the outputs start poisoned): at G = 4 the union kernel on its
-// side stream and the streamed kernel must together write each token once, with the runs' marks indexed by
-// sequence (early runs, with few blocks to choose from, select alike; later ones do not); at G = 16 the
-// streamed kernel's units cross no sequence.
+// side stream and the streamed kernel, at G = 1 the union kernel and the block-major path, must together write
+// each token once, with the runs' marks indexed by sequence (early runs, with few blocks to choose from,
+// select alike; later ones do not); at G = 16 the streamed kernel's units cross no sequence.
 TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  for (int64_t HQ : {32, 8}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32)
+  for (int64_t HQ : {32, 8, 2}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32), G = 1 (block-major, runs of 128)
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split_varlen", DType::BF16, 1, 0, HQ, 2, 128, 64, 64, 16, {1500, 0, 9, 2100, 70}, true};
-    if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
+    if (HQ == 2 ? !blocks_path_applies(c) : !streamed_kernel_applies(c))
+      GTEST_SKIP() << "the streamed kernel needs sm_90, the block-major path sm_80";
     std::vector<int32_t> ctas;
     expect_close(run_selected(c, 9, {}, cuda::SelectedPath::Auto, Pattern::Independent, &ctas), c.dtype);
-    if (HQ == 8) EXPECT_GT(ctas[0], 0) << "no run took the union";
-    else EXPECT_EQ(ctas[0], 0) << "the union walk ran at G = 16";
-    EXPECT_GT(ctas[2], 0) << "no run took the streamed kernel";
+    if (HQ == 32) EXPECT_EQ(ctas[0], 0) << "the union walk ran at G = 16";
+    else EXPECT_GT(ctas[0], 0) << "no run took the union";
+    if (HQ == 2) EXPECT_EQ(ctas[1] + ctas[2], 0) << "G = 1 takes the union or the block-major path";
+    else EXPECT_GT(ctas[2], 0) << "no run took the streamed kernel";
   }
 }
 
@@ -307,9 +335,10 @@ TEST(SelectedAttentionCudaLong, UnionSpanningSeveralBitmapWindows) {
 TEST(SelectedAttentionCudaEmpty, RowsWithoutKeysGiveZero) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
   for (DType dtype : {DType::BF16, DType::F32})
-  for (int64_t BS : {32, 64}) {  // BS = 64 in bf16: the streamed kernel, where it applies
+  for (int64_t BS : {32, 64})  // BS = 64 in bf16: the streamed kernel, where it applies
+  for (int64_t HQ : {16, 1}) {  // G = 1 in bf16: the block-major path
     ProblemSpec spec;
-    spec.T = 100, spec.HQ = 16, spec.H = 1, spec.K = 64, spec.V = 64;
+    spec.T = 100, spec.HQ = HQ, spec.H = 1, spec.K = 64, spec.V = 64;
     spec.config.block_size = BS, spec.config.block_count = 4;
     Problem p = random_problem(spec);
     DeviceInputs in(p, dtype);

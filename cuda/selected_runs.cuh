@@ -1,5 +1,6 @@
 // How the selected-attention kernels read a token's selections, and how Auto splits selected attention at
-// G = 4 and 8 between the union walk and the streamed kernel: by runs of consecutive tokens of a sequence,
+// G = 4 and 8 between the union walk and the streamed kernel (at G <= 2 the block-major path): by runs of
+// consecutive tokens of a sequence,
 // 128 / G of them (16 or 32; 8 when G is a multiple of 16), so that a union tile (64 or 128 rows of whole
 // tokens) lies inside one run and a run holds whole streamed units of 8 tokens. A small kernel marks each run
 // once (RunSplit); the union kernel takes the marked runs and the streamed kernel the others, so each token
@@ -37,15 +38,17 @@ __host__ __device__ __forceinline__ int run_set_size(int entries) {
 }
 
 // Whether kv head `kv_head`'s valid selections over the run's `n` tokens (flat rows flat0.., positions
-// t0..) are alike enough for the union walk: all the tokens select the same blocks, i.e. distinct blocks x n
-// <= valid entries (a token lists a block at most once, so only equality passes). At G = 4 the streamed
+// t0..) are alike enough for the union walk: distinct blocks x n <= slack x valid entries. With slack 1 all
+// the tokens select the same blocks (a token lists a block at most once, so only equality passes); the
+// block-major path (G <= 2) leaves the union runs with up to `slack` times the blocks of a token. At G = 4 the streamed
 // kernel, which loads a block its unit's 8 tokens share once but multiplies 16-row tiles holding 4 useful
 // rows, is the faster on anything less (H100, T = 32k, G = 4, independent selections: 6.73 ms with this rule,
 // 7.16 with the union taking runs of distinct x 7 <= valid, 6.61 with the streamed kernel alone; runs of 64
 // tokens sharing their blocks: 1.84-1.88 ms either rule, 4.21 ms streamed alone). Every thread of the CTA
 // must call it (it counts with __syncthreads_count); `set` is shared memory for run_set_size(n * S) ints.
 __device__ __forceinline__ bool run_selects_alike(const int32_t* indices, const int32_t* counts, int64_t flat0,
-                                                  int64_t t0, int n, int H, int kv_head, int S, int BS, int* set) {
+                                                  int64_t t0, int n, int H, int kv_head, int S, int BS, int slack,
+                                                  int* set) {
   const int entries = n * S, size = run_set_size(entries);
   for (int i = threadIdx.x; i < size; i += blockDim.x) set[i] = -1;
   __syncthreads();
@@ -72,7 +75,7 @@ __device__ __forceinline__ bool run_selects_alike(const int32_t* indices, const 
     valid += __syncthreads_count(is_valid);
     distinct += __syncthreads_count(first);
   }
-  return valid > 0 && distinct * n <= valid;
+  return valid > 0 && distinct * n <= slack * valid;
 }
 
 }  // namespace nsa::cuda

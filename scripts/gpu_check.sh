@@ -3,8 +3,9 @@
 #   1. the GPU unit tests (every kernel against the float64 reference);
 #   2. `verify --backend cuda` over the committed golden suite;
 #   3. a T=65536 bf16 case verified on sampled rows (nsa-spec §5.4);
-#   4. a varlen case the streamed selected-attention kernel takes (G = 32, BS = 64, K != V, block_counts) and
-#      one the wgmma compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
+#   4. a varlen case the streamed selected-attention kernel takes (G = 32, BS = 64, K != V, block_counts), one
+#      the block-major selected-attention path takes (G = 1, BS = 32, K != V, block_counts) and one the wgmma
+#      compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
 #      compute-sanitizer memcheck on them and on varlen golden cases (when compute-sanitizer is on PATH);
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7).
 # Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
@@ -34,13 +35,17 @@ streamed="$out/streamed_varlen.safetensors"
 step streamed_gen "$bin" gen --varlen 70,0,300,9,190 --heads-q 64 --heads-kv 2 --dim-k 128 --dim-v 64 --block-size 64 \
   --block-count 8 --block-counts --window 64 --dtype bf16 --seed 65 -o "$streamed"
 step streamed_verify "$bin" verify --backend cuda "$streamed"
+blocks="$out/blocks_varlen.safetensors"
+step blocks_gen "$bin" gen --varlen 900,0,33,1300,7 --heads-q 6 --heads-kv 6 --dim-k 128 --dim-v 64 --block-size 32 \
+  --block-count 12 --block-counts --window 64 --dtype bf16 --seed 67 -o "$blocks"
+step blocks_verify "$bin" verify --backend cuda "$blocks"
 wgmma="$out/wgmma_varlen.safetensors"
 step wgmma_gen "$bin" gen --varlen 700,0,9,1100,65 --heads-q 32 --heads-kv 2 --dim-k 128 --dim-v 128 --block-size 16 \
   --block-count 16 --dtype bf16 --seed 66 -o "$wgmma"
 step wgmma_verify "$bin" verify --backend cuda "$wgmma"
 if command -v compute-sanitizer >/dev/null; then
   for c in fixtures/golden/varlen_empty_short fixtures/golden/block_counts_varlen fixtures/golden/varlen_g16_paper \
-           "${streamed%.safetensors}" "${wgmma%.safetensors}"; do
+           "${streamed%.safetensors}" "${blocks%.safetensors}" "${wgmma%.safetensors}"; do
     name="$(basename "$c")"
     step "memcheck_$name" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" run --backend cuda \
       -i "$c.safetensors" -o "$out/memcheck_$name.safetensors"
@@ -49,7 +54,7 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "== memcheck: compute-sanitizer not on PATH, not run"
 fi
-rm -f "$streamed" "$wgmma"
+rm -f "$streamed" "$blocks" "$wgmma"
 shape="--heads-kv 4 --dim-k 128 --dim-v 128 --block-size 64 --block-count 16 --dtype bf16 --warmup 2 --iters 10"
 for T in 8192 32768 65536; do
   step "bench_T$T" "$bin" bench --backend cuda --seqlen $T --heads-q 64 $shape --json "$out/bench_T$T.json"

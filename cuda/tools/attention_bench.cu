@@ -13,9 +13,9 @@
 //
 // Build: nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -I.
 //        cuda/tools/attention_bench.cu cuda/selected_attention.cu cuda/selected_attention_streamed.cu
-//        cuda/sliding_window.cu cuda/attention_sm90.cu -o attention_bench
+//        cuda/selected_attention_blocks.cu cuda/sliding_window.cu cuda/attention_sm90.cu -lcuda -o attention_bench
 // Add -DNSA_BENCH_OLD_LAUNCHER to time a selected_attention.cu that predates SelectedPath (no path figures).
-// Arguments (optional): the selected-attention path, auto | union | per-token | streamed (default auto); the patterns,
+// Arguments (optional): the selected-attention path, auto | union | per-token | streamed | blocks (default auto); the patterns,
 // both | shared | random (default both); a sequence length T to time only the shapes of that length (default all).
 // NSA_BENCH_SPAN=n (environment) draws the random pattern's blocks from the n blocks before the current one
 // only, a working set of n blocks per kv head (with more repeats between neighbours).
@@ -261,7 +261,8 @@ int main(int argc, char** argv) {
   if (path == "union") g_path = nsa::cuda::SelectedPath::Union;
   else if (path == "per-token") g_path = nsa::cuda::SelectedPath::PerToken;
   else if (path == "streamed") g_path = nsa::cuda::SelectedPath::Streamed;
-  else if (path != "auto") return std::fprintf(stderr, "path: auto | union | per-token | streamed\n"), 2;
+  else if (path == "blocks") g_path = nsa::cuda::SelectedPath::Blocks;
+  else if (path != "auto") return std::fprintf(stderr, "path: auto | union | per-token | streamed | blocks\n"), 2;
   if (patterns != "both" && patterns != "shared" && patterns != "random")
     return std::fprintf(stderr, "patterns: both | shared | random\n"), 2;
   cudaDeviceProp prop;

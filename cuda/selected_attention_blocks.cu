@@ -1,0 +1,393 @@
+// Selected attention forward (nsa-spec §2.4), block-major, for small query groups. Where every token gathers
+// its own S blocks, a group of G < 16 heads fills G rows of a 16-row mma tile and each token loads its blocks
+// alone. Here each selected key block gathers the queries that selected it instead, so one load of a block's
+// keys serves full 16-row tiles at any G. Three steps, all on the caller's stream:
+//  1. lists: the (token, slot) entries of every (sequence, block, kv head), by a counting sort (count, scan,
+//     scatter), and per (token, kv head, slot) the entry's place in them;
+//  2. per entry, attention of its G query rows over its block's keys alone: o normalised by its own sum (in the
+//     input dtype) and its lse (fp32), into scratch; a CTA of 4 warps takes up to 64 rows of one block;
+//  3. per query row, the merge of its slots' results: lse = log sum_j exp(lse_j), o = sum_j exp(lse_j - lse) o_j.
+// An entry is valid as in the reference: slot j < block_count, block c >= 0 and its first key c BS <= t. A row
+// with no valid entry gets o = 0, lse = 0.
+#include "cuda/selected_attention_blocks.h"
+
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/selected_runs.cuh"
+
+namespace nsa::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRows = 16;        // query rows per warp (the mma's M)
+constexpr int kMaxKeys = 128;    // BS <= 128
+constexpr int kPad = 8;          // elements of padding per shared-memory row: ldmatrix rows in distinct banks
+// Scratch this path may take (partial results dominate: entries x G x V elements); above it, the other paths.
+constexpr size_t kMaxScratchBytes = size_t(4) << 30;
+
+struct BlockParams {
+  const int32_t* indices;  // [B, T, H, S]
+  const int32_t* counts;   // [B, T, H] or null
+  DeviceLayout L;
+  int G, S, BS, H;
+  int blocks_per_seq;      // ceil(max_len / BS): buckets are (sequence, block, kv head)
+  int64_t buckets;
+  int per_cta;             // entries per CTA: kWarps * 16 / G
+  RunSplit split;          // runs marked there are left to the union walk; alike null: no split
+  int run;                 // the split's run length
+};
+
+// Whether the token at position t of sequence seq, kv head h, belongs to a run the union walk takes.
+__device__ __forceinline__ bool left_to_union(const BlockParams& p, int seq, int64_t t, int h) {
+  return p.split.alike && p.split.alike[p.split.flag(seq, t / p.run, p.H, h)];
+}
+
+// Bucket of (sequence, block, kv head).
+__device__ __forceinline__ int64_t bucket_of(const BlockParams& p, int seq, int block, int h) {
+  return (int64_t(seq) * p.blocks_per_seq + block) * p.H + h;
+}
+
+// Calls f(bucket, flat token, h, j) for entry (flat, h, j) of thread index i if it is valid.
+template <typename F>
+__device__ __forceinline__ void visit_entry(const BlockParams& p, int64_t i, F&& f) {
+  const int j = int(i % p.S);
+  const int64_t rest = i / p.S;
+  const int h = int(rest % p.H);
+  const int64_t flat = rest / p.H;
+  const int seq = p.L.token_seq[flat];
+  if (seq < 0) return;
+  const DeviceSequence sq = p.L.seqs[seq];
+  const int64_t t = flat - (sq.batch * p.L.T + sq.start);
+  if (j >= selection_count(p.counts, flat, p.H, h, p.S) || left_to_union(p, seq, t, h)) return;
+  const int c = p.indices[(flat * p.H + h) * p.S + j];
+  if (c < 0 || int64_t(c) * p.BS > t) return;
+  f(bucket_of(p, seq, c, h), flat, h, j);
+}
+
+__global__ void count_entries(const BlockParams p, int64_t n, int* counts) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    visit_entry(p, i, [&](int64_t b, int64_t, int, int) { atomicAdd(&counts[b], 1); });
+}
+
+// counts -> CTA chunks per bucket (in place after the entries' scan has read them).
+__global__ void chunks_of(const BlockParams p, const int* counts, int* chunks) {
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < p.buckets; b += int64_t(gridDim.x) * blockDim.x)
+    chunks[b] = (counts[b] + p.per_cta - 1) / p.per_cta;
+}
+
+// Entry lists: list[pos] = (flat, j) for the bucket's entries from offsets[b]; place[(flat H + h) S + j] = pos.
+__global__ void scatter_entries(const BlockParams p, int64_t n, const int* offsets, int* fill, int2* list, int* place) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    visit_entry(p, i, [&](int64_t b, int64_t flat, int h, int j) {
+      const int pos = offsets[b] + atomicAdd(&fill[b], 1);
+      list[pos] = make_int2(int(flat), j);
+      place[(flat * p.H + h) * p.S + j] = pos;
+    });
+}
+
+// Step 2: CTA chunk i of the bucket whose chunk range holds it. Partial results per entry and head g of the
+// entry's token: o_part[(pos G + g) V ...] (normalised, input dtype), lse_part[pos G + g] (natural log).
+template <typename T, int KD, int VD>
+__global__ void __launch_bounds__(kWarps * 32) block_attention(const BlockParams p, const T* __restrict__ q,
+                                                               const T* __restrict__ k, const T* __restrict__ v,
+                                                               const int* offsets, const int* chunk_offsets,
+                                                               const int2* list, T* o_part, float* lse_part) {
+  constexpr int kKS = KD + kPad, kVS = VD + kPad;  // shared row strides (elements)
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* ks = reinterpret_cast<T*>(smem);            // [BS][kKS]
+  T* vs = ks + kMaxKeys * kKS;                   // [BS][kVS]
+  T* qs = vs + kMaxKeys * kVS;                   // [kWarps][16][kKS]
+  const DeviceLayout& L = p.L;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, G = p.G, per_warp = kRows / G;
+  const int64_t chunks = chunk_offsets[p.buckets];
+  for (int64_t i = blockIdx.x; i < chunks; i += gridDim.x) {
+    // The bucket: the last b with chunk_offsets[b] <= i.
+    int64_t lo = 0, hi = p.buckets;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (chunk_offsets[mid] <= i) lo = mid;
+      else hi = mid;
+    }
+    const int64_t b = lo;
+    const int h = int(b % p.H), block = int(b / p.H % p.blocks_per_seq), seq = int(b / p.H / p.blocks_per_seq);
+    const int first = offsets[b] + int(i - chunk_offsets[b]) * p.per_cta;
+    const int n = min(p.per_cta, offsets[b + 1] - first);
+    const DeviceSequence sq = L.seqs[seq];
+    const int64_t key0 = sq.batch * L.T + sq.start + int64_t(block) * p.BS;  // the block's first key row
+    const int64_t rest_keys = sq.length - int64_t(block) * p.BS;
+    const int keys = int(rest_keys < p.BS ? rest_keys : p.BS);
+
+    __syncthreads();  // the previous chunk is done with shared memory
+    // K and V of the block (rows past the sequence zero), the warps' Q rows (rows past the chunk zero).
+    for (int x = threadIdx.x; x < p.BS * (KD / 8); x += blockDim.x) {
+      const int r = x / (KD / 8), c8 = x % (KD / 8);
+      cp_async_16(ks + r * kKS + c8 * 8, r < keys ? k + ((key0 + r) * p.H + h) * KD + c8 * 8 : k, r < keys);
+    }
+    for (int x = threadIdx.x; x < p.BS * (VD / 8); x += blockDim.x) {
+      const int r = x / (VD / 8), c8 = x % (VD / 8);
+      cp_async_16(vs + r * kVS + c8 * 8, r < keys ? v + ((key0 + r) * p.H + h) * VD + c8 * 8 : v, r < keys);
+    }
+    T* qw = qs + warp * kRows * kKS;
+    for (int x = lane; x < kRows * (KD / 8); x += 32) {
+      const int r = x / (KD / 8), c8 = x % (KD / 8), e = warp * per_warp + r / G;
+      const bool ok = e < n;
+      const int64_t flat = ok ? list[first + e].x : 0;
+      cp_async_16(qw + r * kKS + c8 * 8, ok ? q + (flat * L.HQ + int64_t(h) * G + r % G) * KD + c8 * 8 : q, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (warp * per_warp >= n) continue;
+
+    // This lane's rows g and g + 8: entry e[ri], token t[ri] (its last visible key, relative to the block).
+    const int g = lane / 4;
+    int last[2];
+    for (int ri = 0; ri < 2; ++ri) {
+      const int e = warp * per_warp + (g + 8 * ri) / G;
+      if (e < n) {
+        const int64_t flat = list[first + e].x;
+        last[ri] = int(flat - key0);  // the token's offset from the block's first key
+      } else {
+        last[ri] = -1;  // no row: every key masked
+      }
+    }
+    // S = Q K^T over the block's keys, in 16-key groups.
+    float s[kMaxKeys / 8][4];
+    const int mi = lane >> 3;
+#pragma unroll
+    for (int nt = 0; nt < kMaxKeys / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int ks16 = 0; ks16 < KD / 16; ++ks16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, qw + (8 * (mi & 1) + (lane & 7)) * kKS + 16 * ks16 + 8 * (mi >> 1));
+#pragma unroll
+      for (int kg = 0; kg < kMaxKeys / 16; ++kg) {
+        if (16 * kg >= p.BS) break;
+        uint32_t bk[4];
+        ldmatrix_x4(bk, ks + (16 * kg + 8 * (mi >> 1) + (lane & 7)) * kKS + 16 * ks16 + 8 * (mi & 1));
+        MmaElem<T>::mma(s[2 * kg], a, bk[0], bk[1]);
+        MmaElem<T>::mma(s[2 * kg + 1], a, bk[2], bk[3]);
+      }
+    }
+    // Softmax over the visible keys (key x visible to row ri when x <= last[ri]), base 2.
+    const float scale_log2 = L.scale * 1.4426950408889634f;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kMaxKeys / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = 8 * nt + 2 * (lane % 4) + (e & 1);
+        s[nt][e] = key < p.BS && key <= last[e >> 1] ? s[nt][e] * scale_log2 : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+      }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(~0u, mx[ri], 1));
+      mx[ri] = fmaxf(mx[ri], __shfl_xor_sync(~0u, mx[ri], 2));
+    }
+#pragma unroll
+    for (int nt = 0; nt < kMaxKeys / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float base = mx[e >> 1] == -INFINITY ? 0.f : mx[e >> 1];
+        s[nt][e] = exp2f(s[nt][e] - base);
+        sum[e >> 1] += s[nt][e];
+      }
+    // O = P V.
+    float o[VD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < VD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kMaxKeys / 16; ++kk) {
+      if (16 * kk >= p.BS) break;
+      const uint32_t pa[4] = {MmaElem<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaElem<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                              MmaElem<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              MmaElem<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const int vrow = 16 * kk + 8 * (mi & 1) + (lane & 7);
+#pragma unroll
+      for (int dt = 0; dt < VD / 16; ++dt) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, vs + vrow * kVS + 16 * dt + 8 * (mi >> 1));
+        MmaElem<T>::mma(o[2 * dt], pa, vb[0], vb[1]);
+        MmaElem<T>::mma(o[2 * dt + 1], pa, vb[2], vb[3]);
+      }
+    }
+    // The rows' partial results.
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      float total = sum[ri];
+      total += __shfl_xor_sync(~0u, total, 1);
+      total += __shfl_xor_sync(~0u, total, 2);
+      const int r = g + 8 * ri, e = warp * per_warp + r / G;
+      if (e >= n) continue;
+      const int64_t at = int64_t(first + e) * G + r % G;
+      const float inv = 1.f / total;  // the token sees the block's first key: total >= 1
+      T* out = o_part + at * VD + 2 * (lane % 4);
+#pragma unroll
+      for (int nt = 0; nt < VD / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(out + 8 * nt) = MmaElem<T>::pack(o[nt][2 * ri] * inv, o[nt][2 * ri + 1] * inv);
+      if (lane % 4 == 0) lse_part[at] = (mx[ri] + log2f(total)) * 0.69314718055994531f;
+    }
+  }
+}
+
+// Step 3: one warp per query row (flat token, head): its slots' partial results merged by their lse.
+template <typename T, int VD>
+__global__ void merge_partials(const BlockParams p, const int* place, const T* o_part, const float* lse_part, T* o,
+                               float* lse) {
+  constexpr int kPer = VD / 32;  // columns per lane
+  const int lane = threadIdx.x % 32;
+  const int64_t rows = p.L.B * p.L.T * p.L.HQ;
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; row < rows;
+       row += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int64_t flat = row / p.L.HQ;
+    const int hq = int(row % p.L.HQ), h = hq / p.G, g = hq % p.G;
+    const int seq = p.L.token_seq[flat];
+    if (seq >= 0 && left_to_union(p, seq, flat - (p.L.seqs[seq].batch * p.L.T + p.L.seqs[seq].start), h)) continue;
+    const int* slots = place + (flat * p.H + h) * p.S;
+    float m = -INFINITY;
+    for (int j = 0; j < p.S; ++j) {
+      const int pos = slots[j];
+      if (pos >= 0) m = fmaxf(m, lse_part[int64_t(pos) * p.G + g]);
+    }
+    float acc[kPer] = {}, total = 0.f;
+    if (m != -INFINITY) {
+      for (int j = 0; j < p.S; ++j) {
+        const int pos = slots[j];
+        if (pos < 0) continue;
+        const int64_t at = int64_t(pos) * p.G + g;
+        const float w = __expf(lse_part[at] - m);
+        total += w;
+#pragma unroll
+        for (int c = 0; c < kPer; ++c) acc[c] += w * Elem<T>::to_float(o_part[at * VD + lane + 32 * c]);
+      }
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) o[row * VD + lane + 32 * c] = Elem<T>::from_float(acc[c] * inv);
+    if (lane == 0) lse[row] = total > 0.f ? m + logf(total) : 0.f;
+  }
+}
+
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+template <typename T>
+void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v, const int32_t* indices,
+                const int32_t* counts, const DeviceLayout& L, cudaStream_t s, const RunSplit* split) {
+  BlockParams p{};
+  p.indices = indices, p.counts = counts, p.L = L;
+  if (split) p.split = *split;
+  p.run = run_tokens(int(L.G()));
+  p.G = int(L.G()), p.S = L.block_count, p.BS = L.block_size, p.H = int(L.H);
+  p.blocks_per_seq = int(div_up(L.max_len, L.block_size));
+  p.buckets = int64_t(L.num_seqs) * p.blocks_per_seq * L.H;
+  p.per_cta = kWarps * (kRows / p.G);
+  const int64_t entries = L.B * L.T * L.H * L.block_count;  // an upper bound on the valid ones
+  // Scratch: counts, fill cursors, entry and chunk offsets (buckets + 1 each), the scan's temporary storage,
+  // the lists, the places, the partial results.
+  size_t scan_bytes = 0;
+  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<int*>(nullptr), static_cast<int*>(nullptr),
+                                           p.buckets + 1, s),
+             "cub::DeviceScan::ExclusiveSum(selected_attention_blocks)");
+  const size_t ints = align256(size_t(p.buckets + 1) * 4);
+  const size_t bytes_counts = 4 * ints, bytes_scan = align256(scan_bytes), bytes_list = align256(size_t(entries) * 8),
+               bytes_place = align256(size_t(entries) * 4),
+               bytes_o = align256(size_t(entries) * p.G * L.V * sizeof(T)), bytes_lse = align256(size_t(entries) * p.G * 4);
+  const size_t total = bytes_counts + bytes_scan + bytes_list + bytes_place + bytes_o + bytes_lse;
+  // The stream-ordered pool keeps this much between calls instead of mapping it again each time.
+  int device = 0;
+  cudaMemPool_t pool;
+  uint64_t keep = 0;
+  CUDA_CHECK(cudaGetDevice(&device), "cudaGetDevice(selected_attention_blocks)");
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool(selected_attention_blocks)");
+  CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolGetAttribute");
+  if (keep < total) {
+    keep = total;
+    CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  }
+  StreamScratch scratch(total, s, "cudaMallocAsync(selected_attention_blocks scratch)");
+  unsigned char* base = scratch.as<unsigned char>();
+  int* cnt = reinterpret_cast<int*>(base);
+  int* fill = reinterpret_cast<int*>(base + ints);
+  int* offsets = reinterpret_cast<int*>(base + 2 * ints);
+  int* chunk_offsets = reinterpret_cast<int*>(base + 3 * ints);
+  void* scan_tmp = base + bytes_counts;
+  int2* list = reinterpret_cast<int2*>(base + bytes_counts + bytes_scan);
+  int* place = reinterpret_cast<int*>(base + bytes_counts + bytes_scan + bytes_list);
+  T* o_part = reinterpret_cast<T*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place);
+  float* lse_part = reinterpret_cast<float*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place + bytes_o);
+
+  CUDA_CHECK(cudaMemsetAsync(base, 0, 2 * ints, s), "cudaMemsetAsync(selected_attention_blocks counts)");
+  CUDA_CHECK(cudaMemsetAsync(place, 0xff, size_t(entries) * 4, s), "cudaMemsetAsync(selected_attention_blocks places)");
+  const int threads = 256;
+  const unsigned grid = unsigned(std::min<int64_t>(div_up(std::max<int64_t>(entries, 1), threads), 132 * 32));
+  count_entries<<<grid, threads, 0, s>>>(p, entries, cnt);
+  check_launch("selected_attention_blocks count_entries");
+  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, cnt, offsets, p.buckets + 1, s),
+             "cub::DeviceScan::ExclusiveSum(selected_attention_blocks entries)");
+  const unsigned bgrid = unsigned(std::min<int64_t>(div_up(p.buckets, threads), 132 * 32));
+  chunks_of<<<bgrid, threads, 0, s>>>(p, cnt, fill);  // fill holds the chunk counts until the next scan
+  check_launch("selected_attention_blocks chunks_of");
+  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, fill, chunk_offsets, p.buckets + 1, s),
+             "cub::DeviceScan::ExclusiveSum(selected_attention_blocks chunks)");
+  CUDA_CHECK(cudaMemsetAsync(fill, 0, ints, s), "cudaMemsetAsync(selected_attention_blocks fill)");
+  scatter_entries<<<grid, threads, 0, s>>>(p, entries, offsets, fill, list, place);
+  check_launch("selected_attention_blocks scatter_entries");
+
+  auto attend = [&](auto kernel, int kd, int vd) {
+    const int bytes = (kMaxKeys * (kd + kPad) + kMaxKeys * (vd + kPad) + kWarps * kRows * (kd + kPad)) * int(sizeof(T));
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute(selected_attention_blocks block_attention)");
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, bytes),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor(selected_attention_blocks)");
+    const int sms = device_attribute(cudaDevAttrMultiProcessorCount, "cudaDeviceGetAttribute(multiprocessor count)");
+    kernel<<<unsigned(std::max(per_sm, 1) * sms), kWarps * 32, bytes, s>>>(
+        p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), offsets, chunk_offsets, list,
+        o_part, lse_part);
+    check_launch("selected_attention_blocks block_attention");
+  };
+  if (L.K == 128 && L.V == 128) attend(block_attention<T, 128, 128>, 128, 128);
+  else if (L.K == 128) attend(block_attention<T, 128, 64>, 128, 64);
+  else if (L.V == 128) attend(block_attention<T, 64, 128>, 64, 128);
+  else attend(block_attention<T, 64, 64>, 64, 64);
+
+  const int64_t rows = L.B * L.T * L.HQ;
+  const unsigned mgrid = unsigned(std::min<int64_t>(div_up(rows * 32, threads), 132 * 64));
+  if (L.V == 128)
+    merge_partials<T, 128><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
+  else
+    merge_partials<T, 64><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
+  check_launch("selected_attention_blocks merge_partials");
+}
+
+}  // namespace
+
+bool selected_blocks_fits(const DeviceLayout& L) {
+  if (L.dtype == ElemType::F32 || L.H == 0 || L.num_seqs == 0 || L.B * L.T == 0) return false;
+  if (16 % L.G() != 0 || L.G() > 4) return false;
+  if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
+  if (L.block_size % 16 != 0 || L.block_size > kMaxKeys) return false;
+  const int64_t entries = L.B * L.T * L.H * L.block_count;
+  if (entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31)) return false;
+  const size_t partial = size_t(entries) * size_t(L.G()) * size_t(L.V) * 2;
+  return partial <= kMaxScratchBytes;
+}
+
+void selected_attention_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                               const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                               cudaStream_t s, const RunSplit* split) {
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore)
+      run_blocks<T>(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, split);
+  });
+}
+
+}  // namespace nsa::cuda
