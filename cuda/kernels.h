@@ -66,7 +66,8 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
 // For tests and benchmarks; path_counts (device [3], may be null) gains the number of CTAs that took the
 // union / the per-token walk, and the units of 8 tokens the streamed kernel computed.
 // Blocks (G in {1, 2, 4}): each selected block gathers the queries that selected it and the slots' partial
-// results are merged per query row (selected_attention_blocks.cu); Auto takes it at G <= 2.
+// results are merged per query row (selected_attention_blocks.cu); Auto takes it there, beside the union walk
+// for runs of tokens that select alike.
 enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2, Streamed = 3, Blocks = 4 };
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,

@@ -573,9 +573,10 @@ __global__ void __launch_bounds__(128) classify_runs_kernel(RunSplit split, cons
   if (threadIdx.x == 0) split.alike[flag] = alike;
 }
 
-// run_selects_alike's slack where the block-major path takes the other runs: its list building, partial results
-// and merge cost about what walking a few times a token's blocks per tile does (H100, T = 32k, G = 1).
-constexpr int kBlocksUnionSlack = 4;
+// run_selects_alike's slack where the block-major path takes the other runs: the union walk keeps runs of up to
+// twice a token's blocks, such as 128-token runs (G = 1) made of two 64-token groups that each select alike
+// (H100, T = 32k: 2.43 ms with the union on them, 5.87 with the block-major path alone).
+constexpr int kBlocksUnionSlack = 2;
 
 // Device memory of a RunSplit, freed in stream order.
 struct RunSplitMemory {
@@ -642,14 +643,14 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts) {
   if (L.B * L.T == 0 || L.HQ == 0) return;
-  // Small groups (G <= 2, or Blocks forced): the block-major path, each selected block serving full 16-row tiles
+  // Small groups (G <= 4, or Blocks forced): the block-major path, each selected block serving full 16-row tiles
   // of the queries that selected it. Where the streamed kernel applies, Auto gives it every run of tokens, but
   // at G = 4 and 8 (whose 16-row tiles there hold G useful rows) those selecting alike. Beside either (Auto),
   // the union walk takes the runs that select alike (kernel path 3) on a side stream; if the union kernel
   // cannot launch, the main kernel takes all. At G a multiple of 16 the streamed kernel loads a tile its run's
   // tokens share once, and beats the union walk on them too.
   const bool blocks =
-      (path == SelectedPath::Blocks || (path == SelectedPath::Auto && L.G() <= 2)) && selected_blocks_fits(L);
+      (path == SelectedPath::Blocks || (path == SelectedPath::Auto && L.G() <= 4)) && selected_blocks_fits(L);
   if (path == SelectedPath::Blocks && !blocks) path = SelectedPath::Auto;  // a forced path that cannot run
   const bool streamed =
       !blocks && (path == SelectedPath::Auto || path == SelectedPath::Streamed) && selected_streamed_fits(L, q, k, v);

@@ -100,12 +100,15 @@ __global__ void __launch_bounds__(kWarps * 32) block_attention(const BlockParams
   constexpr int kKS = KD + kPad, kVS = VD + kPad;  // shared row strides (elements)
   extern __shared__ __align__(16) unsigned char smem[];
   T* ks = reinterpret_cast<T*>(smem);            // [BS][kKS]
-  T* vs = ks + kMaxKeys * kKS;                   // [BS][kVS]
-  T* qs = vs + kMaxKeys * kVS;                   // [kWarps][16][kKS]
+  T* vs = ks + p.BS * kKS;                       // [BS][kVS]
+  T* qs = vs + p.BS * kVS;                       // [kWarps][16][kKS]
   const DeviceLayout& L = p.L;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, G = p.G, per_warp = kRows / G;
+  // A contiguous range of chunks per CTA: consecutive chunks mostly share their bucket, whose keys then stay.
   const int64_t chunks = chunk_offsets[p.buckets];
-  for (int64_t i = blockIdx.x; i < chunks; i += gridDim.x) {
+  const int64_t chunk_end = chunks * (blockIdx.x + 1) / gridDim.x;
+  int64_t loaded = -1;  // the bucket whose K and V are in shared memory
+  for (int64_t i = chunks * blockIdx.x / gridDim.x; i < chunk_end; ++i) {
     // The bucket: the last b with chunk_offsets[b] <= i.
     int64_t lo = 0, hi = p.buckets;
     while (hi - lo > 1) {
@@ -123,14 +126,18 @@ __global__ void __launch_bounds__(kWarps * 32) block_attention(const BlockParams
     const int keys = int(rest_keys < p.BS ? rest_keys : p.BS);
 
     __syncthreads();  // the previous chunk is done with shared memory
-    // K and V of the block (rows past the sequence zero), the warps' Q rows (rows past the chunk zero).
-    for (int x = threadIdx.x; x < p.BS * (KD / 8); x += blockDim.x) {
-      const int r = x / (KD / 8), c8 = x % (KD / 8);
-      cp_async_16(ks + r * kKS + c8 * 8, r < keys ? k + ((key0 + r) * p.H + h) * KD + c8 * 8 : k, r < keys);
-    }
-    for (int x = threadIdx.x; x < p.BS * (VD / 8); x += blockDim.x) {
-      const int r = x / (VD / 8), c8 = x % (VD / 8);
-      cp_async_16(vs + r * kVS + c8 * 8, r < keys ? v + ((key0 + r) * p.H + h) * VD + c8 * 8 : v, r < keys);
+    // K and V of the block unless already there (rows past the sequence zero), the warps' Q rows (rows past
+    // the chunk zero).
+    if (b != loaded) {
+      for (int x = threadIdx.x; x < p.BS * (KD / 8); x += blockDim.x) {
+        const int r = x / (KD / 8), c8 = x % (KD / 8);
+        cp_async_16(ks + r * kKS + c8 * 8, r < keys ? k + ((key0 + r) * p.H + h) * KD + c8 * 8 : k, r < keys);
+      }
+      for (int x = threadIdx.x; x < p.BS * (VD / 8); x += blockDim.x) {
+        const int r = x / (VD / 8), c8 = x % (VD / 8);
+        cp_async_16(vs + r * kVS + c8 * 8, r < keys ? v + ((key0 + r) * p.H + h) * VD + c8 * 8 : v, r < keys);
+      }
+      loaded = b;
     }
     T* qw = qs + warp * kRows * kKS;
     for (int x = lane; x < kRows * (KD / 8); x += 32) {
@@ -341,7 +348,7 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
   check_launch("selected_attention_blocks scatter_entries");
 
   auto attend = [&](auto kernel, int kd, int vd) {
-    const int bytes = (kMaxKeys * (kd + kPad) + kMaxKeys * (vd + kPad) + kWarps * kRows * (kd + kPad)) * int(sizeof(T));
+    const int bytes = (p.BS * (kd + kPad) + p.BS * (vd + kPad) + kWarps * kRows * (kd + kPad)) * int(sizeof(T));
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                "cudaFuncSetAttribute(selected_attention_blocks block_attention)");
     int per_sm = 0;

@@ -109,7 +109,7 @@ bool streamed_kernel_applies(const SelectedCase& c) {
 
 // The rule the block-major path is documented to follow (sm_80 or newer, 16-bit elements, G in {1, 2, 4},
 // K and V in {64, 128}, BS a multiple of 16 up to 128; the test shapes keep its scratch small). Auto takes it
-// at G <= 2.
+// there.
 bool blocks_path_applies(const SelectedCase& c) {
   int device = 0, major = 0;
   cuda_ok(cudaGetDevice(&device), "cudaGetDevice");
@@ -166,19 +166,18 @@ class SelectedAttentionCudaPaths : public GpuParamTest<SelectedCase> {};
 TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
   const SelectedCase& c = GetParam();
   const bool streamed = streamed_kernel_applies(c), blocks = blocks_path_applies(c);
-  const int64_t G = c.HQ / c.H;
   for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken, cuda::SelectedPath::Streamed,
                                   cuda::SelectedPath::Blocks, cuda::SelectedPath::Auto})
     for (Pattern pattern : {Pattern::Mixed, Pattern::Independent}) {
       SCOPED_TRACE("path " + std::to_string(int(path)) + ", pattern " + std::to_string(int(pattern)));
       std::vector<int32_t> ctas;
       expect_close(run_selected(c, 4, {}, path, pattern, &ctas), c.dtype);
-      // Blocks (and Auto at G <= 2) takes the block-major path where it applies, which counts no CTA (Auto
+      // Blocks (and Auto) takes the block-major path where it applies, which counts no CTA (Auto
       // leaves the runs that select alike to the union walk); where it does not, Blocks is Auto. Streamed takes the streamed kernel exactly where it applies, Auto there the
       // streamed kernel or, for runs of tokens that select alike (early tokens see few blocks), the union walk;
       // the others never do.
       const bool block_major =
-          blocks && (path == cuda::SelectedPath::Blocks || (path == cuda::SelectedPath::Auto && G <= 2));
+          blocks && (path == cuda::SelectedPath::Blocks || path == cuda::SelectedPath::Auto);
       const cuda::SelectedPath taken = path == cuda::SelectedPath::Blocks ? cuda::SelectedPath::Auto : path;
       if (block_major && path == cuda::SelectedPath::Blocks) {
         EXPECT_EQ(ctas[0] + ctas[1] + ctas[2], 0);
@@ -261,16 +260,20 @@ TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
 }
 
 // Where the streamed kernel applies, Auto gives it every run of tokens at G a multiple of 16 (it loads a tile
-// that a unit's 8 tokens share once); at G = 4 and 8 the union walk takes the runs that select alike.
+// that a unit's 8 tokens share once); at G = 8 the union walk takes the runs that select alike, at G = 4 the
+// union walk and the block-major path (which counts no CTA).
 TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHeads) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  for (int64_t HQ : {32, 8}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32)
+  for (int64_t HQ : {32, 16, 8}) {  // G = 16 (runs of 8 tokens), G = 8 (runs of 16), G = 4 (runs of 32)
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split", DType::BF16, 1, 8192, HQ, 2, 128, 128, 64, 16, {}, false};
     if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
     const auto [shared, independent] = auto_paths(c, 7, 89);
     EXPECT_EQ(shared[1] + independent[1], 0);
-    if (HQ == 32) {
+    if (HQ == 8) {
+      EXPECT_GT(shared[0], 0);
+      EXPECT_EQ(shared[2] + independent[2], 0) << "G = 4 takes the union or the block-major path";
+    } else if (HQ == 32) {
       // Every unit of 8 tokens and one kv head, once: 8192 / 8 x 2.
       EXPECT_EQ(shared[0] + independent[0], 0) << "the union walk ran at G = 16";
       EXPECT_EQ(shared[2], 2048);
@@ -278,30 +281,28 @@ TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHea
     } else {
       EXPECT_GT(shared[0], 0);
       EXPECT_EQ(shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
-      // A run of 32 tokens covers most of an 8k history's blocks, and the union keeps more than half of the
-      // runs; the streamed kernel takes the others.
+      // Independent selections: the union keeps the early runs that select alike, the streamed kernel the others.
       EXPECT_GT(independent[2], 0);
     }
   }
 }
 
-// Auto on a varlen batch, every row compared (the outputs start poisoned): at G = 4 the union kernel on its
-// side stream and the streamed kernel, at G = 1 the union kernel and the block-major path, must together write
-// each token once, with the runs' marks indexed by sequence (early runs, with few blocks to choose from,
+// Auto on a varlen batch, every row compared (the outputs start poisoned): at G = 4 and 1 the union kernel on
+// its side stream and the block-major path must together write each token once, with the runs' marks indexed by sequence (early runs, with few blocks to choose from,
 // select alike; later ones do not); at G = 16 the streamed kernel's units cross no sequence.
 TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  for (int64_t HQ : {32, 8, 2}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32), G = 1 (block-major, runs of 128)
+  for (int64_t HQ : {32, 8, 2}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32), G = 1 (runs of 128)
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split_varlen", DType::BF16, 1, 0, HQ, 2, 128, 64, 64, 16, {1500, 0, 9, 2100, 70}, true};
-    if (HQ == 2 ? !blocks_path_applies(c) : !streamed_kernel_applies(c))
+    if (HQ == 32 ? !streamed_kernel_applies(c) : !blocks_path_applies(c))
       GTEST_SKIP() << "the streamed kernel needs sm_90, the block-major path sm_80";
     std::vector<int32_t> ctas;
     expect_close(run_selected(c, 9, {}, cuda::SelectedPath::Auto, Pattern::Independent, &ctas), c.dtype);
     if (HQ == 32) EXPECT_EQ(ctas[0], 0) << "the union walk ran at G = 16";
     else EXPECT_GT(ctas[0], 0) << "no run took the union";
-    if (HQ == 2) EXPECT_EQ(ctas[1] + ctas[2], 0) << "G = 1 takes the union or the block-major path";
-    else EXPECT_GT(ctas[2], 0) << "no run took the streamed kernel";
+    if (HQ == 32) EXPECT_GT(ctas[2], 0) << "no run took the streamed kernel";
+    else EXPECT_EQ(ctas[1] + ctas[2], 0) << "G = 4 and 1 take the union or the block-major path";
   }
 }
 
