@@ -95,15 +95,19 @@ void expect_close(const SelectedRun& r, DType dtype) {
   expect_attention_close(r.o, r.lse, r.ref_o, r.ref_lse, dtype);
 }
 
-// The rule the streamed (TMA) kernel is documented to follow: sm_90 or newer, 16-bit elements, G in {4, 8} or
-// a multiple of 16, BS a multiple of 64, K and V in {64, 128}.
-bool streamed_kernel_applies(const SelectedCase& c) {
+int compute_capability_major() {
   int device = 0, major = 0;
   cuda_ok(cudaGetDevice(&device), "cudaGetDevice");
   cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
-  const auto d64_128 = [](int64_t x) { return x == 64 || x == 128; };
+  return major;
+}
+bool d64_128(int64_t x) { return x == 64 || x == 128; }
+
+// The rule the streamed (TMA) kernel is documented to follow: sm_90 or newer, 16-bit elements, G in {4, 8} or
+// a multiple of 16, BS a multiple of 64, K and V in {64, 128}.
+bool streamed_kernel_applies(const SelectedCase& c) {
   const int64_t G = c.HQ / c.H;
-  return major >= 9 && c.dtype != DType::F32 && (G % 16 == 0 || G == 4 || G == 8) && c.BS % 64 == 0 &&
+  return compute_capability_major() >= 9 && c.dtype != DType::F32 && (G % 16 == 0 || G == 4 || G == 8) && c.BS % 64 == 0 &&
          d64_128(c.K) && d64_128(c.V);
 }
 
@@ -111,12 +115,8 @@ bool streamed_kernel_applies(const SelectedCase& c) {
 // K and V in {64, 128}, BS a multiple of 16 up to 128; the test shapes keep its scratch small). Auto takes it
 // there.
 bool blocks_path_applies(const SelectedCase& c) {
-  int device = 0, major = 0;
-  cuda_ok(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_ok(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "compute capability");
-  const auto d64_128 = [](int64_t x) { return x == 64 || x == 128; };
   const int64_t G = c.HQ / c.H;
-  return major >= 8 && c.dtype != DType::F32 && (G == 1 || G == 2 || G == 4) && d64_128(c.K) && d64_128(c.V) &&
+  return compute_capability_major() >= 8 && c.dtype != DType::F32 && (G == 1 || G == 2 || G == 4) && d64_128(c.K) && d64_128(c.V) &&
          c.BS % 16 == 0 && c.BS <= 128;
 }
 
