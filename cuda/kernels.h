@@ -59,15 +59,15 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
 // How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
-// blocks, or (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
-// kernel, which loads each distinct block of a unit of 8 tokens once. Auto takes the streamed kernel where it
-// can (at G = 4 and 8 leaving the union the runs whose tokens all select the same blocks), else per tile
-// whichever of the first two multiplies fewer keys; a forced path that cannot run falls back to Auto.
-// For tests and benchmarks; path_counts (device [3], may be null) gains the number of CTAs that took the
-// union / the per-token walk, and the units of 8 tokens the streamed kernel computed.
-// Blocks (G in {1, 2, 4}): each selected block gathers the queries that selected it and the slots' partial
-// results are merged per query row (selected_attention_blocks.cu); Auto takes it there, beside the union walk
-// for runs of tokens that select alike.
+// blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
+// kernel, which loads each distinct block of a unit of 8 tokens once, or (sm_80, 16-bit elements, G in {1, 2, 4},
+// K and V in {64, 128}, BS a multiple of 16 up to 128, partial results within 4 GiB) the block-major path, where
+// each selected block gathers the queries that selected it and a merge combines each row's slots
+// (selected_attention_blocks.cu). Auto takes the block-major path where it can, else the streamed kernel (at
+// G <= 8 leaving the union the runs whose tokens select alike), else per tile whichever of the first two
+// multiplies fewer keys; a forced path that cannot run falls back to Auto. For tests and benchmarks;
+// path_counts (device [3], may be null) gains the number of CTAs that took the union / the per-token walk, and
+// the units of 8 tokens the streamed kernel computed.
 enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2, Streamed = 3, Blocks = 4 };
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
