@@ -61,7 +61,7 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
 // How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
 // blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
 // kernel, which loads each distinct block of a unit of 8 tokens once, or (sm_80, 16-bit elements, G in {1, 2, 4},
-// K and V in {64, 128}, BS a multiple of 16 up to 128, partial results within 4 GiB) the block-major path, where
+// K and V in {64, 128}, BS a multiple of 16 up to 128) the block-major path, where
 // each selected block gathers the queries that selected it and a merge combines each row's slots
 // (selected_attention_blocks.cu). Auto takes the block-major path where it can, else the streamed kernel (at
 // G <= 8 leaving the union the runs whose tokens select alike), else per tile whichever of the first two

@@ -8,7 +8,8 @@
 //     input dtype) and its lse (fp32), into scratch; a CTA of 4 warps takes up to 64 rows of one block;
 //  3. per query row, the merge of its slots' results: lse = log sum_j exp(lse_j), o = sum_j exp(lse_j - lse) o_j.
 // An entry is valid as in the reference: slot j < block_count, block c >= 0 and its first key c BS <= t. A row
-// with no valid entry gets o = 0, lse = 0.
+// with no valid entry gets o = 0, lse = 0. The three steps run per window of tokens, so that the scratch they
+// need (the partial results dominate: a token's H S entries x G x V elements) stays bounded at any length.
 #include "cuda/selected_attention_blocks.h"
 
 #include <cub/device/device_scan.cuh>
@@ -27,8 +28,8 @@ constexpr int kWarps = 4;
 constexpr int kRows = 16;        // query rows per warp (the mma's M)
 constexpr int kMaxKeys = 128;    // BS <= 128
 constexpr int kPad = 8;          // elements of padding per shared-memory row: ldmatrix rows in distinct banks
-// Scratch this path may take (partial results dominate: entries x G x V elements); above it, the other paths.
-constexpr size_t kMaxScratchBytes = size_t(4) << 30;
+// Partial results per window of tokens, by default.
+constexpr size_t kWindowBytes = size_t(1) << 30;
 
 struct BlockParams {
   const int32_t* indices;  // [B, T, H, S]
@@ -40,6 +41,7 @@ struct BlockParams {
   int per_cta;             // entries per CTA: kWarps * 16 / G
   RunSplit split;          // runs marked there are left to the union walk; alike null: no split
   int run;                 // the split's run length
+  int64_t tok0, tok1;      // this window's flat tokens [tok0, tok1) of [B * T]
 };
 
 // Whether the token at position t of sequence seq, kv head h, belongs to a run the union walk takes.
@@ -52,13 +54,13 @@ __device__ __forceinline__ int64_t bucket_of(const BlockParams& p, int seq, int 
   return (int64_t(seq) * p.blocks_per_seq + block) * p.H + h;
 }
 
-// Calls f(bucket, flat token, h, j) for entry (flat, h, j) of thread index i if it is valid.
+// Calls f(bucket, flat token, h, j) for the window's entry i = ((flat - tok0) H + h) S + j if it is valid.
 template <typename F>
 __device__ __forceinline__ void visit_entry(const BlockParams& p, int64_t i, F&& f) {
   const int j = int(i % p.S);
   const int64_t rest = i / p.S;
   const int h = int(rest % p.H);
-  const int64_t flat = rest / p.H;
+  const int64_t flat = p.tok0 + rest / p.H;
   const int seq = p.L.token_seq[flat];
   if (seq < 0) return;
   const DeviceSequence sq = p.L.seqs[seq];
@@ -80,13 +82,13 @@ __global__ void chunks_of(const BlockParams p, const int* counts, int* chunks) {
     chunks[b] = (counts[b] + p.per_cta - 1) / p.per_cta;
 }
 
-// Entry lists: list[pos] = (flat, j) for the bucket's entries from offsets[b]; place[(flat H + h) S + j] = pos.
+// Entry lists: list[pos] = (flat, j) for the bucket's entries from offsets[b]; place[i] = pos (visit_entry's i).
 __global__ void scatter_entries(const BlockParams p, int64_t n, const int* offsets, int* fill, int2* list, int* place) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     visit_entry(p, i, [&](int64_t b, int64_t flat, int h, int j) {
       const int pos = offsets[b] + atomicAdd(&fill[b], 1);
       list[pos] = make_int2(int(flat), j);
-      place[(flat * p.H + h) * p.S + j] = pos;
+      place[((flat - p.tok0) * p.H + h) * p.S + j] = pos;
     });
 }
 
@@ -244,20 +246,20 @@ __global__ void __launch_bounds__(kWarps * 32) block_attention(const BlockParams
   }
 }
 
-// Step 3: one warp per query row (flat token, head): its slots' partial results merged by their lse.
+// Step 3: one warp per query row (flat token, head) of the window: its slots' partial results merged by their lse.
 template <typename T, int VD>
 __global__ void merge_partials(const BlockParams p, const int* place, const T* o_part, const float* lse_part, T* o,
                                float* lse) {
   constexpr int kPer = VD / 32;  // columns per lane
   const int lane = threadIdx.x % 32;
-  const int64_t rows = p.L.B * p.L.T * p.L.HQ;
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; row < rows;
+  const int64_t row_end = p.tok1 * p.L.HQ;
+  for (int64_t row = p.tok0 * p.L.HQ + (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; row < row_end;
        row += int64_t(gridDim.x) * blockDim.x / 32) {
     const int64_t flat = row / p.L.HQ;
     const int hq = int(row % p.L.HQ), h = hq / p.G, g = hq % p.G;
     const int seq = p.L.token_seq[flat];
     if (seq >= 0 && left_to_union(p, seq, flat - (p.L.seqs[seq].batch * p.L.T + p.L.seqs[seq].start), h)) continue;
-    const int* slots = place + (flat * p.H + h) * p.S;
+    const int* slots = place + ((flat - p.tok0) * p.H + h) * p.S;
     float m = -INFINITY;
     for (int j = 0; j < p.S; ++j) {
       const int pos = slots[j];
@@ -284,9 +286,17 @@ __global__ void merge_partials(const BlockParams p, const int* place, const T* o
 
 size_t align256(size_t x) { return (x + 255) / 256 * 256; }
 
+// Tokens per window: partial results within window_bytes (at least one token), entries within int32.
+int64_t window_tokens(const DeviceLayout& L, size_t window_bytes, size_t elem_bytes) {
+  const int64_t per_token = L.H * L.block_count;
+  const int64_t by_bytes = int64_t(window_bytes / (size_t(per_token) * size_t(L.G()) * size_t(L.V) * elem_bytes));
+  return std::max<int64_t>(1, std::min({by_bytes, L.B * L.T, ((int64_t(1) << 31) - 1) / per_token}));
+}
+
 template <typename T>
 void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v, const int32_t* indices,
-                const int32_t* counts, const DeviceLayout& L, cudaStream_t s, const RunSplit* split) {
+                const int32_t* counts, const DeviceLayout& L, cudaStream_t s, const RunSplit* split,
+                size_t window_bytes) {
   BlockParams p{};
   p.indices = indices, p.counts = counts, p.L = L;
   if (split) p.split = *split;
@@ -295,7 +305,8 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
   p.blocks_per_seq = int(div_up(L.max_len, L.block_size));
   p.buckets = int64_t(L.num_seqs) * p.blocks_per_seq * L.H;
   p.per_cta = kWarps * (kRows / p.G);
-  const int64_t entries = L.B * L.T * L.H * L.block_count;  // an upper bound on the valid ones
+  const int64_t window = window_tokens(L, window_bytes ? window_bytes : kWindowBytes, sizeof(T));
+  const int64_t entries = window * L.H * L.block_count;  // a window's, an upper bound on the valid ones
   // Scratch: counts, fill cursors, entry and chunk offsets (buckets + 1 each), the scan's temporary storage,
   // the lists, the places, the partial results.
   size_t scan_bytes = 0;
@@ -330,23 +341,6 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
   T* o_part = reinterpret_cast<T*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place);
   float* lse_part = reinterpret_cast<float*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place + bytes_o);
 
-  CUDA_CHECK(cudaMemsetAsync(base, 0, 2 * ints, s), "cudaMemsetAsync(selected_attention_blocks counts)");
-  CUDA_CHECK(cudaMemsetAsync(place, 0xff, size_t(entries) * 4, s), "cudaMemsetAsync(selected_attention_blocks places)");
-  const int threads = 256;
-  const unsigned grid = unsigned(std::min<int64_t>(div_up(std::max<int64_t>(entries, 1), threads), 132 * 32));
-  count_entries<<<grid, threads, 0, s>>>(p, entries, cnt);
-  check_launch("selected_attention_blocks count_entries");
-  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, cnt, offsets, p.buckets + 1, s),
-             "cub::DeviceScan::ExclusiveSum(selected_attention_blocks entries)");
-  const unsigned bgrid = unsigned(std::min<int64_t>(div_up(p.buckets, threads), 132 * 32));
-  chunks_of<<<bgrid, threads, 0, s>>>(p, cnt, fill);  // fill holds the chunk counts until the next scan
-  check_launch("selected_attention_blocks chunks_of");
-  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, fill, chunk_offsets, p.buckets + 1, s),
-             "cub::DeviceScan::ExclusiveSum(selected_attention_blocks chunks)");
-  CUDA_CHECK(cudaMemsetAsync(fill, 0, ints, s), "cudaMemsetAsync(selected_attention_blocks fill)");
-  scatter_entries<<<grid, threads, 0, s>>>(p, entries, offsets, fill, list, place);
-  check_launch("selected_attention_blocks scatter_entries");
-
   auto attend = [&](auto kernel, int kd, int vd) {
     const int bytes = (p.BS * (kd + kPad) + p.BS * (vd + kPad) + kWarps * kRows * (kd + kPad)) * int(sizeof(T));
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
@@ -360,18 +354,39 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
         o_part, lse_part);
     check_launch("selected_attention_blocks block_attention");
   };
-  if (L.K == 128 && L.V == 128) attend(block_attention<T, 128, 128>, 128, 128);
-  else if (L.K == 128) attend(block_attention<T, 128, 64>, 128, 64);
-  else if (L.V == 128) attend(block_attention<T, 64, 128>, 64, 128);
-  else attend(block_attention<T, 64, 64>, 64, 64);
+  const int threads = 256;
+  const unsigned grid = unsigned(std::min<int64_t>(div_up(std::max<int64_t>(entries, 1), threads), 132 * 32));
+  for (p.tok0 = 0; p.tok0 < L.B * L.T; p.tok0 = p.tok1) {  // windows of tokens, one after the other on s
+    p.tok1 = std::min(L.B * L.T, p.tok0 + window);
+    const int64_t n = (p.tok1 - p.tok0) * L.H * L.block_count;
+    CUDA_CHECK(cudaMemsetAsync(base, 0, 2 * ints, s), "cudaMemsetAsync(selected_attention_blocks counts)");
+    CUDA_CHECK(cudaMemsetAsync(place, 0xff, size_t(n) * 4, s), "cudaMemsetAsync(selected_attention_blocks places)");
+    count_entries<<<grid, threads, 0, s>>>(p, n, cnt);
+    check_launch("selected_attention_blocks count_entries");
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, cnt, offsets, p.buckets + 1, s),
+               "cub::DeviceScan::ExclusiveSum(selected_attention_blocks entries)");
+    const unsigned bgrid = unsigned(std::min<int64_t>(div_up(p.buckets, threads), 132 * 32));
+    chunks_of<<<bgrid, threads, 0, s>>>(p, cnt, fill);  // fill holds the chunk counts until the next scan
+    check_launch("selected_attention_blocks chunks_of");
+    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, fill, chunk_offsets, p.buckets + 1, s),
+               "cub::DeviceScan::ExclusiveSum(selected_attention_blocks chunks)");
+    CUDA_CHECK(cudaMemsetAsync(fill, 0, ints, s), "cudaMemsetAsync(selected_attention_blocks fill)");
+    scatter_entries<<<grid, threads, 0, s>>>(p, n, offsets, fill, list, place);
+    check_launch("selected_attention_blocks scatter_entries");
 
-  const int64_t rows = L.B * L.T * L.HQ;
-  const unsigned mgrid = unsigned(std::min<int64_t>(div_up(rows * 32, threads), 132 * 64));
-  if (L.V == 128)
-    merge_partials<T, 128><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
-  else
-    merge_partials<T, 64><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
-  check_launch("selected_attention_blocks merge_partials");
+    if (L.K == 128 && L.V == 128) attend(block_attention<T, 128, 128>, 128, 128);
+    else if (L.K == 128) attend(block_attention<T, 128, 64>, 128, 64);
+    else if (L.V == 128) attend(block_attention<T, 64, 128>, 64, 128);
+    else attend(block_attention<T, 64, 64>, 64, 64);
+
+    const int64_t rows = (p.tok1 - p.tok0) * L.HQ;
+    const unsigned mgrid = unsigned(std::min<int64_t>(div_up(rows * 32, threads), 132 * 64));
+    if (L.V == 128)
+      merge_partials<T, 128><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
+    else
+      merge_partials<T, 64><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
+    check_launch("selected_attention_blocks merge_partials");
+  }
 }
 
 }  // namespace
@@ -381,19 +396,16 @@ bool selected_blocks_fits(const DeviceLayout& L) {
   if (16 % L.G() != 0 || L.G() > 4) return false;
   if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
   if (L.block_size % 16 != 0 || L.block_size > kMaxKeys) return false;
-  const int64_t entries = L.B * L.T * L.H * L.block_count;
-  if (entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31)) return false;
-  const size_t partial = size_t(entries) * size_t(L.G()) * size_t(L.V) * 2;
-  return partial <= kMaxScratchBytes;
+  return L.B * L.T < (int64_t(1) << 31) && L.H * L.block_count < (int64_t(1) << 31);
 }
 
 void selected_attention_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                               cudaStream_t s, const RunSplit* split) {
+                               cudaStream_t s, const RunSplit* split, size_t window_bytes) {
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore)
-      run_blocks<T>(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, split);
+      run_blocks<T>(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, split, window_bytes);
   });
 }
 

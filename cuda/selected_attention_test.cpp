@@ -7,6 +7,7 @@
 
 #include "cuda/attention_test_util.h"
 #include "cuda/kernels.h"
+#include "cuda/selected_attention_blocks.h"
 #include "reference/reference.h"
 #include "reference/test_util.h"
 
@@ -355,6 +356,49 @@ TEST(SelectedAttentionCudaEmpty, RowsWithoutKeysGiveZero) {
     for (double x : o) ASSERT_EQ(x, 0.0);
     for (double x : lse) ASSERT_EQ(x, 0.0);
   }
+}
+
+// The block-major path through many windows of tokens (each window's partial results capped at 37 tokens'
+// worth, so windows cut sequences and runs) writes the very bytes it writes in one window, and both match the
+// float64 reference: varlen with an empty and a 9-token sequence, block_counts, G = 2, K != V.
+TEST(SelectedAttentionCudaBlocks, TokenWindowsWriteTheSameBytes) {
+  if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  const SelectedCase c{"windows", DType::BF16, 1, 0, 4, 2, 64, 128, 32, 8, {300, 0, 9, 451}, true};
+  if (!blocks_path_applies(c)) GTEST_SKIP() << "the block-major path needs sm_80";
+  ProblemSpec spec;
+  spec.B = c.B, spec.T = c.T, spec.HQ = c.HQ, spec.H = c.H, spec.K = c.K, spec.V = c.V;
+  spec.lengths = c.lengths;
+  spec.config.block_size = c.BS, spec.config.block_count = c.S;
+  spec.seed = 21;
+  Problem p = random_problem(spec);
+  DeviceInputs in(p, c.dtype);
+  const Layout& L = p.layout;
+  std::mt19937_64 rng(22);
+  const std::vector<int32_t> idx = mixed_block_indices(L, rng), counts = random_block_counts(L, rng);
+  DeviceBytes d_idx(idx.size() * 4), d_counts(counts.size() * 4);
+  d_idx.upload(idx.data());
+  d_counts.upload(counts.data());
+  DeviceAttentionOutputs one(L, c.dtype), many(L, c.dtype);
+  const size_t token_bytes = size_t(c.H * c.S * (c.HQ / c.H) * c.V * 2);
+  for (auto [out, window_bytes] : {std::pair{&one, size_t(0)}, std::pair{&many, 37 * token_bytes}})
+    cuda::selected_attention_blocks(out->o.get(), static_cast<float*>(out->lse.get()), in.q(), in.k(), in.v(),
+                                    static_cast<const int32_t*>(d_idx.get()),
+                                    static_cast<const int32_t*>(d_counts.get()), in.layout(), nullptr, nullptr,
+                                    window_bytes);
+  cuda_ok(cudaDeviceSynchronize(), "selected_attention_blocks");
+  auto bytes = [](const DeviceBytes& d) {
+    std::vector<uint8_t> b(d.bytes());
+    d.download(b.data());
+    return b;
+  };
+  EXPECT_EQ(bytes(many.o), bytes(one.o)) << "o differs between one window and many";
+  EXPECT_EQ(bytes(many.lse), bytes(one.lse)) << "lse differs between one window and many";
+  const Dims& d = L.dims;
+  std::vector<double> ref_o(d.B * d.T * d.HQ * d.V), ref_lse(d.B * d.T * d.HQ);
+  ref::selected_attention_forward(ref_o.data(), ref_lse.data(), p.q.data(), p.k.data(), p.v.data(), idx.data(),
+                                  counts.data(), L);
+  ASSERT_FALSE(all_zero(ref_o)) << "vacuous case";
+  expect_attention_close(many.o_host(), many.lse_host(), ref_o, ref_lse, c.dtype);
 }
 
 }  // namespace
