@@ -1,10 +1,9 @@
 // How the selected-attention kernels read a token's selections, and how Auto splits selected attention at
-// G = 4 and 8 between the union walk and the streamed kernel (at G <= 2 the block-major path): by runs of
-// consecutive tokens of a sequence,
-// 128 / G of them (16 or 32; 8 when G is a multiple of 16), so that a union tile (64 or 128 rows of whole
-// tokens) lies inside one run and a run holds whole streamed units of 8 tokens. A small kernel marks each run
-// once (RunSplit); the union kernel takes the marked runs and the streamed kernel the others, so each token
-// is taken by exactly one.
+// G < 16 between the union walk and the main kernel (the block-major path at G <= 4, the streamed kernel at
+// G = 8): by runs of consecutive tokens of a sequence, 128 / G of them (8 when G is a multiple of 16), so that
+// a union tile (64 or 128 rows of whole tokens) lies inside one run and a run holds whole streamed units of 8
+// tokens. A small kernel marks each run once (RunSplit); the union kernel takes the marked runs and the main
+// kernel the others, so each token is taken by exactly one.
 #pragma once
 #include <cstdint>
 
@@ -39,8 +38,8 @@ __host__ __device__ __forceinline__ int run_set_size(int entries) {
 
 // Whether kv head `kv_head`'s valid selections over the run's `n` tokens (flat rows flat0.., positions
 // t0..) are alike enough for the union walk: distinct blocks x n <= slack x valid entries. With slack 1 all
-// the tokens select the same blocks (a token lists a block at most once, so only equality passes); the
-// block-major path (G <= 2) leaves the union runs with up to `slack` times the blocks of a token. At G = 4 the streamed
+// the tokens select the same blocks (a token lists a block at most once, so only equality passes); beside the
+// block-major path (G <= 4) the union keeps runs with up to `slack` times a token's blocks. At G = 4 the streamed
 // kernel, which loads a block its unit's 8 tokens share once but multiplies 16-row tiles holding 4 useful
 // rows, is the faster on anything less (H100, T = 32k, G = 4, independent selections: 6.73 ms with this rule,
 // 7.16 with the union taking runs of distinct x 7 <= valid, 6.61 with the streamed kernel alone; runs of 64
