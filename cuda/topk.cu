@@ -13,11 +13,11 @@
 // carry the highest possible score and win exact ties -- so only the S' = S - forced best ordinary blocks
 // have to be found. Each token belongs to one warp, which keeps a private candidate buffer: a block enters
 // when its score is above the token's threshold (the S'-th best score seen at the last compaction; a later
-// block with an equal score loses on index). A full buffer is cut back to its S' best by a radix select on
-// the score bits (scores are >= 0, so their bits order like the floats); entrants get rare as the threshold
-// rises, so the common per-tile work is one compare and ballot per block. At the end the S' best are
-// selected the same way, the forced blocks added, and the slots ordered by score descending, ties to the
-// smaller block; -1 pads.
+// block with an equal score loses on index). A full buffer is cut back to its S' best (warp_keep_best: exact
+// ranks of the few entries above a lane-maxima bound, or a radix select on the score bits; scores are >= 0,
+// so their bits order like the floats); entrants get rare as the threshold rises, so the common per-tile work
+// is one compare and ballot per block. At the end the S' best are selected the same way, the forced blocks
+// added, and the slots ordered by score descending, ties to the smaller block; -1 pads.
 #include <algorithm>
 #include <type_traits>
 
@@ -67,11 +67,23 @@ int smem_bytes(int warps, int k_padded, int tpt, int stages, int cap) {
          tpt * (8 + int(sizeof(TokenInfo)));
 }
 
-// Keeps the k best of the n entries (bs, bi) -- score descending, then block ascending -- in the first k slots,
-// in no particular order, and returns a score v with every kept score >= v >= every dropped one (the k-th
-// best, or below it when the search stops early). Preconditions: 1 <= k < n <= kMaxCap, scores >= 0, blocks
-// distinct; the whole warp calls it.
-__device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
+// Keeps the k best of the n entries (bs, bi) -- score descending, then block ascending -- in the first k slots
+// and returns a score v with every kept score >= v >= every dropped one. Preconditions: 1 <= k < n <= kMaxCap,
+// scores >= 0, blocks distinct; the whole warp calls it.
+//
+// Fast path (k <= 32): the k-th best of the 32 lanes' best entries is a lower bound of the k-th best entry
+// (k lanes hold an entry at least that large), and usually few entries reach it. When at most kRankMax do,
+// each survivor's exact rank among them is counted with broadcast reads -- independent loads, no chain of
+// warp reductions -- and the kept survivors land in rank order, so v is exactly the k-th best. Otherwise
+// (k > 32, or many entries tied at the bound) a radix select on the score bits finds v.
+constexpr int kRankMax = 64;
+
+struct KeepResult {
+  float thr;    // every kept score >= thr >= every dropped one
+  bool ranked;  // the kept entries are in rank order (score descending, then block ascending)
+};
+
+__device__ KeepResult warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
   __syncwarp();  // the warp's appends are visible
   uint32_t u[kMaxPerLane];
   int id[kMaxPerLane];
@@ -81,9 +93,76 @@ __device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
     u[j] = e < n ? __float_as_uint(bs[e]) : 0u;
     id[j] = e < n ? bi[e] : 0;
   }
-  // v = the largest bit pattern with at least k entries >= v, i.e. the k-th best score (bit 31 is the sign),
-  // found bit by bit below the bits that every entry shares; the search stops as soon as exactly k entries
-  // are >= v, which already separates the kept from the dropped.
+  if (k <= 32) {
+    // Lane keys: best entry + 1, 0 for a lane without entries (scores are >= 0, so bit 31 is clear), sorted
+    // descending across the lanes; min(n, 32) >= k lanes have entries, so the k-th key bounds the k-th entry.
+    uint32_t key = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxPerLane; ++j)
+      if (j * 32 + lane < n) key = max(key, u[j] + 1u);
+    uint32_t sorted_key = key;  // bitonic sort across the lanes, descending
+#pragma unroll
+    for (int size = 2; size <= 32; size *= 2)
+#pragma unroll
+      for (int stride = size / 2; stride > 0; stride /= 2) {
+        const uint32_t other = __shfl_xor_sync(kFull, sorted_key, stride);
+        const bool descending = (lane & size) == 0, lower = (lane & stride) == 0;
+        sorted_key = lower == descending ? max(sorted_key, other) : min(sorted_key, other);
+      }
+    const uint32_t bound = __shfl_sync(kFull, sorted_key, k - 1) - 1u;
+    int survivors = 0;
+#pragma unroll
+    for (int j = 0; j < kMaxPerLane; ++j) survivors += j * 32 + lane < n && u[j] >= bound;
+    const int m = int(__reduce_add_sync(kFull, unsigned(survivors)));
+    if (m <= kRankMax) {
+      __syncwarp();  // every entry is in registers: the survivors move to the front
+      int base = 0;
+#pragma unroll
+      for (int j = 0; j < kMaxPerLane; ++j) {
+        const bool survives = j * 32 + lane < n && u[j] >= bound;
+        const unsigned mask = __ballot_sync(kFull, survives);
+        if (survives) {
+          const int pos = base + __popc(mask & ((1u << lane) - 1));
+          bs[pos] = __uint_as_float(u[j]);
+          bi[pos] = id[j];
+        }
+        base += __popc(mask);
+      }
+      __syncwarp();
+      uint32_t su[kRankMax / 32];
+      int sid[kRankMax / 32], rank[kRankMax / 32];
+#pragma unroll
+      for (int i = 0; i < kRankMax / 32; ++i) {
+        const int e = i * 32 + lane;
+        su[i] = e < m ? __float_as_uint(bs[e]) : 0u;
+        sid[i] = e < m ? bi[e] : 0;
+        rank[i] = 0;
+      }
+      for (int e = 0; e < m; ++e) {
+        const uint32_t ue = __float_as_uint(bs[e]);
+        const int ie = bi[e];
+#pragma unroll
+        for (int i = 0; i < kRankMax / 32; ++i) rank[i] += ue > su[i] || (ue == su[i] && ie < sid[i]);
+      }
+      __syncwarp();  // every read done before the slots are rewritten
+      uint32_t v = 0;
+#pragma unroll
+      for (int i = 0; i < kRankMax / 32; ++i) {
+        const bool kept = i * 32 + lane < m && rank[i] < k;
+        if (kept) {
+          bs[rank[i]] = __uint_as_float(su[i]);
+          bi[rank[i]] = sid[i];
+        }
+        if (kept && rank[i] == k - 1) v = su[i];
+      }
+      v = __reduce_max_sync(kFull, v);
+      __syncwarp();
+      return {__uint_as_float(v), true};
+    }
+  }
+  // Radix select: v = the largest bit pattern with at least k entries >= v, i.e. the k-th best score (bit 31
+  // is the sign), found bit by bit below the bits that every entry shares; the search stops as soon as
+  // exactly k entries are >= v, which already separates the kept from the dropped.
   uint32_t any = 0, all = ~0u;
 #pragma unroll
   for (int j = 0; j < kMaxPerLane; ++j)
@@ -135,7 +214,7 @@ __device__ float warp_keep_best(float* bs, int* bi, int n, int k, int lane) {
     base += __popc(mask);
   }
   __syncwarp();
-  return __uint_as_float(v);
+  return {__uint_as_float(v), false};
 }
 
 // One level of a reduce-scatter over lanes `lane` and `lane ^ offset`: of the 2 * kHalf values v[0..2 kHalf),
@@ -215,7 +294,7 @@ __device__ __forceinline__ void filter_tile(const Candidates& cb, const float* r
   float thr = *cb.thr;
   for (int base = 0; base < kBN && c0 + base < ti.lim; base += 32) {
     if (n + 32 > cap) {
-      thr = warp_keep_best(cb.score, cb.block, n, ti.keep, lane);
+      thr = warp_keep_best(cb.score, cb.block, n, ti.keep, lane).thr;
       n = ti.keep;
     }
     const int i = base + lane, c = c0 + i;
@@ -245,8 +324,27 @@ __device__ __forceinline__ void write_selection(int32_t* out, const Candidates& 
   float* bs = cb.score;
   int* bi = cb.block;
   const int n = *cb.count, k = min(ti.keep, n);
-  if (k > 0 && n > k) warp_keep_best(bs, bi, n, k, lane);
+  const bool ranked = k > 0 && n > k && warp_keep_best(bs, bi, n, k, lane).ranked;
   const int nf = min(forced_count(paper, ti.cur), S);
+  if (ranked) {
+    // bs[0, k) are in rank order (k <= 32): the forced blocks (ascending, one score) merge in, each side
+    // counting the entries of the other that go before it.
+    const float forced_score = paper ? 1.f : float(G);
+    const bool has = lane < k;
+    const float si = has ? bs[lane] : 0.f;
+    const int bi_i = has ? bi[lane] : 0;
+    int slot = lane;
+    for (int f = 0; f < nf; ++f) {
+      const int fb = forced_block(paper, ti.cur, f);
+      slot += forced_score > si || (forced_score == si && fb < bi_i);
+      const unsigned ahead = __ballot_sync(kFull, has && (si > forced_score || (si == forced_score && bi_i < fb)));
+      if (lane == f) out[f + __popc(ahead)] = fb;
+    }
+    if (has) out[slot] = bi_i;
+    for (int j = k + nf + lane; j < S; j += 32) out[j] = -1;
+    __syncwarp();
+    return;
+  }
   if (lane < nf) {
     bs[k + lane] = paper ? 1.f : float(G);
     bi[k + lane] = forced_block(paper, ti.cur, lane);
