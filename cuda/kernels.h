@@ -46,7 +46,7 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
 // Which kernel a stage with a warpgroup (sm_90) kernel runs: Auto takes the warpgroup kernel where it fits,
 // else the mma.sync tile kernel, which Tile forces. For tests and benchmarks. Compressed attention and the
 // sliding window: bf16/fp16, K and V in {64, 128}, G dividing 64 or a multiple of 64
-// (attention_sm90.cu); top-k: bf16/fp16, K in {64, 128}, G in {4, 8, 16} (topk.cu).
+// (attention_sm90.cu); top-k: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16} (topk.cu).
 enum class KernelChoice { Auto = 0, Tile = 1 };
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s, KernelChoice choice);

@@ -3,8 +3,8 @@
 // The scores are the group's summed probabilities p = exp(z - lse_cmp) over pooled blocks. Each top-k kernel
 // computes z as its compressed-attention twin does, in the same order, so the logits are the very ones that
 // produced lse_cmp: the tile kernel with the warp tiles of compressed_attention.cu (warp_tile.cuh), the sm_90
-// kernel (G = 4, 8, 16) with the wgmma sequence of attention_sm90.cu. Where compressed attention takes its
-// wgmma kernel but top-k the tile kernel (sm_90, G = 1, 2, 32 or a multiple of 64), z differs from the pass that
+// kernel (G = 2, 4, 8, 16) with the wgmma sequence of attention_sm90.cu. Where compressed attention takes its
+// wgmma kernel but top-k the tile kernel (sm_90, G = 1, 32 or a multiple of 64), z differs from the pass that
 // made lse_cmp by fp32 rounding only, which the tie-aware comparison absorbs. One CTA per (token tile, sequence, kv
 // head) walks the pooled blocks in tiles of 64 and builds a shared [tokens x 64] score tile (sums over the
 // group's heads).
@@ -543,27 +543,28 @@ __global__ void __launch_bounds__(W * 32, 2)
 }
 
 // ---- sm_90: the scores by asynchronous wgmma ----
-// For bf16/fp16, K in {64, 128} and G in {4, 8, 16}. A CTA's rows are whole tokens, 64 / G per warpgroup of 64
-// rows (three warpgroups; two measured 35% slower at 64k, G = 16), 16 / G per warp: each warp sums its tokens'
-// heads, stores their score rows, filters them in turn and writes their selections itself, with no CTA-wide
-// barrier. Against the tile kernel (H100, T = 32k): G = 4 0.98 ms against 1.03, G = 8 3.14 against 3.45. A
-// producer warp loads Q once and streams the pooled K tiles through a ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention
-// kernel's very sequence, so the logits are the ones that produced lse_cmp) before it turns tile j into scores and
-// filters them.
+// For bf16/fp16, K in {64, 128} and G in {2, 4, 8, 16}. A CTA's rows are whole tokens, 64 / G per warpgroup of
+// 64 rows (three warpgroups; two measured 35% slower at 64k, G = 16), 16 / G per warp: each warp sums its
+// tokens' heads, stores their score rows, filters them in turn and writes their selections itself, with no
+// CTA-wide barrier. Against the tile kernel (H100, T = 32k): G = 2 1.24 ms against 1.52 (128-entry buffers),
+// G = 4 0.98 against 1.03, G = 8 3.14 against 3.45. A producer warp loads Q once and streams the pooled K tiles
+// through a ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the
+// compressed-attention kernel's very sequence, so the logits are the ones that produced lse_cmp) before it
+// turns tile j into scores and filters them.
 #ifndef NSA_TOPK_WARPGROUPS  // a compile-time knob for tuning
 #define NSA_TOPK_WARPGROUPS 3
 #endif
 constexpr int kSm90Warpgroups = NSA_TOPK_WARPGROUPS;
 #ifndef NSA_TOPK_SM90_MIN_G  // a compile-time knob for tuning: the smallest G (a divisor of 16) taken here
-#define NSA_TOPK_SM90_MIN_G 4
+#define NSA_TOPK_SM90_MIN_G 2  // G = 1 (a 48-entry buffer fits): 4.60 ms against the tile kernel's 3.30 (T=32k)
 #endif
 constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
 constexpr int kSm90Consumers = kSm90Warpgroups * 128;
 constexpr int kSm90Threads = kSm90Consumers + 32;  // the last warp produces
 constexpr int kSm90Stages = 3;
 constexpr int kSm90Rows = kSm90Warpgroups * 64;
-// Candidate buffer entries per token: the most warp_keep_best takes (H100, 64k: 3.65 ms; 128 entries 4.06,
-// 64 entries 5.57 -- a smaller buffer compacts more often).
+// Candidate buffer entries per token where they fit: the most warp_keep_best takes (H100, 64k: 3.47 ms; 128
+// entries 3.67, 64 entries 4.39 -- a smaller buffer compacts more often). G = 2 fits 128 (sm90_cap).
 constexpr int kSm90Cap = kMaxCap;
 
 // Shared memory: Q boxes, K stages, mbarriers, then the score tile, candidate buffers, counts, thresholds and
@@ -715,7 +716,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 #endif
 }
 
-// Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G in {4, 8, 16}, pooled blocks to
+// Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16}, pooled blocks to
 // score, int32 tensor-map coordinates, 16-byte aligned tensors, compute capability 9.x and the shared memory.
 bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap) {
   const int64_t G = L.G();
@@ -728,6 +729,18 @@ bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap)
     return false;
   return Sm90Layout<128>::bytes(int(kSm90Rows / G), cap) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+}
+
+// The sm_90 kernel's candidate buffer: the largest multiple of 16 up to kSm90Cap whose layout fits (small
+// groups have many tokens per CTA), at least S + 31 entries; 0 when none fits.
+int sm90_cap(const DeviceLayout& L) {
+  const int G = int(L.G()), optin =
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+  if (G < 1 || 16 % G != 0) return 0;
+  const int min_cap = int(div_up(L.block_count + 31, 16) * 16);
+  for (int cap = kSm90Cap; cap >= min_cap; cap -= 16)
+    if (Sm90Layout<128>::bytes(kSm90Rows / G, cap) <= optin) return cap;
+  return 0;
 }
 
 template <typename T>
@@ -801,8 +814,9 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
     P.k_padded = int(div_up(L.K, 16) * 16);
     P.scale_log2 = L.scale * 1.4426950408889634f;
     if constexpr (Elem<T>::kTensorCore) {
-      if (choice == KernelChoice::Auto && sm90_fits(L, q, k_cmp, kSm90Cap)) {
-        P.cap = kSm90Cap;
+      const int cap = sm90_cap(L);
+      if (choice == KernelChoice::Auto && cap > 0 && sm90_fits(L, q, k_cmp, cap)) {
+        P.cap = cap;
         launch_sm90<T>(P, block_indices, q, k_cmp, lse_cmp, s);
         return;
       }
