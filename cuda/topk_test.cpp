@@ -157,11 +157,12 @@ INSTANTIATE_TEST_SUITE_P(
         // The largest S, on each kernel.
         TieCase{"seed_S225_G16_K64_BS16", kSeed, 16, 1, 225, 16, 4000, {}, DType::BF16, 64},
         TieCase{"paper_S225_G1_BS16", kPaper, 1, 1, 225, 16, 4000, {}},
-        // Integer levels (K = 64): ties inside the ranking, S up to 33 (the compaction's rank path keeps at
-        // most 32, so S = 33 in the seed policy takes its radix select).
+        // Integer levels (K = 64): ties inside the ranking. The compaction ranks exactly when it keeps at most
+        // 32 blocks (seed S = 33 keeps 32) and otherwise takes its radix select (paper S = 40 keeps 37).
         TieCase{"levels_seed_S16_G1_BS16", kSeed, 2, 2, 16, 16, 3000, {}, DType::BF16, 64, true},
         TieCase{"levels_paper_S16_G1_BS64", kPaper, 1, 1, 16, 64, 8192, {}, DType::BF16, 64, true},
         TieCase{"levels_seed_S33_G2_BS16", kSeed, 4, 2, 33, 16, 3000, {}, DType::F16, 64, true},
+        TieCase{"levels_paper_S40_G1_BS16", kPaper, 2, 2, 40, 16, 3000, {}, DType::BF16, 64, true},
         TieCase{"levels_paper_S32_G4_BS16", kPaper, 8, 2, 32, 16, 3000, {}, DType::BF16, 64, true},
         TieCase{"levels_seed_S16_G16_BS64", kSeed, 32, 2, 16, 64, 8192, {}, DType::BF16, 64, true},
         TieCase{"levels_seed_S8_G8_BS32_f32", kSeed, 8, 1, 8, 32, 3000, {}, DType::F32, 64, true}),
