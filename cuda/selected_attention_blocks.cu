@@ -341,19 +341,20 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
   T* o_part = reinterpret_cast<T*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place);
   float* lse_part = reinterpret_cast<float*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place + bytes_o);
 
-  auto attend = [&](auto kernel, int kd, int vd) {
-    const int bytes = (p.BS * (kd + kPad) + p.BS * (vd + kPad) + kWarps * kRows * (kd + kPad)) * int(sizeof(T));
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute(selected_attention_blocks block_attention)");
-    int per_sm = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, bytes),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor(selected_attention_blocks)");
-    const int sms = device_attribute(cudaDevAttrMultiProcessorCount, "cudaDeviceGetAttribute(multiprocessor count)");
-    kernel<<<unsigned(std::max(per_sm, 1) * sms), kWarps * 32, bytes, s>>>(
-        p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), offsets, chunk_offsets, list,
-        o_part, lse_part);
-    check_launch("selected_attention_blocks block_attention");
-  };
+  // The attention kernel for K and V, its shared memory and a grid of every CTA that fits: set once for all
+  // windows.
+  auto attention = L.K == 128 ? (L.V == 128 ? block_attention<T, 128, 128> : block_attention<T, 128, 64>)
+                              : (L.V == 128 ? block_attention<T, 64, 128> : block_attention<T, 64, 64>);
+  auto merge = L.V == 128 ? merge_partials<T, 128> : merge_partials<T, 64>;
+  const int attention_bytes =
+      int((p.BS * (L.K + kPad) + p.BS * (L.V + kPad) + kWarps * kRows * (L.K + kPad)) * int64_t(sizeof(T)));
+  CUDA_CHECK(cudaFuncSetAttribute(attention, cudaFuncAttributeMaxDynamicSharedMemorySize, attention_bytes),
+             "cudaFuncSetAttribute(selected_attention_blocks block_attention)");
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention, kWarps * 32, attention_bytes),
+             "cudaOccupancyMaxActiveBlocksPerMultiprocessor(selected_attention_blocks)");
+  const unsigned attention_grid = unsigned(
+      std::max(per_sm, 1) * device_attribute(cudaDevAttrMultiProcessorCount, "cudaDeviceGetAttribute(multiprocessor count)"));
   const int threads = 256;
   const unsigned grid = unsigned(std::min<int64_t>(div_up(std::max<int64_t>(entries, 1), threads), 132 * 32));
   for (p.tok0 = 0; p.tok0 < L.B * L.T; p.tok0 = p.tok1) {  // windows of tokens, one after the other on s
@@ -374,17 +375,14 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
     scatter_entries<<<grid, threads, 0, s>>>(p, n, offsets, fill, list, place);
     check_launch("selected_attention_blocks scatter_entries");
 
-    if (L.K == 128 && L.V == 128) attend(block_attention<T, 128, 128>, 128, 128);
-    else if (L.K == 128) attend(block_attention<T, 128, 64>, 128, 64);
-    else if (L.V == 128) attend(block_attention<T, 64, 128>, 64, 128);
-    else attend(block_attention<T, 64, 64>, 64, 64);
+    attention<<<attention_grid, kWarps * 32, attention_bytes, s>>>(
+        p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), offsets, chunk_offsets, list,
+        o_part, lse_part);
+    check_launch("selected_attention_blocks block_attention");
 
     const int64_t rows = (p.tok1 - p.tok0) * L.HQ;
     const unsigned mgrid = unsigned(std::min<int64_t>(div_up(rows * 32, threads), 132 * 64));
-    if (L.V == 128)
-      merge_partials<T, 128><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
-    else
-      merge_partials<T, 64><<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
+    merge<<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
     check_launch("selected_attention_blocks merge_partials");
   }
 }
