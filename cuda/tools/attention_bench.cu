@@ -33,17 +33,14 @@
 
 #include "cuda/kernels.h"
 #include "cuda/selected_attention_streamed.h"
+#include "cuda/tools/tool_util.h"
 
 namespace {
 
 nsa::cuda::SelectedPath g_path = nsa::cuda::SelectedPath::Auto;
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using nsa::tools::ok;
+using nsa::tools::sorted_run_ms;
 
 // Roughly normal values from a counter hash (sum of four uniforms, variance 1).
 __global__ void fill_random(__nv_bfloat16* x, int64_t n, uint32_t seed) {
@@ -200,21 +197,8 @@ void run(const Shape& s, bool random_pattern) {
     lse_err = std::max(lse_err, std::abs(hl[t * s.HQ + i] - (m + std::log(sum))));
   }
 
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event");
-  ok(cudaEventCreate(&b), "event");
   for (int w = 0; w < 3; ++w) launch();
-  std::vector<float> ms;
-  for (int r = 0; r < 15; ++r) {
-    ok(cudaEventRecord(a), "record");
-    launch();
-    ok(cudaEventRecord(b), "record");
-    ok(cudaEventSynchronize(b), "sync");
-    float e = 0;
-    ok(cudaEventElapsedTime(&e, a, b), "elapsed");
-    ms.push_back(e);
-  }
-  std::sort(ms.begin(), ms.end());
+  const std::vector<float> ms = sorted_run_ms(15, launch);
   double flops;
   if (s.W > 0) {
     double keys = 0;
@@ -250,7 +234,6 @@ void run(const Shape& s, bool random_pattern) {
   std::fflush(stdout);
   cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(o), cudaFree(lse), cudaFree(idx_d), cudaFree(token_seq), cudaFree(seqs);
   cudaFree(counts_d);
-  cudaEventDestroy(a), cudaEventDestroy(b);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cuda/tma.cuh"
+#include "cuda/tools/tool_util.h"
 
 namespace {
 
@@ -27,12 +28,7 @@ using namespace nsa::cuda;
 
 constexpr int kStages = 6, kBoxBytes = 8192, kTileBytes = 4 * kBoxBytes, kRows = 65536, kTiles = kRows / 64;
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using nsa::tools::ok;
 
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
@@ -145,19 +141,8 @@ void run(const CUtensorMap& map, int sms, int share = 0, int lag = 0) {
   ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg), "max active clusters");
   cfg.gridDim = dim3(unsigned(std::min(clusters, sms / C) * C));
   const int iters = 6000;
-  cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event"), ok(cudaEventCreate(&b), "event");
-  std::vector<float> ms;
-  for (int r = 0; r < 7; ++r) {
-    ok(cudaEventRecord(a), "record");
-    ok(cudaLaunchKernelEx(&cfg, kernel, map, iters, share, lag), "launch");
-    ok(cudaEventRecord(b), "record");
-    ok(cudaEventSynchronize(b), "sync");
-    float e = 0;
-    ok(cudaEventElapsedTime(&e, a, b), "elapsed");
-    ms.push_back(e);
-  }
-  std::sort(ms.begin(), ms.end());
+  const std::vector<float> ms =
+      nsa::tools::sorted_run_ms(7, [&] { ok(cudaLaunchKernelEx(&cfg, kernel, map, iters, share, lag), "launch"); });
   const double t = ms[ms.size() / 2] * 1e-3, delivered = double(cfg.gridDim.x) * iters * kTileBytes;
   const double read = kMulticast ? delivered / C : delivered;
   std::printf("cluster %d %-9s share %d lag %3d CTAs %3u: %7.3f ms, delivered %6.2f TB/s (%5.1f GB/s per SM), requested %5.2f TB/s\n", C,

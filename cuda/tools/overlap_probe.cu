@@ -17,15 +17,11 @@
 #include <string>
 
 #include "cuda/kernels.h"
+#include "cuda/tools/tool_util.h"
 
 namespace {
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using nsa::tools::ok;
 
 void* alloc(size_t bytes) {
   void* p = nullptr;
