@@ -4,13 +4,13 @@
 // (compressed_attention.cu, sliding_window.cu): the lazy reference max in base 2, o = 0 and lse = 0 for rows
 // that see no key. bf16/fp16, K and V in {64, 128}, G dividing 64 or a multiple of 64.
 //
-// A CTA has two consumer warpgroups and a producer warpgroup. A consumer warpgroup owns a 64-row tile whose
-// rows are (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one
-// token. One producer thread loads both tiles' Q with tensor-map copies, then streams the 64-key K/V tiles of
-// the CTA's key range through a ring of stages on full/empty mbarriers; each stage serves both warpgroups. Per
-// tile a warpgroup computes S = Q K^T (wgmma, both operands in shared memory), the softmax in registers, and
-// O += P V (wgmma, P from registers, V read MN-major). The MMAs are asynchronous: tile j+1's scores and tile
-// j's P V are in flight while tile j+1's softmax runs.
+// A CTA has a consumer warpgroup and a producer warpgroup. The consumer owns a 64-row tile whose rows are
+// (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one token. One
+// producer thread loads the tile's Q with tensor-map copies, then streams the 64-key K/V tiles of the CTA's key
+// range through a ring of stages on full/empty mbarriers. Per tile the consumer computes S = Q K^T (wgmma, both
+// operands in shared memory), the softmax in registers, and O += P V (wgmma, P from registers, V read
+// MN-major). The MMAs are asynchronous: tile j+1's scores and tile j's P V are in flight while tile j+1's
+// softmax runs.
 #include "cuda/attention_sm90.h"
 
 #include <algorithm>
@@ -25,18 +25,18 @@
 namespace nsa::cuda {
 namespace {
 
-// Consumer warpgroups per CTA: a compile-time knob for tuning.
-#ifndef NSA_COMPRESSED_WARPGROUPS
-#define NSA_COMPRESSED_WARPGROUPS 2
-#endif
-constexpr int kWarpgroups = NSA_COMPRESSED_WARPGROUPS;
-constexpr int kConsumerThreads = kWarpgroups * 128;
-// The last warpgroup produces (one thread issues the copies). setmaxnreg moves registers between whole
-// warpgroups: the producer drops to 40 and the consumers rise to 232. (With a producer warp instead, ptxas
-// capped the kernel at 168 registers and the consumers spilled.)
+// One consumer warpgroup and one producer warpgroup per CTA, two CTAs per SM, so that one CTA's start and end
+// (Q load, first scores, last P V, stores) overlap the other's steady state. (H100: two consumer warpgroups per
+// CTA sharing each K/V stage, one CTA per SM, took 10-16% longer for compressed attention, 5-20% for the
+// sliding window.) setmaxnreg moves registers between whole warpgroups: the producer drops to 40 and the
+// consumer rises to what is left. (With a producer warp instead, ptxas capped the kernel at 168 registers and
+// the consumers spilled.)
+constexpr int kConsumerThreads = 128;
 constexpr int kThreads = kConsumerThreads + 128;
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-static_assert(kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads <= 65536, "register file");
+constexpr int kCtasPerSm = 2;
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 216;
+static_assert(kCtasPerSm * (kProducerRegisters * 128 + kConsumerRegisters * kConsumerThreads) <= 65536,
+              "register file");
 constexpr int kKeys = 64;                          // pooled blocks per tile
 constexpr int kBoxBytes = kWgmmaBoxBytes;
 #ifndef NSA_COMPRESSED_STAGES  // K/V tiles in flight: a compile-time knob for tuning
@@ -47,8 +47,8 @@ constexpr int kStages = NSA_COMPRESSED_STAGES;
 
 template <int KD, int VD>
 struct SmemLayout {
-  // Q first: [warpgroup][KD / 64] boxes.
-  static constexpr int kStage0 = kWarpgroups * (KD / 64) * kBoxBytes;
+  // Q first: KD / 64 boxes.
+  static constexpr int kStage0 = (KD / 64) * kBoxBytes;
   static constexpr int kV = (KD / 64) * kBoxBytes;            // in a stage: the K boxes, then the V boxes
   static constexpr int kStageBytes = kV + (VD / 64) * kBoxBytes;
   static constexpr int kBarriers = kStage0 + kStages * kStageBytes;
@@ -86,7 +86,7 @@ __device__ __forceinline__ int key_end(int64_t t, const Sm90Params<T>& p) {
 }
 
 template <typename T, int KD, int VD, bool kWindow>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
     attention_sm90_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const Sm90Params<T> p) {
 #if NSA_HAS_WGMMA
@@ -98,14 +98,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const DeviceSequence seq = p.seqs[blockIdx.y];
   // Late tokens see the most keys: launch them first so that the short tiles fill the tail.
-  const int unit0 = int(gridDim.x - 1 - blockIdx.x) * kWarpgroups;
-  const int64_t first = unit_of(unit0, p.tokens, p.heads, p.chunks).t0;  // the CTA's first token
+  const Unit u = unit_of(int(gridDim.x - 1 - blockIdx.x), p.tokens, p.heads, p.chunks);
+  const int64_t first = u.t0, last = min(u.t0 + p.tokens, seq.length) - 1;  // the CTA's tokens
   if (first >= seq.length) return;
-  int64_t last = 0;  // the CTA's last token
-  for (int w = 0; w < kWarpgroups; ++w) {
-    const Unit u = unit_of(unit0 + w, p.tokens, p.heads, p.chunks);
-    if (u.t0 < seq.length) last = max(last, min(u.t0 + p.tokens, seq.length) - 1);
-  }
   // The CTA's keys: [key0, key_stop), the union of its rows' ranges; tile j holds keys key0 + 64 j ...
   const int key0 = key_begin<kWindow>(first, p), key_stop = key_end<kWindow>(last, p);
   const int tiles = (key_stop - key0 + kKeys - 1) / kKeys;
@@ -124,13 +119,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x >= kConsumerThreads) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
     if (threadIdx.x == kConsumerThreads && tiles > 0) {
-      mbar_arrive_expect_tx(q_full, kWarpgroups * (KD / 64) * kBoxBytes);
-      for (int w = 0; w < kWarpgroups; ++w) {
-        const Unit u = unit_of(unit0 + w, p.tokens, p.heads, p.chunks);
-        for (int b = 0; b < KD / 64; ++b)
-          tma_load_3d(smem + (w * (KD / 64) + b) * kBoxBytes, &map_q, b * 64, h * p.G + u.head0,
-                      int(tok_base + u.t0), q_full);
-      }
+      mbar_arrive_expect_tx(q_full, (KD / 64) * kBoxBytes);
+      for (int b = 0; b < KD / 64; ++b)
+        tma_load_3d(smem + b * kBoxBytes, &map_q, b * 64, h * p.G + u.head0, int(tok_base + u.t0), q_full);
       for (int j = 0; j < tiles; ++j) {
         uint64_t* bar = ring.begin_fill(j, Ly::kStageBytes);
         unsigned char* stage = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes;
@@ -144,8 +135,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers. This thread holds rows r and r + 8 of its warp's 16 (the wgmma accumulator layout).
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
-  const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const Unit u = unit_of(unit0 + wg, p.tokens, p.heads, p.chunks);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int64_t tok[2];
   int lo[2], hi[2];  // the row's keys [lo, hi); none past the sequence
 #pragma unroll
@@ -165,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 32; ++i) o[b][i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  const uint32_t q_addr = smem_addr(smem + wg * (KD / 64) * kBoxBytes);
+  const uint32_t q_addr = smem_addr(smem);
   auto stage_addr = [&](int j) { return smem_addr(smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes); };
   // S = Q K^T of tile j, once its copies have landed.
   auto issue_scores = [&](int j) {
@@ -235,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 4; ++i) pf[kk][i] = MmaElem<T>::pack(x[8 * kk + 2 * i], x[8 * kk + 2 * i + 1]);
   };
   // Keys at or past key_stop are visible to no row here and get P = 0, but a non-finite V there would still
-  // turn 0 * inf into NaN, so the last tile's rows past key_stop are zeroed (both warpgroups read the stage).
+  // turn 0 * inf into NaN, so the last tile's rows past key_stop are zeroed (the whole warpgroup reads them).
   auto zero_invisible_values = [&](int j) {
     asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerThreads) : "memory");
     unsigned char* v = smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + Ly::kV;
@@ -358,7 +348,7 @@ void launch(void* o, float* lse, const void* q, const void* k, const void* v, co
       const CUtensorMap map_k = make_tensor_map_3d(k, bf16, L.K, L.H, key_rows, 64, 1, kKeys, name);
       const CUtensorMap map_v = make_tensor_map_3d(v, bf16, L.V, L.H, key_rows, 64, 1, kKeys, name);
       const int64_t units = div_up(L.max_len, p.tokens) * p.chunks;
-      const dim3 grid(unsigned(div_up(units, kWarpgroups)), unsigned(L.num_seqs), unsigned(L.H));
+      const dim3 grid(unsigned(units), unsigned(L.num_seqs), unsigned(L.H));
       if (grid.x == 0) return;
       with_kernel<T, kWindow>(L, [&](auto kernel, int bytes) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name);

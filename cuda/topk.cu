@@ -544,35 +544,39 @@ __global__ void __launch_bounds__(W * 32, 2)
 
 // ---- sm_90: the scores by asynchronous wgmma ----
 // For bf16/fp16, K in {64, 128} and G in {2, 4, 8, 16}. A CTA's rows are whole tokens, 64 / G per warpgroup of
-// 64 rows (three warpgroups; two measured 35% slower at 64k, G = 16), 16 / G per warp: each warp sums its
-// tokens' heads, stores their score rows, filters them in turn and writes their selections itself, with no
-// CTA-wide barrier. Against the tile kernel (H100, T = 32k): G = 2 1.24 ms against 1.52 (128-entry buffers),
-// G = 4 0.98 against 1.03, G = 8 3.14 against 3.45. A producer warp loads Q once and streams the pooled K tiles
-// through a ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the
-// compressed-attention kernel's very sequence, so the logits are the ones that produced lse_cmp) before it
-// turns tile j into scores and filters them.
-#ifndef NSA_TOPK_WARPGROUPS  // a compile-time knob for tuning
-#define NSA_TOPK_WARPGROUPS 3
-#endif
-constexpr int kSm90Warpgroups = NSA_TOPK_WARPGROUPS;
+// 64 rows (three warpgroups, or one at G = 16, below; two measured 35% slower at 64k, G = 16), 16 / G per
+// warp: each warp sums its tokens' heads, stores their score rows, filters them in turn and writes their
+// selections itself, with no CTA-wide barrier. Against the tile kernel (H100, T = 32k): G = 2 1.24 ms against
+// 1.52 (128-entry buffers), G = 4 0.98 against 1.03, G = 8 3.14 against 3.45. A producer warp loads Q once and
+// streams the pooled K tiles through a ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T
+// (wgmma_scores, the compressed-attention kernel's very sequence, so the logits are the ones that produced
+// lse_cmp) before it turns tile j into scores and filters them.
 #ifndef NSA_TOPK_SM90_MIN_G  // a compile-time knob for tuning: the smallest G (a divisor of 16) taken here
 #define NSA_TOPK_SM90_MIN_G 2  // G = 1 (a 48-entry buffer fits): 4.60 ms against the tile kernel's 3.30 (T=32k)
 #endif
 constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
-constexpr int kSm90Consumers = kSm90Warpgroups * 128;
-constexpr int kSm90Threads = kSm90Consumers + 32;  // the last warp produces
 constexpr int kSm90Stages = 3;
-constexpr int kSm90Rows = kSm90Warpgroups * 64;
+// Consumer warpgroups per CTA (kWG): three, one CTA per SM; or, at G = 16, one, three CTAs per SM, so that one
+// CTA's start and end (Q load, the selections) overlap the others' tiles. H100, 8k / 32k / 64k at G = 16: 0.172
+// / 1.14 / 3.46 ms -> 0.161 / 1.08 / 3.30. At G = 2, 4, 8 a CTA of one warpgroup holds 32 / 16 / 8 tokens'
+// buffers, so that fewer fit: 36-41% slower (T = 32k).
+template <int kWG>
+struct Sm90Shape {
+  static constexpr int kConsumers = kWG * 128;
+  static constexpr int kThreads = kConsumers + 32;  // the last warp produces
+  static constexpr int kRows = kWG * 64;
+  static constexpr int kCtasPerSm = kWG == 1 ? 3 : 1;
+};
 // Candidate buffer entries per token where they fit: the most warp_keep_best takes (H100, 64k: 3.47 ms; 128
 // entries 3.67, 64 entries 4.39 -- a smaller buffer compacts more often). G = 2 fits 128 (sm90_cap).
 constexpr int kSm90Cap = kMaxCap;
 
 // Shared memory: Q boxes, K stages, mbarriers, then the score tile, candidate buffers, counts, thresholds and
 // token info of the CTA's tokens (as in smem_bytes).
-template <int KD>
+template <int KD, int kWG>
 struct Sm90Layout {
   static constexpr int kStageBytes = (KD / 64) * kWgmmaBoxBytes;
-  static constexpr int kStage0 = kSm90Warpgroups * kStageBytes;
+  static constexpr int kStage0 = kWG * kStageBytes;
   static constexpr int kBarriers = kStage0 + kSm90Stages * kStageBytes;
   static constexpr int kTokens = kBarriers + (1 + 2 * kSm90Stages) * 8;
   static int bytes(int tpt, int cap) {
@@ -580,14 +584,15 @@ struct Sm90Layout {
   }
 };
 
-template <typename T, int KD>
-__global__ void __launch_bounds__(kSm90Threads, 1)
+template <typename T, int KD, int kWG>
+__global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCtasPerSm)
     topk_sm90_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                      int32_t* __restrict__ block_indices,  // [B, T, H, S]
                      const float* __restrict__ lse_cmp,    // [B, T, HQ]
                      const TopkParams P) {
 #if NSA_HAS_WGMMA
-  using Ly = Sm90Layout<KD>;
+  using Ly = Sm90Layout<KD, kWG>;
+  constexpr int kSm90Consumers = Sm90Shape<kWG>::kConsumers, kSm90Rows = Sm90Shape<kWG>::kRows;
   constexpr float kLog2e = 1.4426950408889634f;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
@@ -631,8 +636,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
   if (threadIdx.x >= kSm90Consumers) {  // producer
     if (threadIdx.x == kSm90Consumers && tiles > 0) {
-      mbar_arrive_expect_tx(q_full, kSm90Warpgroups * Ly::kStageBytes);
-      for (int w = 0; w < kSm90Warpgroups; ++w)
+      mbar_arrive_expect_tx(q_full, kWG * Ly::kStageBytes);
+      for (int w = 0; w < kWG; ++w)
         for (int b = 0; b < KD / 64; ++b)
           tma_load_3d(smem + (w * (KD / 64) + b) * kWgmmaBoxBytes, &map_q, b * 64, h * G,
                       int(tok_base + t0 + w * (64 / G)), q_full);
@@ -722,12 +727,13 @@ bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap)
   const int64_t G = L.G();
   if (L.dtype == ElemType::F32 || L.H == 0 || L.B * L.C == 0) return false;
   if ((L.K != 64 && L.K != 128) || 16 % G != 0 || G < kSm90MinG) return false;
-  if (L.B * L.T + L.max_len + kSm90Rows >= (int64_t(1) << 31) || L.B * L.C + kBN >= (int64_t(1) << 31)) return false;
+  if (L.B * L.T + L.max_len + Sm90Shape<3>::kRows >= (int64_t(1) << 31) || L.B * L.C + kBN >= (int64_t(1) << 31))
+    return false;
   if (L.num_seqs > 65535 || L.H > 65535) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp)) % 16) return false;
   if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") != 9)
     return false;
-  return Sm90Layout<128>::bytes(int(kSm90Rows / G), cap) <=
+  return Sm90Layout<128, 3>::bytes(int(Sm90Shape<3>::kRows / G), cap) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
 
@@ -739,7 +745,7 @@ int sm90_cap(const DeviceLayout& L) {
   if (G < 1 || 16 % G != 0) return 0;
   const int min_cap = int(div_up(L.block_count + 31, 16) * 16);
   for (int cap = kSm90Cap; cap >= min_cap; cap -= 16)
-    if (Sm90Layout<128>::bytes(kSm90Rows / G, cap) <= optin) return cap;
+    if (Sm90Layout<128, 3>::bytes(Sm90Shape<3>::kRows / G, cap) <= optin) return cap;
   return 0;
 }
 
@@ -748,20 +754,25 @@ void launch_sm90(TopkParams P, int32_t* block_indices, const void* q, const void
                  cudaStream_t s) {
   const DeviceLayout& L = P.L;
   const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-  const int tpt = kSm90Rows / P.G;
-  const CUtensorMap map_q =
-      make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, P.G, 64 / P.G, "topk_sm90_kernel(q)");
   const CUtensorMap map_k =
       make_tensor_map_3d(k_cmp, bf16, L.K, L.H, uint64_t(L.B * L.C), 64, 1, kBN, "topk_sm90_kernel(k_cmp)");
-  const dim3 grid(unsigned(div_up(L.max_len, tpt)), unsigned(L.num_seqs), unsigned(L.H));
-  auto run = [&](auto kernel, int bytes) {
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute(topk_sm90_kernel)");
-    kernel<<<grid, kSm90Threads, bytes, s>>>(map_q, map_k, block_indices, lse_cmp, P);
-    check_launch("topk_sm90_kernel");
+  auto launch = [&](auto wg) {
+    constexpr int kWG = decltype(wg)::value;
+    const int tpt = Sm90Shape<kWG>::kRows / P.G;
+    const CUtensorMap map_q =
+        make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, P.G, 64 / P.G, "topk_sm90_kernel(q)");
+    const dim3 grid(unsigned(div_up(L.max_len, tpt)), unsigned(L.num_seqs), unsigned(L.H));
+    auto run = [&](auto kernel, int bytes) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+                 "cudaFuncSetAttribute(topk_sm90_kernel)");
+      kernel<<<grid, Sm90Shape<kWG>::kThreads, bytes, s>>>(map_q, map_k, block_indices, lse_cmp, P);
+      check_launch("topk_sm90_kernel");
+    };
+    if (L.K == 128) run(topk_sm90_kernel<T, 128, kWG>, Sm90Layout<128, kWG>::bytes(tpt, P.cap));
+    else run(topk_sm90_kernel<T, 64, kWG>, Sm90Layout<64, kWG>::bytes(tpt, P.cap));
   };
-  if (L.K == 128) run(topk_sm90_kernel<T, 128>, Sm90Layout<128>::bytes(tpt, P.cap));
-  else run(topk_sm90_kernel<T, 64>, Sm90Layout<64>::bytes(tpt, P.cap));
+  if (P.G == 16) launch(std::integral_constant<int, 1>{});
+  else launch(std::integral_constant<int, 3>{});
 }
 
 // Launch shape: warps per CTA, K stages, buffer capacity.
