@@ -86,19 +86,18 @@ void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* 
     const int64_t nc = visible_blocks(s.positions.back(), BS);
     detail::gather_group(s.q, q, L, seq, tile.h, d.K, s.positions);
     s.z.resize(n * nc);
-    s.out.resize(n * d.V);
+    s.out.resize(o_cmp ? n * d.V : 0);
     MatrixMap z(s.z.data(), n, nc);
-    MatrixMap out(s.out.data(), n, d.V);
+    MatrixMap out(s.out.data(), o_cmp ? n : 0, d.V);
     const ConstMatrixMap qm(s.q.data(), n, d.K);
     const ConstStridedMap kc = detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, nc);
-    const ConstStridedMap vc = detail::sequence_blocks(v_cmp, L, seq, tile.h, d.V, 0, nc);
     z.noalias() = L.scale() * (qm * kc.transpose());
     softmax_rows(z, s.lse, s.positions, G, BS);
-    out.noalias() = z * vc;  // rows that see no block get o = 0
+    if (o_cmp) out.noalias() = z * detail::sequence_blocks(v_cmp, L, seq, tile.h, d.V, 0, nc);  // no block: o = 0
     for (int64_t r = 0; r < n; ++r) {
       const int64_t t = s.positions[r / G], i = r % G;
       if (!detail::row_selected(rows, L, seq, t)) continue;
-      std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + detail::head_offset(L, seq, t, tile.h, i, d.V));
+      if (o_cmp) std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + detail::head_offset(L, seq, t, tile.h, i, d.V));
       lse_cmp[detail::head_offset(L, seq, t, tile.h, i, 1)] = s.lse[r];
     }
   });

@@ -160,6 +160,16 @@ TEST(CompressedAttention, RowSampleWritesOnlyThoseRowsBitIdentically) {
   EXPECT_NE(some.lse_cmp[39 * d.HQ], 0.0);
 }
 
+TEST(CompressedAttention, WithoutOutputItWritesTheSameLse) {
+  ProblemSpec s = spec(0, 6, 2, 5, 3, 4, 21);  // G = 3, varlen with an empty sequence
+  s.lengths = {23, 0, 9};
+  const Problem p = test::random_problem(s);
+  const CmpResult full = run_compressed(p);
+  std::vector<double> lse(full.lse_cmp.size(), -7.0);
+  compressed_attention_forward(nullptr, lse.data(), p.q.data(), full.k_cmp.data(), full.v_cmp.data(), p.layout);
+  EXPECT_EQ(lse, full.lse_cmp);
+}
+
 // loss = sum(do * o_cmp) as a function of q, k_cmp, v_cmp.
 double cmp_loss(const Problem& p, const std::vector<double>& k_cmp, const std::vector<double>& v_cmp,
                 const std::vector<double>& d_o) {

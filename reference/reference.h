@@ -21,7 +21,7 @@ void mean_pool_forward(double* k_cmp, double* v_cmp, const double* k, const doub
 // dk/dv [B, T, H, *] += dk_cmp[c] / n_c for each token of block c.
 void mean_pool_backward(double* dk, double* dv, const double* dk_cmp, const double* dv_cmp, const Layout& L);
 
-// compressed_attention.cpp — o_cmp [B, T, HQ, V], lse_cmp [B, T, HQ].
+// compressed_attention.cpp — o_cmp [B, T, HQ, V], lse_cmp [B, T, HQ]; o_cmp may be null (lse only).
 void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* q, const double* k_cmp,
                                   const double* v_cmp, const Layout& L, const RowMask& rows = {});
 // do_cmp [B, T, HQ, V] is already gated. dq [B,T,HQ,K], dk_cmp [B,C,H,K], dv_cmp [B,C,H,V] accumulate.

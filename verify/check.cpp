@@ -125,10 +125,9 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
     if (cand.k_cmp.empty()) {
       r.lse_cmp_true = e.lse_cmp;  // lse depends on k_cmp only
     } else {
-      Vec o_scratch(e.o_cmp.size(), 0);
       r.lse_cmp_true.assign(e.lse_cmp.size(), 0);
-      ref::compressed_attention_forward(o_scratch.data(), r.lse_cmp_true.data(), in->q.data(), e.k_cmp.data(),
-                                        e.v_cmp.data(), L, rows);
+      ref::compressed_attention_forward(nullptr, r.lse_cmp_true.data(), in->q.data(), e.k_cmp.data(), e.v_cmp.data(),
+                                        L, rows);
     }
   }
   rd.apply(e.o_cmp);
