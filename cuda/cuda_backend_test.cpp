@@ -261,6 +261,14 @@ INSTANTIATE_TEST_SUITE_P(
         // G = 16, K = 64; tile kernel at G = 1).
         make_case("topk_S225_G16_bf16_K64_BS16", DType::BF16, 1, 4600, 16, 1, 64, 16, 16, 225, kSeed),
         make_case("topk_S128_G1_f16_BS16_paper", DType::F16, 1, 3000, 2, 2, 32, 16, 16, 128, kPaper),
+        // The streamed selected-attention kernel (sm_90: G a multiple of 16, BS 64 or 128, K and V in {64, 128}).
+        make_case("streamed_G16_bf16_BS64_window", DType::BF16, 2, 300, 16, 1, 128, 64, 64, 4, kSeed, {}, 40),
+        [] {
+          Case c = make_case("streamed_G32_f16_BS128_varlen_counts", DType::F16, 1, 0, 64, 2, 64, 128, 128, 3, kPaper,
+                             {200, 0, 77, 130});
+          c.with_counts = true;
+          return c;
+        }(),
         [] {
           Case c = make_case("block_counts_bf16_G16", DType::BF16, 1, 300, 16, 1, 64, 64, 32, 4, kSeed);
           c.with_counts = true;
