@@ -557,9 +557,9 @@ __global__ void __launch_bounds__(W * 32, 2)
 constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
 constexpr int kSm90Stages = 3;
 // Consumer warpgroups per CTA (kWG): three, one CTA per SM; or, at G = 16, one, three CTAs per SM, so that one
-// CTA's start and end (Q load, the selections) overlap the others' tiles. H100, 8k / 32k / 64k at G = 16: 0.172
-// / 1.14 / 3.46 ms -> 0.161 / 1.08 / 3.30. At G = 2, 4, 8 a CTA of one warpgroup holds 32 / 16 / 8 tokens'
-// buffers, so that fewer fit: 36-41% slower (T = 32k).
+// CTA's start and end (Q load, the selections) overlap the others' tiles. H100, G = 16: 0.172 -> 0.161 ms at 8k,
+// 1.14 -> 1.08 at 32k; at 64k 3.46 -> 3.30 in one call, within noise in another. At G = 2, 4, 8 a CTA of one
+// warpgroup holds 32 / 16 / 8 tokens' buffers, so that fewer fit: 36-41% slower (T = 32k).
 template <int kWG>
 struct Sm90Shape {
   static constexpr int kConsumers = kWG * 128;
@@ -754,13 +754,13 @@ void launch_sm90(TopkParams P, int32_t* block_indices, const void* q, const void
                  cudaStream_t s) {
   const DeviceLayout& L = P.L;
   const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  const CUtensorMap map_q =
+      make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, P.G, 64 / P.G, "topk_sm90_kernel(q)");
   const CUtensorMap map_k =
       make_tensor_map_3d(k_cmp, bf16, L.K, L.H, uint64_t(L.B * L.C), 64, 1, kBN, "topk_sm90_kernel(k_cmp)");
   auto launch = [&](auto wg) {
     constexpr int kWG = decltype(wg)::value;
     const int tpt = Sm90Shape<kWG>::kRows / P.G;
-    const CUtensorMap map_q =
-        make_tensor_map_3d(q, bf16, L.K, L.HQ, uint64_t(L.B * L.T), 64, P.G, 64 / P.G, "topk_sm90_kernel(q)");
     const dim3 grid(unsigned(div_up(L.max_len, tpt)), unsigned(L.num_seqs), unsigned(L.H));
     auto run = [&](auto kernel, int bytes) {
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
