@@ -1,9 +1,11 @@
 #include "core/problem.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <limits>
 #include <sstream>
+#include <stdexcept>
 
 #include "core/errors.h"
 
@@ -309,7 +311,24 @@ SafetensorsFile problem_to_file(const Problem& p) {
   return f;
 }
 
+std::vector<int64_t> sorted_sample(std::vector<int64_t> rows, int64_t tokens) {
+  for (int64_t r : rows)
+    if (r < 0 || r >= tokens)
+      throw InputError("sampled row " + std::to_string(r) + " is outside the problem's " + std::to_string(tokens) +
+                       " query tokens (B * T)");
+  std::sort(rows.begin(), rows.end());
+  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+  return rows;
+}
+
+std::vector<int64_t> sample_slots(const std::vector<int64_t>& sorted, int64_t tokens) {
+  std::vector<int64_t> slots(tokens, -1);
+  for (std::size_t i = 0; i < sorted.size(); ++i) slots[sorted[i]] = int64_t(i);
+  return slots;
+}
+
 void add_outputs(SafetensorsFile& f, const Problem& p, const Outputs& o, DType out) {
+  if (!o.rows.empty()) throw std::invalid_argument("add_outputs: row-sampled outputs are not a fixture's tensors");
   const Dims& d = p.layout.dims;
   const int64_t C = p.layout.chunks;
   auto put = [&](const char* name, const std::vector<double>& v, int64_t T, int64_t heads, int64_t D) {

@@ -89,12 +89,21 @@ struct Problem {
 };
 
 struct Outputs {
+  // A row-sampled forward run (RunOptions::rows) may keep the [B, T, HQ, V] outputs -- o_cmp, o_slc, o_swa and
+  // o -- compact: then `rows` lists the sample's query rows (b * T + t, ascending, distinct) and row r of
+  // those tensors is query row rows[r]. Empty => full-size tensors. Every other tensor is full-size.
+  std::vector<int64_t> rows;
   std::vector<double> k_cmp, v_cmp, o_cmp, lse_cmp;
   std::vector<int32_t> block_indices;
   std::vector<double> o_slc, lse_slc, o_swa, lse_swa, o;  // o_swa / lse_swa empty when W == 0
   bool has_grads = false;
   std::vector<double> dq, dk, dv, dg_cmp, dg_slc, dg_swa, dk_cmp, dv_cmp;  // dg_x empty when gate x is absent
 };
+
+// A row sample as compact outputs order it: distinct, ascending. Throws InputError for a row outside [0, tokens).
+std::vector<int64_t> sorted_sample(std::vector<int64_t> rows, int64_t tokens);
+// Per query row of [0, tokens): its index in `sorted` (sorted_sample), or -1.
+std::vector<int64_t> sample_slots(const std::vector<int64_t>& sorted, int64_t tokens);
 
 // Reads and validates a problem (nsa-spec §6). `origin` names the file in errors.
 Problem load_problem(const SafetensorsFile& file, const std::string& origin, const ConfigOverrides& overrides = {},

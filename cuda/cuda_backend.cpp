@@ -2,6 +2,8 @@
 
 #include <cstdio>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -292,11 +294,25 @@ void CudaPipeline::forward() {
   run(Stage::Gate);
 }
 
-Outputs CudaPipeline::download() const {
+Outputs CudaPipeline::download(const std::vector<int64_t>& rows) const {
   check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(forward)");
   auto floats = [&](const DeviceBuffer& b, const char* name) {
     std::vector<uint8_t> bytes(b.bytes());
     if (!bytes.empty()) check(cudaMemcpy(bytes.data(), b.get(), bytes.size(), cudaMemcpyDeviceToHost), name);
+    return decode(bytes, opt_.dtype);
+  };
+  // A [B, T, HQ, V] output: every row, or only `rows` (compact, Outputs::rows), copied row by row.
+  const std::size_t row_bytes = count(L_.dims.HQ, L_.dims.V) * elem_size(opt_.dtype);
+  auto output_rows = [&](const DeviceBuffer& b, const char* name) {
+    if (rows.empty()) return floats(b, name);
+    std::vector<uint8_t> bytes(rows.size() * row_bytes);
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i] < 0 || std::size_t(rows[i] + 1) * row_bytes > b.bytes())
+        throw std::invalid_argument(std::string(name) + ": row " + std::to_string(rows[i]) + " out of range");
+      check(cudaMemcpy(bytes.data() + i * row_bytes, static_cast<const uint8_t*>(b.get()) + rows[i] * row_bytes,
+                       row_bytes, cudaMemcpyDeviceToHost),
+            name);
+    }
     return decode(bytes, opt_.dtype);
   };
   auto lse = [&](const DeviceBuffer& b, const char* name) {
@@ -305,21 +321,22 @@ Outputs CudaPipeline::download() const {
     return decode(bytes, ElemType::F32);
   };
   Outputs out;
+  out.rows = rows;
   out.k_cmp = floats(k_cmp_, "download k_cmp");
   out.v_cmp = floats(v_cmp_, "download v_cmp");
-  out.o_cmp = floats(o_cmp_, "download o_cmp");
+  out.o_cmp = output_rows(o_cmp_, "download o_cmp");
   out.lse_cmp = lse(lse_cmp_, "download lse_cmp");
   out.block_indices.resize(block_indices_.bytes() / 4);
   if (!out.block_indices.empty())
     check(cudaMemcpy(out.block_indices.data(), block_indices_.get(), block_indices_.bytes(), cudaMemcpyDeviceToHost),
           "download block_indices");
-  out.o_slc = floats(o_slc_, "download o_slc");
+  out.o_slc = output_rows(o_slc_, "download o_slc");
   out.lse_slc = lse(lse_slc_, "download lse_slc");
   if (L_.config.window > 0) {
-    out.o_swa = floats(o_swa_, "download o_swa");
+    out.o_swa = output_rows(o_swa_, "download o_swa");
     out.lse_swa = lse(lse_swa_, "download lse_swa");
   }
-  out.o = floats(o_, "download o");
+  out.o = output_rows(o_, "download o");
   return out;
 }
 
@@ -365,7 +382,8 @@ class CudaBackend : public Backend {
     cuda::CudaPipeline pipe(p.layout, po);
     pipe.upload(p);
     pipe.forward();
-    return pipe.download();
+    // A row sample keeps the [B, T, HQ, V] outputs compact (the forward is all this backend computes).
+    return pipe.download(sorted_sample(opt.rows, p.layout.dims.B * p.layout.dims.T));
   }
 };
 

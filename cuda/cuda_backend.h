@@ -81,8 +81,9 @@ class CudaPipeline {
   void run(Stage s);
   // mean pool -> compressed -> top-k (unless indices were given) -> selected -> sliding window (W > 0) -> gate.
   void forward();
-  // Waits for the stream and returns every forward output as doubles.
-  Outputs download() const;
+  // Waits for the stream and returns every forward output as doubles; with `rows` (sorted_sample), the
+  // [B, T, HQ, V] outputs hold only those query rows (Outputs::rows).
+  Outputs download(const std::vector<int64_t>& rows = {}) const;
 
   // Mean milliseconds of `work` (launches on stream()) over `iters` runs after `warmup`, by CUDA events.
   float time_ms(const std::function<void()>& work, int warmup, int iters);

@@ -342,6 +342,40 @@ TEST(CudaBackend, RejectsBlockCountsOverTheTopkLimitUnlessIndicesAreGiven) {
   EXPECT_NO_THROW(cuda::validate_layout(L, opt));
 }
 
+// A row sample downloads only the sampled rows of the [B, T, HQ, V] outputs (Outputs::rows), the same bytes as
+// the full download's rows; everything else is downloaded whole.
+TEST(CudaBackend, RowSampleDownloadsThoseRowsOfTheOutputs) {
+  SKIP_WITHOUT_DEVICE();
+  ProblemSpec s;
+  s.lengths = {90, 0, 41};
+  s.HQ = 8, s.H = 2, s.K = 64, s.V = 32;
+  s.config.block_size = 16;
+  s.config.block_count = 3;
+  s.config.window = 20;
+  s.gate_swa = true;
+  s.seed = 12;
+  const Problem p = rounded(test::random_problem(s), DType::BF16);
+  cuda::PipelineOptions po;
+  po.dtype = cuda::ElemType::BF16;
+  po.gate_swa = true;
+  cuda::CudaPipeline pipe(p.layout, po);
+  pipe.upload(p);
+  pipe.forward();
+  const std::vector<int64_t> rows = sorted_sample({130, 0, 77, 89, 90}, 131);
+  const Outputs full = pipe.download(), some = pipe.download(rows);
+  EXPECT_EQ(some.rows, rows);
+  const int64_t width = s.HQ * s.V;
+  for (auto field : {&Outputs::o_cmp, &Outputs::o_slc, &Outputs::o_swa, &Outputs::o}) {
+    ASSERT_EQ((some.*field).size(), rows.size() * width);
+    for (std::size_t r = 0; r < rows.size(); ++r)
+      for (int64_t x = 0; x < width; ++x)
+        ASSERT_EQ((some.*field)[r * width + x], (full.*field)[rows[r] * width + x]) << "row " << rows[r];
+  }
+  EXPECT_EQ(some.lse_slc, full.lse_slc);
+  EXPECT_EQ(some.block_indices, full.block_indices);
+  EXPECT_FALSE(test::all_zero(some.o));
+}
+
 TEST(CudaBackend, ForwardOnlyWhenTheProblemHasUpstreamGradients) {
   SKIP_WITHOUT_DEVICE();
   ProblemSpec s;

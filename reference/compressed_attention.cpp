@@ -78,7 +78,7 @@ struct Scratch {
 }  // namespace
 
 void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* q, const double* k_cmp,
-                                  const double* v_cmp, const Layout& L, const RowMask& rows) {
+                                  const double* v_cmp, const Layout& L, const RowMask& rows, const RowSlots& o_slots) {
   const Dims& d = L.dims;
   const int64_t G = d.G(), BS = L.BS();
   detail::for_each_tile<Scratch>(L, rows, [&](Scratch& s, const GroupTile& tile, const Sequence& seq) {
@@ -97,7 +97,8 @@ void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* 
     for (int64_t r = 0; r < n; ++r) {
       const int64_t t = s.positions[r / G], i = r % G;
       if (!detail::row_selected(rows, L, seq, t)) continue;
-      if (o_cmp) std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + detail::head_offset(L, seq, t, tile.h, i, d.V));
+      const int64_t o_row = output_row(o_slots, detail::flat_token(L, seq, t));
+      if (o_cmp) std::copy(&out(r, 0), &out(r, 0) + d.V, o_cmp + (o_row * d.HQ + tile.h * G + i) * d.V);
       lse_cmp[detail::head_offset(L, seq, t, tile.h, i, 1)] = s.lse[r];
     }
   });

@@ -19,19 +19,22 @@ struct Branch {
 }  // namespace
 
 void gate_forward(double* o, const double* o_cmp, const double* o_slc, const double* o_swa, const double* g_cmp,
-                  const double* g_slc, const double* g_swa, const Layout& L, const RowMask& rows) {
+                  const double* g_slc, const double* g_swa, const Layout& L, const RowMask& rows,
+                  const RowSlots& o_slots) {
   const Dims& d = L.dims;
   const std::array<Branch, 3> branches{Branch{g_slc, o_slc}, Branch{g_cmp, o_cmp}, Branch{g_swa, o_swa}};
   const int64_t tokens = d.B * d.T;
 #pragma omp parallel for schedule(static)
   for (int64_t token = 0; token < tokens; ++token) {
     if (!rows.empty() && !rows[token]) continue;
-    for (int64_t i = token * d.HQ; i < (token + 1) * d.HQ; ++i) {
-      double* out = o + i * d.V;
+    const int64_t o_row = output_row(o_slots, token);
+    for (int64_t head = 0; head < d.HQ; ++head) {
+      const int64_t i = token * d.HQ + head, at = (o_row * d.HQ + head) * d.V;  // gate index, output offset
+      double* out = o + at;
       for (int64_t x = 0; x < d.V; ++x) out[x] = 0;
       for (const Branch& b : branches)
         if (b.present())
-          for (int64_t x = 0; x < d.V; ++x) out[x] += b.gate[i] * b.out[i * d.V + x];
+          for (int64_t x = 0; x < d.V; ++x) out[x] += b.gate[i] * b.out[at + x];
     }
   }
 }

@@ -14,17 +14,12 @@ namespace {
 const double* ptr(const std::optional<std::vector<double>>& v) { return v ? v->data() : nullptr; }
 double* ptr_or_null(std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
 
-// Flat query tokens (b * T + t) -> a mask over all B * T tokens; none => every row.
-RowMask row_mask(const std::vector<int64_t>& rows, int64_t tokens) {
+// A sorted sample (sorted_sample) -> a mask over all B * T tokens; none => every row.
+RowMask row_mask(const std::vector<int64_t>& sorted, int64_t tokens) {
   RowMask mask;
-  if (rows.empty()) return mask;
+  if (sorted.empty()) return mask;
   mask.assign(tokens, 0);
-  for (int64_t r : rows) {
-    if (r < 0 || r >= tokens)
-      throw InputError("sampled row " + std::to_string(r) + " is outside the problem's " + std::to_string(tokens) +
-                       " query tokens (B * T)");
-    mask[r] = 1;
-  }
+  for (int64_t r : sorted) mask[r] = 1;
   return mask;
 }
 
@@ -37,19 +32,23 @@ Outputs run_reference(const Problem& p, const RunOptions& opt) {
   const int64_t tokens = d.B * d.T, C = L.chunks;
   const bool backward = p.has_backward() && opt.backward;
   const bool window = L.config.window > 0;
-  // The backward needs every forward row, so a row sample only narrows a forward-only run.
-  const RowMask rows = row_mask(opt.rows, tokens);
-  const RowMask& forward_rows = backward ? RowMask{} : rows;
+  // The backward needs every forward row, so a row sample only narrows a forward-only run; there the
+  // [B, T, HQ, V] outputs hold only the sampled rows (Outputs::rows).
+  const std::vector<int64_t> sample = sorted_sample(opt.rows, tokens);
+  const RowMask forward_rows = backward ? RowMask{} : row_mask(sample, tokens);
+  const RowSlots o_slots = backward || sample.empty() ? RowSlots{} : sample_slots(sample, tokens);
+  const int64_t o_rows = o_slots.empty() ? tokens : int64_t(sample.size());
 
   Outputs out;
+  if (!o_slots.empty()) out.rows = sample;
   out.k_cmp.assign(d.B * C * d.H * d.K, 0);
   out.v_cmp.assign(d.B * C * d.H * d.V, 0);
   mean_pool_forward(out.k_cmp.data(), out.v_cmp.data(), p.k.data(), p.v.data(), L);
 
-  out.o_cmp.assign(tokens * d.HQ * d.V, 0);
+  out.o_cmp.assign(o_rows * d.HQ * d.V, 0);
   out.lse_cmp.assign(tokens * d.HQ, 0);
   compressed_attention_forward(out.o_cmp.data(), out.lse_cmp.data(), p.q.data(), out.k_cmp.data(), out.v_cmp.data(), L,
-                               forward_rows);
+                               forward_rows, o_slots);
 
   if (p.block_indices) {
     out.block_indices = *p.block_indices;
@@ -59,20 +58,21 @@ Outputs run_reference(const Problem& p, const RunOptions& opt) {
   }
   const int32_t* counts = p.block_counts ? p.block_counts->data() : nullptr;
 
-  out.o_slc.assign(tokens * d.HQ * d.V, 0);
+  out.o_slc.assign(o_rows * d.HQ * d.V, 0);
   out.lse_slc.assign(tokens * d.HQ, 0);
   selected_attention_forward(out.o_slc.data(), out.lse_slc.data(), p.q.data(), p.k.data(), p.v.data(),
-                             out.block_indices.data(), counts, L, forward_rows);
+                             out.block_indices.data(), counts, L, forward_rows, o_slots);
 
   if (window) {
-    out.o_swa.assign(tokens * d.HQ * d.V, 0);
+    out.o_swa.assign(o_rows * d.HQ * d.V, 0);
     out.lse_swa.assign(tokens * d.HQ, 0);
-    sliding_window_forward(out.o_swa.data(), out.lse_swa.data(), p.q.data(), p.k.data(), p.v.data(), L, forward_rows);
+    sliding_window_forward(out.o_swa.data(), out.lse_swa.data(), p.q.data(), p.k.data(), p.v.data(), L, forward_rows,
+                           o_slots);
   }
 
-  out.o.assign(tokens * d.HQ * d.V, 0);
+  out.o.assign(o_rows * d.HQ * d.V, 0);
   gate_forward(out.o.data(), out.o_cmp.data(), out.o_slc.data(), ptr_or_null(out.o_swa), ptr(p.g_cmp), ptr(p.g_slc),
-               ptr(p.g_swa), L, forward_rows);
+               ptr(p.g_swa), L, forward_rows, o_slots);
   if (!backward) return out;
 
   out.has_grads = true;

@@ -192,20 +192,34 @@ TEST(Pipeline, SampledRowsMatchTheFullForward) {
   Problem p = test::random_problem(spec(50, 4, 2, 4, 4, 8, 3, 6));
   RunOptions full_opt, sampled_opt;
   full_opt.backward = sampled_opt.backward = false;
-  sampled_opt.rows = {0, 9, 31, 49};
+  sampled_opt.rows = {31, 0, 49, 9, 31};  // unordered, one row twice
   const Outputs full = run_reference(p, full_opt), sampled = run_reference(p, sampled_opt);
   EXPECT_TRUE(same_bytes(full.k_cmp, sampled.k_cmp));  // pooling is never sampled
-  for (int64_t t = 0; t < 50; ++t) {
-    const bool in = t == 0 || t == 9 || t == 31 || t == 49;
+  // The [B, T, HQ, V] outputs are compact: the sample's rows, ascending.
+  const std::vector<int64_t> rows{0, 9, 31, 49};
+  EXPECT_EQ(sampled.rows, rows);
+  EXPECT_TRUE(full.rows.empty());
+  for (const std::vector<double>* x : {&sampled.o_cmp, &sampled.o_slc, &sampled.o_swa, &sampled.o})
+    EXPECT_EQ(x->size(), 4u * 16);
+  for (std::size_t r = 0; r < rows.size(); ++r)
     // Sampled rows may be computed in differently shaped tiles, so they agree to rounding, not bit for bit.
     for (int64_t x = 0; x < 4 * 4; ++x) {
-      EXPECT_NEAR(sampled.o[t * 16 + x], in ? full.o[t * 16 + x] : 0.0, in ? 1e-13 : 0.0) << "token " << t;
-      EXPECT_NEAR(sampled.o_swa[t * 16 + x], in ? full.o_swa[t * 16 + x] : 0.0, in ? 1e-13 : 0.0) << "token " << t;
+      const int64_t at = rows[r] * 16 + x, compact = int64_t(r) * 16 + x;
+      EXPECT_NEAR(sampled.o_cmp[compact], full.o_cmp[at], 1e-13) << "token " << rows[r];
+      EXPECT_NEAR(sampled.o_slc[compact], full.o_slc[at], 1e-13) << "token " << rows[r];
+      EXPECT_NEAR(sampled.o_swa[compact], full.o_swa[at], 1e-13) << "token " << rows[r];
+      EXPECT_NEAR(sampled.o[compact], full.o[at], 1e-13) << "token " << rows[r];
     }
+  // The other outputs stay full-size, written only on sampled rows.
+  for (int64_t t = 0; t < 50; ++t) {
+    const bool in = t == 0 || t == 9 || t == 31 || t == 49;
+    for (int64_t i = 0; i < 4; ++i)
+      EXPECT_NEAR(sampled.lse_slc[t * 4 + i], in ? full.lse_slc[t * 4 + i] : 0.0, in ? 1e-13 : 0.0) << "token " << t;
     for (int64_t h = 0; h < 2; ++h)
       for (int64_t j = 0; j < 3; ++j)
         EXPECT_EQ(sampled.block_indices[(t * 2 + h) * 3 + j], in ? full.block_indices[(t * 2 + h) * 3 + j] : -1);
   }
+  EXPECT_FALSE(test::all_zero(sampled.o));
 }
 
 TEST(Pipeline, BackwardIgnoresTheRowSample) {

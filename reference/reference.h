@@ -4,7 +4,10 @@
 // backward functions accumulate (+=) into theirs.
 // `rows` (flat query tokens b * T + t; empty => all) restricts a forward stage to a sample of query rows,
 // which is what makes row-sampled verification of 64k-token sequences cheap: given k_cmp/v_cmp, every
-// forward stage is local to its query row. Rows not sampled are left untouched.
+// forward stage is local to its query row. Rows not sampled are left untouched. With `o_slots` (B * T entries,
+// sample_slots in core/problem.h) the [B, T, HQ, V] tensors o_cmp, o_slc, o_swa and o are compact instead:
+// query row r is row o_slots[r] of a [sample, HQ, V] tensor (Outputs::rows), so a sample of a long sequence
+// needs no full-size output.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -14,7 +17,10 @@
 
 namespace nsa::ref {
 
-using RowMask = std::vector<uint8_t>;  // size B * T, or empty for every row
+using RowMask = std::vector<uint8_t>;   // size B * T, or empty for every row
+using RowSlots = std::vector<int64_t>;  // size B * T (-1: not sampled), or empty for full-size outputs
+// The row of flat query token `token` in a [*, HQ, V] output: itself, or its compact row.
+inline int64_t output_row(const RowSlots& o_slots, int64_t token) { return o_slots.empty() ? token : o_slots[token]; }
 
 // mean_pool.cpp — k_cmp [B, C, H, K], v_cmp [B, C, H, V] from k [B, T, H, K], v [B, T, H, V].
 void mean_pool_forward(double* k_cmp, double* v_cmp, const double* k, const double* v, const Layout& L);
@@ -23,7 +29,8 @@ void mean_pool_backward(double* dk, double* dv, const double* dk_cmp, const doub
 
 // compressed_attention.cpp — o_cmp [B, T, HQ, V], lse_cmp [B, T, HQ]; o_cmp may be null (lse only).
 void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* q, const double* k_cmp,
-                                  const double* v_cmp, const Layout& L, const RowMask& rows = {});
+                                  const double* v_cmp, const Layout& L, const RowMask& rows = {},
+                                  const RowSlots& o_slots = {});
 // do_cmp [B, T, HQ, V] is already gated. dq [B,T,HQ,K], dk_cmp [B,C,H,K], dv_cmp [B,C,H,V] accumulate.
 void compressed_attention_backward(double* dq, double* dk_cmp, double* dv_cmp, const double* do_cmp, const double* q,
                                    const double* k_cmp, const double* v_cmp, const double* o_cmp,
@@ -52,21 +59,22 @@ void topk_scores(BlockScores& out, int64_t b, int64_t t, int64_t h, const double
 // selected_attention.cpp — o_slc [B, T, HQ, V], lse_slc [B, T, HQ]. block_counts [B, T, H] may be null.
 void selected_attention_forward(double* o_slc, double* lse_slc, const double* q, const double* k, const double* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const Layout& L,
-                                const RowMask& rows = {});
+                                const RowMask& rows = {}, const RowSlots& o_slots = {});
 void selected_attention_backward(double* dq, double* dk, double* dv, const double* do_slc, const double* q,
                                  const double* k, const double* v, const double* o_slc, const double* lse_slc,
                                  const int32_t* block_indices, const int32_t* block_counts, const Layout& L);
 
 // sliding_window.cpp — o_swa [B, T, HQ, V], lse_swa [B, T, HQ]; keys [max(0, t-W+1), t].
 void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, const double* k, const double* v,
-                            const Layout& L, const RowMask& rows = {});
+                            const Layout& L, const RowMask& rows = {}, const RowSlots& o_slots = {});
 void sliding_window_backward(double* dq, double* dk, double* dv, const double* do_swa, const double* q,
                              const double* k, const double* v, const double* o_swa, const double* lse_swa,
                              const Layout& L);
 
 // gating.cpp — o [B, T, HQ, V] = sum of gated branches; a null gate (or null branch) drops the branch.
 void gate_forward(double* o, const double* o_cmp, const double* o_slc, const double* o_swa, const double* g_cmp,
-                  const double* g_slc, const double* g_swa, const Layout& L, const RowMask& rows = {});
+                  const double* g_slc, const double* g_swa, const Layout& L, const RowMask& rows = {},
+                  const RowSlots& o_slots = {});
 // do_x = g_x * do (written, [B, T, HQ, V]); dg_x [B, T, HQ] accumulate. Null gate => that branch is skipped.
 void gate_backward(double* dg_cmp, double* dg_slc, double* dg_swa, double* do_cmp, double* do_slc, double* do_swa,
                    const double* d_o, const double* o_cmp, const double* o_slc, const double* o_swa,

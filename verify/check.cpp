@@ -84,11 +84,13 @@ std::vector<int32_t> in_range_indices(const std::vector<int32_t>& indices, const
 }
 
 // `fixed_indices` (the yardstick's case) overrides the selection so that both computations use the same one.
-Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& rows, const Precision& rd,
-                     const std::vector<int32_t>* fixed_indices, bool with_grads) {
+// `o_slots` (compact candidates, Outputs::rows) makes the [B, T, HQ, V] outputs compact as the candidate's.
+Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& rows, const ref::RowSlots& o_slots,
+                     const Precision& rd, const std::vector<int32_t>* fixed_indices, bool with_grads) {
   const Layout& L = p.layout;
   const Dims& d = L.dims;
   const int64_t C = L.chunks, tokens = d.B * d.T;
+  const int64_t o_rows = o_slots.empty() ? tokens : int64_t(cand.rows.size());  // rows of the [*, HQ, V] outputs
   Problem rounded;
   const Problem* in = &p;
   if (rd.dtype) {
@@ -109,6 +111,7 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
 
   Recomputed r;
   Outputs& e = r.expected;
+  if (!o_slots.empty()) e.rows = cand.rows;
   e.k_cmp.assign(d.B * C * d.H * d.K, 0);
   e.v_cmp.assign(d.B * C * d.H * d.V, 0);
   ref::mean_pool_forward(e.k_cmp.data(), e.v_cmp.data(), in->k.data(), in->v.data(), L);
@@ -118,9 +121,9 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
   Vec k_cmp_own, v_cmp_own;
   const double* k_cmp = upstream(cand.k_cmp, e.k_cmp, k_cmp_own);
   const double* v_cmp = upstream(cand.v_cmp, e.v_cmp, v_cmp_own);
-  e.o_cmp.assign(tokens * d.HQ * d.V, 0);
+  e.o_cmp.assign(o_rows * d.HQ * d.V, 0);
   e.lse_cmp.assign(tokens * d.HQ, 0);
-  ref::compressed_attention_forward(e.o_cmp.data(), e.lse_cmp.data(), in->q.data(), k_cmp, v_cmp, L, rows);
+  ref::compressed_attention_forward(e.o_cmp.data(), e.lse_cmp.data(), in->q.data(), k_cmp, v_cmp, L, rows, o_slots);
   if (!rd.dtype) {
     if (cand.k_cmp.empty()) {
       r.lse_cmp_true = e.lse_cmp;  // lse depends on k_cmp only
@@ -146,17 +149,18 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
   }
   const int32_t* counts = p.block_counts ? p.block_counts->data() : nullptr;
 
-  e.o_slc.assign(tokens * d.HQ * d.V, 0);
+  e.o_slc.assign(o_rows * d.HQ * d.V, 0);
   e.lse_slc.assign(tokens * d.HQ, 0);
   ref::selected_attention_forward(e.o_slc.data(), e.lse_slc.data(), in->q.data(), in->k.data(), in->v.data(),
-                                  r.used_indices.data(), counts, L, rows);
+                                  r.used_indices.data(), counts, L, rows, o_slots);
   rd.apply(e.o_slc);
   rd.apply(e.lse_slc);
 
   if (L.config.window > 0) {
-    e.o_swa.assign(tokens * d.HQ * d.V, 0);
+    e.o_swa.assign(o_rows * d.HQ * d.V, 0);
     e.lse_swa.assign(tokens * d.HQ, 0);
-    ref::sliding_window_forward(e.o_swa.data(), e.lse_swa.data(), in->q.data(), in->k.data(), in->v.data(), L, rows);
+    ref::sliding_window_forward(e.o_swa.data(), e.lse_swa.data(), in->q.data(), in->k.data(), in->v.data(), L, rows,
+                                o_slots);
     rd.apply(e.o_swa);
     rd.apply(e.lse_swa);
   }
@@ -165,8 +169,9 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
   const double* o_cmp = upstream(cand.o_cmp, e.o_cmp, o_cmp_own);
   const double* o_slc = upstream(cand.o_slc, e.o_slc, o_slc_own);
   const double* o_swa = L.config.window > 0 ? upstream(cand.o_swa, e.o_swa, o_swa_own) : nullptr;
-  e.o.assign(tokens * d.HQ * d.V, 0);
-  ref::gate_forward(e.o.data(), o_cmp, o_slc, o_swa, gate(in->g_cmp), gate(in->g_slc), gate(in->g_swa), L, rows);
+  e.o.assign(o_rows * d.HQ * d.V, 0);
+  ref::gate_forward(e.o.data(), o_cmp, o_slc, o_swa, gate(in->g_cmp), gate(in->g_slc), gate(in->g_swa), L, rows,
+                    o_slots);
   rd.apply(e.o);
 
   if (with_grads) {
@@ -261,8 +266,20 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   require_size("k_cmp", cand.k_cmp.size(), d.B * C * d.H * d.K);
   require_size("v_cmp", cand.v_cmp.size(), d.B * C * d.H * d.V);
   require_size("block_indices", cand.block_indices.size(), tokens * d.H * L.S());
+  // A compact candidate (Outputs::rows) must hold exactly the rows the check samples.
+  const bool compact = !cand.rows.empty();
+  if (compact) {
+    std::vector<int64_t> sampled;
+    for (int64_t r = 0; r < int64_t(rows.size()); ++r)
+      if (rows[r]) sampled.push_back(r);
+    if (sampled != cand.rows)
+      fail_input("", "o", "the candidate's " + std::to_string(cand.rows.size()) + " compact rows are not the " +
+                              std::to_string(sampled.size()) + " rows this check samples");
+  }
+  const ref::RowSlots o_slots = compact ? sample_slots(cand.rows, tokens) : ref::RowSlots{};
+  const int64_t o_rows = compact ? int64_t(cand.rows.size()) : tokens;
   for (const auto& [name, x] : {std::pair<const char*, const Vec*>{"o_cmp", &cand.o_cmp}, {"o_slc", &cand.o_slc}, {"o_swa", &cand.o_swa}})
-    require_size(name, x->size(), tokens * d.HQ * d.V);
+    require_size(name, x->size(), o_rows * d.HQ * d.V);
 
   CheckReport rep;
   rep.candidate_dtype = candidate_dtype;
@@ -270,10 +287,10 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   rep.sampled_rows = std::count(rows.begin(), rows.end(), uint8_t(1));
   // Row-sampled mode checks forward tensors only.
   const bool with_grads = rows.empty() && p.has_backward() && cand.has_grads;
-  const Recomputed ref = recompute(p, cand, rows, Precision{}, nullptr, with_grads);
+  const Recomputed ref = recompute(p, cand, rows, o_slots, Precision{}, nullptr, with_grads);
   std::optional<Recomputed> yard;
   if (opt.baseline_relative)
-    yard = recompute(p, cand, rows, Precision{candidate_dtype}, &ref.used_indices, with_grads);
+    yard = recompute(p, cand, rows, o_slots, Precision{candidate_dtype}, &ref.used_indices, with_grads);
 
   const double tol = opt.rtol_override.value_or(opt.tol.for_dtype(candidate_dtype));
   const std::vector<uint8_t> empty_cmp = empty_compressed_rows(L);
@@ -281,6 +298,9 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   const TensorGeometry pooled_k{d.B, L.chunks, d.H, d.K}, pooled_v{d.B, L.chunks, d.H, d.V};
   const TensorGeometry out_q{d.B, d.T, d.HQ, d.K}, out_v{d.B, d.T, d.HQ, d.V}, per_head{d.B, d.T, d.HQ, 0};
   const TensorGeometry kv_k{d.B, d.T, d.H, d.K}, kv_v{d.B, d.T, d.H, d.V};
+  // The [*, HQ, V] outputs: compact ones hold only sampled rows, so every row of theirs is compared.
+  TensorGeometry out_o = out_v;
+  if (compact) out_o = TensorGeometry{1, o_rows, d.HQ, d.V, &cand.rows, d.T};
 
   auto compare = [&](const char* name, const char* stage, std::vector<double> Outputs::*field, const TensorGeometry& g,
                      bool per_token, const std::vector<uint8_t>* empty = nullptr) {
@@ -303,7 +323,7 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
 
   compare("k_cmp", "mean_pool", &Outputs::k_cmp, pooled_k, false);
   compare("v_cmp", "mean_pool", &Outputs::v_cmp, pooled_v, false);
-  compare("o_cmp", "compressed_attention", &Outputs::o_cmp, out_v, true);
+  compare("o_cmp", "compressed_attention", &Outputs::o_cmp, out_o, !compact);
   compare("lse_cmp", "compressed_attention", &Outputs::lse_cmp, per_head, true, &empty_cmp);
   if (!cand.block_indices.empty()) {
     if (p.block_indices)
@@ -312,11 +332,11 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
       rep.topk = check_topk(cand.block_indices, p, ref.expected.k_cmp.data(), ref.lse_cmp_true.data(),
                             opt.tie.for_dtype(candidate_dtype), opt.tie.atol, rows);
   }
-  compare("o_slc", "selected_attention", &Outputs::o_slc, out_v, true);
+  compare("o_slc", "selected_attention", &Outputs::o_slc, out_o, !compact);
   compare("lse_slc", "selected_attention", &Outputs::lse_slc, per_head, true, &empty_slc);
-  compare("o_swa", "sliding_window", &Outputs::o_swa, out_v, true);
+  compare("o_swa", "sliding_window", &Outputs::o_swa, out_o, !compact);
   compare("lse_swa", "sliding_window", &Outputs::lse_swa, per_head, true);
-  compare("o", "gating", &Outputs::o, out_v, true);
+  compare("o", "gating", &Outputs::o, out_o, !compact);
   compare("dq", "backward", &Outputs::dq, out_q, true);
   compare("dk", "backward", &Outputs::dk, kv_k, true);
   compare("dv", "backward", &Outputs::dv, kv_v, true);

@@ -87,6 +87,9 @@ const std::vector<std::string>& check_stages();
 // when D == 0. rows is T for per-token tensors and C for pooled ones.
 struct TensorGeometry {
   int64_t B = 1, rows = 1, heads = 1, D = 0;
+  // A compact tensor of sampled rows (Outputs::rows): row r is query row (*sample)[r] = b * T + t.
+  const std::vector<int64_t>* sample = nullptr;
+  int64_t T = 0;
 };
 
 struct CompareRule {

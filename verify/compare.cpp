@@ -13,8 +13,13 @@ std::string where(const TensorGeometry& g, int64_t flat) {
   const int64_t D = g.D ? g.D : 1;
   const int64_t d = flat % D;
   const int64_t head = (flat / D) % g.heads;
-  const int64_t row = (flat / D / g.heads) % g.rows;
-  const int64_t b = flat / D / g.heads / g.rows;
+  int64_t row = (flat / D / g.heads) % g.rows;
+  int64_t b = flat / D / g.heads / g.rows;
+  if (g.sample) {  // compact: report the query row's own place
+    const int64_t token = (*g.sample)[flat / D / g.heads];
+    b = token / g.T;
+    row = token % g.T;
+  }
   std::string s = "[" + std::to_string(b) + ", " + std::to_string(row) + ", " + std::to_string(head);
   if (g.D) s += ", " + std::to_string(d);
   return s + "]";

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/errors.h"
 #include "reference/test_util.h"
 #include "verify/check.h"
 
@@ -399,6 +400,44 @@ TEST_F(Mutation, RowSampledModeComparesOnlySampledForwardRows) {
   regate(p, bad);
   const CheckReport hit = check(p, bad, DType::F32, opt);
   EXPECT_EQ(hit.first_failing_stage, "selected_attention") << describe(hit);
+}
+
+// The candidate as a row-sampled backend returns it: [B, T, HQ, V] outputs holding only `rows` (ascending).
+Outputs compact(const Outputs& full, const std::vector<int64_t>& rows, int64_t row_size) {
+  Outputs c = full;
+  c.rows = rows;
+  for (Vec* x : {&c.o_cmp, &c.o_slc, &c.o_swa, &c.o}) {
+    if (x->empty()) continue;
+    Vec kept;
+    for (int64_t r : rows) kept.insert(kept.end(), x->begin() + r * row_size, x->begin() + (r + 1) * row_size);
+    *x = std::move(kept);
+  }
+  return c;
+}
+
+TEST_F(Mutation, CompactRowSampledCandidateIsCheckedOnItsRows) {
+  const Dims& d = p.layout.dims;
+  const std::vector<int64_t> rows{3, 40, 99, 150, 181};
+  CheckOptions opt;
+  opt.rows.assign(d.B * d.T, 0);
+  for (int64_t r : rows) opt.rows[r] = 1;
+  const CheckReport ok = check(p, compact(good, rows, d.HQ * d.V), DType::F32, opt);
+  EXPECT_TRUE(ok.pass) << describe(ok);
+  for (const TensorCheck& t : ok.tensors)
+    if (t.name == "o_slc") EXPECT_EQ(t.compared, int64_t(rows.size()) * d.HQ * d.V);
+
+  Outputs bad = good;
+  bad.o_slc[(150 * d.HQ + 1) * d.V + 2] += 1;  // row 150 (compact row 3), head 1, column 2
+  regate(p, bad);
+  const CheckReport hit = check(p, compact(bad, rows, d.HQ * d.V), DType::F32, opt);
+  EXPECT_EQ(hit.first_failing_stage, "selected_attention") << describe(hit);
+  bool named = false;
+  for (const TensorCheck& t : hit.tensors)
+    if (t.name == "o_slc") named = t.worst_where == "[" + std::to_string(150 / d.T) + ", " + std::to_string(150 % d.T) + ", 1, 2]";
+  EXPECT_TRUE(named) << describe(hit);
+
+  // Compact rows other than the check's sample cannot be compared.
+  EXPECT_THROW(check(p, compact(good, {3, 40, 99, 150}, d.HQ * d.V), DType::F32, opt), InputError);
 }
 
 // A bf16 candidate built like a bf16 kernel: every stage's output rounded to bf16, with the next stage
