@@ -13,7 +13,9 @@ namespace nsa {
 struct RunOptions {
   int threads = 0;                // CPU threads; 0 => OpenMP's default
   bool backward = true;           // compute gradients when the problem has `do`
-  std::vector<int64_t> rows;      // forward only on these flat query tokens (b * T + t); empty => all rows
+  // Forward only on these flat query tokens (b * T + t); empty => all rows. A forward-only run returns its
+  // [B, T, HQ, V] outputs compact (Outputs::rows).
+  std::vector<int64_t> rows;
 };
 
 class Backend {
