@@ -3,9 +3,6 @@
 // -> sliding window (W > 0) -> gating. Backward: gating -> selected / sliding / compressed -> mean pooling.
 #include <omp.h>
 
-#include <string>
-
-#include "core/errors.h"
 #include "reference/reference.h"
 
 namespace nsa::ref {
