@@ -326,10 +326,10 @@ __device__ __forceinline__ void write_selection(int32_t* out, const Candidates& 
   const int n = *cb.count, k = min(ti.keep, n);
   const bool ranked = k > 0 && n > k && warp_keep_best(bs, bi, n, k, lane).ranked;
   const int nf = min(forced_count(paper, ti.cur), S);
+  const float forced_score = paper ? 1.f : float(G);  // the highest possible score (see the top of the file)
   if (ranked) {
     // bs[0, k) are in rank order (k <= 32): the forced blocks (ascending, one score) merge in, each side
     // counting the entries of the other that go before it.
-    const float forced_score = paper ? 1.f : float(G);
     const bool has = lane < k;
     const float si = has ? bs[lane] : 0.f;
     const int bi_i = has ? bi[lane] : 0;
@@ -346,7 +346,7 @@ __device__ __forceinline__ void write_selection(int32_t* out, const Candidates& 
     return;
   }
   if (lane < nf) {
-    bs[k + lane] = paper ? 1.f : float(G);
+    bs[k + lane] = forced_score;
     bi[k + lane] = forced_block(paper, ti.cur, lane);
   }
   __syncwarp();
@@ -722,8 +722,9 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
 }
 
 // Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16}, pooled blocks to
-// score, int32 tensor-map coordinates, 16-byte aligned tensors, compute capability 9.x and the shared memory.
-bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap) {
+// score, int32 tensor-map coordinates, 16-byte aligned tensors, compute capability 9.x; and a candidate buffer
+// whose shared memory fits (sm90_cap > 0).
+bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp) {
   const int64_t G = L.G();
   if (L.dtype == ElemType::F32 || L.H == 0 || L.B * L.C == 0) return false;
   if ((L.K != 64 && L.K != 128) || 16 % G != 0 || G < kSm90MinG) return false;
@@ -731,10 +732,7 @@ bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, int cap)
     return false;
   if (L.num_seqs > 65535 || L.H > 65535) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp)) % 16) return false;
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") != 9)
-    return false;
-  return Sm90Layout<128, 3>::bytes(int(Sm90Shape<3>::kRows / G), cap) <=
-         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") == 9;
 }
 
 // The sm_90 kernel's candidate buffer: the largest multiple of 16 up to kSm90Cap whose layout fits (small
@@ -826,7 +824,7 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
     P.scale_log2 = L.scale * 1.4426950408889634f;
     if constexpr (Elem<T>::kTensorCore) {
       const int cap = sm90_cap(L);
-      if (choice == KernelChoice::Auto && cap > 0 && sm90_fits(L, q, k_cmp, cap)) {
+      if (choice == KernelChoice::Auto && cap > 0 && sm90_fits(L, q, k_cmp)) {
         P.cap = cap;
         launch_sm90<T>(P, block_indices, q, k_cmp, lse_cmp, s);
         return;
