@@ -311,11 +311,19 @@ SafetensorsFile problem_to_file(const Problem& p) {
   return f;
 }
 
-std::vector<int64_t> sorted_sample(std::vector<int64_t> rows, int64_t tokens) {
+namespace {
+
+void require_rows_inside(const std::vector<int64_t>& rows, int64_t tokens) {
   for (int64_t r : rows)
     if (r < 0 || r >= tokens)
       throw InputError("sampled row " + std::to_string(r) + " is outside the problem's " + std::to_string(tokens) +
                        " query tokens (B * T)");
+}
+
+}  // namespace
+
+std::vector<int64_t> sorted_sample(std::vector<int64_t> rows, int64_t tokens) {
+  require_rows_inside(rows, tokens);
   std::sort(rows.begin(), rows.end());
   rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
   return rows;
@@ -325,6 +333,15 @@ std::vector<int64_t> sample_slots(const std::vector<int64_t>& sorted, int64_t to
   std::vector<int64_t> slots(tokens, -1);
   for (std::size_t i = 0; i < sorted.size(); ++i) slots[sorted[i]] = int64_t(i);
   return slots;
+}
+
+std::vector<uint8_t> sample_mask(const std::vector<int64_t>& rows, int64_t tokens) {
+  require_rows_inside(rows, tokens);
+  std::vector<uint8_t> mask;
+  if (rows.empty()) return mask;
+  mask.assign(tokens, 0);
+  for (int64_t r : rows) mask[r] = 1;
+  return mask;
 }
 
 void add_outputs(SafetensorsFile& f, const Problem& p, const Outputs& o, DType out) {

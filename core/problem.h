@@ -104,6 +104,9 @@ struct Outputs {
 std::vector<int64_t> sorted_sample(std::vector<int64_t> rows, int64_t tokens);
 // Per query row of [0, tokens): its index in `sorted` (sorted_sample), or -1.
 std::vector<int64_t> sample_slots(const std::vector<int64_t>& sorted, int64_t tokens);
+// Per query row of [0, tokens): 1 where `rows` holds it, else 0 (a row mask; empty when `rows` is). Throws
+// InputError for a row outside [0, tokens).
+std::vector<uint8_t> sample_mask(const std::vector<int64_t>& rows, int64_t tokens);
 
 // Reads and validates a problem (nsa-spec §6). `origin` names the file in errors.
 Problem load_problem(const SafetensorsFile& file, const std::string& origin, const ConfigOverrides& overrides = {},

@@ -11,15 +11,6 @@ namespace {
 const double* ptr(const std::optional<std::vector<double>>& v) { return v ? v->data() : nullptr; }
 double* ptr_or_null(std::vector<double>& v) { return v.empty() ? nullptr : v.data(); }
 
-// A sorted sample (sorted_sample) -> a mask over all B * T tokens; none => every row.
-RowMask row_mask(const std::vector<int64_t>& sorted, int64_t tokens) {
-  RowMask mask;
-  if (sorted.empty()) return mask;
-  mask.assign(tokens, 0);
-  for (int64_t r : sorted) mask[r] = 1;
-  return mask;
-}
-
 }  // namespace
 
 Outputs run_reference(const Problem& p, const RunOptions& opt) {
@@ -32,7 +23,7 @@ Outputs run_reference(const Problem& p, const RunOptions& opt) {
   // The backward needs every forward row, so a row sample only narrows a forward-only run; there the
   // [B, T, HQ, V] outputs hold only the sampled rows (Outputs::rows).
   const std::vector<int64_t> sample = sorted_sample(opt.rows, tokens);
-  const RowMask forward_rows = backward ? RowMask{} : row_mask(sample, tokens);
+  const RowMask forward_rows = backward ? RowMask{} : sample_mask(sample, tokens);
   const RowSlots o_slots = backward || sample.empty() ? RowSlots{} : sample_slots(sample, tokens);
   const int64_t o_rows = o_slots.empty() ? tokens : int64_t(sample.size());
 

@@ -85,8 +85,7 @@ int run_check(const CheckArgs& a) {
   opt.threads = a.threads;
   if (a.sample_rows > 0) {
     const int64_t tokens = p.layout.dims.B * p.layout.dims.T;
-    opt.rows.assign(tokens, 0);
-    for (int64_t r : gen::sample_rows(tokens, a.sample_rows, a.seed)) opt.rows[r] = 1;
+    opt.rows = sample_mask(gen::sample_rows(tokens, a.sample_rows, a.seed), tokens);
   }
   CheckReport report = check_candidate(p, candidate, candidate_dtype, opt);
   report.case_name = a.actual;

@@ -135,8 +135,7 @@ int run_verify(const VerifyArgs& a) {
         const int64_t total = p.layout.dims.B * p.layout.dims.T;
         run.rows = gen::sample_rows(total, a.sample_rows, a.seed);
         run.backward = false;  // row sampling covers the forward (nsa-spec §5.4)
-        opt.rows.assign(total, 0);
-        for (int64_t r : run.rows) opt.rows[r] = 1;
+        opt.rows = sample_mask(run.rows, total);
       }
       const Outputs candidate = backend->run(p, run);
       CheckReport r = check_candidate(p, candidate, backend->compute_dtype(p.input_dtype), opt);
