@@ -202,15 +202,15 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
       const float next = lazy_reference(m[half], mx[half]);
       // A row with nothing visible yet keeps a finite reference so that exp2 gives 0, not NaN.
       ref[half] = next == -INFINITY ? 0.f : next;
-      alpha[half] = next == m[half] ? 1.f : exp2f(m[half] - ref[half]);
+      alpha[half] = next == m[half] ? 1.f : exp2_ftz(m[half] - ref[half]);
       m[half] = next;
     }
     if (masked) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) x[i] = exp2f(x[i] - ref[(i / 2) % 2]);
+      for (int i = 0; i < 32; ++i) x[i] = exp2_ftz(x[i] - ref[(i / 2) % 2]);
     } else {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) x[i] = exp2f(fmaf(s[i], sc, -ref[(i / 2) % 2]));
+      for (int i = 0; i < 32; ++i) x[i] = exp2_ftz(fmaf(s[i], sc, -ref[(i / 2) % 2]));
     }
 #pragma unroll
     for (int i = 0; i < 32; ++i) sum[(i / 2) % 2] += x[i];

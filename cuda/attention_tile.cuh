@@ -294,13 +294,13 @@ struct WarpAttention {
         const float new_max = fmaxf(row_max[ri], mx);
         // A row that has seen no key yet keeps max -inf; subtracting 0 then keeps every p at exactly 0.
         const float base = new_max == -INFINITY ? 0.f : new_max;
-        const float alpha = exp2f(row_max[ri] - base);
+        const float alpha = exp2_ftz(row_max[ri] - base);
         row_max[ri] = new_max;
         float sum = 0.f;
 #pragma unroll
         for (int n = 0; n < kSTiles; ++n) {
-          s[m][n][2 * rr] = exp2f(s[m][n][2 * rr] - base);
-          s[m][n][2 * rr + 1] = exp2f(s[m][n][2 * rr + 1] - base);
+          s[m][n][2 * rr] = exp2_ftz(s[m][n][2 * rr] - base);
+          s[m][n][2 * rr + 1] = exp2_ftz(s[m][n][2 * rr + 1] - base);
           sum += s[m][n][2 * rr] + s[m][n][2 * rr + 1];
         }
         row_sum[ri] = row_sum[ri] * alpha + sum;

@@ -139,16 +139,16 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
     const float new_a = lazy_reference(m_a, mx_a), new_b = lazy_reference(m_b, mx_b);
     // A row with nothing visible yet keeps a finite reference so that exp2 gives 0, not NaN.
     const float ref_a = new_a == -INFINITY ? 0.f : new_a, ref_b = new_b == -INFINITY ? 0.f : new_b;
-    const float alpha_a = new_a == m_a ? 1.f : exp2f(m_a - ref_a), alpha_b = new_b == m_b ? 1.f : exp2f(m_b - ref_b);
+    const float alpha_a = new_a == m_a ? 1.f : exp2_ftz(m_a - ref_a), alpha_b = new_b == m_b ? 1.f : exp2_ftz(m_b - ref_b);
     m_a = new_a;
     m_b = new_b;
     float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
     for (int j = 0; j < kBN / 8; ++j) {
-      s[j][0] = exp2f(s[j][0] - ref_a);
-      s[j][1] = exp2f(s[j][1] - ref_a);
-      s[j][2] = exp2f(s[j][2] - ref_b);
-      s[j][3] = exp2f(s[j][3] - ref_b);
+      s[j][0] = exp2_ftz(s[j][0] - ref_a);
+      s[j][1] = exp2_ftz(s[j][1] - ref_a);
+      s[j][2] = exp2_ftz(s[j][2] - ref_b);
+      s[j][3] = exp2_ftz(s[j][3] - ref_b);
       sum_a += s[j][0] + s[j][1];
       sum_b += s[j][2] + s[j][3];
     }

@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kWarps * 32) block_attention(const BlockParams
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float base = mx[e >> 1] == -INFINITY ? 0.f : mx[e >> 1];
-        s[nt][e] = exp2f(s[nt][e] - base);
+        s[nt][e] = exp2_ftz(s[nt][e] - base);
         sum[e >> 1] += s[nt][e];
       }
     // O = P V.

@@ -235,7 +235,7 @@ struct ConsumerState {
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
         const float next = lazy_reference(ref[ri], mx[ri]);
-        alpha[ri] = next == ref[ri] ? 1.f : exp2f(ref[ri] - next);
+        alpha[ri] = next == ref[ri] ? 1.f : exp2_ftz(ref[ri] - next);
         sum[ri] *= alpha[ri];
         ref[ri] = next;
       }
@@ -250,7 +250,7 @@ struct ConsumerState {
     for (int nt = 0; nt < kTileKeys / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        x[nt][e] = exp2f(x[nt][e] - base[e >> 1]);
+        x[nt][e] = exp2_ftz(x[nt][e] - base[e >> 1]);
         sum[e >> 1] += x[nt][e];
       }
     // O += P V per 16-key step: P as the A fragment (row g | g + 8) x (keys 0-7 | 8-15), B fragments of V by

@@ -494,7 +494,7 @@ __global__ void __launch_bounds__(W * 32, 2)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int half = e / 2, col = c0 + col0 + j * 8 + (e & 1);
-          s[j][e] = col < lim[half] ? exp2f(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
+          s[j][e] = col < lim[half] ? exp2_ftz(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
         }
       if (direct) {
         store_head_sums(s, score, tl, G, lane);
@@ -682,13 +682,13 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
       float p[kBN / 8][4];
       if (c0 + kBN <= min(lim[0], lim[1])) {  // both rows score the whole tile
 #pragma unroll
-        for (int i = 0; i < 32; ++i) p[i / 4][i % 4] = exp2f(s[i] * P.scale_log2 - lse2[(i / 2) % 2]);
+        for (int i = 0; i < 32; ++i) p[i / 4][i % 4] = exp2_ftz(s[i] * P.scale_log2 - lse2[(i / 2) % 2]);
       } else {
         const int col0 = c0 + (lane % 4) * 2;
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
           const int half = (i / 2) % 2, col = col0 + 8 * (i / 4) + (i % 2);
-          p[i / 4][i % 4] = col < lim[half] ? exp2f(s[i] * P.scale_log2 - lse2[half]) : 0.f;
+          p[i / 4][i % 4] = col < lim[half] ? exp2_ftz(s[i] * P.scale_log2 - lse2[half]) : 0.f;
         }
       }
       store_head_sums(p, score, tl, G, lane);
