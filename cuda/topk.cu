@@ -621,7 +621,7 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   const int64_t chunk_base = seq.batch * L.C + seq.chunk_start;
   const int64_t last_token = min(t0 + tpt, seq.length) - 1;
   const int lim_max = paper ? int((last_token + 1) / BS) : int(last_token / BS);
-  const int tiles = (lim_max + kBN - 1) / kBN;
+  const int tiles = __shfl_sync(kFull, (lim_max + kBN - 1) / kBN, 0);  // warp-uniform, as `wg` below
   for (int i = threadIdx.x; i < tpt; i += blockDim.x) {
     buf_count[i] = 0;
     buf_thr[i] = -INFINITY;
@@ -652,7 +652,9 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   }
 
   // Consumers: this thread's rows lane / 4 and lane / 4 + 8 of its warp's 16 (the accumulator layout).
-  const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The warpgroup index broadcast from lane 0 is known to be warp-uniform, so the wgmma descriptors built from
+  // it stay in uniform registers (else each costs an R2UR move).
+  const int wg = __shfl_sync(kFull, threadIdx.x / 128, 0), warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int tl[2], lim[2];
   float lse2[2];
 #pragma unroll
