@@ -63,6 +63,7 @@ struct Sm90Params {
   int64_t row_tokens, row_chunks;   // L.T, L.C
   int HQ, G, BS, W;                 // W: the window (sliding-window kernel)
   int heads, tokens, chunks;        // a 64-row tile: heads x tokens; head chunks per group (G / heads)
+  int heads_shift;                  // log2(heads): heads is a power of two (G divides 64, or heads = 64)
   float scale_log2;
 };
 
@@ -76,13 +77,15 @@ struct Unit {
 }
 
 // The keys a token sees: pooled blocks [0, NC(t)) or, with kWindow, tokens [max(0, t - W + 1), t + 1).
+// Positions are below 2^31 (shape_fits), so this is 32-bit arithmetic (a 64-bit division is dozens of
+// instructions, and every thread computes these for its rows).
 template <bool kWindow, typename T>
 __device__ __forceinline__ int key_begin(int64_t t, const Sm90Params<T>& p) {
-  return kWindow ? int(max(int64_t(0), t - p.W + 1)) : 0;
+  return kWindow ? max(0, int(t) - p.W + 1) : 0;
 }
 template <bool kWindow, typename T>
 __device__ __forceinline__ int key_end(int64_t t, const Sm90Params<T>& p) {
-  return kWindow ? int(t + 1) : int((t + 1) / p.BS);
+  return kWindow ? int(t) + 1 : (int(t) + 1) / p.BS;
 }
 
 template <typename T, int KD, int VD, bool kWindow>
@@ -141,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = warp * 16 + lane / 4 + 8 * i;
-    tok[i] = u.t0 + r / p.heads;
+    tok[i] = u.t0 + (r >> p.heads_shift);
     const bool valid = tok[i] < seq.length;
     lo[i] = valid ? key_begin<kWindow>(tok[i], p) : 0;
     hi[i] = valid ? key_end<kWindow>(tok[i], p) : 0;
@@ -164,12 +167,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   };
   // O += P V of tile j: 16 keys (two 8-row groups of V) per k-step, one 64-column box of V per MMA.
   auto issue_pv = [&](int j) {
-    const uint32_t v_addr = stage_addr(j) + Ly::kV;
+    const uint64_t v_desc = wgmma_desc(stage_addr(j) + Ly::kV);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-      for (int b = 0; b < VD / 64; ++b) wgmma_rs<T>(o[b], pf[kk], wgmma_desc(v_addr + b * kBoxBytes + kk * 2048));
+      for (int b = 0; b < VD / 64; ++b) wgmma_rs<T>(o[b], pf[kk], wgmma_desc_step(v_desc, b * kBoxBytes + kk * 2048));
     wgmma_commit();
   };
   // Tile j's logits (the accumulators, only read) -> probabilities x relative to each row's reference, and the
@@ -282,7 +285,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     for (int off = 1; off < 4; off *= 2) l[half] += __shfl_xor_sync(kFull, l[half], off);
     if (tok[half] >= seq.length) continue;
     const int r = warp * 16 + lane / 4 + 8 * half;
-    const int64_t row = (tok_base + tok[half]) * p.HQ + h * p.G + u.head0 + r % p.heads;
+    const int64_t row = (tok_base + tok[half]) * p.HQ + h * p.G + u.head0 + (r & (p.heads - 1));
     const bool seen = hi[half] > lo[half];
     const float inv = seen ? 1.f / l[half] : 0.f;
     T* out = p.o + row * VD + 2 * (lane % 4);
@@ -292,7 +295,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
       for (int i = 0; i < 8; ++i)
         *reinterpret_cast<uint32_t*>(out + b * 64 + 8 * i) =
             MmaElem<T>::pack(o[b][4 * i + 2 * half] * inv, o[b][4 * i + 2 * half + 1] * inv);
-    if (lane % 4 == 0) p.lse[row] = seen ? (m[half] + log2f(l[half])) * kLn2 : 0.f;
+    // l >= 1 (the row's largest weight is at least 2^0 against the lazy reference): the approximate log2 is
+    // within 2^-22 there.
+    if (lane % 4 == 0) p.lse[row] = seen ? (m[half] + __log2f(l[half])) * kLn2 : 0.f;
   }
 #endif
 }
@@ -340,6 +345,7 @@ void launch(void* o, float* lse, const void* q, const void* k, const void* v, co
       p.heads = int(std::min<int64_t>(L.G(), 64));
       p.tokens = 64 / p.heads;
       p.chunks = p.G / p.heads;
+      while ((1 << p.heads_shift) < p.heads) ++p.heads_shift;
       p.scale_log2 = L.scale * 1.4426950408889634f;
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t key_rows = uint64_t(kWindow ? L.B * L.T : L.B * L.C);
