@@ -292,6 +292,10 @@ __device__ __forceinline__ void filter_tile(const Candidates& cb, const float* r
                                             bool paper, int G, int cap, int lane) {
   int n = *cb.count;
   float thr = *cb.thr;
+  // Paper policy: the mean over the group's heads. For a power-of-two G (every G of the sm_90 kernel) the
+  // product with 1 / G is the exact quotient, without a division per score.
+  const bool exact_inverse = (G & (G - 1)) == 0;
+  const float inv_g = 1.f / float(G);
   for (int base = 0; base < kBN && c0 + base < ti.lim; base += 32) {
     if (n + 32 > cap) {
       thr = warp_keep_best(cb.score, cb.block, n, ti.keep, lane).thr;
@@ -300,7 +304,7 @@ __device__ __forceinline__ void filter_tile(const Candidates& cb, const float* r
     const int i = base + lane, c = c0 + i;
     const bool ordinary = c < ti.lim && (!paper || (c != 0 && c != ti.cur - 1 && c != ti.cur));
     float value = 0.f;
-    if (ordinary) value = paper ? row[i] / float(G) : row[i];
+    if (ordinary) value = !paper ? row[i] : exact_inverse ? row[i] * inv_g : row[i] / float(G);
     const bool enters = ordinary && value > thr;
     const unsigned mask = __ballot_sync(kFull, enters);
     if (enters) {
