@@ -139,7 +139,9 @@ struct Reader {
         if (!std::isfinite(values[i]))
           fail_input(origin, name, "non-finite value " + std::to_string(values[i]) + " at flat index " + std::to_string(i) +
                                        " (pass --allow-nonfinite to accept)");
-    return head_first ? swap12(values, B, heads, T, D ? D : 1) : values;
+    // Not `head_first ? swap12(...) : values`: a conditional copies its lvalue operand (4 GB for a 64k q).
+    if (head_first) return swap12(values, B, heads, T, D ? D : 1);
+    return values;
   }
   std::vector<int64_t> ints(const std::string& name, const Tensor& t, int64_t B, int64_t T, int64_t heads, int64_t D,
                             const char* legend) const {
@@ -147,7 +149,8 @@ struct Reader {
       fail_input(origin, name, std::string("dtype ") + dtype_name(t.dtype) + " is not I32 or I64");
     expect_shape(name, t, B, T, heads, D, legend);
     std::vector<int64_t> values = t.to_i64();
-    return head_first ? swap12(values, B, heads, T, D ? D : 1) : values;
+    if (head_first) return swap12(values, B, heads, T, D ? D : 1);
+    return values;
   }
 };
 
@@ -281,8 +284,19 @@ namespace {
 void put_float(SafetensorsFile& f, const Problem& p, const char* name, const std::vector<double>& v, int64_t T, int64_t heads,
                int64_t D, DType dtype) {
   const int64_t B = p.layout.dims.B;
-  const auto& data = p.head_first ? swap12(v, B, T, heads, D ? D : 1) : v;
-  f.set(name, Tensor::from_f64(data, file_shape(p.head_first, B, T, heads, D), dtype));
+  // Swapped into a buffer only for a head-first file: `head_first ? swap12(...) : v` would copy v.
+  std::vector<double> swapped;
+  const std::vector<double>* data = &v;
+  if (p.head_first) data = &(swapped = swap12(v, B, T, heads, D ? D : 1));
+  f.set(name, Tensor::from_f64(*data, file_shape(p.head_first, B, T, heads, D), dtype));
+}
+// A [B, T, H, D] int32 tensor (block_indices, block_counts with D = 0).
+void put_int32(SafetensorsFile& f, const Problem& p, const char* name, const std::vector<int32_t>& v, int64_t D) {
+  const Dims& d = p.layout.dims;
+  std::vector<int32_t> swapped;
+  const std::vector<int32_t>* data = &v;
+  if (p.head_first) data = &(swapped = swap12(v, d.B, d.T, d.H, D ? D : 1));
+  f.set(name, Tensor::from_i32(*data, file_shape(p.head_first, d.B, d.T, d.H, D)));
 }
 }  // namespace
 
@@ -302,12 +316,8 @@ SafetensorsFile problem_to_file(const Problem& p) {
   if (p.d_o) put_float(f, p, "do", *p.d_o, d.T, d.HQ, d.V, p.input_dtype);
   if (!p.cu_seqlens.empty())
     f.set("cu_seqlens", Tensor::from_i64(p.cu_seqlens, {int64_t(p.cu_seqlens.size())}, DType::I32));
-  auto put_ints = [&](const char* name, const std::vector<int32_t>& v, int64_t D) {
-    const auto& data = p.head_first ? swap12(v, d.B, d.T, d.H, D ? D : 1) : v;
-    f.set(name, Tensor::from_i32(data, file_shape(p.head_first, d.B, d.T, d.H, D)));
-  };
-  if (p.block_indices) put_ints("block_indices", *p.block_indices, p.layout.S());
-  if (p.block_counts) put_ints("block_counts", *p.block_counts, 0);
+  if (p.block_indices) put_int32(f, p, "block_indices", *p.block_indices, p.layout.S());
+  if (p.block_counts) put_int32(f, p, "block_counts", *p.block_counts, 0);
   return f;
 }
 
@@ -355,10 +365,7 @@ void add_outputs(SafetensorsFile& f, const Problem& p, const Outputs& o, DType o
   put("v_cmp", o.v_cmp, C, d.H, d.V);
   put("o_cmp", o.o_cmp, d.T, d.HQ, d.V);
   put("lse_cmp", o.lse_cmp, d.T, d.HQ, 0);
-  if (!o.block_indices.empty()) {
-    const auto& data = p.head_first ? swap12(o.block_indices, d.B, d.T, d.H, p.layout.S()) : o.block_indices;
-    f.set("block_indices", Tensor::from_i32(data, file_shape(p.head_first, d.B, d.T, d.H, p.layout.S())));
-  }
+  if (!o.block_indices.empty()) put_int32(f, p, "block_indices", o.block_indices, p.layout.S());
   put("o_slc", o.o_slc, d.T, d.HQ, d.V);
   put("lse_slc", o.lse_slc, d.T, d.HQ, 0);
   put("o_swa", o.o_swa, d.T, d.HQ, d.V);

@@ -174,7 +174,17 @@ std::vector<uint8_t> read_file_bytes(const std::string& path) {
   if (!in) fail_input(path, "", "cannot open file");
   std::vector<uint8_t> bytes;
   try {  // the stream buffer throws on some read errors instead of setting badbit
-    bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    // A regular file is read in one piece at its size: growing the buffer while reading would briefly hold
+    // twice the file (gigabytes for a 64k-token fixture). Anything else (a pipe) is read as a stream.
+    const uintmax_t size = std::filesystem::is_regular_file(path, ec) ? std::filesystem::file_size(path, ec) : 0;
+    if (!ec && size > 0) {
+      bytes.resize(std::size_t(size));
+      in.read(reinterpret_cast<char*>(bytes.data()), std::streamsize(size));
+      bytes.resize(std::size_t(in.gcount()));  // a file that shrank meanwhile is read as it now is
+      if (in.eof()) in.clear(in.rdstate() & ~(std::ios::eofbit | std::ios::failbit));
+    } else {
+      bytes.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
   } catch (const std::ios_base::failure& e) {
     fail_input(path, "", std::string("read error (") + e.what() + ")");
   }

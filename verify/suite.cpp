@@ -214,21 +214,51 @@ bool has_outputs(const SafetensorsFile& f) {
   return false;
 }
 
-SafetensorsFile inputs_only(const SafetensorsFile& f) {
-  // block_indices is an input when the metadata says so, or when it is the file's only output-named tensor
-  // (a user's input file that gives the selection).
+namespace {
+
+// Whether block_indices is an input: the metadata says so, or it is the file's only output-named tensor (a
+// user's input file that gives the selection).
+bool indices_are_input(const SafetensorsFile& f) {
   bool other_outputs = false;
   for (const char* name : kOutputNames)
     other_outputs = other_outputs || (f.has(name) && std::string(name) != "block_indices");
-  const bool given = has_given_indices(f) || !other_outputs;
+  return has_given_indices(f) || !other_outputs;
+}
+
+bool is_input(const std::string& name, bool indices_input) {
+  if (name == "block_indices") return indices_input;
+  for (const char* o : kOutputNames)
+    if (name == o) return false;
+  return true;
+}
+
+}  // namespace
+
+SafetensorsFile inputs_only(const SafetensorsFile& f) {
+  const bool indices_input = indices_are_input(f);
   SafetensorsFile out;
   out.metadata = f.metadata;
-  for (const auto& [name, t] : f.tensors) {
-    bool output = false;
-    for (const char* o : kOutputNames) output = output || name == o;
-    if (name == "block_indices" && given) output = false;
-    if (!output) out.tensors.emplace_back(name, t);
+  for (const auto& [name, t] : f.tensors)
+    if (is_input(name, indices_input)) out.tensors.emplace_back(name, t);
+  return out;
+}
+
+SafetensorsFile take_inputs(SafetensorsFile& f) {
+  const bool indices_input = indices_are_input(f);
+  SafetensorsFile out;
+  out.metadata = f.metadata;
+  std::vector<std::pair<std::string, Tensor>> rest;
+  for (auto& [name, t] : f.tensors) {
+    if (!is_input(name, indices_input)) {
+      rest.emplace_back(name, std::move(t));
+    } else if (name == "block_indices") {  // given indices are also the stored selection: both keep them
+      out.tensors.emplace_back(name, t);
+      rest.emplace_back(name, std::move(t));
+    } else {
+      out.tensors.emplace_back(name, std::move(t));
+    }
   }
+  f.tensors = std::move(rest);
   return out;
 }
 

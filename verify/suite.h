@@ -61,6 +61,9 @@ std::string manifest_path(const std::string& suite);
 // A fixture without its stored outputs, so that load_problem sees only the inputs. block_indices stays when
 // it is an input: metadata nsa.given_indices = 1, or no other output tensor in the file.
 SafetensorsFile inputs_only(const SafetensorsFile& fixture);
+// The same, moved out of `fixture` instead of copied (a 64k-token fixture's inputs are gigabytes), which keeps
+// its stored outputs and metadata (and given block_indices, which are both).
+SafetensorsFile take_inputs(SafetensorsFile& fixture);
 bool has_given_indices(const SafetensorsFile& fixture);
 // Whether the fixture stores any reference output (k_cmp ... o, dq ...).
 bool has_outputs(const SafetensorsFile& fixture);

@@ -165,6 +165,25 @@ TEST(InputsOnly, StripsStoredOutputsButKeepsGivenIndices) {
   EXPECT_FALSE(inputs_only(f).has("o"));
 }
 
+TEST(TakeInputs, MovesTheInputsOutAndLeavesTheStoredOutputs) {
+  SafetensorsFile f;
+  const Tensor x = Tensor::from_f64({1, 2}, {2}, DType::F32);
+  for (const char* n : {"q", "k", "v", "cu_seqlens", "o", "lse_cmp", "block_indices"}) f.set(n, x);
+  f.metadata["nsa.given_indices"] = "1";
+  const SafetensorsFile taken = take_inputs(f);
+  std::set<std::string> in, left;
+  for (const auto& [name, t] : taken.tensors) in.insert(name);
+  for (const auto& [name, t] : f.tensors) left.insert(name);
+  EXPECT_EQ(in, (std::set<std::string>{"q", "k", "v", "cu_seqlens", "block_indices"}));
+  // Given indices are both an input and the stored selection; the outputs and metadata stay behind.
+  EXPECT_EQ(left, (std::set<std::string>{"o", "lse_cmp", "block_indices"}));
+  EXPECT_EQ(taken.find("q")->bytes, x.bytes);
+  EXPECT_EQ(f.find("block_indices")->bytes, x.bytes);
+  EXPECT_EQ(f.metadata.at("nsa.given_indices"), "1");
+  EXPECT_EQ(taken.metadata.at("nsa.given_indices"), "1");
+  EXPECT_TRUE(has_outputs(f));
+}
+
 // The committed suite and its case list agree: every listed case has a manifest entry and a file whose bytes
 // match the manifest's checksum.
 TEST(GoldenSuite, ManifestMatchesCaseListAndFiles) {

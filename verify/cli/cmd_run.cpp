@@ -23,9 +23,10 @@ struct RunArgs {
 
 int run_run(const RunArgs& a) {
   const DType out_dtype = dtype_from_flag(a.out_dtype);
-  const SafetensorsFile in = read_safetensors(a.input);
-  // A file written by an earlier run holds outputs too; only its inputs define the problem.
-  const Problem p = load_problem(suite::inputs_only(in), a.input, a.overrides, a.allow_nonfinite);
+  SafetensorsFile in = read_safetensors(a.input);
+  // A file written by an earlier run holds outputs too; only its inputs define the problem (moved out of the
+  // file, and released once widened).
+  const Problem p = load_problem(suite::take_inputs(in), a.input, a.overrides, a.allow_nonfinite);
   auto backend = make_backend(a.backend);
   RunOptions opt;
   opt.threads = a.threads;

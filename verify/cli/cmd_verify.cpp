@@ -119,15 +119,18 @@ int run_verify(const VerifyArgs& a) {
   for (const suite::SuiteCase& c : cases) {
     const auto case_start = Clock::now();
     try {
-      const std::vector<uint8_t> bytes = read_file_bytes(c.path);
-      if (!c.expected_fnv1a64.empty()) {
-        const std::string actual = suite::hex64(gen::fnv1a64(bytes.data(), bytes.size()));
-        if (actual != c.expected_fnv1a64)
-          fail_input(c.path, "", "fnv1a64 " + actual + " differs from the manifest's " + c.expected_fnv1a64 +
-                                     " (fixture changed; rerun scripts/regen_fixtures.sh)");
-      }
-      const SafetensorsFile fixture = parse_safetensors(bytes.data(), bytes.size(), c.path);
-      const Problem p = load_problem(suite::inputs_only(fixture), c.path, a.overrides, a.allow_nonfinite);
+      SafetensorsFile fixture = [&] {  // the file's bytes are released once parsed
+        const std::vector<uint8_t> bytes = read_file_bytes(c.path);
+        if (!c.expected_fnv1a64.empty()) {
+          const std::string actual = suite::hex64(gen::fnv1a64(bytes.data(), bytes.size()));
+          if (actual != c.expected_fnv1a64)
+            fail_input(c.path, "", "fnv1a64 " + actual + " differs from the manifest's " + c.expected_fnv1a64 +
+                                       " (fixture changed; rerun scripts/regen_fixtures.sh)");
+        }
+        return parse_safetensors(bytes.data(), bytes.size(), c.path);
+      }();
+      // The inputs leave the fixture (its stored outputs stay for --check-stored) and are released once widened.
+      const Problem p = load_problem(suite::take_inputs(fixture), c.path, a.overrides, a.allow_nonfinite);
       CheckOptions opt = base;
       RunOptions run;
       run.threads = a.threads;
