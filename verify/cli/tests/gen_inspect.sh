@@ -30,6 +30,9 @@ cmp -s "$work/a.safetensors" "$work/c.safetensors" && fail "different seeds gave
 expect 0 'q +f32 +\[1, 21, 4, 8\] .* 1e338735e1b11898$' -- "$bin" inspect "$work/pinned.safetensors"
 expect 0 'do +f32 +\[1, 21, 4, 6\] .* 658dd0566ed61272$' -- "$bin" inspect "$work/pinned.safetensors"
 expect 0 'g_cmp +f32 +\[1, 21, 4\] .* ab6670892cff7531$' -- "$bin" inspect "$work/pinned.safetensors"
+# Read from a pipe (no size known in advance): the same tensors and checksums as from the file.
+expect 0 'q +f32 +\[1, 21, 4, 8\] .* 1e338735e1b11898$' -- "$bin" inspect <(cat "$work/pinned.safetensors")
+expect 0 'g_cmp +f32 +\[1, 21, 4\] .* ab6670892cff7531$' -- "$bin" inspect <(cat "$work/pinned.safetensors")
 
 # Head-first layout, presets, given indices, block counts, gate selection, no gates.
 expect 0 'bhtd' -- "$bin" gen --preset tiny --layout bhtd -o "$work/h.safetensors"
