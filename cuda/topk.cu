@@ -124,36 +124,40 @@ __device__ KeepResult warp_keep_best(float* bs, int* bi, int n, int k, int lane)
         if (survives) {
           const int pos = base + __popc(mask & ((1u << lane) - 1));
           bs[pos] = __uint_as_float(u[j]);
-          bi[pos] = id[j];
+          bi[pos] = ~id[j];  // complemented for the ranking keys below; restored when written back
         }
         base += __popc(mask);
       }
       __syncwarp();
-      uint32_t su[kRankMax / 32];
-      int sid[kRankMax / 32], rank[kRankMax / 32];
+      // Ranking key: the score's bits high, the block's complement low, so that one unsigned 64-bit comparison
+      // orders by score descending, then block ascending.
+      auto rank_key = [](float score, int not_block) {
+        return (uint64_t(__float_as_uint(score)) << 32) | uint32_t(not_block);
+      };
+      uint64_t sk[kRankMax / 32];
+      int rank[kRankMax / 32];
 #pragma unroll
       for (int i = 0; i < kRankMax / 32; ++i) {
         const int e = i * 32 + lane;
-        su[i] = e < m ? __float_as_uint(bs[e]) : 0u;
-        sid[i] = e < m ? bi[e] : 0;
+        sk[i] = e < m ? rank_key(bs[e], bi[e]) : 0u;
         rank[i] = 0;
       }
       for (int e = 0; e < m; ++e) {
-        const uint32_t ue = __float_as_uint(bs[e]);
-        const int ie = bi[e];
+        const uint64_t ke = rank_key(bs[e], bi[e]);
 #pragma unroll
-        for (int i = 0; i < kRankMax / 32; ++i) rank[i] += ue > su[i] || (ue == su[i] && ie < sid[i]);
+        for (int i = 0; i < kRankMax / 32; ++i) rank[i] += ke > sk[i];
       }
       __syncwarp();  // every read done before the slots are rewritten
       uint32_t v = 0;
 #pragma unroll
       for (int i = 0; i < kRankMax / 32; ++i) {
         const bool kept = i * 32 + lane < m && rank[i] < k;
+        const uint32_t su = uint32_t(sk[i] >> 32);
         if (kept) {
-          bs[rank[i]] = __uint_as_float(su[i]);
-          bi[rank[i]] = sid[i];
+          bs[rank[i]] = __uint_as_float(su);
+          bi[rank[i]] = ~int(uint32_t(sk[i]));
         }
-        if (kept && rank[i] == k - 1) v = su[i];
+        if (kept && rank[i] == k - 1) v = su;
       }
       v = __reduce_max_sync(kFull, v);
       __syncwarp();
