@@ -281,22 +281,26 @@ Problem load_problem(const SafetensorsFile& file, const std::string& origin, con
 }
 
 namespace {
+// v ([B, T, heads, D]) in the file's order: swapped into `buffer` for a head-first file, else v itself
+// (`head_first ? swap12(...) : v` would copy v).
+template <typename E>
+const std::vector<E>& file_order(const Problem& p, const std::vector<E>& v, std::vector<E>& buffer, int64_t T,
+                                 int64_t heads, int64_t D) {
+  if (!p.head_first) return v;
+  buffer = swap12(v, p.layout.dims.B, T, heads, D ? D : 1);
+  return buffer;
+}
 void put_float(SafetensorsFile& f, const Problem& p, const char* name, const std::vector<double>& v, int64_t T, int64_t heads,
                int64_t D, DType dtype) {
-  const int64_t B = p.layout.dims.B;
-  // Swapped into a buffer only for a head-first file: `head_first ? swap12(...) : v` would copy v.
-  std::vector<double> swapped;
-  const std::vector<double>* data = &v;
-  if (p.head_first) data = &(swapped = swap12(v, B, T, heads, D ? D : 1));
-  f.set(name, Tensor::from_f64(*data, file_shape(p.head_first, B, T, heads, D), dtype));
+  std::vector<double> buffer;
+  f.set(name, Tensor::from_f64(file_order(p, v, buffer, T, heads, D),
+                               file_shape(p.head_first, p.layout.dims.B, T, heads, D), dtype));
 }
 // A [B, T, H, D] int32 tensor (block_indices, block_counts with D = 0).
 void put_int32(SafetensorsFile& f, const Problem& p, const char* name, const std::vector<int32_t>& v, int64_t D) {
   const Dims& d = p.layout.dims;
-  std::vector<int32_t> swapped;
-  const std::vector<int32_t>* data = &v;
-  if (p.head_first) data = &(swapped = swap12(v, d.B, d.T, d.H, D ? D : 1));
-  f.set(name, Tensor::from_i32(*data, file_shape(p.head_first, d.B, d.T, d.H, D)));
+  std::vector<int32_t> buffer;
+  f.set(name, Tensor::from_i32(file_order(p, v, buffer, d.T, d.H, D), file_shape(p.head_first, d.B, d.T, d.H, D)));
 }
 }  // namespace
 
