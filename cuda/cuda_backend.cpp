@@ -134,6 +134,7 @@ const char* stage_name(Stage s) {
     case Stage::Selected: return "selected_attention";
     case Stage::SlidingWindow: return "sliding_window";
     case Stage::Gate: return "gate";
+    case Stage::SelectedGated: return "selected_attention+gate";
   }
   return "?";
 }
@@ -282,6 +283,17 @@ void CudaPipeline::run(Stage s) {
       gate_forward(o_.get(), o_cmp_.get(), o_slc_.get(), o_swa_.get(), g_cmp_.get(), g_slc_.get(), g_swa_.get(), dl_,
                    stream_);
       break;
+    case Stage::SelectedGated: {
+      const bool fusable = !(L_.config.window > 0 && g_swa_.get()) && g_cmp_.get() && g_slc_.get();
+      gate_fused_ = fusable && selected_attention_gated_forward(
+                                   o_slc_.get(), static_cast<float*>(lse_slc_.get()), q_.get(), k_.get(), v_.get(),
+                                   static_cast<const int32_t*>(block_indices_.get()),
+                                   static_cast<const int32_t*>(block_counts_.get()), dl_, stream_,
+                                   GatedOutput{o_.get(), o_cmp_.get(), g_cmp_.get(), g_slc_.get()});
+      if (!fusable) run(Stage::Selected);  // (where it could not fuse, the gated call ran selected attention)
+      if (!gate_fused_) run(Stage::Gate);
+      break;
+    }
   }
 }
 
@@ -289,9 +301,8 @@ void CudaPipeline::forward() {
   run(Stage::MeanPool);
   run(Stage::Compressed);
   if (!opt_.given_indices) run(Stage::Topk);
-  run(Stage::Selected);
   run(Stage::SlidingWindow);
-  run(Stage::Gate);
+  run(Stage::SelectedGated);
 }
 
 Outputs CudaPipeline::download(const std::vector<int64_t>& rows) const {

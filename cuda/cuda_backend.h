@@ -50,7 +50,9 @@ class DeviceBuffer {
   std::size_t bytes_ = 0;
 };
 
-enum class Stage { MeanPool, Compressed, Topk, Selected, SlidingWindow, Gate };
+// SelectedGated: selected attention and the gate pass, fused into one kernel where it can be (no window
+// branch; selected_attention_gated_forward), else the two in sequence.
+enum class Stage { MeanPool, Compressed, Topk, Selected, SlidingWindow, Gate, SelectedGated };
 const char* stage_name(Stage s);
 
 struct PipelineOptions {
@@ -79,7 +81,8 @@ class CudaPipeline {
   void fill_random(uint64_t seed);
 
   void run(Stage s);
-  // mean pool -> compressed -> top-k (unless indices were given) -> selected -> sliding window (W > 0) -> gate.
+  // mean pool -> compressed -> top-k (unless indices were given) -> sliding window (W > 0) -> selected -> gate
+  // (Stage::SelectedGated).
   void forward();
   // Waits for the stream and returns every forward output as doubles; with `rows` (sorted_sample), the
   // [B, T, HQ, V] outputs hold only those query rows (Outputs::rows).
@@ -88,6 +91,8 @@ class CudaPipeline {
   // Mean milliseconds of `work` (launches on stream()) over `iters` runs after `warmup`, by CUDA events.
   float time_ms(const std::function<void()>& work, int warmup, int iters);
 
+  // Whether the last Stage::SelectedGated fused the gate pass into selected attention.
+  bool gate_fused() const { return gate_fused_; }
   cudaStream_t stream() const { return stream_; }
   const DeviceLayout& layout() const { return dl_; }
   const Layout& host_layout() const { return L_; }
@@ -97,6 +102,7 @@ class CudaPipeline {
 
   Layout L_;
   PipelineOptions opt_;
+  bool gate_fused_ = false;
   DeviceLayout dl_;
   cudaStream_t stream_ = nullptr;
   DeviceBuffer seqs_, token_seq_;

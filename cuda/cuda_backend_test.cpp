@@ -10,6 +10,8 @@
 #include <random>
 #include <sstream>
 
+#include <cuda_runtime.h>
+
 #include "core/errors.h"
 #include "reference/reference.h"
 #include "reference/test_util.h"
@@ -374,6 +376,43 @@ TEST(CudaBackend, RowSampleDownloadsThoseRowsOfTheOutputs) {
   EXPECT_EQ(some.lse_slc, full.lse_slc);
   EXPECT_EQ(some.block_indices, full.block_indices);
   EXPECT_FALSE(test::all_zero(some.o));
+}
+
+// Where the forward fuses the gate pass into selected attention (sm_90, G a multiple of 16, no window branch),
+// its gated output is bit-identical to the separate pass on the same branch outputs; tokens with no selection
+// (block_counts 0) included. Without a window branch at G = 4 the forward runs the pass itself.
+TEST(CudaBackend, FusedGateMatchesTheGatePassBitForBit) {
+  SKIP_WITHOUT_DEVICE();
+  for (int64_t HQ : {32, 8}) {
+    SCOPED_TRACE("HQ " + std::to_string(HQ));
+    ProblemSpec s;
+    s.lengths = {300, 0, 77, 190};
+    s.HQ = HQ, s.H = 2, s.K = 128, s.V = 64;
+    s.config.block_size = 64;
+    s.config.block_count = 4;
+    s.seed = 31;
+    Problem p = rounded(test::random_problem(s), DType::BF16);
+    std::mt19937_64 rng(5);
+    p.block_counts = std::vector<int32_t>(p.layout.dims.B * p.layout.dims.T * s.H);
+    for (int32_t& n : *p.block_counts) n = int32_t(rng() % 5);
+    cuda::PipelineOptions po;
+    po.dtype = cuda::ElemType::BF16;
+    po.block_counts = true;
+    cuda::CudaPipeline pipe(p.layout, po);
+    pipe.upload(p);
+    pipe.forward();
+    const Outputs fused = pipe.download();
+    pipe.run(cuda::Stage::Gate);
+    const Outputs apart = pipe.download();
+    int device = 0, major = 0;
+    ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+    ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+    if (HQ == 8) EXPECT_FALSE(pipe.gate_fused()) << "G = 4: the streamed kernel does not take every token";
+    else EXPECT_EQ(pipe.gate_fused(), major >= 9) << "G = 16 on sm_90: the streamed kernel takes every token";
+    ASSERT_EQ(fused.o.size(), apart.o.size());
+    for (std::size_t i = 0; i < fused.o.size(); ++i) ASSERT_EQ(fused.o[i], apart.o[i]) << "element " << i;
+    EXPECT_FALSE(test::all_zero(fused.o));
+  }
 }
 
 TEST(CudaBackend, ForwardOnlyWhenTheProblemHasUpstreamGradients) {

@@ -67,11 +67,26 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
 // G <= 8 leaving the union the runs whose tokens select alike), else per tile whichever of the first two
 // multiplies fewer keys; a forced path that cannot run falls back to Auto. For tests and benchmarks;
 // path_counts (device [3], may be null) gains the number of CTAs that took the union / the per-token walk, and
-// the units of 8 tokens the streamed kernel computed.
+// the units the streamed kernel computed (selected_streamed_unit_tokens() tokens x a 16-head chunk).
 enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2, Streamed = 3, Blocks = 4 };
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts);
+int selected_streamed_unit_tokens();
+// The gate pass (gate_forward) without a window branch, fused into selected attention: o = g_slc * o_slc +
+// g_cmp * o_cmp, by gate_forward's arithmetic. Its inputs (o_cmp, the gates) are read where each token's rows
+// are computed, so the fused kernel saves the pass's second read of o_slc and its launch.
+struct GatedOutput {
+  void* o;            // [B, T, HQ, V]
+  const void* o_cmp;  // [B, T, HQ, V]
+  const void* g_cmp;  // [B, T, HQ]
+  const void* g_slc;  // [B, T, HQ]
+};
+// Selected attention (Auto) that also writes `gated` where one kernel computes every token (sm_90, G a multiple
+// of 16, the streamed kernel); returns whether it did, else the caller runs gate_forward.
+bool selected_attention_gated_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                      const int32_t* block_indices, const int32_t* block_counts,
+                                      const DeviceLayout& L, cudaStream_t s, const GatedOutput& gated);
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
                             const DeviceLayout& L, cudaStream_t s);
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,

@@ -728,4 +728,17 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
   if (side) side->join();  // before the split's memory is freed on s
 }
 
+bool selected_attention_gated_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                      const int32_t* block_indices, const int32_t* block_counts,
+                                      const DeviceLayout& L, cudaStream_t s, const GatedOutput& gated) {
+  // Auto's choice where the streamed kernel takes every run (no split at G a multiple of 16; G >= 16 keeps
+  // the block-major path off).
+  if (L.B * L.T > 0 && L.HQ > 0 && L.G() % 16 == 0 && selected_streamed_fits(L, q, k, v)) {
+    selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, nullptr, nullptr, &gated);
+    return true;
+  }
+  selected_attention_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s);
+  return false;
+}
+
 }  // namespace nsa::cuda

@@ -11,13 +11,14 @@
 //    and, with few blocks to choose from, many others (T = 64k, G = 16, S = 16: ~20% of a unit's tiles are
 //    repeats), and the kernel is bound by the L2's throughput for these gathers, so a repeat not loaded is
 //    time saved; where tokens select alike (real models) a unit loads 16 tiles instead of 128;
-//  - a producer thread copies the unit's Q rows once the previous unit's are taken, then each distinct tile
-//    (one tensor-map copy per 64-column box of K and V) into a ring of shared-memory stages, counted on the
-//    stage's "full" mbarrier;
-//  - eight consumer warps, one per token: a warp waits only for the tiles its token selected, computes 16
-//    query rows against the tile's 64 keys (mma.sync, with a lazy online softmax whose reference max moves
-//    only by more than 2^8) and arrives on the stage's "empty" mbarrier, on which the producer arrives for
-//    the warps that skip the tile; after its token's last tile it writes the token's o and lse.
+//  - a producer thread copies each distinct tile (one tensor-map copy per 64-column box of K and V) into a
+//    ring of shared-memory stages, counted on the stage's "full" mbarrier;
+//  - eight consumer warps, one per token: a warp copies its token's Q rows into its own shared-memory slot,
+//    waits only for the tiles its token selected, computes 16 query rows against the tile's 64 keys
+//    (mma.sync, with a lazy online softmax whose reference max moves only by more than 2^8) and arrives on
+//    the stage's "empty" mbarrier, on which the producer arrives for the warps that skip the tile; after its
+//    token's last tile it writes the token's o and lse and, with the gate pass fused (GatedOutput), the
+//    gated output from o_cmp loaded at the token's start.
 // Shared-memory races among these roles are ruled out by the mbarriers and one release/acquire counter,
 // which compute-sanitizer's racecheck does not model (it reports their hand-offs as hazards).
 #include "cuda/selected_attention_streamed.h"
@@ -29,25 +30,30 @@
 #include "cuda/mma.cuh"
 #include "cuda/selected_runs.cuh"
 #include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace nsa::cuda {
 namespace {
 
 constexpr int kConsumerWarps = 8;
 constexpr int kRunTokens = kConsumerWarps;  // tokens per work unit, one per consumer warp
+// Two consumer warpgroups, then a warpgroup whose first warp produces and second plans (the other two exit):
+// setmaxnreg moves registers between whole warpgroups, so the consumers get more than the 168 registers per
+// thread that three warps per scheduler partition get at launch.
 constexpr int kProducerWarp = kConsumerWarps, kPlannerWarp = kConsumerWarps + 1;
-constexpr int kThreads = (kConsumerWarps + 2) * 32;
+constexpr int kThreads = (kConsumerWarps + 4) * 32;
+constexpr int kConsumerRegisters = 224, kProducerRegisters = 56;
 // Keys per streamed tile: a compile-time knob for tuning.
 #ifndef NSA_STREAMED_TILE_KEYS
 #define NSA_STREAMED_TILE_KEYS 64
 #endif
 constexpr int kTileKeys = NSA_STREAMED_TILE_KEYS;
 constexpr int kHeads = 16;                              // query heads per unit
-constexpr int kBoxBytes = kTileKeys * 128;              // the tile's key rows x 64 columns of 16-bit elements
-constexpr int kQBoxBytes = kRunTokens * kHeads * 128;  // 8 tokens x 16 head rows x 64 columns
+constexpr int kBoxBytes = kTileKeys * 128;                 // the tile's key rows x 64 columns of 16-bit elements
+constexpr int kTokenQBytes = kHeads * 128;                 // a token's 16 head rows x 64 columns
 
 // Ring stages: as many as shared memory holds, up to this knob (one CTA per SM; at K = V = 128 a stage is
-// 32 KB and six fit beside Q).
+// 32 KB, and six fit beside 32 KB of Q).
 #ifndef NSA_STREAMED_STAGES
 #define NSA_STREAMED_STAGES 6
 #endif
@@ -75,10 +81,15 @@ struct StreamedParams {
   int rows;                  // query heads per unit: min(G, 16)
   int max_items;             // tiles per token: S * BS / kTileKeys
   int stages;                // ring stages
-  int runs, seqs_n, units;   // units: runs (of 8 tokens) x sequences x 16-head chunks, runs fastest
+  int runs, seqs_n, units;   // units: runs (of kRunTokens tokens) x sequences x 16-head chunks, runs fastest
   float scale_log2;          // scale * log2(e): the softmax runs in base 2
   int32_t* path_counts;      // [3] or null
   RunSplit split;            // runs marked there are left to the union walk; alike null: no split
+  // The gate pass fused (o_gated null: not): o_gated = g_slc * o_slc + g_cmp * o_cmp, all [B, T, HQ(, V)].
+  T* o_gated;
+  const T* o_cmp;
+  const T* g_cmp;
+  const T* g_slc;
 };
 
 // A work unit: 8 tokens [t0, t0 + 8) of sequence `seq`, query heads [head0, head0 + 16) of kv head kv_head.
@@ -118,16 +129,16 @@ struct Plan {
   __host__ __device__ static int ints(int entries) { return 2 + kRunTokens + 2 * entries; }
 };
 
-// Shared memory: Q's boxes and the stages (1024-byte aligned, for the swizzle), the barriers (per stage full
-// and empty; Q full and empty; per plan buffer full and empty), the producer's issued-fill count, the
-// planner's scratch (per token its tiles) and the two plan buffers.
+// Shared memory: per consumer warp its tokens' Q boxes, then the stages (1024-byte aligned, for the
+// swizzle), the barriers (per stage full and empty; per consumer warp its Q copy; per plan buffer full and
+// empty), the producer's issued-fill count, the planner's scratch (per token its tiles) and the two plan
+// buffers.
 struct StreamedSmem {
-  unsigned char* q;
+  unsigned char* q;  // warp w's token at w * q_bytes / kConsumerWarps: box b at b * kTokenQBytes
   unsigned char* stages;
   uint64_t* full;
   uint64_t* empty;
-  uint64_t* q_full;
-  uint64_t* q_empty;
+  uint64_t* q_full;      // [kConsumerWarps]
   uint64_t* plan_full;   // [2]
   uint64_t* plan_empty;  // [2]
   int* issued;
@@ -142,7 +153,7 @@ struct StreamedSmem {
   }
   static size_t bytes(int q_bytes, int stage_bytes, int stages, int max_items) {
     const int entries = kRunTokens * max_items;
-    return size_t(q_bytes) + size_t(stages) * stage_bytes + (2 * kMaxStages + 6) * sizeof(uint64_t) +
+    return size_t(q_bytes) + size_t(stages) * stage_bytes + (2 * kMaxStages + kConsumerWarps + 4) * sizeof(uint64_t) +
            sizeof(int) * (1 + size_t(entries) + 2 * size_t(Plan::ints(entries)));
   }
   __device__ StreamedSmem(unsigned char* raw, int q_bytes, int stage_bytes, int stages, int max_items) {
@@ -151,8 +162,7 @@ struct StreamedSmem {
     full = reinterpret_cast<uint64_t*>(this->stages + stages * stage_bytes);
     empty = full + kMaxStages;
     q_full = empty + kMaxStages;
-    q_empty = q_full + 1;
-    plan_full = q_empty + 1;
+    plan_full = q_full + kConsumerWarps;
     plan_empty = plan_full + 2;
     issued = reinterpret_cast<int*>(plan_empty + 2);
     items = issued + 1;
@@ -173,45 +183,65 @@ __device__ __forceinline__ void store_out(V* at, V value) {
   else *at = value;
 }
 
+// The gated output of one element pair, by the gate pass's arithmetic (gating.cu: fp32, o_slc as stored).
+template <typename T>
+__device__ __forceinline__ uint32_t gated_pair(uint32_t slc, uint32_t cmp, float g_slc, float g_cmp) {
+  const T* s = reinterpret_cast<const T*>(&slc);
+  const T* c = reinterpret_cast<const T*>(&cmp);
+  return MmaElem<T>::pack(fmaf(g_cmp, Elem<T>::to_float(c[0]), fmaf(g_slc, Elem<T>::to_float(s[0]), 0.f)),
+                          fmaf(g_cmp, Elem<T>::to_float(c[1]), fmaf(g_slc, Elem<T>::to_float(s[1]), 0.f)));
+}
+
 // One consumer warp's token: its 16 query rows against whole 64-key tiles. Thread layout as the mma C
 // fragment: rows g = lane / 4 and g + 8 (ri = 0, 1), columns 2 (lane % 4) + {0, 1} of each 8-wide tile.
 template <typename T, int KD, int VD>
 struct ConsumerState {
   using St = Stage<KD, VD>;
   float o[VD / 8][4];
-  uint32_t q[KD / 16][4];
   float ref[2], sum[2];  // reference max (base 2; -inf before any key) and this thread's partial row sums
+  // With the gate pass fused: this thread's o_cmp pairs and its rows' gates, loaded at the token's start.
+  uint32_t cmp[VD / 8][2];
+  float g_cmp[2], g_slc[2];
 
-  // `q_rows`: the token's 16 rows in the first Q box.
-  __device__ __forceinline__ void begin(uint32_t q_rows) {
+  __device__ __forceinline__ void begin(const StreamedParams<T>& p, int64_t flat, int head0) {
 #pragma unroll
     for (int n = 0; n < VD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     ref[0] = ref[1] = -INFINITY;
     sum[0] = sum[1] = 0.f;
-    const int lane = threadIdx.x % 32, mi = lane >> 3;
-    // A fragments: matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15) of each 16-column step.
+    if (p.o_gated) {
+      const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int ks = 0; ks < KD / 16; ++ks)
-      ldmatrix_x4(q[ks], q_rows + (ks >> 2) * kQBoxBytes +
-                             swizzle128(8 * (mi & 1) + (lane & 7), 2 * (ks & 3) + (mi >> 1)));
+      for (int ri = 0; ri < 2; ++ri) {
+        const int64_t row = flat * p.HQ + head0 + lane / 4 + 8 * ri;
+        g_cmp[ri] = Elem<T>::to_float(p.g_cmp[row]);
+        g_slc[ri] = Elem<T>::to_float(p.g_slc[row]);
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(p.o_cmp + row * VD + 2 * (lane % 4));
+#pragma unroll
+        for (int n = 0; n < VD / 8; ++n) cmp[n][ri] = src[4 * n];
+      }
+    }
   }
 
-  // One tile in `stage` whose first key is `first_key`: S = Q K^T, the online softmax (keys after t masked)
-  // and O += P V.
-  __device__ __forceinline__ void step(uint32_t stage, int first_key, int t, float scale_log2) {
+  // The token's 16 rows (at `q_rows` in its first Q box) against one tile in `stage` whose first key is
+  // `first_key`: S = Q K^T, the online softmax (keys after t masked) and O += P V.
+  __device__ __forceinline__ void step(uint32_t q_rows, uint32_t stage, int first_key, int t, float scale_log2) {
     const int lane = threadIdx.x % 32, mi = lane >> 3;
     float x[kTileKeys / 8][4] = {};
 #pragma unroll
-    for (int ks = 0; ks < KD / 16; ++ks)
+    for (int ks = 0; ks < KD / 16; ++ks) {
+      // A fragments: matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15) of the 16-column step.
+      uint32_t qa[4];
+      ldmatrix_x4(qa, q_rows + (ks >> 2) * kTokenQBytes + swizzle128(8 * (mi & 1) + (lane & 7), 2 * (ks & 3) + (mi >> 1)));
 #pragma unroll
       for (int kg = 0; kg < kTileKeys / 16; ++kg) {
         // B fragments: matrices (keys 0-7 | 8-15 of the group) x (columns 0-7 | 8-15 of the step).
         uint32_t kb[4];
         ldmatrix_x4(kb, stage + St::kK + (ks >> 2) * kBoxBytes +
                             swizzle128(16 * kg + 8 * (mi >> 1) + (lane & 7), 2 * (ks & 3) + (mi & 1)));
-        MmaElem<T>::mma(x[2 * kg], q[ks], kb[0], kb[1]);
-        MmaElem<T>::mma(x[2 * kg + 1], q[ks], kb[2], kb[3]);
+        MmaElem<T>::mma(x[2 * kg], qa, kb[0], kb[1]);
+        MmaElem<T>::mma(x[2 * kg + 1], qa, kb[2], kb[3]);
       }
+    }
     const int key0 = first_key + 2 * (lane % 4);
     const bool edge = first_key + kTileKeys - 1 > t;
     float mx[2] = {-INFINITY, -INFINITY};
@@ -271,7 +301,8 @@ struct ConsumerState {
     }
   }
 
-  // Writes the token's 16 rows of o and lse (rows past the group's G heads are not written).
+  // Writes the token's 16 rows of o and lse (rows past the group's G heads are not written), and of the
+  // gated output when it is fused.
   __device__ __forceinline__ void finish(const StreamedParams<T>& p, int64_t flat, int head0) {
     const int lane = threadIdx.x % 32, g = lane / 4;
 #pragma unroll
@@ -282,10 +313,14 @@ struct ConsumerState {
       if (g + 8 * ri >= p.rows) continue;  // a head of the next group (G < 16)
       const int64_t row = flat * p.HQ + head0 + g + 8 * ri;
       const float inv = total > 0.f ? 1.f / total : 0.f;
-      T* out = p.o + row * VD + 2 * (lane % 4);
+      const int64_t at = row * VD + 2 * (lane % 4);
 #pragma unroll
-      for (int n = 0; n < VD / 8; ++n)
-        store_out(reinterpret_cast<uint32_t*>(out + 8 * n), MmaElem<T>::pack(o[n][2 * ri] * inv, o[n][2 * ri + 1] * inv));
+      for (int n = 0; n < VD / 8; ++n) {
+        const uint32_t slc = MmaElem<T>::pack(o[n][2 * ri] * inv, o[n][2 * ri + 1] * inv);
+        store_out(reinterpret_cast<uint32_t*>(p.o + at + 8 * n), slc);
+        if (p.o_gated)
+          store_out(reinterpret_cast<uint32_t*>(p.o_gated + at + 8 * n), gated_pair<T>(slc, cmp[n][ri], g_slc[ri], g_cmp[ri]));
+      }
       if (lane % 4 == 0) store_out(p.lse + row, total > 0.f ? (ref[ri] + log2f(total)) * 0.69314718055994531f : 0.f);
     }
   }
@@ -301,9 +336,9 @@ constexpr bool kGatherOnly = NSA_STREAMED_GATHER_ONLY;
 // The planner warp: for each unit of this CTA (those left to the union walk skipped), per token a slot per
 // tile of each selection (-1 where the entry is not valid: c < 0 or tile start > t), then the distinct tiles
 // in round-robin order over the tokens' slots (entry e is token e % 8's slot e / 8), so that consecutive
-// tiles mostly belong to different warps. An entry leads when no earlier entry has its tile; the leader
-// collects the mask of the tokens that selected it. A token with no tile gets o = 0, lse = 0 here. It plans
-// a unit ahead of the producer and the consumers (two plan buffers).
+// tiles mostly belong to different warps. An entry leads when no earlier entry has its tile;
+// the leader collects the mask of the tokens that selected it. A token with no tile gets o = 0, lse = 0 here.
+// It plans a unit ahead of the producer and the consumers (two plan buffers).
 template <typename T, int VD>
 __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
   const int lane = threadIdx.x % 32, entries = kRunTokens * p.max_items;
@@ -375,8 +410,13 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
     for (int tk = 0; tk < w.ntok; ++tk)
       if (plan.count()[tk] == 0) {
         const int64_t flat = w.key_base + w.t0 + tk;
-        for (int k = lane; k < p.rows * VD; k += 32)
-          p.o[(flat * p.HQ + w.head0 + k / VD) * VD + k % VD] = Elem<T>::from_float(0.f);
+        for (int k = lane; k < p.rows * VD; k += 32) {
+          const int64_t row = flat * p.HQ + w.head0 + k / VD, at = row * VD + k % VD;
+          p.o[at] = Elem<T>::from_float(0.f);
+          if (p.o_gated)  // the gate pass's arithmetic on o_slc = 0
+            p.o_gated[at] = Elem<T>::from_float(fmaf(Elem<T>::to_float(p.g_cmp[row]), Elem<T>::to_float(p.o_cmp[at]),
+                                                     fmaf(Elem<T>::to_float(p.g_slc[row]), 0.f, 0.f)));
+        }
         if (lane < p.rows) p.lse[flat * p.HQ + w.head0 + lane] = 0.f;
       }
     if (lane == 0) {
@@ -394,45 +434,34 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
                                                                      const __grid_constant__ CUtensorMap map_k,
                                                                      const __grid_constant__ CUtensorMap map_v,
                                                                      const StreamedParams<T> p) {
-#if __CUDA_ARCH__ >= 900
+#if NSA_HAS_WGMMA
   using St = Stage<KD, VD>;
-  constexpr int kQBytes = St::kKBoxes * kQBoxBytes;
+  constexpr int kQTokenBytes = St::kKBoxes * kTokenQBytes;  // a consumer warp's Q slot: its token's rows
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   if (smem_addr(smem_raw) & 1023) __trap();  // the swizzled addressing below needs the declared alignment
-  const StreamedSmem sm(smem_raw, kQBytes, St::kBytes, p.stages, p.max_items);
+  const StreamedSmem sm(smem_raw, kConsumerWarps * kQTokenBytes, St::kBytes, p.stages, p.max_items);
   StageRing<0> ring{sm.full, sm.empty};
   ring.count = p.stages;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     ring.init(kConsumerWarps);
-    mbar_init(sm.q_full, 1);
-    mbar_init(sm.q_empty, kConsumerWarps);
+    for (int w = 0; w < kConsumerWarps; ++w) mbar_init(&sm.q_full[w], 1);
     for (int b = 0; b < 2; ++b) mbar_init(&sm.plan_full[b], 1), mbar_init(&sm.plan_empty[b], kConsumerWarps + 1);
     mbar_init_fence();
     *sm.issued = 0;
   }
   __syncthreads();
 
-  if (warp == kPlannerWarp) {
-    plan_units<T, VD>(p, sm);
-    return;
-  }
-  if (warp == kProducerWarp) {
-    if (lane != 0) return;
+  if (warp >= kConsumerWarps) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
+    if (warp == kPlannerWarp) plan_units<T, VD>(p, sm);
+    if (warp != kProducerWarp || lane != 0) return;
     const uint64_t keep = kHints ? l2_policy<L2Evict::Last>() : l2_policy<L2Evict::Normal>();
-    const uint64_t once = kHints ? l2_policy<L2Evict::First>() : keep;
     for (int i = 0, it = 0;; ++i) {
       const int u = sm.wait_plan(i);
       if (u < 0) return;
       const Plan plan = sm.plan(i);
       const Unit w(p, u);
-      // The unit's Q rows, once every consumer has taken the previous unit's (rows past the sequence or the
-      // tensor are loaded or zero-filled, and never written).
-      if (i > 0) mbar_wait(sm.q_empty, (i - 1) & 1);
-      mbar_arrive_expect_tx(sm.q_full, kQBytes);
-#pragma unroll
-      for (int b = 0; b < St::kKBoxes; ++b)
-        tma_load_3d(sm.q + b * kQBoxBytes, &map_q, 64 * b, w.head0, int(w.key_base + w.t0), sm.q_full, once);
       for (int j = 0; j < plan.tiles(); ++j, ++it) {
         uint64_t* bar = ring.begin_fill(it, St::kBytes);
         unsigned char* st = sm.stages + ring.stage(it) * St::kBytes;
@@ -449,34 +478,46 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
       }
       mbar_arrive(&sm.plan_empty[i & 1]);
     }
+    return;
   }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
 
   // Consumers: warp tk owns token tk of each unit and waits only for the tiles its token selected. Fill
   // `it`'s "full" barrier is in that fill's phase once the producer has issued it (its parity alone could
   // also match a fill a ring's length earlier).
   const int tk = warp;
   const unsigned bit = 1u << tk;
+  unsigned char* q_slot = sm.q + tk * kQTokenBytes;
+  const uint64_t once = kHints ? l2_policy<L2Evict::First>() : l2_policy<L2Evict::Normal>();
   ConsumerState<T, KD, VD> cs;
-  for (int i = 0, first_fill = 0;; ++i) {
+  for (int i = 0, first_fill = 0, q_copies = 0;; ++i) {
     const int u = sm.wait_plan(i);
     if (u < 0) return;
     const Plan plan = sm.plan(i);
     const Unit w(p, u);
     const int tiles = plan.tiles(), t = int(w.t0) + tk;
     int left = plan.count()[tk];  // this token's tiles still to compute
-    mbar_wait(sm.q_full, i & 1);
-    if constexpr (!kGatherOnly) {
-      if (left > 0) cs.begin(smem_addr(sm.q) + tk * kHeads * 128);
+    if (!kGatherOnly && left > 0) {
+      // The token's Q rows into the warp's own slot (rows past the sequence are loaded and never written); the
+      // warp's reads of the previous unit's rows are done.
+      if (lane == 0) {
+        fence_proxy_async_smem();
+        mbar_arrive_expect_tx(&sm.q_full[tk], kQTokenBytes);
+#pragma unroll
+        for (int b = 0; b < St::kKBoxes; ++b)
+          tma_load_3d(q_slot + b * kTokenQBytes, &map_q, 64 * b, w.head0, int(w.key_base + t), &sm.q_full[tk], once);
+      }
+      cs.begin(p, w.key_base + t, w.head0);
+      mbar_wait(&sm.q_full[tk], q_copies & 1);
+      ++q_copies;
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(sm.q_empty);
     for (int j = 0; left > 0 && j < tiles; ++j) {
       if (!(plan.mask()[j] & bit)) continue;
       const int it = first_fill + j;
       while (load_acquire(sm.issued) <= it) __nanosleep(200);  // polling less often measured 1-3% faster
       ring.wait_full(it);
       if constexpr (!kGatherOnly) {
-        cs.step(smem_addr(sm.stages + ring.stage(it) * St::kBytes), plan.tile()[j], t, p.scale_log2);
+        cs.step(smem_addr(q_slot), smem_addr(sm.stages + ring.stage(it) * St::kBytes), plan.tile()[j], t, p.scale_log2);
         if (left == 1) cs.finish(p, w.key_base + t, w.head0);
       }
       --left;
@@ -493,7 +534,8 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
 int max_items(const DeviceLayout& L) { return L.block_count * (L.block_size / kTileKeys); }
 
 size_t smem_bytes(const DeviceLayout& L, int stages) {
-  return StreamedSmem::bytes(int(L.K / 64) * kQBoxBytes, int(L.K / 64 + L.V / 64) * kBoxBytes, stages, max_items(L));
+  return StreamedSmem::bytes(int(L.K / 64) * kRunTokens * kTokenQBytes, int(L.K / 64 + L.V / 64) * kBoxBytes, stages,
+                             max_items(L));
 }
 
 // The most ring stages (up to kMaxStages) whose shared memory the device allows one CTA; 0 below kMinStages.
@@ -515,6 +557,8 @@ void with_kernel(const DeviceLayout& L, F&& f) {
 }
 
 }  // namespace
+
+int selected_streamed_unit_tokens() { return kRunTokens; }
 
 int selected_streamed_ctas_per_sm(const DeviceLayout& L) {
   int ctas = 0;
@@ -547,7 +591,8 @@ bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k,
 
 void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                 cudaStream_t s, int32_t* path_counts, const RunSplit* split) {
+                                 cudaStream_t s, int32_t* path_counts, const RunSplit* split,
+                                 const GatedOutput* gated) {
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {
@@ -564,9 +609,15 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
       p.scale_log2 = L.scale * 1.4426950408889634f;
       p.path_counts = path_counts;
       if (split) p.split = *split;
+      if (gated) {
+        p.o_gated = static_cast<T*>(gated->o);
+        p.o_cmp = static_cast<const T*>(gated->o_cmp);
+        p.g_cmp = static_cast<const T*>(gated->g_cmp);
+        p.g_slc = static_cast<const T*>(gated->g_slc);
+      }
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t rows = uint64_t(L.B * L.T);
-      const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, rows, 64, kHeads, kRunTokens, "selected_streamed_kernel(q)");
+      const CUtensorMap map_q = make_tensor_map_3d(q, bf16, L.K, L.HQ, rows, 64, kHeads, 1, "selected_streamed_kernel(q)");
       const CUtensorMap map_k = make_tensor_map_3d(k, bf16, L.K, L.H, rows, 64, 1, kTileKeys, "selected_streamed_kernel(k)");
       const CUtensorMap map_v = make_tensor_map_3d(v, bf16, L.V, L.H, rows, 64, 1, kTileKeys, "selected_streamed_kernel(v)");
       // A persistent grid, one CTA per SM, over the units (runs fastest, so that the units in flight share

@@ -261,11 +261,11 @@ TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
 }
 
 // Where the streamed kernel applies, Auto gives it every run of tokens at G a multiple of 16 (it loads a tile
-// that a unit's 8 tokens share once); at G = 8 the union walk takes the runs that select alike, at G = 4 the
+// that a unit's tokens share once); at G = 8 the union walk takes the runs that select alike, at G = 4 the
 // union walk and the block-major path (which counts no CTA).
 TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHeads) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  for (int64_t HQ : {32, 16, 8}) {  // G = 16 (runs of 8 tokens), G = 8 (runs of 16), G = 4 (runs of 32)
+  for (int64_t HQ : {32, 16, 8}) {  // G = 16 (runs of 16 tokens), G = 8 (runs of 16), G = 4 (runs of 32)
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split", DType::BF16, 1, 8192, HQ, 2, 128, 128, 64, 16, {}, false};
     if (!streamed_kernel_applies(c)) GTEST_SKIP() << "the streamed kernel needs sm_90";
@@ -275,10 +275,11 @@ TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHea
       EXPECT_GT(shared[0], 0);
       EXPECT_EQ(shared[2] + independent[2], 0) << "G = 4 takes the union or the block-major path";
     } else if (HQ == 32) {
-      // Every unit of 8 tokens and one kv head, once: 8192 / 8 x 2.
+      // Every unit of tokens and one kv head, once: 8192 / unit x 2.
+      const int units = 8192 / cuda::selected_streamed_unit_tokens() * 2;
       EXPECT_EQ(shared[0] + independent[0], 0) << "the union walk ran at G = 16";
-      EXPECT_EQ(shared[2], 2048);
-      EXPECT_EQ(independent[2], 2048);
+      EXPECT_EQ(shared[2], units);
+      EXPECT_EQ(independent[2], units);
     } else {
       EXPECT_GT(shared[0], 0);
       EXPECT_EQ(shared[2], 0) << "runs of 64 tokens share their blocks: every run should take the union";
@@ -293,7 +294,7 @@ TEST(SelectedAttentionCudaDecision, AutoLeavesAlikeRunsToTheUnionBelowSixteenHea
 // select alike; later ones do not); at G = 16 the streamed kernel's units cross no sequence.
 TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
-  for (int64_t HQ : {32, 8, 2}) {  // G = 16 (runs of 8 tokens), G = 4 (runs of 32), G = 1 (runs of 128)
+  for (int64_t HQ : {32, 8, 2}) {  // G = 16 (runs of 16 tokens), G = 4 (runs of 32), G = 1 (runs of 128)
     SCOPED_TRACE("HQ " + std::to_string(HQ));
     const SelectedCase c{"split_varlen", DType::BF16, 1, 0, HQ, 2, 128, 64, 64, 16, {1500, 0, 9, 2100, 70}, true};
     if (HQ == 32 ? !streamed_kernel_applies(c) : !blocks_path_applies(c))
@@ -307,8 +308,8 @@ TEST(SelectedAttentionCudaDecision, SplitWritesEveryRowOnce) {
   }
 }
 
-// Many selections per token (S = 96): the unit plans no longer leave room for six ring stages, and the streamed
-// kernel runs with five (a stage count that does not divide the fills evenly); every 11th token compared.
+// Many selections per token (S = 96): a unit lists 16 x 96 entries, whose plans take ~30 KB of shared memory
+// beside Q and the ring, and streams hundreds of tiles; every 11th token compared.
 TEST(SelectedAttentionCudaStreamed, ManySelectionsLeaveFewerRingStages) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
   const SelectedCase c{"many_selections", DType::BF16, 1, 6600, 16, 1, 128, 128, 64, 96, {}, false};
@@ -319,7 +320,8 @@ TEST(SelectedAttentionCudaStreamed, ManySelectionsLeaveFewerRingStages) {
     SCOPED_TRACE("pattern " + std::to_string(int(pattern)));
     std::vector<int32_t> ctas;
     expect_close(run_selected(c, 12, rows, cuda::SelectedPath::Streamed, pattern, &ctas), c.dtype);
-    EXPECT_EQ(ctas[2], (c.T + 7) / 8) << "every unit of 8 tokens, once";
+    const int unit = cuda::selected_streamed_unit_tokens();
+    EXPECT_EQ(ctas[2], (c.T + unit - 1) / unit) << "every unit of " << unit << " tokens, once";
   }
 }
 

@@ -165,6 +165,7 @@ std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const F
   time(cuda::Stage::Selected, f.selected);
   if (window) time(cuda::Stage::SlidingWindow, f.sliding);
   time(cuda::Stage::Gate, f.gate);
+  time(cuda::Stage::SelectedGated, f.selected + f.gate);  // the two fused where the pipeline can
   const double flop = f.mean_pool + f.compressed + f.topk + f.selected + (window ? f.sliding : 0) + f.gate;
   r.push_back({"full_forward", pipe.time_ms([&] { pipe.forward(); }, a.warmup, a.iters), flop});
   return r;
