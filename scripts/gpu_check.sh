@@ -4,8 +4,8 @@
 #   2. `verify --backend cuda` over the committed golden suite;
 #   3. T=65536 bf16 cases verified on sampled rows (nsa-spec §5.4): HQ=16, H=1 with a window, and the benchmark
 #      shape of nsa-spec §7 (HQ=64, H=4; ~12 GB of host memory);
-#   4. a varlen case the streamed selected-attention kernel takes (G = 32, BS = 64, K != V, block_counts), one
-#      the block-major selected-attention path takes (G = 1, BS = 32, K != V, block_counts) and one the wgmma
+#   4. varlen cases the streamed selected-attention kernel takes (G = 32, BS = 64, K != V, block_counts; with a
+#      window, and without, where the gate pass is fused into it), one the block-major selected-attention path takes (G = 1, BS = 32, K != V, block_counts) and one the wgmma
 #      compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
 #      compute-sanitizer memcheck on them and on varlen golden cases (when compute-sanitizer is on PATH);
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7).
@@ -42,6 +42,10 @@ streamed="$out/streamed_varlen.safetensors"
 step streamed_gen "$bin" gen --varlen 70,0,300,9,190 --heads-q 64 --heads-kv 2 --dim-k 128 --dim-v 64 --block-size 64 \
   --block-count 8 --block-counts --window 64 --dtype bf16 --seed 65 -o "$streamed"
 step streamed_verify "$bin" verify --backend cuda "$streamed"
+gated="$out/streamed_gated_varlen.safetensors"
+step gated_gen "$bin" gen --varlen 70,0,300,9,190 --heads-q 64 --heads-kv 2 --dim-k 128 --dim-v 64 --block-size 64 \
+  --block-count 8 --block-counts --dtype bf16 --seed 68 -o "$gated"
+step gated_verify "$bin" verify --backend cuda "$gated"
 blocks="$out/blocks_varlen.safetensors"
 step blocks_gen "$bin" gen --varlen 900,0,33,1300,7 --heads-q 6 --heads-kv 6 --dim-k 128 --dim-v 64 --block-size 32 \
   --block-count 12 --block-counts --window 64 --dtype bf16 --seed 67 -o "$blocks"
@@ -52,7 +56,7 @@ step wgmma_gen "$bin" gen --varlen 700,0,9,1100,65 --heads-q 32 --heads-kv 2 --d
 step wgmma_verify "$bin" verify --backend cuda "$wgmma"
 if command -v compute-sanitizer >/dev/null; then
   for c in fixtures/golden/varlen_empty_short fixtures/golden/block_counts_varlen fixtures/golden/varlen_g16_paper \
-           "${streamed%.safetensors}" "${blocks%.safetensors}" "${wgmma%.safetensors}"; do
+           "${streamed%.safetensors}" "${gated%.safetensors}" "${blocks%.safetensors}" "${wgmma%.safetensors}"; do
     name="$(basename "$c")"
     step "memcheck_$name" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" run --backend cuda \
       -i "$c.safetensors" -o "$out/memcheck_$name.safetensors"
@@ -61,7 +65,7 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "== memcheck: compute-sanitizer not on PATH, not run"
 fi
-rm -f "$streamed" "$blocks" "$wgmma"
+rm -f "$streamed" "$gated" "$blocks" "$wgmma"
 shape="--heads-kv 4 --dim-k 128 --dim-v 128 --block-size 64 --block-count 16 --dtype bf16 --warmup 2 --iters 10"
 for T in 8192 32768 65536; do
   step "bench_T$T" "$bin" bench --backend cuda --seqlen $T --heads-q 64 $shape --json "$out/bench_T$T.json"
