@@ -284,12 +284,15 @@ void CudaPipeline::run(Stage s) {
                    stream_);
       break;
     case Stage::SelectedGated: {
-      const bool fusable = !(L_.config.window > 0 && g_swa_.get()) && g_cmp_.get() && g_slc_.get();
+      // The fused kernel takes both the compressed and the selected branch; the window's when there is one.
+      const bool fusable = g_cmp_.get() && g_slc_.get();
+      const bool window = L_.config.window > 0 && g_swa_.get();
       gate_fused_ = fusable && selected_attention_gated_forward(
                                    o_slc_.get(), static_cast<float*>(lse_slc_.get()), q_.get(), k_.get(), v_.get(),
                                    static_cast<const int32_t*>(block_indices_.get()),
                                    static_cast<const int32_t*>(block_counts_.get()), dl_, stream_,
-                                   GatedOutput{o_.get(), o_cmp_.get(), g_cmp_.get(), g_slc_.get()});
+                                   GatedOutput{o_.get(), o_cmp_.get(), g_cmp_.get(), g_slc_.get(),
+                                               window ? o_swa_.get() : nullptr, window ? g_swa_.get() : nullptr});
       if (!fusable) run(Stage::Selected);  // (where it could not fuse, the gated call ran selected attention)
       if (!gate_fused_) run(Stage::Gate);
       break;

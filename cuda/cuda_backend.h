@@ -50,8 +50,8 @@ class DeviceBuffer {
   std::size_t bytes_ = 0;
 };
 
-// SelectedGated: selected attention and the gate pass, fused into one kernel where it can be (no window
-// branch; selected_attention_gated_forward), else the two in sequence.
+// SelectedGated: selected attention and the gate pass, fused into one kernel where it can be
+// (selected_attention_gated_forward; the window branch, if any, computed before), else the two in sequence.
 enum class Stage { MeanPool, Compressed, Topk, Selected, SlidingWindow, Gate, SelectedGated };
 const char* stage_name(Stage s);
 

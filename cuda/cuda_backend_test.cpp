@@ -378,18 +378,23 @@ TEST(CudaBackend, RowSampleDownloadsThoseRowsOfTheOutputs) {
   EXPECT_FALSE(test::all_zero(some.o));
 }
 
-// Where the forward fuses the gate pass into selected attention (sm_90, G a multiple of 16, no window branch),
-// its gated output is bit-identical to the separate pass on the same branch outputs; tokens with no selection
-// (block_counts 0) included. Without a window branch at G = 4 the forward runs the pass itself.
+// Where the forward fuses the gate pass into selected attention (sm_90, G a multiple of 16), its gated output is
+// bit-identical to the separate pass on the same branch outputs, with and without a window branch; tokens with no
+// selection (block_counts 0) included. At G = 4 the forward runs the pass itself.
 TEST(CudaBackend, FusedGateMatchesTheGatePassBitForBit) {
   SKIP_WITHOUT_DEVICE();
-  for (int64_t HQ : {32, 8}) {
-    SCOPED_TRACE("HQ " + std::to_string(HQ));
+  struct Shape {
+    int64_t HQ, W;
+  };
+  for (Shape shape : {Shape{32, 0}, Shape{32, 40}, Shape{8, 0}}) {
+    SCOPED_TRACE("HQ " + std::to_string(shape.HQ) + ", W " + std::to_string(shape.W));
     ProblemSpec s;
     s.lengths = {300, 0, 77, 190};
-    s.HQ = HQ, s.H = 2, s.K = 128, s.V = 64;
+    s.HQ = shape.HQ, s.H = 2, s.K = 128, s.V = 64;
     s.config.block_size = 64;
     s.config.block_count = 4;
+    s.config.window = shape.W;
+    s.gate_swa = shape.W > 0;
     s.seed = 31;
     Problem p = rounded(test::random_problem(s), DType::BF16);
     std::mt19937_64 rng(5);
@@ -398,6 +403,7 @@ TEST(CudaBackend, FusedGateMatchesTheGatePassBitForBit) {
     cuda::PipelineOptions po;
     po.dtype = cuda::ElemType::BF16;
     po.block_counts = true;
+    po.gate_swa = s.gate_swa;
     cuda::CudaPipeline pipe(p.layout, po);
     pipe.upload(p);
     pipe.forward();
@@ -407,7 +413,7 @@ TEST(CudaBackend, FusedGateMatchesTheGatePassBitForBit) {
     int device = 0, major = 0;
     ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
     ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
-    if (HQ == 8) EXPECT_FALSE(pipe.gate_fused()) << "G = 4: the streamed kernel does not take every token";
+    if (shape.HQ == 8) EXPECT_FALSE(pipe.gate_fused()) << "G = 4: the streamed kernel does not take every token";
     else EXPECT_EQ(pipe.gate_fused(), major >= 9) << "G = 16 on sm_90: the streamed kernel takes every token";
     ASSERT_EQ(fused.o.size(), apart.o.size());
     for (std::size_t i = 0; i < fused.o.size(); ++i) ASSERT_EQ(fused.o[i], apart.o[i]) << "element " << i;

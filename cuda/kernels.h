@@ -73,14 +73,17 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts);
 int selected_streamed_unit_tokens();
-// The gate pass (gate_forward) without a window branch, fused into selected attention: o = g_slc * o_slc +
-// g_cmp * o_cmp, by gate_forward's arithmetic. Its inputs (o_cmp, the gates) are read where each token's rows
-// are computed, so the fused kernel saves the pass's second read of o_slc and its launch.
+// The gate pass (gate_forward) fused into selected attention: o = g_slc * o_slc + g_cmp * o_cmp (+ g_swa *
+// o_swa with a window branch, computed before), by gate_forward's arithmetic. The other branches' rows and the
+// gates are read where each token's rows are computed, so the fused kernel saves the pass's second read of
+// o_slc and its launch.
 struct GatedOutput {
   void* o;            // [B, T, HQ, V]
   const void* o_cmp;  // [B, T, HQ, V]
   const void* g_cmp;  // [B, T, HQ]
   const void* g_slc;  // [B, T, HQ]
+  const void* o_swa = nullptr;  // [B, T, HQ, V], or null: no window branch
+  const void* g_swa = nullptr;  // [B, T, HQ], with o_swa
 };
 // Selected attention (Auto) that also writes `gated` where one kernel computes every token (sm_90, G a multiple
 // of 16, the streamed kernel); returns whether it did, else the caller runs gate_forward.

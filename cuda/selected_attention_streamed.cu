@@ -18,7 +18,7 @@
 //    (mma.sync, with a lazy online softmax whose reference max moves only by more than 2^8) and arrives on
 //    the stage's "empty" mbarrier, on which the producer arrives for the warps that skip the tile; after its
 //    token's last tile it writes the token's o and lse and, with the gate pass fused (GatedOutput), the
-//    gated output from o_cmp loaded at the token's start.
+//    gated output from the other branches' rows (o_cmp, and o_swa with a window) loaded at the token's start.
 // Shared-memory races among these roles are ruled out by the mbarriers and one release/acquire counter,
 // which compute-sanitizer's racecheck does not model (it reports their hand-offs as hazards).
 #include "cuda/selected_attention_streamed.h"
@@ -85,11 +85,14 @@ struct StreamedParams {
   float scale_log2;          // scale * log2(e): the softmax runs in base 2
   int32_t* path_counts;      // [3] or null
   RunSplit split;            // runs marked there are left to the union walk; alike null: no split
-  // The gate pass fused (o_gated null: not): o_gated = g_slc * o_slc + g_cmp * o_cmp, all [B, T, HQ(, V)].
+  // The gate pass fused (o_gated null: not): o_gated = g_slc * o_slc + g_cmp * o_cmp (+ g_swa * o_swa where
+  // o_swa is not null), all [B, T, HQ(, V)].
   T* o_gated;
   const T* o_cmp;
   const T* g_cmp;
   const T* g_slc;
+  const T* o_swa;
+  const T* g_swa;
 };
 
 // A work unit: 8 tokens [t0, t0 + 8) of sequence `seq`, query heads [head0, head0 + 16) of kv head kv_head.
@@ -184,24 +187,32 @@ __device__ __forceinline__ void store_out(V* at, V value) {
 }
 
 // The gated output of one element pair, by the gate pass's arithmetic (gating.cu: fp32, o_slc as stored).
+__device__ __forceinline__ float gated(float slc, float cmp, float swa, float g_slc, float g_cmp, float g_swa) {
+  return fmaf(g_swa, swa, fmaf(g_cmp, cmp, fmaf(g_slc, slc, 0.f)));
+}
 template <typename T>
-__device__ __forceinline__ uint32_t gated_pair(uint32_t slc, uint32_t cmp, float g_slc, float g_cmp) {
+__device__ __forceinline__ uint32_t gated_pair(uint32_t slc, uint32_t cmp, uint32_t swa, float g_slc, float g_cmp,
+                                               float g_swa) {
   const T* s = reinterpret_cast<const T*>(&slc);
   const T* c = reinterpret_cast<const T*>(&cmp);
-  return MmaElem<T>::pack(fmaf(g_cmp, Elem<T>::to_float(c[0]), fmaf(g_slc, Elem<T>::to_float(s[0]), 0.f)),
-                          fmaf(g_cmp, Elem<T>::to_float(c[1]), fmaf(g_slc, Elem<T>::to_float(s[1]), 0.f)));
+  const T* w = reinterpret_cast<const T*>(&swa);
+  auto f = [](T x) { return Elem<T>::to_float(x); };
+  return MmaElem<T>::pack(gated(f(s[0]), f(c[0]), f(w[0]), g_slc, g_cmp, g_swa),
+                          gated(f(s[1]), f(c[1]), f(w[1]), g_slc, g_cmp, g_swa));
 }
 
 // One consumer warp's token: its 16 query rows against whole 64-key tiles. Thread layout as the mma C
 // fragment: rows g = lane / 4 and g + 8 (ri = 0, 1), columns 2 (lane % 4) + {0, 1} of each 8-wide tile.
-template <typename T, int KD, int VD>
+// kWindow: the fused gate has a window branch (an instance of its own: its registers cost the others ~1%).
+template <typename T, int KD, int VD, bool kWindow>
 struct ConsumerState {
   using St = Stage<KD, VD>;
   float o[VD / 8][4];
   float ref[2], sum[2];  // reference max (base 2; -inf before any key) and this thread's partial row sums
-  // With the gate pass fused: this thread's o_cmp pairs and its rows' gates, loaded at the token's start.
-  uint32_t cmp[VD / 8][2];
-  float g_cmp[2], g_slc[2];
+  // With the gate pass fused: this thread's o_cmp (and o_swa) pairs and its rows' gates, loaded at the token's
+  // start (without a window branch, swa = 0 and g_swa = 0 add exact zeros).
+  uint32_t cmp[VD / 8][2], swa[kWindow ? VD / 8 : 1][2];
+  float g_cmp[2], g_slc[2], g_swa[2];
 
   __device__ __forceinline__ void begin(const StreamedParams<T>& p, int64_t flat, int head0) {
 #pragma unroll
@@ -215,9 +226,15 @@ struct ConsumerState {
         const int64_t row = flat * p.HQ + head0 + lane / 4 + 8 * ri;
         g_cmp[ri] = Elem<T>::to_float(p.g_cmp[row]);
         g_slc[ri] = Elem<T>::to_float(p.g_slc[row]);
+        g_swa[ri] = kWindow ? Elem<T>::to_float(p.g_swa[row]) : 0.f;
         const uint32_t* src = reinterpret_cast<const uint32_t*>(p.o_cmp + row * VD + 2 * (lane % 4));
 #pragma unroll
         for (int n = 0; n < VD / 8; ++n) cmp[n][ri] = src[4 * n];
+        if constexpr (kWindow) {
+          const uint32_t* src_swa = reinterpret_cast<const uint32_t*>(p.o_swa + row * VD + 2 * (lane % 4));
+#pragma unroll
+          for (int n = 0; n < VD / 8; ++n) swa[n][ri] = src_swa[4 * n];
+        }
       }
     }
   }
@@ -318,8 +335,12 @@ struct ConsumerState {
       for (int n = 0; n < VD / 8; ++n) {
         const uint32_t slc = MmaElem<T>::pack(o[n][2 * ri] * inv, o[n][2 * ri + 1] * inv);
         store_out(reinterpret_cast<uint32_t*>(p.o + at + 8 * n), slc);
-        if (p.o_gated)
-          store_out(reinterpret_cast<uint32_t*>(p.o_gated + at + 8 * n), gated_pair<T>(slc, cmp[n][ri], g_slc[ri], g_cmp[ri]));
+        if (p.o_gated) {
+          uint32_t window_pair = 0;
+          if constexpr (kWindow) window_pair = swa[n][ri];
+          store_out(reinterpret_cast<uint32_t*>(p.o_gated + at + 8 * n),
+                    gated_pair<T>(slc, cmp[n][ri], window_pair, g_slc[ri], g_cmp[ri], g_swa[ri]));
+        }
       }
       if (lane % 4 == 0) store_out(p.lse + row, total > 0.f ? (ref[ri] + log2f(total)) * 0.69314718055994531f : 0.f);
     }
@@ -414,8 +435,10 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
           const int64_t row = flat * p.HQ + w.head0 + k / VD, at = row * VD + k % VD;
           p.o[at] = Elem<T>::from_float(0.f);
           if (p.o_gated)  // the gate pass's arithmetic on o_slc = 0
-            p.o_gated[at] = Elem<T>::from_float(fmaf(Elem<T>::to_float(p.g_cmp[row]), Elem<T>::to_float(p.o_cmp[at]),
-                                                     fmaf(Elem<T>::to_float(p.g_slc[row]), 0.f, 0.f)));
+            p.o_gated[at] = Elem<T>::from_float(
+                gated(0.f, Elem<T>::to_float(p.o_cmp[at]), p.o_swa ? Elem<T>::to_float(p.o_swa[at]) : 0.f,
+                      Elem<T>::to_float(p.g_slc[row]), Elem<T>::to_float(p.g_cmp[row]),
+                      p.o_swa ? Elem<T>::to_float(p.g_swa[row]) : 0.f));
         }
         if (lane < p.rows) p.lse[flat * p.HQ + w.head0 + lane] = 0.f;
       }
@@ -429,7 +452,7 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
   }
 }
 
-template <typename T, int KD, int VD>
+template <typename T, int KD, int VD, bool kWindow>
 __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __grid_constant__ CUtensorMap map_q,
                                                                      const __grid_constant__ CUtensorMap map_k,
                                                                      const __grid_constant__ CUtensorMap map_v,
@@ -489,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
   const unsigned bit = 1u << tk;
   unsigned char* q_slot = sm.q + tk * kQTokenBytes;
   const uint64_t once = kHints ? l2_policy<L2Evict::First>() : l2_policy<L2Evict::Normal>();
-  ConsumerState<T, KD, VD> cs;
+  ConsumerState<T, KD, VD, kWindow> cs;
   for (int i = 0, first_fill = 0, q_copies = 0;; ++i) {
     const int u = sm.wait_plan(i);
     if (u < 0) return;
@@ -547,13 +570,13 @@ int ring_stages(const DeviceLayout& L) {
   return 0;
 }
 
-// Calls f with the kernel instance for L's K and V.
-template <typename T, typename F>
+// Calls f with the kernel instance for L's K and V (and a gate fused with a window branch).
+template <typename T, bool kWindow = false, typename F>
 void with_kernel(const DeviceLayout& L, F&& f) {
-  if (L.K == 128 && L.V == 128) f(selected_streamed_kernel<T, 128, 128>);
-  else if (L.K == 128) f(selected_streamed_kernel<T, 128, 64>);
-  else if (L.V == 128) f(selected_streamed_kernel<T, 64, 128>);
-  else f(selected_streamed_kernel<T, 64, 64>);
+  if (L.K == 128 && L.V == 128) f(selected_streamed_kernel<T, 128, 128, kWindow>);
+  else if (L.K == 128) f(selected_streamed_kernel<T, 128, 64, kWindow>);
+  else if (L.V == 128) f(selected_streamed_kernel<T, 64, 128, kWindow>);
+  else f(selected_streamed_kernel<T, 64, 64, kWindow>);
 }
 
 }  // namespace
@@ -614,6 +637,8 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
         p.o_cmp = static_cast<const T*>(gated->o_cmp);
         p.g_cmp = static_cast<const T*>(gated->g_cmp);
         p.g_slc = static_cast<const T*>(gated->g_slc);
+        p.o_swa = static_cast<const T*>(gated->o_swa);
+        p.g_swa = static_cast<const T*>(gated->g_swa);
       }
       const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
       const uint64_t rows = uint64_t(L.B * L.T);
@@ -636,7 +661,8 @@ void selected_attention_streamed(void* o_slc, float* lse_slc, const void* q, con
         kernel<<<grid, kThreads, bytes, s>>>(map_q, map_k, map_v, p);
         check_launch("selected_streamed_kernel");
       };
-      with_kernel<T>(L, launch);
+      if (p.o_gated && p.o_swa) with_kernel<T, true>(L, launch);
+      else with_kernel<T>(L, launch);
     }
   });
 }
