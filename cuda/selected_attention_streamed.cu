@@ -132,7 +132,7 @@ struct Plan {
   __host__ __device__ static int ints(int entries) { return 2 + kRunTokens + 2 * entries; }
 };
 
-// Shared memory: per consumer warp its tokens' Q boxes, then the stages (1024-byte aligned, for the
+// Shared memory: per consumer warp its token's Q boxes, then the stages (1024-byte aligned, for the
 // swizzle), the barriers (per stage full and empty; per consumer warp its Q copy; per plan buffer full and
 // empty), the producer's issued-fill count, the planner's scratch (per token its tiles) and the two plan
 // buffers.
@@ -223,6 +223,7 @@ struct ConsumerState {
       const int lane = threadIdx.x % 32;
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
+        if (lane / 4 + 8 * ri >= p.rows) continue;  // a head of the next group (G < 16): not written
         const int64_t row = flat * p.HQ + head0 + lane / 4 + 8 * ri;
         g_cmp[ri] = Elem<T>::to_float(p.g_cmp[row]);
         g_slc[ri] = Elem<T>::to_float(p.g_slc[row]);
@@ -357,9 +358,9 @@ constexpr bool kGatherOnly = NSA_STREAMED_GATHER_ONLY;
 // The planner warp: for each unit of this CTA (those left to the union walk skipped), per token a slot per
 // tile of each selection (-1 where the entry is not valid: c < 0 or tile start > t), then the distinct tiles
 // in round-robin order over the tokens' slots (entry e is token e % 8's slot e / 8), so that consecutive
-// tiles mostly belong to different warps. An entry leads when no earlier entry has its tile;
-// the leader collects the mask of the tokens that selected it. A token with no tile gets o = 0, lse = 0 here.
-// It plans a unit ahead of the producer and the consumers (two plan buffers).
+// tiles mostly belong to different warps. An entry leads when no earlier entry has its tile; the leader
+// collects the mask of the tokens that selected it. A token with no tile gets o = 0, lse = 0 here (and its
+// gated output, when fused). It plans a unit ahead of the producer and the consumers (two plan buffers).
 template <typename T, int VD>
 __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
   const int lane = threadIdx.x % 32, entries = kRunTokens * p.max_items;
@@ -521,8 +522,8 @@ __global__ void __launch_bounds__(kThreads, 1) selected_streamed_kernel(const __
     const int tiles = plan.tiles(), t = int(w.t0) + tk;
     int left = plan.count()[tk];  // this token's tiles still to compute
     if (!kGatherOnly && left > 0) {
-      // The token's Q rows into the warp's own slot (rows past the sequence are loaded and never written); the
-      // warp's reads of the previous unit's rows are done.
+      // The token's Q rows into the warp's own slot, whose reads for the previous unit are done (the proxy fence
+      // orders them before the copy's writes).
       if (lane == 0) {
         fence_proxy_async_smem();
         mbar_arrive_expect_tx(&sm.q_full[tk], kQTokenBytes);
