@@ -72,6 +72,7 @@ enum class SelectedPath { Auto = 0, Union = 1, PerToken = 2, Streamed = 3, Block
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s, SelectedPath path, int32_t* path_counts);
+// Consecutive tokens per work unit of the streamed kernel (what its path_counts slot counts).
 int selected_streamed_unit_tokens();
 // The gate pass (gate_forward) fused into selected attention: o = g_slc * o_slc + g_cmp * o_cmp (+ g_swa *
 // o_swa with a window branch, computed before), by gate_forward's arithmetic. The other branches' rows and the
