@@ -633,16 +633,14 @@ __global__ void __launch_bounds__(128) selected_attention_rows_kernel(const Sele
 
 }  // namespace
 
-void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
-                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                cudaStream_t s) {
-  selected_attention_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, SelectedPath::Auto, nullptr);
-}
+namespace {
 
-void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
-                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
-                                cudaStream_t s, SelectedPath path, int32_t* path_counts) {
-  if (L.B * L.T == 0 || L.HQ == 0) return;
+// selected_attention_forward, and with `gated` the gated output too where the streamed kernel takes every token
+// (no split); returns whether it wrote it.
+bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                      const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s,
+                      SelectedPath path, int32_t* path_counts, const GatedOutput* gated) {
+  if (L.B * L.T == 0 || L.HQ == 0) return false;
   // Small groups (G <= 4, or Blocks forced): the block-major path, each selected block serving full 16-row tiles
   // of the queries that selected it. Where the streamed kernel applies, Auto gives it every run of tokens, but
   // at G = 4 and 8 (whose 16-row tiles there hold G useful rows) those selecting alike. Beside either (Auto),
@@ -719,26 +717,36 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
     selected_attention_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
     check_launch("selected_attention_rows_kernel");
   });
+  const bool fuse_gate = gated && streamed && !split_runs;
   if (streamed)
     selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path_counts,
-                                union_launched ? &split.split : nullptr);
+                                union_launched ? &split.split : nullptr, fuse_gate ? gated : nullptr);
   if (blocks)
     selected_attention_blocks(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s,
                               union_launched ? &split.split : nullptr);
   if (side) side->join();  // before the split's memory is freed on s
+  return fuse_gate;
+}
+
+}  // namespace
+
+void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                                cudaStream_t s) {
+  selected_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, SelectedPath::Auto, nullptr, nullptr);
+}
+
+void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
+                                const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                                cudaStream_t s, SelectedPath path, int32_t* path_counts) {
+  selected_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, path, path_counts, nullptr);
 }
 
 bool selected_attention_gated_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                       const int32_t* block_indices, const int32_t* block_counts,
                                       const DeviceLayout& L, cudaStream_t s, const GatedOutput& gated) {
-  // Auto's choice where the streamed kernel takes every run (no split at G a multiple of 16; G >= 16 keeps
-  // the block-major path off).
-  if (L.B * L.T > 0 && L.HQ > 0 && L.G() % 16 == 0 && selected_streamed_fits(L, q, k, v)) {
-    selected_attention_streamed(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, nullptr, nullptr, &gated);
-    return true;
-  }
-  selected_attention_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s);
-  return false;
+  return selected_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, SelectedPath::Auto, nullptr,
+                          &gated);
 }
 
 }  // namespace nsa::cuda
