@@ -5,8 +5,8 @@
 #   3. T=65536 bf16 cases verified on sampled rows (nsa-spec §5.4): HQ=16, H=1 with a window, and the benchmark
 #      shape of nsa-spec §7 (HQ=64, H=4; ~12 GB of host memory);
 #   4. varlen cases the streamed selected-attention kernel takes, the gate pass fused into it (G = 32, BS = 64,
-#      K != V, block_counts; with a window and without), one the block-major selected-attention path takes (G = 1, BS = 32, K != V, block_counts) and one the wgmma
-#      compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
+#      K != V, block_counts; with a window and without), one the block-major selected-attention path takes
+#      (G = 1, BS = 32, K != V, block_counts) and one the wgmma compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
 #      compute-sanitizer memcheck on them and on varlen golden cases (when compute-sanitizer is on PATH);
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7).
 # Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
