@@ -241,6 +241,25 @@ __device__ __forceinline__ int forced_block(bool paper, int cur, int i) {
   return i == 0 ? 0 : cur - (forced_count(paper, cur) - 1 - i);
 }
 
+// G = 16: sums the 16 heads (rows) of a warp's 16 x 64 probabilities (mma accumulator layout) by a
+// reduce-scatter across lanes (each level sends half of what is left); each lane ends up with 2 of the 64
+// column sums, those of columns head16_column(lane) and head16_column(lane) + 1.
+__device__ __forceinline__ void head16_sums(const float (&s)[kBN / 8][4], float (&sum)[2], int lane) {
+  static_assert(kBN == 64, "16 values per lane, 3 levels");
+  float v[16];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[2 * j] = s[j][0] + s[j][2], v[2 * j + 1] = s[j][1] + s[j][3];
+  reduce_scatter_level<8>(v, lane, 4);
+  reduce_scatter_level<4>(v, lane, 8);
+  reduce_scatter_level<2>(v, lane, 16);
+  sum[0] = v[0], sum[1] = v[1];
+}
+// v[0..1] above are values 2 j + {0, 1} with j = 4 b0 + 2 b1 + b2 (b = lane bits 2, 3, 4): columns j * 8 + col0.
+__device__ __forceinline__ int head16_column(int lane) {
+  const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
+  return j * 8 + (lane % 4) * 2;
+}
+
 // Direct scores (G divides 16, one head chunk): a warp's 16 rows are whole tokens. Sums each token's heads of
 // the warp's 16 x 64 probabilities (mma accumulator layout; tl[half] is the token of rows lane / 4 and
 // lane / 4 + 8) and stores its 64 scores in the score tile.
@@ -248,18 +267,9 @@ __device__ __forceinline__ void store_head_sums(const float (&s)[kBN / 8][4], fl
                                                 int lane) {
   const int col0 = (lane % 4) * 2;
   if (G == 16) {
-    // Rows a and b are heads of one token: the column sums over the 8 row groups by a reduce-scatter across
-    // lanes (each level sends half of what is left), so each lane ends up with 2 of the 64 sums.
-    static_assert(kBN == 64, "16 values per lane, 3 levels");
-    float v[16];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[2 * j] = s[j][0] + s[j][2], v[2 * j + 1] = s[j][1] + s[j][3];
-    reduce_scatter_level<8>(v, lane, 4);
-    reduce_scatter_level<4>(v, lane, 8);
-    reduce_scatter_level<2>(v, lane, 16);
-    // v[0..1] are values 2 j + {0, 1} with j = 4 b0 + 2 b1 + b2 (b = lane bits 2, 3, 4): columns j * 8 + col0.
-    const int j = 4 * ((lane >> 2) & 1) + 2 * ((lane >> 3) & 1) + ((lane >> 4) & 1);
-    *reinterpret_cast<float2*>(&score[tl[0] * kScoreStride + j * 8 + col0]) = make_float2(v[0], v[1]);
+    float sum[2];
+    head16_sums(s, sum, lane);
+    *reinterpret_cast<float2*>(&score[tl[0] * kScoreStride + head16_column(lane)]) = make_float2(sum[0], sum[1]);
   } else {
     // G in {1, 2, 4, 8}: a token's heads are G consecutive row groups of 4 lanes.
 #pragma unroll
@@ -322,6 +332,48 @@ __device__ __forceinline__ void filter_tile(const Candidates& cb, const float* r
   if (lane == 0) {
     *cb.count = n;
     *cb.thr = thr;
+  }
+}
+
+// warp_keep_best out of line, for a caller whose hot path it would otherwise crowd with its registers (inlined
+// in the G = 16 filter, it made the sm_90 kernel spill).
+[[maybe_unused]] __device__ __noinline__ KeepResult warp_keep_best_call(float* bs, int* bi, int n, int k, int lane) {
+  return warp_keep_best(bs, bi, n, k, lane);
+}
+
+// A token's candidate buffer whose count and threshold live in (warp-uniform) registers: G = 16, where a warp
+// owns one token and holds its scores of a tile two per lane (head16_sums).
+struct RegisterCandidates {
+  float* score;
+  int* block;
+  int n = 0;
+  float thr = -INFINITY;
+};
+
+// filter_tile's rule on the two scores sum[] of blocks c and c + 1 (c = c0 + head16_column(lane)): each half
+// (32 blocks) appends the ordinary blocks above the threshold, after cutting a buffer that cannot take them
+// back to its `keep` best (keep + 32 <= cap). Against filter_tile: no score tile in shared memory, no count or
+// threshold reloaded per tile, and no compaction before a half that brings fewer blocks than the room left.
+[[maybe_unused]] __device__ __forceinline__ void filter_pair(RegisterCandidates& cb, const float (&sum)[2], int c,
+                                                             const TokenInfo& ti, bool paper, int cap, int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int b = c + half;
+    const bool ordinary = b < ti.lim && (!paper || (b != 0 && b != ti.cur - 1 && b != ti.cur));
+    const float value = paper ? sum[half] * (1.f / 16) : sum[half];  // the mean over 16 heads, exactly
+    unsigned mask = __ballot_sync(kFull, ordinary && value > cb.thr);
+    if (mask == 0) continue;
+    if (cb.n + __popc(mask) > cap) {
+      cb.thr = warp_keep_best_call(cb.score, cb.block, cb.n, ti.keep, lane).thr;
+      cb.n = ti.keep;
+      mask = __ballot_sync(kFull, ordinary && value > cb.thr);
+    }
+    if (mask >> lane & 1) {
+      const int pos = cb.n + __popc(mask & ((1u << lane) - 1));
+      cb.score[pos] = value;
+      cb.block[pos] = b;
+    }
+    cb.n += __popc(mask);
   }
 }
 
@@ -604,7 +656,10 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   constexpr float kLog2e = 1.4426950408889634f;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
-  const int G = P.G, tpt = kSm90Rows / G, BS = L.block_size, S = L.block_count, cap = P.cap;
+  // One warpgroup per CTA is G = 16's shape (launch_sm90): G is then known here, a warp's 16 rows are one
+  // token, and only that case's paths compile.
+  constexpr bool kTokenPerWarp = kWG == 1;
+  const int G = kTokenPerWarp ? 16 : P.G, tpt = kSm90Rows / G, BS = L.block_size, S = L.block_count, cap = P.cap;
   // Late tokens score the most blocks: launch them first so that the short CTAs fill the tail.
   const int64_t t0 = int64_t(gridDim.x - 1 - blockIdx.x) * tpt;
   if (t0 >= seq.length) return;
@@ -678,6 +733,11 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   for (int off = 16; off > 0; off /= 2) warp_lim = max(warp_lim, __shfl_xor_sync(kFull, warp_lim, off));
   const int tl_first = warp * 16 / G, tl_end = min(tpt, (warp + 1) * 16 / G);
 
+  // G = 16: the warp's one token filters from registers (RegisterCandidates), in its slot of the buffers.
+  const TokenInfo warp_ti = tok_info[tl_first];
+  const bool warp_token_filters = kTokenPerWarp && t0 + tl_first < seq.length && warp_ti.keep > 0;
+  RegisterCandidates reg_cands{buf_score + tl_first * cap, buf_block + tl_first * cap};
+
   const uint32_t q_addr = smem_addr(smem + wg * Ly::kStageBytes);
   auto issue_scores = [&](int j, float (&s)[32]) {
     ring.wait_full(j);
@@ -701,13 +761,20 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
           p[i / 4][i % 4] = col < lim[half] ? exp2_ftz(s[i] * P.scale_log2 - lse2[half]) : 0.f;
         }
       }
-      store_head_sums(p, score, tl, G, lane);
-      __syncwarp();
-      for (int k = tl_first; k < tl_end; ++k) {
-        const TokenInfo ti = tok_info[k];
-        if (t0 + k >= seq.length) break;
-        if (c0 >= ti.lim || ti.keep == 0) continue;
-        filter_tile(candidates(k), score + k * kScoreStride, c0, ti, paper, G, cap, lane);
+      if constexpr (kTokenPerWarp) {
+        float sum[2];
+        head16_sums(p, sum, lane);
+        if (warp_token_filters && c0 < warp_ti.lim)
+          filter_pair(reg_cands, sum, c0 + head16_column(lane), warp_ti, paper, cap, lane);
+      } else {
+        store_head_sums(p, score, tl, G, lane);
+        __syncwarp();
+        for (int k = tl_first; k < tl_end; ++k) {
+          const TokenInfo ti = tok_info[k];
+          if (t0 + k >= seq.length) break;
+          if (c0 >= ti.lim || ti.keep == 0) continue;
+          filter_tile(candidates(k), score + k * kScoreStride, c0, ti, paper, G, cap, lane);
+        }
       }
     }
     wgmma_wait<0>();
@@ -725,6 +792,11 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
     step(j, s_even, s_odd);
     if (j + 1 < tiles) step(j + 1, s_odd, s_even);
   }
+  if (kTokenPerWarp && lane == 0) {
+    buf_count[tl_first] = reg_cands.n;
+    buf_thr[tl_first] = reg_cands.thr;
+  }
+  __syncwarp();
   for (int k = tl_first; k < tl_end && t0 + k < seq.length; ++k)
     write_selection(block_indices + ((tok_base + t0 + k) * L.H + h) * S, candidates(k), tok_info[k], paper, G, S,
                     lane);
