@@ -28,10 +28,7 @@ __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr) {
 // The descriptor of `addr + offset` from that of `addr`: the start address is the low field (addr >> 4, 14
 // bits), and shared-memory addresses stay below 2^18, so adding offset >> 4 never carries out of it. One add
 // per MMA instead of rebuilding the descriptor (a measurable share of the issue slots of these kernels).
-// The add is on the low word alone: a 64-bit add costs a carry instruction per MMA.
-__device__ __forceinline__ uint64_t wgmma_desc_step(uint64_t desc, uint32_t offset) {
-  return (desc & 0xFFFFFFFF00000000ull) | uint32_t(uint32_t(desc) + (offset >> 4));
-}
+__device__ __forceinline__ uint64_t wgmma_desc_step(uint64_t desc, uint32_t offset) { return desc + (offset >> 4); }
 
 // Orders this warpgroup's register writes before the wgmma that reads them (accumulators, A fragments).
 __device__ __forceinline__ void wgmma_fence() {
