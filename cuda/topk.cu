@@ -15,9 +15,11 @@
 // when its score is above the token's threshold (the S'-th best score seen at the last compaction; a later
 // block with an equal score loses on index). A full buffer is cut back to its S' best (warp_keep_best: exact
 // ranks of the few entries above a lane-maxima bound, or a radix select on the score bits; scores are >= 0,
-// so their bits order like the floats); entrants get rare as the threshold rises, so the common per-tile work
-// is one compare and ballot per block. At the end the S' best are selected the same way, the forced blocks
-// added, and the slots ordered by score descending, ties to the smaller block; -1 pads.
+// so their bits order like the floats); entrants thin out as the threshold rises (at block n, about S' / n of
+// the blocks enter), so most of the per-tile work is one compare and ballot per block. At the end the S' best are selected the same way, the forced blocks
+// added, and the slots ordered by score descending, ties to the smaller block; -1 pads. At G = 16 the sm_90
+// kernel's warp holds its token's scores of a tile two per lane, straight from the head sums, and filters them
+// there (filter_pair), with the buffer's count and threshold in registers.
 #include <algorithm>
 #include <type_traits>
 
