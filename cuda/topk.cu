@@ -617,17 +617,24 @@ __global__ void __launch_bounds__(W * 32, 2)
 #define NSA_TOPK_SM90_MIN_G 2  // G = 1 (a 48-entry buffer fits): 4.60 ms against the tile kernel's 3.30 (T=32k)
 #endif
 constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
-constexpr int kSm90Stages = 3;
+#ifndef NSA_TOPK_SELF_FED
+#define NSA_TOPK_SELF_FED 1
+#endif
 // Consumer warpgroups per CTA (kWG): three, one CTA per SM; or, at G = 16, one, three CTAs per SM, so that one
 // CTA's start and end (Q load, the selections) overlap the others' tiles. H100, G = 16: 0.172 -> 0.161 ms at 8k,
 // 1.14 -> 1.08 at 32k; at 64k 3.46 -> 3.30 in one call, within noise in another. At G = 2, 4, 8 a CTA of one
 // warpgroup holds 32 / 16 / 8 tokens' buffers, so that fewer fit: 36-41% slower (T = 32k).
 template <int kWG>
 struct Sm90Shape {
+  // G = 16 (kWG = 1): the warpgroup feeds its own ring (thread 0 issues the copies), so that four CTAs of 128
+  // threads fit the register file at 128 registers each (a producer warp leaves room for three).
+  static constexpr bool kSelfFed = kWG == 1 && NSA_TOPK_SELF_FED;
   static constexpr int kConsumers = kWG * 128;
-  static constexpr int kThreads = kConsumers + 32;  // the last warp produces
+  static constexpr int kThreads = kConsumers + (kSelfFed ? 0 : 32);  // else the last warp produces
   static constexpr int kRows = kWG * 64;
-  static constexpr int kCtasPerSm = kWG == 1 ? 3 : 1;
+  static constexpr int kCtasPerSm = kWG == 1 ? (kSelfFed ? 4 : 3) : 1;
+  static constexpr int kStages = kSelfFed ? 2 : 3;  // K tiles in flight; four CTAs leave room for two each
+  static constexpr bool kScoreTile = kWG != 1;      // G = 16 filters from registers
 };
 // Candidate buffer entries per token where they fit: the most warp_keep_best takes (H100, 64k: 3.47 ms; 128
 // entries 3.67, 64 entries 4.39 -- a smaller buffer compacts more often). G = 2 fits 128 (sm90_cap).
@@ -639,10 +646,11 @@ template <int KD, int kWG>
 struct Sm90Layout {
   static constexpr int kStageBytes = (KD / 64) * kWgmmaBoxBytes;
   static constexpr int kStage0 = kWG * kStageBytes;
-  static constexpr int kBarriers = kStage0 + kSm90Stages * kStageBytes;
-  static constexpr int kTokens = kBarriers + (1 + 2 * kSm90Stages) * 8;
+  static constexpr int kBarriers = kStage0 + Sm90Shape<kWG>::kStages * kStageBytes;
+  static constexpr int kTokens = kBarriers + (1 + 2 * Sm90Shape<kWG>::kStages) * 8;
+  static constexpr int score_floats(int tpt) { return Sm90Shape<kWG>::kScoreTile ? tpt * kScoreStride : 0; }
   static int bytes(int tpt, int cap) {
-    return kTokens + tpt * kScoreStride * 4 + tpt * cap * 8 + tpt * (8 + int(sizeof(TokenInfo)));
+    return kTokens + score_floats(tpt) * 4 + tpt * cap * 8 + tpt * (8 + int(sizeof(TokenInfo)));
   }
 };
 
@@ -671,9 +679,11 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   extern __shared__ __align__(1024) unsigned char smem[];
   if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
+  constexpr int kSm90Stages = Sm90Shape<kWG>::kStages;
+  constexpr bool kSelfFed = Sm90Shape<kWG>::kSelfFed;
   const StageRing<kSm90Stages> ring{q_full + 1, q_full + 1 + kSm90Stages};
-  float* score = reinterpret_cast<float*>(smem + Ly::kTokens);    // [tpt][kScoreStride]
-  float* buf_score = score + tpt * kScoreStride;                   // [tpt][cap]
+  float* score = reinterpret_cast<float*>(smem + Ly::kTokens);    // [tpt][kScoreStride], where used
+  float* buf_score = score + Ly::score_floats(tpt);                // [tpt][cap]
   int* buf_block = reinterpret_cast<int*>(buf_score + tpt * cap);  // [tpt][cap]
   int* buf_count = buf_block + tpt * cap;                          // [tpt]
   float* buf_thr = reinterpret_cast<float*>(buf_count + tpt);      // [tpt]
@@ -699,22 +709,25 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   }
   __syncthreads();
 
-  if (threadIdx.x >= kSm90Consumers) {  // producer
-    if (threadIdx.x == kSm90Consumers && tiles > 0) {
-      mbar_arrive_expect_tx(q_full, kWG * Ly::kStageBytes);
-      for (int w = 0; w < kWG; ++w)
-        for (int b = 0; b < KD / 64; ++b)
-          tma_load_3d(smem + (w * (KD / 64) + b) * kWgmmaBoxBytes, &map_q, b * 64, h * G,
-                      int(tok_base + t0 + w * (64 / G)), q_full);
-      for (int j = 0; j < tiles; ++j) {
-        uint64_t* bar = ring.begin_fill(j, Ly::kStageBytes);
-        for (int b = 0; b < KD / 64; ++b)
-          tma_load_3d(smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + b * kWgmmaBoxBytes, &map_k, b * 64, h,
-                      int(chunk_base + int64_t(j) * kBN), bar);
-      }
-    }
-    return;
+  // K tile j into its stage, once the stage is free.
+  auto fill = [&](int j) {
+    uint64_t* bar = ring.begin_fill(j, Ly::kStageBytes);
+    for (int b = 0; b < KD / 64; ++b)
+      tma_load_3d(smem + Ly::kStage0 + ring.stage(j) * Ly::kStageBytes + b * kWgmmaBoxBytes, &map_k, b * 64, h,
+                  int(chunk_base + int64_t(j) * kBN), bar);
+  };
+  // The Q tiles, then the first K tiles: the producer warp streams them all; thread 0 of a self-fed CTA the
+  // first kSm90Stages, and the rest as the stages free up (step below).
+  const int feeder = kSelfFed ? 0 : kSm90Consumers;
+  if (threadIdx.x == feeder && tiles > 0) {
+    mbar_arrive_expect_tx(q_full, kWG * Ly::kStageBytes);
+    for (int w = 0; w < kWG; ++w)
+      for (int b = 0; b < KD / 64; ++b)
+        tma_load_3d(smem + (w * (KD / 64) + b) * kWgmmaBoxBytes, &map_q, b * 64, h * G,
+                    int(tok_base + t0 + w * (64 / G)), q_full);
+    for (int j = 0; j < (kSelfFed ? min(tiles, kSm90Stages) : tiles); ++j) fill(j);
   }
+  if (threadIdx.x >= kSm90Consumers) return;  // the producer
 
   // Consumers: this thread's rows lane / 4 and lane / 4 + 8 of its warp's 16 (the accumulator layout).
   // The warpgroup index broadcast from lane 0 is known to be warp-uniform, so the wgmma descriptors built from
@@ -749,6 +762,8 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
   auto step = [&](int j, float (&s)[32], float (&next)[32]) {
     if (lane == 0) ring.release(j);  // S of tile j is done with its K stage
     if (j + 1 < tiles) issue_scores(j + 1, next);
+    // Every warp has issued tile j + 1's MMA, so every warp has released tile j: its stage is free at once.
+    if (kSelfFed && threadIdx.x == 0 && j + kSm90Stages < tiles) fill(j + kSm90Stages);
     const int c0 = j * kBN;
     if (c0 < warp_lim) {
       float p[kBN / 8][4];
@@ -826,8 +841,14 @@ int sm90_cap(const DeviceLayout& L) {
       device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
   if (G < 1 || 16 % G != 0) return 0;
   const int min_cap = int(div_up(L.block_count + 31, 16) * 16);
-  for (int cap = kSm90Cap; cap >= min_cap; cap -= 16)
-    if (Sm90Layout<128, 3>::bytes(Sm90Shape<3>::kRows / G, cap) <= optin) return cap;
+  // G = 16: the kernel of one warpgroup, kCtasPerSm CTAs per SM (each also reserves 1 KB).
+  const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "cudaDeviceGetAttribute(smem)");
+  const int limit = G == 16 ? std::min(optin, per_sm / Sm90Shape<1>::kCtasPerSm - 1024) : optin;
+  for (int cap = kSm90Cap; cap >= min_cap; cap -= 16) {
+    const int bytes = G == 16 ? Sm90Layout<128, 1>::bytes(Sm90Shape<1>::kRows / G, cap)
+                              : Sm90Layout<128, 3>::bytes(Sm90Shape<3>::kRows / G, cap);
+    if (bytes <= limit) return cap;
+  }
   return 0;
 }
 
