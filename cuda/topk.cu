@@ -16,10 +16,11 @@
 // block with an equal score loses on index). A full buffer is cut back to its S' best (warp_keep_best: exact
 // ranks of the few entries above a lane-maxima bound, or a radix select on the score bits; scores are >= 0,
 // so their bits order like the floats); entrants thin out as the threshold rises (at block n, about S' / n of
-// the blocks enter), so most of the per-tile work is one compare and ballot per block. At the end the S' best are selected the same way, the forced blocks
-// added, and the slots ordered by score descending, ties to the smaller block; -1 pads. At G = 16 the sm_90
-// kernel's warp holds its token's scores of a tile two per lane, straight from the head sums, and filters them
-// there (filter_pair), with the buffer's count and threshold in registers.
+// the blocks enter), so most of the per-tile work is one compare and ballot per block. At the end the S' best
+// are selected the same way, the forced blocks added, and the slots ordered by score descending, ties to the
+// smaller block; -1 pads. At G = 16 the sm_90 kernel's warp holds its token's scores of a tile two per lane,
+// straight from the head sums, and filters them there (filter_pair), with the buffer's count and threshold in
+// registers.
 #include <algorithm>
 #include <type_traits>
 
@@ -609,21 +610,23 @@ __global__ void __launch_bounds__(W * 32, 2)
 // 64 rows (three warpgroups, or one at G = 16, below; two measured 35% slower at 64k, G = 16), 16 / G per
 // warp: each warp sums its tokens' heads, stores their score rows, filters them in turn and writes their
 // selections itself, with no CTA-wide barrier. Against the tile kernel (H100, T = 32k): G = 2 1.24 ms against
-// 1.52 (128-entry buffers), G = 4 0.98 against 1.03, G = 8 3.14 against 3.45. A producer warp loads Q once and
-// streams the pooled K tiles through a ring of stages (TMA, mbarriers). A warpgroup issues tile j+1's S = Q K^T
-// (wgmma_scores, the compressed-attention kernel's very sequence, so the logits are the ones that produced
-// lse_cmp) before it turns tile j into scores and filters them.
+// 1.52 (128-entry buffers), G = 4 0.98 against 1.03, G = 8 3.14 against 3.45. A producer warp (at G = 16,
+// thread 0 of the warpgroup) loads Q once and streams the pooled K tiles through a ring of stages (TMA,
+// mbarriers). A warpgroup issues tile j+1's S = Q K^T (wgmma_scores, the compressed-attention kernel's very
+// sequence, so the logits are the ones that produced lse_cmp) before it turns tile j into scores and filters
+// them.
 #ifndef NSA_TOPK_SM90_MIN_G  // a compile-time knob for tuning: the smallest G (a divisor of 16) taken here
 #define NSA_TOPK_SM90_MIN_G 2  // G = 1 (a 48-entry buffer fits): 4.60 ms against the tile kernel's 3.30 (T=32k)
 #endif
 constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
-#ifndef NSA_TOPK_SELF_FED
+#ifndef NSA_TOPK_SELF_FED  // a compile-time knob: 0 gives G = 16 the producer warp back (three CTAs per SM)
 #define NSA_TOPK_SELF_FED 1
 #endif
-// Consumer warpgroups per CTA (kWG): three, one CTA per SM; or, at G = 16, one, three CTAs per SM, so that one
-// CTA's start and end (Q load, the selections) overlap the others' tiles. H100, G = 16: 0.172 -> 0.161 ms at 8k,
-// 1.14 -> 1.08 at 32k; at 64k 3.46 -> 3.30 in one call, within noise in another. At G = 2, 4, 8 a CTA of one
-// warpgroup holds 32 / 16 / 8 tokens' buffers, so that fewer fit: 36-41% slower (T = 32k).
+// Consumer warpgroups per CTA (kWG): three, one CTA per SM; or, at G = 16, one, several CTAs per SM, so that one
+// CTA's start and end (Q load, the selections) overlap the others' tiles (H100, G = 16, three CTAs against one
+// of three warpgroups: 0.172 -> 0.161 ms at 8k, 1.14 -> 1.08 at 32k), four since the CTA feeds its own ring
+// (64k 2.57-2.70 -> 2.21-2.38 ms). At G = 2, 4, 8 a CTA of one warpgroup holds 32 / 16 / 8 tokens' buffers, so
+// that fewer fit: 36-41% slower (T = 32k).
 template <int kWG>
 struct Sm90Shape {
   // G = 16 (kWG = 1): the warpgroup feeds its own ring (thread 0 issues the copies), so that four CTAs of 128
