@@ -353,31 +353,49 @@ struct RegisterCandidates {
   float thr = -INFINITY;
 };
 
-// filter_tile's rule on the two scores sum[] of blocks c and c + 1 (c = c0 + head16_column(lane)): each half
-// (32 blocks) appends the ordinary blocks above the threshold, after cutting a buffer that cannot take them
-// back to its `keep` best (keep + 32 <= cap). Against filter_tile: no score tile in shared memory, no count or
-// threshold reloaded per tile, and no compaction before a half that brings fewer blocks than the room left.
+// filter_tile's rule on the two scores sum[] of blocks c and c + 1 (c = c0 + head16_column(lane)), a whole tile
+// at a time: the tile's ordinary blocks above the threshold are appended, after cutting a buffer that cannot
+// take them back to its `keep` best (keep + 64 <= cap, sm90_cap). The cut comes before the tile, so a threshold
+// it sets only drops blocks after every block it kept, as an equal score must lose on index. Against
+// filter_tile: no score tile in shared memory, no count or threshold reloaded per tile, no cut before a tile
+// whose entrants fit, and usually two ballots and one branch per tile.
 [[maybe_unused]] __device__ __forceinline__ void filter_pair(RegisterCandidates& cb, const float (&sum)[2], int c,
                                                              const TokenInfo& ti, bool paper, int cap, int lane) {
+  bool ordinary[2], enters[2];
+  float value[2];
+  unsigned mask[2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int b = c + half;
-    const bool ordinary = b < ti.lim && (!paper || (b != 0 && b != ti.cur - 1 && b != ti.cur));
-    const float value = paper ? sum[half] * (1.f / 16) : sum[half];  // the mean over 16 heads, exactly
-    unsigned mask = __ballot_sync(kFull, ordinary && value > cb.thr);
-    if (mask == 0) continue;
-    if (cb.n + __popc(mask) > cap) {
-      cb.thr = warp_keep_best_call(cb.score, cb.block, cb.n, ti.keep, lane).thr;
-      cb.n = ti.keep;
-      mask = __ballot_sync(kFull, ordinary && value > cb.thr);
-    }
-    if (mask >> lane & 1) {
-      const int pos = cb.n + __popc(mask & ((1u << lane) - 1));
-      cb.score[pos] = value;
-      cb.block[pos] = b;
-    }
-    cb.n += __popc(mask);
+  for (int i = 0; i < 2; ++i) {
+    const int b = c + i;
+    ordinary[i] = b < ti.lim && (!paper || (b != 0 && b != ti.cur - 1 && b != ti.cur));
+    value[i] = paper ? sum[i] * (1.f / 16) : sum[i];  // the mean over 16 heads, exactly
   }
+  auto ballots = [&] {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      enters[i] = ordinary[i] && value[i] > cb.thr;
+      mask[i] = __ballot_sync(kFull, enters[i]);
+    }
+    return __popc(mask[0]) + __popc(mask[1]);
+  };
+  int total = ballots();
+  if (total == 0) return;
+  if (cb.n + total > cap) {
+    cb.thr = warp_keep_best_call(cb.score, cb.block, cb.n, ti.keep, lane).thr;
+    cb.n = ti.keep;
+    total = ballots();
+  }
+  // A lane's entrants go after those of the lanes below it, its block c before c + 1.
+  const unsigned below = (1u << lane) - 1;
+  int pos = cb.n + __popc(mask[0] & below) + __popc(mask[1] & below);
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+    if (enters[i]) {
+      cb.score[pos] = value[i];
+      cb.block[pos] = c + i;
+      ++pos;
+    }
+  cb.n += total;
 }
 
 // The token's S' best ordinary blocks, its forced blocks, then the S slots by score descending, ties to the
@@ -843,8 +861,10 @@ int sm90_cap(const DeviceLayout& L) {
   const int G = int(L.G()), optin =
       device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
   if (G < 1 || 16 % G != 0) return 0;
-  const int min_cap = int(div_up(L.block_count + 31, 16) * 16);
-  // G = 16: the kernel of one warpgroup, kCtasPerSm CTAs per SM (each also reserves 1 KB).
+  // G = 16 appends a whole tile after a cut (filter_pair), the others 32 blocks (filter_tile).
+  const int min_cap = int(div_up(L.block_count + (G == 16 ? 63 : 31), 16) * 16);
+  // G = 16: the kernel of one warpgroup, kCtasPerSm CTAs per SM (each also reserves 1 KB): at most 240 entries,
+  // so S <= 177 (a larger S goes to the tile kernel).
   const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "cudaDeviceGetAttribute(smem)");
   const int limit = G == 16 ? std::min(optin, per_sm / Sm90Shape<1>::kCtasPerSm - 1024) : optin;
   for (int cap = kSm90Cap; cap >= min_cap; cap -= 16) {

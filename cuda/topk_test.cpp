@@ -154,9 +154,15 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"paper_varlen_S16_G16_K128_f16", kPaper, 32, 2, 16, 16, 0, {900, 0, 3, 2000}, DType::F16, 128},
         TieCase{"paper_varlen_S8_G8_K64", kPaper, 16, 2, 8, 16, 0, {700, 0, 5, 1300}, DType::F16, 64},
         TieCase{"paper_S64_G4_K128_f16_overflow", kPaper, 8, 2, 64, 16, 4000, {}, DType::F16, 128},
-        // The largest S, on each kernel.
+        // The largest S, on each kernel: 225 on the tile kernel (at G = 16 too, since the sm_90 kernel's
+        // 240-entry buffers hold S + 63 only up to S = 177), 177 on the sm_90 kernel at G = 16, where a
+        // compaction also takes the radix select (paper S = 64 keeps 61).
         TieCase{"seed_S225_G16_K64_BS16", kSeed, 16, 1, 225, 16, 4000, {}, DType::BF16, 64},
         TieCase{"paper_S225_G1_BS16", kPaper, 1, 1, 225, 16, 4000, {}},
+        TieCase{"seed_S177_G16_K128_BS16", kSeed, 16, 1, 177, 16, 4000, {}, DType::BF16, 128},
+        // The sm_90 kernel at G = 16 cutting its buffer back inside a tile (375 blocks): exact ties at the cut.
+        TieCase{"seed_S16_G16_K64_BS16_cut_in_tile", kSeed, 16, 1, 16, 16, 6000, {}, DType::BF16, 64},
+        TieCase{"paper_S64_G16_K64_BS16_overflow", kPaper, 16, 1, 64, 16, 5000, {}, DType::BF16, 64},
         // Integer levels (K = 64): ties inside the ranking. The compaction ranks exactly when it keeps at most
         // 32 blocks (seed S = 33 keeps 32) and otherwise takes its radix select (paper S = 40 keeps 37).
         TieCase{"levels_seed_S16_G1_BS16", kSeed, 2, 2, 16, 16, 3000, {}, DType::BF16, 64, true},
@@ -165,6 +171,7 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"levels_paper_S40_G1_BS16", kPaper, 2, 2, 40, 16, 3000, {}, DType::BF16, 64, true},
         TieCase{"levels_paper_S32_G4_BS16", kPaper, 8, 2, 32, 16, 3000, {}, DType::BF16, 64, true},
         TieCase{"levels_seed_S16_G16_BS64", kSeed, 32, 2, 16, 64, 8192, {}, DType::BF16, 64, true},
+        TieCase{"levels_paper_S48_G16_BS16", kPaper, 32, 2, 48, 16, 4000, {}, DType::BF16, 64, true},
         TieCase{"levels_seed_S8_G8_BS32_f32", kSeed, 8, 1, 8, 32, 3000, {}, DType::F32, 64, true}),
     [](const ::testing::TestParamInfo<TieCase>& info) { return info.param.name; });
 
