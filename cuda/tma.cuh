@@ -49,26 +49,15 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 // The suspend-time hint lets a waiting thread sleep until the phase completes (or the hint's nanoseconds
 // pass) instead of returning after the short default limit: a spinning producer otherwise takes issue slots
 // from the consumers of its scheduler.
-#ifndef NSA_MBAR_SUSPEND_HINT
-#define NSA_MBAR_SUSPEND_HINT 1
-#endif
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if __CUDA_ARCH__ >= 900
   uint32_t done = 0;
   do {
-#if NSA_MBAR_SUSPEND_HINT
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(smem_addr(bar)), "r"(parity), "r"(10000000u)
         : "memory");
-#else
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-#endif
   } while (!done);
 #endif
 }

@@ -830,10 +830,7 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
     step(j, s_even, s_odd);
     if (j + 1 < tiles) step(j + 1, s_odd, s_even);
   }
-  if (kTokenPerWarp && lane == 0) {
-    buf_count[tl_first] = reg_cands.n;
-    buf_thr[tl_first] = reg_cands.thr;
-  }
+  if (kTokenPerWarp && lane == 0) buf_count[tl_first] = reg_cands.n;  // write_selection reads the count only
   __syncwarp();
   for (int k = tl_first; k < tl_end && t0 + k < seq.length; ++k)
     write_selection(block_indices + ((tok_base + t0 + k) * L.H + h) * S, candidates(k), tok_info[k], paper, G, S,
