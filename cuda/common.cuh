@@ -137,6 +137,13 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
+// The gated output of one element (nsa-spec §2.6) in fp32, branches in a fixed order by explicit FMAs, so that
+// the gate pass (gating.cu) and the selected-attention kernel that fuses it write the same bits. An absent
+// branch passes gate 0 and value 0.
+__device__ __forceinline__ float gate_sum(float slc, float cmp, float swa, float g_slc, float g_cmp, float g_swa) {
+  return fmaf(g_swa, swa, fmaf(g_cmp, cmp, fmaf(g_slc, slc, 0.f)));
+}
+
 // The sequence holding pooled block `chunk` of batch row `b`: the last sequence whose (batch, chunk_start)
 // is <= (b, chunk). Sequences are ordered by batch row, then by start, so a binary search finds it; empty
 // sequences share their successor's chunk_start and lose the tie to it.

@@ -20,21 +20,25 @@ __global__ void gate_kernel(T* __restrict__ o,  // [B, T, HQ, V]
   struct alignas(16) Pack {
     T x[VEC];
   };
-  const Branch branches[3] = {slc, cmp, swa};
   const int64_t n = rows * V / VEC;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = i * VEC / V;
-    float acc[VEC] = {};
-    for (const Branch& br : branches) {
-      if (!br.o || !br.gate) continue;
-      const float g = Elem<T>::to_float(static_cast<const T*>(br.gate)[row]);
-      const Pack x = reinterpret_cast<const Pack*>(br.o)[i];
+    // An absent branch (no output or no gate) joins the sum as gate 0 times 0.
+    auto load = [&](const Branch& br, float& g, float (&x)[VEC]) {
+      const bool on = br.o && br.gate;
+      g = on ? Elem<T>::to_float(static_cast<const T*>(br.gate)[row]) : 0.f;
+      const Pack p = on ? reinterpret_cast<const Pack*>(br.o)[i] : Pack{};
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] += g * Elem<T>::to_float(x.x[e]);
-    }
+      for (int e = 0; e < VEC; ++e) x[e] = on ? Elem<T>::to_float(p.x[e]) : 0.f;
+    };
+    float g_slc, g_cmp, g_swa, x_slc[VEC], x_cmp[VEC], x_swa[VEC];
+    load(slc, g_slc, x_slc);
+    load(cmp, g_cmp, x_cmp);
+    load(swa, g_swa, x_swa);
     Pack out;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) out.x[e] = Elem<T>::from_float(acc[e]);
+    for (int e = 0; e < VEC; ++e)
+      out.x[e] = Elem<T>::from_float(gate_sum(x_slc[e], x_cmp[e], x_swa[e], g_slc, g_cmp, g_swa));
     reinterpret_cast<Pack*>(o)[i] = out;
   }
 }

@@ -186,10 +186,7 @@ __device__ __forceinline__ void store_out(V* at, V value) {
   else *at = value;
 }
 
-// The gated output of one element pair, by the gate pass's arithmetic (gating.cu: fp32, o_slc as stored).
-__device__ __forceinline__ float gated(float slc, float cmp, float swa, float g_slc, float g_cmp, float g_swa) {
-  return fmaf(g_swa, swa, fmaf(g_cmp, cmp, fmaf(g_slc, slc, 0.f)));
-}
+// The gated output of one element pair, by the gate pass's arithmetic (gate_sum, on o_slc as stored).
 template <typename T>
 __device__ __forceinline__ uint32_t gated_pair(uint32_t slc, uint32_t cmp, uint32_t swa, float g_slc, float g_cmp,
                                                float g_swa) {
@@ -197,8 +194,8 @@ __device__ __forceinline__ uint32_t gated_pair(uint32_t slc, uint32_t cmp, uint3
   const T* c = reinterpret_cast<const T*>(&cmp);
   const T* w = reinterpret_cast<const T*>(&swa);
   auto f = [](T x) { return Elem<T>::to_float(x); };
-  return MmaElem<T>::pack(gated(f(s[0]), f(c[0]), f(w[0]), g_slc, g_cmp, g_swa),
-                          gated(f(s[1]), f(c[1]), f(w[1]), g_slc, g_cmp, g_swa));
+  return MmaElem<T>::pack(gate_sum(f(s[0]), f(c[0]), f(w[0]), g_slc, g_cmp, g_swa),
+                          gate_sum(f(s[1]), f(c[1]), f(w[1]), g_slc, g_cmp, g_swa));
 }
 
 // One consumer warp's token: its 16 query rows against whole 64-key tiles. Thread layout as the mma C
@@ -437,9 +434,9 @@ __device__ void plan_units(const StreamedParams<T>& p, const StreamedSmem& sm) {
           p.o[at] = Elem<T>::from_float(0.f);
           if (p.o_gated)  // the gate pass's arithmetic on o_slc = 0
             p.o_gated[at] = Elem<T>::from_float(
-                gated(0.f, Elem<T>::to_float(p.o_cmp[at]), p.o_swa ? Elem<T>::to_float(p.o_swa[at]) : 0.f,
-                      Elem<T>::to_float(p.g_slc[row]), Elem<T>::to_float(p.g_cmp[row]),
-                      p.o_swa ? Elem<T>::to_float(p.g_swa[row]) : 0.f));
+                gate_sum(0.f, Elem<T>::to_float(p.o_cmp[at]), p.o_swa ? Elem<T>::to_float(p.o_swa[at]) : 0.f,
+                         Elem<T>::to_float(p.g_slc[row]), Elem<T>::to_float(p.g_cmp[row]),
+                         p.o_swa ? Elem<T>::to_float(p.g_swa[row]) : 0.f));
         }
         if (lane < p.rows) p.lse[flat * p.HQ + w.head0 + lane] = 0.f;
       }

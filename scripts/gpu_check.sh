@@ -7,7 +7,8 @@
 #   4. varlen cases the streamed selected-attention kernel takes, the gate pass fused into it (G = 32, BS = 64,
 #      K != V, block_counts; with a window and without), one the block-major selected-attention path takes
 #      (G = 1, BS = 32, K != V, block_counts) and one the wgmma compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
-#      compute-sanitizer memcheck on them and on varlen golden cases (when compute-sanitizer is on PATH);
+#      compute-sanitizer memcheck on them, on varlen golden cases and on the GPU tests' randomly drawn shapes
+#      (when compute-sanitizer is on PATH);
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7).
 # Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
 set -uo pipefail
@@ -62,6 +63,10 @@ if command -v compute-sanitizer >/dev/null; then
       -i "$c.safetensors" -o "$out/memcheck_$name.safetensors"
     rm -f "$out/memcheck_$name.safetensors"
   done
+  # The randomly drawn shapes of the GPU tests (every dtype, G, K != V, block sizes, varlen, windows), under
+  # memcheck as a whole.
+  step memcheck_random_shapes compute-sanitizer --tool memcheck --error-exitcode 9 "$build/cuda_tests" \
+    --gtest_brief=1 --gtest_filter='Random*'
 else
   echo "== memcheck: compute-sanitizer not on PATH, not run"
 fi
