@@ -321,8 +321,7 @@ bool shape_fits(const DeviceLayout& L, const void* q, const void* k, const void*
   if (L.HQ >= (int64_t(1) << 31) || L.num_seqs > 65535 || L.H > 65535) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16)
     return false;
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") != 9)
-    return false;
+  if (!sm90_kernels_run(L)) return false;
   return SmemLayout<128, 128>::kBytes <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }

@@ -144,6 +144,13 @@ __device__ __forceinline__ float gate_sum(float slc, float cmp, float swa, float
   return fmaf(g_swa, swa, fmaf(g_cmp, cmp, fmaf(g_slc, slc, 0.f)));
 }
 
+// Whether a stage may take its sm_90 kernel: the layout allows it and the device is compute capability 9.x (the
+// kernels are built for sm_90a, which no other major version runs).
+inline bool sm90_kernels_run(const DeviceLayout& L) {
+  return L.sm90_kernels &&
+         device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") == 9;
+}
+
 // The sequence holding pooled block `chunk` of batch row `b`: the last sequence whose (batch, chunk_start)
 // is <= (b, chunk). Sequences are ordered by batch row, then by start, so a binary search finds it; empty
 // sequences share their successor's chunk_start and lose the tie to it.

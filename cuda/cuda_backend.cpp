@@ -193,6 +193,7 @@ CudaPipeline::CudaPipeline(const Layout& L, const PipelineOptions& opt) : L_(L),
   dl_.max_len = max_len;
   dl_.seqs = static_cast<const DeviceSequence*>(seqs_.get());
   dl_.token_seq = static_cast<const int32_t*>(token_seq_.get());
+  dl_.sm90_kernels = opt.sm90_kernels;
 
   q_ = DeviceBuffer(count(tokens, d.HQ, d.K) * es, "q");
   k_ = DeviceBuffer(count(tokens, d.H, d.K) * es, "k");
@@ -377,6 +378,7 @@ namespace {
 
 class CudaBackend : public Backend {
  public:
+  explicit CudaBackend(bool sm90_kernels) : sm90_kernels_(sm90_kernels) {}
   std::string name() const override { return "cuda"; }
   DType compute_dtype(DType input) const override { return input == DType::F64 ? DType::F32 : input; }
 
@@ -389,6 +391,7 @@ class CudaBackend : public Backend {
     po.gate_swa = p.g_swa.has_value();
     po.given_indices = p.block_indices.has_value();
     po.block_counts = p.block_counts.has_value();
+    po.sm90_kernels = sm90_kernels_;
     cuda::validate_layout(p.layout, po);
     if (p.input_dtype == DType::F64) std::fprintf(stderr, "nsa: cuda backend: f64 inputs run in fp32\n");
     if (p.has_backward() && opt.backward)
@@ -399,10 +402,13 @@ class CudaBackend : public Backend {
     // A row sample keeps the [B, T, HQ, V] outputs compact (the forward is all this backend computes).
     return pipe.download(sorted_sample(opt.rows, p.layout.dims.B * p.layout.dims.T));
   }
+
+ private:
+  bool sm90_kernels_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels) { return std::make_unique<CudaBackend>(sm90_kernels); }
 
 }  // namespace nsa

@@ -14,8 +14,9 @@
 namespace nsa {
 
 // The "cuda" backend of the verifier. Forward only: a problem with `do` gets its forward outputs and
-// has_grads = false (a note says so on stderr).
-std::unique_ptr<Backend> make_cuda_backend();
+// has_grads = false (a note says so on stderr). `sm90_kernels` false: an sm_90 device runs the kernels an sm_80
+// GPU runs (DeviceLayout::sm90_kernels).
+std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels = true);
 
 }  // namespace nsa
 
@@ -60,6 +61,7 @@ struct PipelineOptions {
   bool gate_cmp = true, gate_slc = true, gate_swa = false;
   bool given_indices = false;  // block_indices are an input: top-k is skipped
   bool block_counts = false;
+  bool sm90_kernels = true;    // DeviceLayout::sm90_kernels
 };
 
 // Throws InputError when the CUDA kernels cannot take the layout (K or V > 256, S > 225 with top-k, ...).

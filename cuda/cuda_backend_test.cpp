@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "core/errors.h"
+#include "cuda/attention_sm90.h"
 #include "reference/reference.h"
 #include "reference/test_util.h"
 #include "verify/check.h"
@@ -94,6 +95,7 @@ struct Case {
   DType dtype;
   bool with_counts = false;
   bool given_indices = false;
+  bool sm90_kernels = true;  // false: the kernels an sm_80 GPU runs, on any device
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
@@ -149,7 +151,7 @@ void check_every_stage(const Case& c) {
   }
   if (c.given_indices) p.block_indices = random_indices(L, rng);
 
-  const Outputs out = make_cuda_backend()->run(p, RunOptions{});
+  const Outputs out = make_cuda_backend(c.sm90_kernels)->run(p, RunOptions{});
   const double tol = tolerance(c.dtype);
   const int64_t tokens = d.B * d.T, C = L.chunks;
 
@@ -339,8 +341,42 @@ TEST_P(CudaBackendRandomShapes, EveryStageMatchesTheReferenceOnItsOwnUpstream) {
   check_every_stage(GetParam());
 }
 
+std::vector<Case> without_sm90_kernels(std::vector<Case> cases) {
+  for (Case& c : cases) c.sm90_kernels = false;
+  return cases;
+}
+
+// The same shapes twice: as the device runs them, and (on an sm_90 device) with the kernels an sm_80 GPU runs.
 INSTANTIATE_TEST_SUITE_P(Random, CudaBackendRandomShapes, ::testing::ValuesIn(random_cases(128)),
                          [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(RandomPortable, CudaBackendRandomShapes,
+                         ::testing::ValuesIn(without_sm90_kernels(random_cases(128))),
+                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+// DeviceLayout::sm90_kernels = false moves each stage that has an sm_90 kernel off it, on a shape every one of
+// them takes otherwise (what the RandomPortable instances rely on).
+TEST(CudaBackend, Sm90KernelsStandAsideWhenTheLayoutSaysSo) {
+  SKIP_WITHOUT_DEVICE();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "no sm_90 device: the sm_90 kernels never run here";
+  cuda::DeviceLayout L;
+  L.dtype = cuda::ElemType::BF16;
+  L.B = 1, L.T = 4096, L.HQ = 64, L.H = 4, L.K = 128, L.V = 128, L.C = 64;
+  L.block_size = 64, L.block_count = 16, L.window = 512;
+  L.num_seqs = 1, L.max_len = 4096;
+  const void* aligned = reinterpret_cast<const void*>(uintptr_t(256));  // only the alignment is read
+  EXPECT_TRUE(cuda::compressed_sm90_fits(L, aligned, aligned, aligned));
+  EXPECT_TRUE(cuda::sliding_window_sm90_fits(L, aligned, aligned, aligned));
+  EXPECT_TRUE(cuda::selected_streamed_fits(L, aligned, aligned, aligned));
+  EXPECT_TRUE(cuda::topk_sm90_fits(L, aligned, aligned));
+  L.sm90_kernels = false;
+  EXPECT_FALSE(cuda::compressed_sm90_fits(L, aligned, aligned, aligned));
+  EXPECT_FALSE(cuda::sliding_window_sm90_fits(L, aligned, aligned, aligned));
+  EXPECT_FALSE(cuda::selected_streamed_fits(L, aligned, aligned, aligned));
+  EXPECT_FALSE(cuda::topk_sm90_fits(L, aligned, aligned));
+}
 
 // Logits built to be distinct by a wide margin: every token of block c has the key 0.5 * e_c, so k_cmp[c] is
 // exact in bf16, and one query head (G = 1, score = its own probability) orders the blocks by

@@ -33,6 +33,9 @@ struct DeviceLayout {
   int64_t max_len = 0;                     // longest sequence
   const DeviceSequence* seqs = nullptr;    // device [num_seqs]
   const int32_t* token_seq = nullptr;      // device [B * T]: index into seqs of token (b, t)
+  // false: the sm_90 kernels (wgmma, TMA) stand aside even on an sm_90 device, which then runs what an sm_80
+  // GPU runs (tests cover both that way).
+  bool sm90_kernels = true;
   int64_t G() const { return HQ / H; }
 };
 
@@ -54,6 +57,12 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
                   cudaStream_t s);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s, KernelChoice choice);
+// Whether Auto runs top-k on its sm_90 kernel (topk.cu).
+bool topk_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp);
+// Whether the streamed selected-attention kernel (selected_attention_streamed.cu) can take this problem: the
+// sm_90 kernels allowed on a 9.x device, 16-bit elements, G in {4, 8} or a multiple of 16, BS a multiple of 64,
+// K and V in {64, 128}, S * BS / 64 at most 512, 16-byte aligned tensors.
+bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v);
 // block_counts may be null.
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,

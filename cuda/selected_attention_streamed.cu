@@ -605,8 +605,7 @@ bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k,
   if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0) return false;
   if (int64_t(kRunTokens) * max_items(L) > kMaxRunEntries) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16) return false;
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") < 9)
-    return false;
+  if (!sm90_kernels_run(L)) return false;
   return ring_stages(L) > 0;
 }
 

@@ -9,11 +9,6 @@
 
 namespace nsa::cuda {
 
-// Whether the streamed kernel can take this problem: a device of compute capability >= 9.0, 16-bit
-// elements, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}, S * BS / 64 at most
-// 512, 16-byte aligned tensors.
-bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v);
-
 // Same arguments as selected_attention_forward; path_counts (device [3], may be null) gains in its third
 // slot the work units computed (selected_streamed_unit_tokens() tokens x one 16-head chunk of a kv head's
 // group). With a split (selected_runs.cuh), the runs of tokens it marks as selecting alike are left to the

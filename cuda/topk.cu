@@ -838,9 +838,9 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
 #endif
 }
 
-// Whether topk_sm90_kernel runs this problem: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16}, pooled blocks to
-// score, int32 tensor-map coordinates, 16-byte aligned tensors, compute capability 9.x; and a candidate buffer
-// whose shared memory fits (sm90_cap > 0).
+// Whether topk_sm90_kernel may run this problem: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16}, pooled blocks to
+// score, int32 tensor-map coordinates, 16-byte aligned tensors, the sm_90 kernels allowed on a 9.x device
+// (sm90_kernels_run); the candidate buffer's shared memory is the other condition (sm90_cap > 0).
 bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp) {
   const int64_t G = L.G();
   if (L.dtype == ElemType::F32 || L.H == 0 || L.B * L.C == 0) return false;
@@ -849,7 +849,7 @@ bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp) {
     return false;
   if (L.num_seqs > 65535 || L.H > 65535) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp)) % 16) return false;
-  return device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") == 9;
+  return sm90_kernels_run(L);
 }
 
 // The sm_90 kernel's candidate buffer: the largest multiple of 16 up to kSm90Cap whose layout fits (small
@@ -929,6 +929,10 @@ void launch(TopkParams P, int32_t* block_indices, const void* q, const void* k_c
 }
 
 }  // namespace
+
+bool topk_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp) {
+  return sm90_fits(L, q, k_cmp) && sm90_cap(L) > 0;
+}
 
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s) {
