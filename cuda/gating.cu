@@ -29,7 +29,7 @@ __global__ void gate_kernel(T* __restrict__ o,  // [B, T, HQ, V]
       g = on ? Elem<T>::to_float(static_cast<const T*>(br.gate)[row]) : 0.f;
       const Pack p = on ? reinterpret_cast<const Pack*>(br.o)[i] : Pack{};
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) x[e] = on ? Elem<T>::to_float(p.x[e]) : 0.f;
+      for (int e = 0; e < VEC; ++e) x[e] = Elem<T>::to_float(p.x[e]);
     };
     float g_slc, g_cmp, g_swa, x_slc[VEC], x_cmp[VEC], x_swa[VEC];
     load(slc, g_slc, x_slc);
