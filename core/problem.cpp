@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -143,6 +145,45 @@ struct Reader {
     if (head_first) return swap12(values, B, heads, T, D ? D : 1);
     return values;
   }
+  // Rows `tokens` (flat b * T + t, ascending) of a [B, T, heads, D] float tensor, widened, token-major; every
+  // value of the tensor is checked, the rest left unwidened.
+  std::vector<double> float_rows(const std::string& name, const Tensor& t, int64_t B, int64_t T, int64_t heads,
+                                 int64_t D, const std::vector<int64_t>& tokens) const {
+    expect_shape(name, t, B, T, heads, D, "(B, T, HQ, K)");
+    if (!allow_nonfinite)
+      for (int64_t i = 0; i < t.numel(); ++i)
+        if (!std::isfinite(t.at_f64(i)))
+          fail_input(origin, name, "non-finite value " + std::to_string(t.at_f64(i)) + " at flat index " +
+                                       std::to_string(i) + " (pass --allow-nonfinite to accept)");
+    std::vector<double> out(tokens.size() * heads * D);
+    for (std::size_t r = 0; r < tokens.size(); ++r) {
+      const int64_t b = tokens[r] / T, tt = tokens[r] % T;
+      for (int64_t hd = 0; hd < heads; ++hd) {
+        const int64_t src = (head_first ? (b * heads + hd) * T + tt : (b * T + tt) * heads + hd) * D;
+        for (int64_t e = 0; e < D; ++e) out[(r * heads + hd) * D + e] = t.at_f64(src + e);
+      }
+    }
+    return out;
+  }
+  // A [B, T, heads, D] tensor's stored bytes in token-major order; taken from `owned` (t itself, given up by
+  // the caller) when they already are.
+  Tensor token_major_bytes(const Tensor& t, Tensor* owned, int64_t B, int64_t T, int64_t heads, int64_t D) const {
+    Tensor out;
+    out.dtype = t.dtype;
+    out.shape = token_major(B, T, heads, D);
+    if (!head_first) {
+      out.bytes = owned ? std::move(owned->bytes) : t.bytes;
+      return out;
+    }
+    const std::size_t row = std::size_t(D) * dtype_size(t.dtype);
+    out.bytes.resize(t.bytes.size());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hd = 0; hd < heads; ++hd)
+        for (int64_t tt = 0; tt < T; ++tt)
+          std::memcpy(out.bytes.data() + ((b * T + tt) * heads + hd) * row,
+                      t.bytes.data() + ((b * heads + hd) * T + tt) * row, row);
+    return out;
+  }
   std::vector<int64_t> ints(const std::string& name, const Tensor& t, int64_t B, int64_t T, int64_t heads, int64_t D,
                             const char* legend) const {
     if (t.dtype != DType::I32 && t.dtype != DType::I64)
@@ -168,7 +209,11 @@ void write_config_metadata(std::map<std::string, std::string>& meta, const Confi
   meta["nsa.policy"] = policy_name(c.policy);
 }
 
-Problem load_problem(const SafetensorsFile& file, const std::string& origin, const ConfigOverrides& ov, bool allow_nonfinite) {
+namespace {
+
+// load_problem; `owned` is the file itself when the caller gave it up.
+Problem load(const SafetensorsFile& file, SafetensorsFile* owned, const std::string& origin, const ConfigOverrides& ov,
+             bool allow_nonfinite, const std::function<std::vector<int64_t>(const Layout&)>& q_rows_for) {
   Problem p;
   p.metadata = file.metadata;
   auto meta = [&](const char* key) -> const std::string* {
@@ -203,7 +248,9 @@ Problem load_problem(const SafetensorsFile& file, const std::string& origin, con
   if (d.HQ % d.H != 0)
     fail_input(origin, "q", "query heads HQ = " + std::to_string(d.HQ) + " is not a multiple of kv heads H = " + std::to_string(d.H));
   p.input_dtype = q.dtype;
-  p.q = r.floats("q", q, d.B, d.T, d.HQ, d.K, "(B, T, HQ, K)");
+  // With q_rows_for, q is widened last, once the layout says which rows to take.
+  if (q_rows_for) r.expect_shape("q", q, d.B, d.T, d.HQ, d.K, "(B, T, HQ, K)");
+  else p.q = r.floats("q", q, d.B, d.T, d.HQ, d.K, "(B, T, HQ, K)");
   p.k = r.floats("k", k, d.B, d.T, d.H, d.K, "(B, T, H, K from q)");
   p.v = r.floats("v", v, d.B, d.T, d.H, d.V, "(B, T, H, V)");
   for (auto [name, slot] : {std::pair<const char*, std::optional<std::vector<double>>*>{"g_cmp", &p.g_cmp},
@@ -277,7 +324,33 @@ Problem load_problem(const SafetensorsFile& file, const std::string& origin, con
     }
     p.block_counts = std::move(out);
   }
+  if (q_rows_for) {
+    std::vector<int64_t> rows = q_rows_for(L);
+    const int64_t tokens = d.B * d.T;
+    for (std::size_t i = 0; i < rows.size(); ++i)
+      if (rows[i] < 0 || rows[i] >= tokens || (i > 0 && rows[i] <= rows[i - 1]))
+        throw std::invalid_argument("load_problem: q rows must be ascending, distinct and below B * T");
+    if (int64_t(rows.size()) == tokens) {
+      p.q = r.floats("q", q, d.B, d.T, d.HQ, d.K, "(B, T, HQ, K)");
+    } else {
+      p.q = r.float_rows("q", q, d.B, d.T, d.HQ, d.K, rows);
+      p.q_stored = r.token_major_bytes(q, owned ? owned->find("q") : nullptr, d.B, d.T, d.HQ, d.K);
+      p.q_rows = std::move(rows);
+    }
+  }
   return p;
+}
+
+}  // namespace
+
+Problem load_problem(const SafetensorsFile& file, const std::string& origin, const ConfigOverrides& ov,
+                     bool allow_nonfinite, const std::function<std::vector<int64_t>(const Layout&)>& q_rows_for) {
+  return load(file, nullptr, origin, ov, allow_nonfinite, q_rows_for);
+}
+
+Problem load_problem(SafetensorsFile&& file, const std::string& origin, const ConfigOverrides& ov, bool allow_nonfinite,
+                     const std::function<std::vector<int64_t>(const Layout&)>& q_rows_for) {
+  return load(file, &file, origin, ov, allow_nonfinite, q_rows_for);
 }
 
 namespace {
@@ -305,6 +378,7 @@ void put_int32(SafetensorsFile& f, const Problem& p, const char* name, const std
 }  // namespace
 
 SafetensorsFile problem_to_file(const Problem& p) {
+  if (!p.q_rows.empty()) throw std::invalid_argument("problem_to_file: the problem holds q for sampled rows only");
   SafetensorsFile f;
   f.metadata = p.metadata;
   write_config_metadata(f.metadata, p.layout.config);

@@ -16,6 +16,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -82,6 +83,12 @@ struct Problem {
 
   // Inputs as stored, widened to double, token-major.
   std::vector<double> q, k, v;
+  // A problem loaded for a row-sampled forward (load_problem's `q_rows_for`) widens only the query rows that
+  // forward reads: then row r of q ([q_rows.size(), HQ, K]) is query token q_rows[r] (b * T + t, ascending,
+  // distinct), and q_stored holds all of q as stored (input_dtype, token-major [B, T, HQ, K]) for a backend
+  // that computes every row. Empty q_rows: q is whole and q_stored empty.
+  std::vector<int64_t> q_rows;
+  Tensor q_stored;
   std::optional<std::vector<double>> g_cmp, g_slc, g_swa, d_o;  // d_o is the file's `do`
   std::optional<std::vector<int32_t>> block_indices, block_counts;
 
@@ -108,9 +115,16 @@ std::vector<int64_t> sample_slots(const std::vector<int64_t>& sorted, int64_t to
 // InputError for a row outside [0, tokens).
 std::vector<uint8_t> sample_mask(const std::vector<int64_t>& rows, int64_t tokens);
 
-// Reads and validates a problem (nsa-spec §6). `origin` names the file in errors.
+// Reads and validates a problem (nsa-spec §6). `origin` names the file in errors. With `q_rows_for`, the query
+// rows it returns for the validated layout (flat tokens, ascending, distinct) are the only ones widened
+// (Problem::q_rows); every value of q is still validated.
 Problem load_problem(const SafetensorsFile& file, const std::string& origin, const ConfigOverrides& overrides = {},
-                     bool allow_nonfinite = false);
+                     bool allow_nonfinite = false,
+                     const std::function<std::vector<int64_t>(const Layout&)>& q_rows_for = nullptr);
+// The same for a file the caller gives up: Problem::q_stored then takes q's bytes instead of a copy.
+Problem load_problem(SafetensorsFile&& file, const std::string& origin, const ConfigOverrides& overrides = {},
+                     bool allow_nonfinite = false,
+                     const std::function<std::vector<int64_t>(const Layout&)>& q_rows_for = nullptr);
 // Writes the problem's inputs (in `input_dtype`) and metadata, in the problem's layout.
 SafetensorsFile problem_to_file(const Problem& p);
 // Adds every output present to `file` in the problem's layout; floats as `out_dtype`, indices as I32.

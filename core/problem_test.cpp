@@ -456,6 +456,69 @@ TEST(LoadProblem, HeadFirstReadEqualsTheTransposedTokenMajorRead) {
   }
 }
 
+// q widened for chosen rows only (q_rows_for): those rows equal a whole load's, every value is still checked,
+// and q_stored holds all of q as stored, token-major, in either file layout.
+TEST(LoadProblem, SampledQueryRowsAreTheWholeLoadsRows) {
+  Fixture fx;
+  const int64_t B = 2, T = 8, HQ = 4, H = 2, K = 3, V = 5;
+  fx.file.set("q", floats({B, T, HQ, K}, DType::BF16, 1));
+  fx.file.set("k", floats({B, T, H, K}, DType::BF16, 2));
+  fx.file.set("v", floats({B, T, H, V}, DType::BF16, 3));
+  const Problem whole = load_problem(fx.file, kOrigin);
+  const std::vector<int64_t> rows{1, 2, 9, 15};
+  Layout seen;
+  const auto pick = [&](const Layout& L) {
+    seen = L;
+    return rows;
+  };
+  SafetensorsFile hf;
+  hf.metadata = fx.file.metadata;
+  hf.metadata["nsa.layout"] = "bhtd";
+  for (const auto& [name, t] : fx.file.tensors) hf.set(name, to_head_first(t));
+  for (const SafetensorsFile* f : {&fx.file, &hf}) {
+    const Problem p = load_problem(*f, kOrigin, {}, false, pick);
+    EXPECT_EQ(seen.dims.T, T);
+    EXPECT_EQ(p.q_rows, rows);
+    ASSERT_EQ(p.q.size(), rows.size() * HQ * K);
+    for (std::size_t r = 0; r < rows.size(); ++r)
+      for (int64_t i = 0; i < HQ * K; ++i)
+        EXPECT_EQ(p.q[r * HQ * K + i], whole.q[rows[r] * HQ * K + i]) << "row " << rows[r] << " element " << i;
+    EXPECT_EQ(p.q_stored.dtype, DType::BF16);
+    EXPECT_EQ(p.q_stored.shape, (Shape{B, T, HQ, K}));
+    EXPECT_EQ(p.q_stored.to_f64(), whole.q);
+    EXPECT_EQ(p.k, whole.k);
+    EXPECT_THROW(problem_to_file(p), std::invalid_argument);
+  }
+  // Given up by the caller, the file's q bytes move into q_stored.
+  SafetensorsFile given = fx.file;
+  const Problem moved = load_problem(std::move(given), kOrigin, {}, false, pick);
+  EXPECT_EQ(moved.q_stored.bytes, fx.file.find("q")->bytes);
+  // Every row asked for: q is whole.
+  const Problem all = load_problem(fx.file, kOrigin, {}, false, [&](const Layout&) {
+    std::vector<int64_t> every(B * T);
+    for (int64_t i = 0; i < B * T; ++i) every[i] = i;
+    return every;
+  });
+  EXPECT_TRUE(all.q_rows.empty());
+  EXPECT_EQ(all.q, whole.q);
+  // A non-finite value in a row not widened is still rejected; rows out of order are a caller's error.
+  Tensor q = floats({B, T, HQ, K}, DType::F32, 1);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::memcpy(q.bytes.data() + (5 * HQ * K + 1) * sizeof(float), &inf, sizeof(float));
+  SafetensorsFile bad = fx.file;
+  bad.set("q", q);
+  bad.set("k", floats({B, T, H, K}, DType::F32, 2));
+  bad.set("v", floats({B, T, H, V}, DType::F32, 3));
+  try {
+    load_problem(bad, kOrigin, {}, false, pick);
+    ADD_FAILURE() << "a non-finite q value outside the rows loaded without error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(load_problem(fx.file, kOrigin, {}, false, [](const Layout&) { return std::vector<int64_t>{3, 1}; }),
+               std::invalid_argument);
+}
+
 TEST(LoadProblem, HeadFirstShapeErrorsNameTheHeadFirstShape) {
   Fixture fx;
   fx.file.metadata["nsa.layout"] = "bhtd";

@@ -6,6 +6,7 @@
 #include <map>
 #include <string>
 #include <utility>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -17,6 +18,7 @@ struct SafetensorsFile {
   std::vector<std::pair<std::string, Tensor>> tensors;  // in data-offset order
 
   const Tensor* find(const std::string& name) const;
+  Tensor* find(const std::string& name) { return const_cast<Tensor*>(std::as_const(*this).find(name)); }
   bool has(const std::string& name) const { return find(name) != nullptr; }
   void set(const std::string& name, Tensor t);  // replaces a tensor of the same name
 };

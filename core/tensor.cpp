@@ -51,6 +51,8 @@ std::vector<double> Tensor::to_f64() const {
   return out;
 }
 
+double Tensor::at_f64(int64_t i) const { return load_as_double(dtype, bytes.data() + i * dtype_size(dtype)); }
+
 std::vector<int64_t> Tensor::to_i64() const {
   const int64_t n = numel();
   std::vector<int64_t> out(n);

@@ -21,8 +21,9 @@ struct Tensor {
   int64_t dim(int i) const { return shape.at(i); }
   int rank() const { return int(shape.size()); }
 
-  // Values widened to double / int64 (exact for every stored type).
+  // Values widened to double / int64 (exact for every stored type); at_f64: the element at flat index i.
   std::vector<double> to_f64() const;
+  double at_f64(int64_t i) const;
   std::vector<int64_t> to_i64() const;
 
   static Tensor from_f64(const std::vector<double>& values, Shape shape, DType dtype);

@@ -228,7 +228,27 @@ void CudaPipeline::upload(const Problem& p) {
     // Pageable source: the copy is staged before the call returns, so `bytes` may go out of scope.
     check(cudaMemcpyAsync(dst.get(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice, stream_), name);
   };
-  put(q_, p.q, "cudaMemcpyAsync(q)");
+  if (p.q_rows.empty()) {
+    put(q_, p.q, "cudaMemcpyAsync(q)");
+  } else {
+    // q widened for sampled rows only (Problem::q_rows): the device takes all of it from the stored bytes, as
+    // they are where the device computes in the stored type, else (f64) narrowed to fp32.
+    const Tensor& stored = p.q_stored;
+    std::vector<uint8_t> narrowed;
+    const uint8_t* src = stored.bytes.data();
+    if (stored.dtype == DType::F64) {
+      narrowed.resize(std::size_t(stored.numel()) * sizeof(float));
+      for (int64_t i = 0; i < stored.numel(); ++i) {
+        const float x = float(stored.at_f64(i));
+        std::memcpy(narrowed.data() + i * sizeof(float), &x, sizeof(float));
+      }
+      src = narrowed.data();
+    }
+    const std::size_t bytes = narrowed.empty() ? stored.bytes.size() : narrowed.size();
+    if (device_type_for(stored.dtype) != opt_.dtype || bytes != q_.bytes())
+      throw CudaError("upload: the stored q does not match the pipeline's dtype or size");
+    check(cudaMemcpyAsync(q_.get(), src, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync(q)");
+  }
   put(k_, p.k, "cudaMemcpyAsync(k)");
   put(v_, p.v, "cudaMemcpyAsync(v)");
   if (opt_.gate_cmp) put(g_cmp_, *p.g_cmp, "cudaMemcpyAsync(g_cmp)");

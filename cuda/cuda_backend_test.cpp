@@ -476,6 +476,38 @@ TEST(CudaBackend, RowSampleDownloadsThoseRowsOfTheOutputs) {
   EXPECT_FALSE(test::all_zero(some.o));
 }
 
+// A problem holding q for sampled rows only (Problem::q_rows) uploads all of q from its stored bytes
+// (Problem::q_stored): the same outputs, bit for bit, as from the widened q, for a 16-bit and an f64 file.
+TEST(CudaBackend, StoredQueryBytesGiveTheSameOutputs) {
+  SKIP_WITHOUT_DEVICE();
+  for (const DType dtype : {DType::BF16, DType::F64}) {
+    ProblemSpec s;
+    s.lengths = {300, 0, 141};
+    s.HQ = 32, s.H = 2, s.K = 64, s.V = 64;
+    s.config.block_size = 64;
+    s.config.block_count = 4;
+    s.seed = 13;
+    const Problem p = rounded(test::random_problem(s), dtype);
+    const int64_t tokens = p.layout.dims.B * p.layout.dims.T, row = s.HQ * s.K;
+    Problem cp = p;
+    cp.q_stored = Tensor::from_f64(p.q, {p.layout.dims.B, p.layout.dims.T, s.HQ, s.K}, dtype);
+    cp.q_rows = {0, 1, 2, 299, 440};
+    cp.q.clear();
+    for (int64_t t : cp.q_rows) cp.q.insert(cp.q.end(), p.q.begin() + t * row, p.q.begin() + (t + 1) * row);
+    RunOptions opt;
+    opt.rows = {1, 299, 440};
+    const Outputs a = make_cuda_backend()->run(p, opt), b = make_cuda_backend()->run(cp, opt);
+    EXPECT_EQ(a.rows, b.rows);
+    for (auto field :
+         {&Outputs::k_cmp, &Outputs::o_cmp, &Outputs::lse_cmp, &Outputs::o_slc, &Outputs::lse_slc, &Outputs::o}) {
+      EXPECT_FALSE((a.*field).empty());
+      EXPECT_EQ(a.*field, b.*field) << dtype_name(dtype);
+    }
+    EXPECT_EQ(a.block_indices, b.block_indices) << dtype_name(dtype);
+    EXPECT_EQ(int64_t(a.lse_cmp.size()), tokens * s.HQ);
+  }
+}
+
 // Where the forward fuses the gate pass into selected attention (sm_90, G a multiple of 16), its gated output is
 // bit-identical to the separate pass on the same branch outputs, with and without a window branch; tokens with no
 // selection (block_counts 0) included. At G = 4 the forward runs the pass itself.

@@ -78,13 +78,14 @@ struct Scratch {
 }  // namespace
 
 void compressed_attention_forward(double* o_cmp, double* lse_cmp, const double* q, const double* k_cmp,
-                                  const double* v_cmp, const Layout& L, const RowMask& rows, const RowSlots& o_slots) {
+                                  const double* v_cmp, const Layout& L, const RowMask& rows, const RowSlots& o_slots,
+                                  const RowSlots& q_slots) {
   const Dims& d = L.dims;
   const int64_t G = d.G(), BS = L.BS();
   detail::for_each_tile<Scratch>(L, rows, [&](Scratch& s, const GroupTile& tile, const Sequence& seq) {
     const int64_t n = int64_t(s.positions.size()) * G;
     const int64_t nc = visible_blocks(s.positions.back(), BS);
-    detail::gather_group(s.q, q, L, seq, tile.h, d.K, s.positions);
+    detail::gather_group(s.q, q, L, seq, tile.h, d.K, s.positions, q_slots);
     s.z.resize(n * nc);
     s.out.resize(o_cmp ? n * d.V : 0);
     MatrixMap z(s.z.data(), n, nc);

@@ -90,13 +90,15 @@ inline int64_t head_offset(const Layout& L, const Sequence& s, int64_t t, int64_
   return (flat_token(L, s, t) * L.dims.HQ + h * L.dims.G() + i) * D;
 }
 
-// out [positions.size() * G, D]: row p * G + i is query head h * G + i at positions[p], from x [B, T, HQ, D].
+// out [positions.size() * G, D]: row p * G + i is query head h * G + i at positions[p], from x [B, T, HQ, D] --
+// or, with `slots`, from a compact x whose row slots[token] holds flat token `token` (q_slots in reference.h).
 inline void gather_group(std::vector<double>& out, const double* x, const Layout& L, const Sequence& s, int64_t h,
-                         int64_t D, const std::vector<int64_t>& positions) {
+                         int64_t D, const std::vector<int64_t>& positions, const RowSlots& slots = {}) {
   const int64_t G = L.dims.G(), width = G * D;
   out.resize(positions.size() * width);
   for (std::size_t p = 0; p < positions.size(); ++p) {
-    const double* src = x + head_offset(L, s, positions[p], h, 0, D);
+    const int64_t row = output_row(slots, flat_token(L, s, positions[p]));
+    const double* src = x + (row * L.dims.HQ + h * G) * D;
     std::copy(src, src + width, out.data() + p * width);
   }
 }

@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <stdexcept>
+#include <tuple>
 
 #include "core/errors.h"
 #include "reference/attention_test_util.h"
@@ -220,6 +222,38 @@ TEST(Pipeline, SampledRowsMatchTheFullForward) {
         EXPECT_EQ(sampled.block_indices[(t * 2 + h) * 3 + j], in ? full.block_indices[(t * 2 + h) * 3 + j] : -1);
   }
   EXPECT_FALSE(test::all_zero(sampled.o));
+}
+
+// A problem holding q for the rows a sampled forward reads only (Problem::q_rows, q_rows_read) computes the
+// sample bit for bit as the problem with all of q does; asked for more rows, or a backward, it refuses.
+TEST(Pipeline, CompactQueryRowsGiveTheSameSampledForward) {
+  Problem whole = test::random_problem(spec(300, 8, 2, 4, 4, 8, 3, 6));  // G = 4: tiles of 64 tokens
+  whole.d_o.reset();
+  RunOptions opt;
+  opt.rows = {250, 3, 130};
+  const std::vector<int64_t> read = q_rows_read(whole.layout, {3, 130, 250});
+  // Each sampled token's whole tile of queries, nothing else: [0, 64), [128, 192), [192, 256).
+  std::vector<int64_t> tiles;
+  for (int64_t t = 0; t < 64; ++t) tiles.push_back(t);
+  for (int64_t t = 128; t < 256; ++t) tiles.push_back(t);
+  EXPECT_EQ(read, tiles);
+  Problem compact = whole;
+  compact.q_rows = read;
+  compact.q.clear();
+  const int64_t row = 8 * 4;  // HQ * K
+  for (int64_t t : read) compact.q.insert(compact.q.end(), whole.q.begin() + t * row, whole.q.begin() + (t + 1) * row);
+  const Outputs a = run_reference(whole, opt), b = run_reference(compact, opt);
+  for (const auto& [name, x, y] : {std::tuple{"o_cmp", &a.o_cmp, &b.o_cmp}, {"lse_cmp", &a.lse_cmp, &b.lse_cmp},
+                                   {"o_slc", &a.o_slc, &b.o_slc}, {"lse_slc", &a.lse_slc, &b.lse_slc},
+                                   {"o_swa", &a.o_swa, &b.o_swa}, {"o", &a.o, &b.o}}) {
+    EXPECT_FALSE(x->empty()) << name;
+    EXPECT_TRUE(same_bytes(*x, *y)) << name;
+  }
+  EXPECT_EQ(a.block_indices, b.block_indices);
+  opt.rows = {3, 70};  // 70's tile is not loaded
+  EXPECT_THROW(run_reference(compact, opt), std::invalid_argument);
+  opt.rows.clear();
+  EXPECT_THROW(run_reference(compact, opt), std::invalid_argument);
 }
 
 TEST(Pipeline, BackwardIgnoresTheRowSample) {

@@ -109,7 +109,7 @@ BlockReaders block_readers(const int32_t* block_indices, const int32_t* block_co
 
 void selected_attention_forward(double* o_slc, double* lse_slc, const double* q, const double* k, const double* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const Layout& L,
-                                const RowMask& rows, const RowSlots& o_slots) {
+                                const RowMask& rows, const RowSlots& o_slots, const RowSlots& q_slots) {
   const Dims& d = L.dims;
   const int64_t G = d.G();
   for_each_query_group(
@@ -120,8 +120,9 @@ void selected_attention_forward(double* o_slc, double* lse_slc, const double* q,
         s.gather(seq, t, h);
         const int64_t head0 = token * d.HQ + h * G;  // first query head of the group
         const int64_t o_head0 = output_row(o_slots, token) * d.HQ + h * G;
+        const int64_t q_head0 = output_row(q_slots, token) * d.HQ + h * G;
         attend_forward(tile(o_slc + o_head0 * d.V, G, d.V, d.V), lse_slc + head0,
-                       const_tile(q + head0 * d.K, G, d.K, d.K), s.keys(), s.values(), L.scale(), s.ws);
+                       const_tile(q + q_head0 * d.K, G, d.K, d.K), s.keys(), s.values(), L.scale(), s.ws);
       });
 }
 

@@ -32,7 +32,7 @@ ConstTile window_rows(const double* x, int64_t D, const Sequence& seq, int64_t t
 }  // namespace
 
 void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, const double* k, const double* v,
-                            const Layout& L, const RowMask& rows, const RowSlots& o_slots) {
+                            const Layout& L, const RowMask& rows, const RowSlots& o_slots, const RowSlots& q_slots) {
   const int64_t W = effective_window(L);
   if (W <= 0) return;
   const Dims& d = L.dims;
@@ -44,8 +44,9 @@ void sliding_window_forward(double* o_swa, double* lse_swa, const double* q, con
         if (!rows.empty() && !rows[token]) return;
         const int64_t head0 = token * d.HQ + h * G;
         const int64_t o_head0 = output_row(o_slots, token) * d.HQ + h * G;
+        const int64_t q_head0 = output_row(q_slots, token) * d.HQ + h * G;
         attend_forward(tile(o_swa + o_head0 * d.V, G, d.V, d.V), lse_swa + head0,
-                       const_tile(q + head0 * d.K, G, d.K, d.K), window_rows(k, d.K, seq, t, h, W, L),
+                       const_tile(q + q_head0 * d.K, G, d.K, d.K), window_rows(k, d.K, seq, t, h, W, L),
                        window_rows(v, d.V, seq, t, h, W, L), L.scale(), ws);
       });
 }

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "reference/group_tiles.h"
@@ -58,7 +60,7 @@ void select_top(int32_t* out, int64_t S, const double* score, int64_t cur, Polic
 }  // namespace
 
 void topk_forward(int32_t* block_indices, const double* q, const double* k_cmp, const double* lse_cmp, const Layout& L,
-                  const RowMask& rows) {
+                  const RowMask& rows, const RowSlots& q_slots) {
   const Dims& d = L.dims;
   const int64_t G = d.G(), BS = L.BS(), S = L.S();
   struct Scratch {
@@ -73,7 +75,7 @@ void topk_forward(int32_t* block_indices, const double* q, const double* k_cmp, 
     detail::gather_group(lse, lse_cmp, L, seq, tile.h, 1, positions);
     z.resize(n * cols);
     if (cols > 0) {
-      detail::gather_group(qs, q, L, seq, tile.h, d.K, positions);
+      detail::gather_group(qs, q, L, seq, tile.h, d.K, positions, q_slots);
       MatrixMap(z.data(), n, cols).noalias() =
           L.scale() * (ConstMatrixMap(qs.data(), n, d.K) * detail::sequence_blocks(k_cmp, L, seq, tile.h, d.K, 0, cols).transpose());
     }
@@ -89,7 +91,7 @@ void topk_forward(int32_t* block_indices, const double* q, const double* k_cmp, 
 }
 
 void topk_scores(BlockScores& out, int64_t b, int64_t t, int64_t h, const double* q, const double* k_cmp,
-                 const double* lse_cmp, const Layout& L) {
+                 const double* lse_cmp, const Layout& L, const RowSlots& q_slots) {
   const Dims& d = L.dims;
   if (b < 0 || b >= d.B || t < 0 || t >= d.T || h < 0 || h >= d.H)
     throw std::out_of_range("topk_scores: (b, t, h) = (" + std::to_string(b) + ", " + std::to_string(t) + ", " +
@@ -104,7 +106,7 @@ void topk_scores(BlockScores& out, int64_t b, int64_t t, int64_t h, const double
   std::vector<double> qs, lse, z(G * cur);
   detail::gather_group(lse, lse_cmp, L, *seq, h, 1, positions);
   if (cur > 0) {
-    detail::gather_group(qs, q, L, *seq, h, d.K, positions);
+    detail::gather_group(qs, q, L, *seq, h, d.K, positions, q_slots);
     MatrixMap(z.data(), G, cur).noalias() =
         L.scale() * (ConstMatrixMap(qs.data(), G, d.K) * detail::sequence_blocks(k_cmp, L, *seq, h, d.K, 0, cur).transpose());
   }

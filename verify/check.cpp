@@ -15,6 +15,7 @@
 #include <omp.h>
 
 #include "core/errors.h"
+#include "verify/generator.h"
 
 namespace nsa {
 
@@ -86,7 +87,8 @@ std::vector<int32_t> in_range_indices(const std::vector<int32_t>& indices, const
 // `fixed_indices` (the yardstick's case) overrides the selection so that both computations use the same one.
 // `o_slots` (compact candidates, Outputs::rows) makes the [B, T, HQ, V] outputs compact as the candidate's.
 Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& rows, const ref::RowSlots& o_slots,
-                     const Precision& rd, const std::vector<int32_t>* fixed_indices, bool with_grads) {
+                     const ref::RowSlots& q_slots, const Precision& rd, const std::vector<int32_t>* fixed_indices,
+                     bool with_grads) {
   const Layout& L = p.layout;
   const Dims& d = L.dims;
   const int64_t C = L.chunks, tokens = d.B * d.T;
@@ -123,14 +125,15 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
   const double* v_cmp = upstream(cand.v_cmp, e.v_cmp, v_cmp_own);
   e.o_cmp.assign(o_rows * d.HQ * d.V, 0);
   e.lse_cmp.assign(tokens * d.HQ, 0);
-  ref::compressed_attention_forward(e.o_cmp.data(), e.lse_cmp.data(), in->q.data(), k_cmp, v_cmp, L, rows, o_slots);
+  ref::compressed_attention_forward(e.o_cmp.data(), e.lse_cmp.data(), in->q.data(), k_cmp, v_cmp, L, rows, o_slots,
+                                    q_slots);
   if (!rd.dtype) {
     if (cand.k_cmp.empty()) {
       r.lse_cmp_true = e.lse_cmp;  // lse depends on k_cmp only
     } else {
       r.lse_cmp_true.assign(e.lse_cmp.size(), 0);
       ref::compressed_attention_forward(nullptr, r.lse_cmp_true.data(), in->q.data(), e.k_cmp.data(), e.v_cmp.data(),
-                                        L, rows);
+                                        L, rows, {}, q_slots);
     }
   }
   rd.apply(e.o_cmp);
@@ -143,7 +146,7 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
       e.block_indices = *p.block_indices;
     } else {
       e.block_indices.assign(tokens * d.H * L.S(), -1);
-      ref::topk_forward(e.block_indices.data(), in->q.data(), e.k_cmp.data(), r.lse_cmp_true.data(), L, rows);
+      ref::topk_forward(e.block_indices.data(), in->q.data(), e.k_cmp.data(), r.lse_cmp_true.data(), L, rows, q_slots);
     }
     r.used_indices = cand.block_indices.empty() ? e.block_indices : in_range_indices(cand.block_indices, L);
   }
@@ -152,7 +155,7 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
   e.o_slc.assign(o_rows * d.HQ * d.V, 0);
   e.lse_slc.assign(tokens * d.HQ, 0);
   ref::selected_attention_forward(e.o_slc.data(), e.lse_slc.data(), in->q.data(), in->k.data(), in->v.data(),
-                                  r.used_indices.data(), counts, L, rows, o_slots);
+                                  r.used_indices.data(), counts, L, rows, o_slots, q_slots);
   rd.apply(e.o_slc);
   rd.apply(e.lse_slc);
 
@@ -160,7 +163,7 @@ Recomputed recompute(const Problem& p, const Outputs& cand, const ref::RowMask& 
     e.o_swa.assign(o_rows * d.HQ * d.V, 0);
     e.lse_swa.assign(tokens * d.HQ, 0);
     ref::sliding_window_forward(e.o_swa.data(), e.lse_swa.data(), in->q.data(), in->k.data(), in->v.data(), L, rows,
-                                o_slots);
+                                o_slots, q_slots);
     rd.apply(e.o_swa);
     rd.apply(e.lse_swa);
   }
@@ -287,10 +290,20 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   rep.sampled_rows = std::count(rows.begin(), rows.end(), uint8_t(1));
   // Row-sampled mode checks forward tensors only.
   const bool with_grads = rows.empty() && p.has_backward() && cand.has_grads;
-  const Recomputed ref = recompute(p, cand, rows, o_slots, Precision{}, nullptr, with_grads);
+  // A problem loaded with q for sampled rows only (Problem::q_rows) must hold every row this check reads.
+  std::vector<int64_t> sample;
+  for (int64_t r = 0; r < int64_t(rows.size()); ++r)
+    if (rows[r]) sample.push_back(r);
+  ref::RowSlots q_slots;
+  try {
+    q_slots = ref::q_slots_for(p, sample);
+  } catch (const std::invalid_argument& e) {
+    fail_input("", "q", e.what());
+  }
+  const Recomputed ref = recompute(p, cand, rows, o_slots, q_slots, Precision{}, nullptr, with_grads);
   std::optional<Recomputed> yard;
   if (opt.baseline_relative)
-    yard = recompute(p, cand, rows, o_slots, Precision{candidate_dtype}, &ref.used_indices, with_grads);
+    yard = recompute(p, cand, rows, o_slots, q_slots, Precision{candidate_dtype}, &ref.used_indices, with_grads);
 
   const double tol = opt.rtol_override.value_or(opt.tol.for_dtype(candidate_dtype));
   const std::vector<uint8_t> empty_cmp = empty_compressed_rows(L);
@@ -357,6 +370,14 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   }
   rep.pass = rep.first_failing_stage.empty();
   return rep;
+}
+
+std::function<std::vector<int64_t>(const Layout&)> sampled_q_rows(int64_t count, uint64_t seed,
+                                                                  std::vector<int64_t>& sample) {
+  return [count, seed, &sample](const Layout& L) {
+    sample = gen::sample_rows(L.dims.B * L.dims.T, count, seed);
+    return ref::q_rows_read(L, sample);
+  };
 }
 
 }  // namespace nsa

@@ -1,6 +1,7 @@
 // Comparing a candidate's outputs with the float64 reference (nsa-spec §5.1–§5.4).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -111,6 +112,12 @@ struct TopkRowVerdict {
   std::string reason;       // why the row is invalid
 };
 TopkRowVerdict judge_topk_row(const int32_t* chosen, int64_t S, const ref::BlockScores& scores, double rtol, double atol);
+
+// load_problem's q_rows_for in a row-sampled check of `count` rows drawn with `seed` (gen::sample_rows): it draws
+// the sample into `sample` once the layout is known and returns the q rows a forward over it reads, so that only
+// those are widened to float64.
+std::function<std::vector<int64_t>(const Layout&)> sampled_q_rows(int64_t count, uint64_t seed,
+                                                                  std::vector<int64_t>& sample);
 
 // Applies judge_topk_row to every (token, kv head) row of `candidate` [B, T, H, S] (only rows in `rows` when
 // it is non-empty), with scores from q and the reference's k_cmp and lse_cmp.

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "core/errors.h"
+#include "reference/reference.h"
 #include "reference/test_util.h"
 #include "verify/check.h"
 
@@ -438,6 +439,42 @@ TEST_F(Mutation, CompactRowSampledCandidateIsCheckedOnItsRows) {
 
   // Compact rows other than the check's sample cannot be compared.
   EXPECT_THROW(check(p, compact(good, {3, 40, 99, 150}, d.HQ * d.V), DType::F32, opt), InputError);
+}
+
+// The same check on a problem holding q for the sample's rows only (Problem::q_rows): the same verdicts and
+// metrics, and a mutated sampled row still caught; a sample reaching rows q lacks is bad input.
+TEST_F(Mutation, CompactQueryRowsCheckAlike) {
+  const Dims& d = p.layout.dims;
+  const std::vector<int64_t> rows{3, 40, 99};  // batch row 0 (G = 2: one tile of queries per batch row)
+  CheckOptions opt;
+  opt.rows.assign(d.B * d.T, 0);
+  for (int64_t r : rows) opt.rows[r] = 1;
+  Problem cq = p;
+  cq.d_o.reset();
+  cq.q_rows = ref::q_rows_read(p.layout, rows);
+  cq.q.clear();
+  for (int64_t t : cq.q_rows) cq.q.insert(cq.q.end(), p.q.begin() + t * d.HQ * d.K, p.q.begin() + (t + 1) * d.HQ * d.K);
+  ASSERT_LT(cq.q_rows.size(), std::size_t(d.B * d.T));
+  const Outputs cand = compact(good, rows, d.HQ * d.V);
+  const CheckReport whole = check(p, cand, DType::F32, opt), part = check(cq, cand, DType::F32, opt);
+  EXPECT_TRUE(part.pass) << describe(part);
+  ASSERT_EQ(part.tensors.size(), whole.tensors.size());
+  for (std::size_t i = 0; i < part.tensors.size(); ++i) {
+    EXPECT_EQ(part.tensors[i].name, whole.tensors[i].name);
+    EXPECT_EQ(part.tensors[i].rel_l2, whole.tensors[i].rel_l2) << part.tensors[i].name;
+  }
+  EXPECT_EQ(part.topk->exact_rows, whole.topk->exact_rows);
+
+  Outputs bad = good;
+  bad.o_cmp[(99 * d.HQ + 2) * d.V] += 1;
+  regate(p, bad);
+  const CheckReport hit = check(cq, compact(bad, rows, d.HQ * d.V), DType::F32, opt);
+  EXPECT_EQ(hit.first_failing_stage, "compressed_attention") << describe(hit);
+
+  opt.rows[150] = 1;  // batch row 1, whose q cq does not hold
+  std::vector<int64_t> more = rows;
+  more.push_back(150);
+  EXPECT_THROW(check(cq, compact(good, more, d.HQ * d.V), DType::F32, opt), InputError);
 }
 
 // A bf16 candidate built like a bf16 kernel: every stage's output rounded to bf16, with the next stage

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <omp.h>
 
+#include "core/errors.h"
 #include "verify/check.h"
 
 namespace nsa {
@@ -97,13 +98,19 @@ TopkCheck check_topk(const std::vector<int32_t>& candidate, const Problem& p, co
     }
   const int64_t n_rows = int64_t(tokens.size()) * H;
   std::vector<TopkRowVerdict> verdicts(n_rows);
+  // A compact q (Problem::q_rows) must hold every row judged.
+  const ref::RowSlots q_slots = p.q_rows.empty() ? ref::RowSlots{} : sample_slots(p.q_rows, L.dims.B * T);
+  for (int64_t flat : tokens)
+    if (!q_slots.empty() && q_slots[flat] < 0)
+      fail_input("", "q", "the problem holds q for " + std::to_string(p.q_rows.size()) + " rows, not row " +
+                              std::to_string(flat) + " of the top-k check");
 #pragma omp parallel
   {
     ref::BlockScores scores;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < n_rows; ++r) {
       const int64_t flat = tokens[r / H], h = r % H;
-      ref::topk_scores(scores, flat / T, flat % T, h, p.q.data(), k_cmp, lse_cmp, L);
+      ref::topk_scores(scores, flat / T, flat % T, h, p.q.data(), k_cmp, lse_cmp, L, q_slots);
       verdicts[r] = judge_topk_row(candidate.data() + (flat * H + h) * S, S, scores, rtol, atol);
     }
   }

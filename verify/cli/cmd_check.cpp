@@ -56,7 +56,10 @@ int run_check(const CheckArgs& a) {
   const SafetensorsFile expected_file = read_safetensors(a.expected);
   const SafetensorsFile actual_file = read_safetensors(a.actual);
   // The expected file may hold reference outputs; the reference is recomputed, so only its inputs count.
-  const Problem p = load_problem(suite::inputs_only(expected_file), a.expected, a.overrides, a.allow_nonfinite);
+  // Row-sampled: q is widened for the rows the sample's forward reads only (Problem::q_rows).
+  std::vector<int64_t> sample;
+  const Problem p = load_problem(suite::inputs_only(expected_file), a.expected, a.overrides, a.allow_nonfinite,
+                                 a.sample_rows > 0 ? sampled_q_rows(a.sample_rows, a.seed, sample) : nullptr);
   require_same_config(actual_file, a.actual, p.layout.config);
 
   // The candidate's file may use the other layout; only the layout matters for reading its outputs.
@@ -83,10 +86,7 @@ int run_check(const CheckArgs& a) {
   opt.baseline_relative = a.baseline_relative;
   opt.baseline_factor = a.baseline_factor;
   opt.threads = a.threads;
-  if (a.sample_rows > 0) {
-    const int64_t tokens = p.layout.dims.B * p.layout.dims.T;
-    opt.rows = sample_mask(gen::sample_rows(tokens, a.sample_rows, a.seed), tokens);
-  }
+  if (a.sample_rows > 0) opt.rows = sample_mask(sample, p.layout.dims.B * p.layout.dims.T);
   CheckReport report = check_candidate(p, candidate, candidate_dtype, opt);
   report.case_name = a.actual;
   print_report(std::cout, report);

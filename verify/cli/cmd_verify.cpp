@@ -130,15 +130,17 @@ int run_verify(const VerifyArgs& a) {
         return parse_safetensors(bytes.data(), bytes.size(), c.path);
       }();
       // The inputs leave the fixture (its stored outputs stay for --check-stored) and are released once widened.
-      const Problem p = load_problem(suite::take_inputs(fixture), c.path, a.overrides, a.allow_nonfinite);
+      // Row-sampled: q is widened for the rows the sample's forward reads only (Problem::q_rows).
+      std::vector<int64_t> sample;
+      const Problem p = load_problem(suite::take_inputs(fixture), c.path, a.overrides, a.allow_nonfinite,
+                                     a.sample_rows > 0 ? sampled_q_rows(a.sample_rows, a.seed, sample) : nullptr);
       CheckOptions opt = base;
       RunOptions run;
       run.threads = a.threads;
       if (a.sample_rows > 0) {
-        const int64_t total = p.layout.dims.B * p.layout.dims.T;
-        run.rows = gen::sample_rows(total, a.sample_rows, a.seed);
+        run.rows = sample;
         run.backward = false;  // row sampling covers the forward (nsa-spec §5.4)
-        opt.rows = sample_mask(run.rows, total);
+        opt.rows = sample_mask(run.rows, p.layout.dims.B * p.layout.dims.T);
       }
       const Outputs candidate = backend->run(p, run);
       CheckReport r = check_candidate(p, candidate, backend->compute_dtype(p.input_dtype), opt);
