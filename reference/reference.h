@@ -7,7 +7,7 @@
 // forward stage is local to its query row. Rows not sampled are left untouched. With `o_slots` (B * T entries,
 // sample_slots in core/problem.h) the [B, T, HQ, V] tensors o_cmp, o_slc, o_swa and o are compact instead:
 // query row r is row o_slots[r] of a [sample, HQ, V] tensor (Outputs::rows), so a sample of a long sequence
-// needs no full-size output. With `q_slots` (the same form) q is compact too: query token r is row q_slots[r] of
+// needs no full-size output. With `q_slots` (the same form) q is compact too: query row r is row q_slots[r] of
 // a [n, HQ, K] tensor (Problem::q_rows), which must hold every row the stage reads (q_rows_read).
 #pragma once
 #include <cstdint>
