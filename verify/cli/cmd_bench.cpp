@@ -40,6 +40,7 @@ struct BenchArgs {
   std::string dtype = "bf16";
   int warmup = 3, iters = 10, threads = 0;
   uint64_t seed = 1;
+  bool no_sm90_kernels = false;  // cuda: the kernels an sm_80 GPU runs, even on an sm_90 device
   std::string json;
 };
 
@@ -151,6 +152,7 @@ std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const F
     throw InputError("bench: --dtype for cuda must be bf16, f16 or f32");
   po.dtype = dt == DType::BF16 ? cuda::ElemType::BF16 : dt == DType::F16 ? cuda::ElemType::F16 : cuda::ElemType::F32;
   po.gate_swa = L.config.window > 0;
+  po.sm90_kernels = !a.no_sm90_kernels;
   cuda::CudaPipeline pipe(L, po);
   pipe.fill_random(a.seed);
   pipe.forward();  // real top-k indices for the selected stage, and everything warm
@@ -187,7 +189,7 @@ int run_bench(const BenchArgs& a) {
     if (cuda::device_count() == 0) throw InputError("bench: backend 'cuda': no CUDA device is available");
     const cuda::DeviceInfo info = cuda::device_info();
     device = info.name + " (" + std::to_string(info.sm_count) + " SMs, sm_" + std::to_string(info.cc_major) +
-             std::to_string(info.cc_minor) + ")";
+             std::to_string(info.cc_minor) + (a.no_sm90_kernels ? ", sm_90 kernels off" : "") + ")";
     peak_tflops = info.bf16_dense_peak_tflops;
     results = bench_cuda(a, L, f);
 #else
@@ -256,6 +258,8 @@ void setup_bench(CLI::App& app) {
   cmd->add_option("--threads", args->threads, "CPU threads for the cpu backend (default: all)");
   cmd->add_option("--seed", args->seed, "seed of the random inputs");
   cmd->add_option("--json", args->json, "write the results as JSON to this file");
+  cmd->add_flag("--no-sm90-kernels", args->no_sm90_kernels,
+                "cuda: run the kernels an sm_80 GPU runs, also on an sm_90 device (wgmma/TMA kernels off)");
   cmd->callback([args] { g_exit_code = run_bench(*args); });
 }
 
