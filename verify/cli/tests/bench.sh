@@ -32,6 +32,8 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   invoke bench --backend cuda --seqlen 64 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16
   [ "$rc" -eq 2 ] || fail "cuda without a device: exit $rc, expected 2 ($(cat "$work/stderr"))"
   [ "$(wc -l <"$work/stderr")" -eq 1 ] || fail "cuda without a device: expected one error line, got: $(cat "$work/stderr")"
+  invoke bench --backend cuda --seqlen 64 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --no-sm90-kernels
+  [ "$rc" -eq 2 ] || fail "cuda --no-sm90-kernels without a device: exit $rc, expected 2 ($(cat "$work/stderr"))"
 fi
 
 finish
