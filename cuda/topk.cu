@@ -643,8 +643,8 @@ constexpr int kSm90MinG = NSA_TOPK_SM90_MIN_G;
 // Consumer warpgroups per CTA (kWG): three, one CTA per SM; or, at G = 16, one, several CTAs per SM, so that one
 // CTA's start and end (Q load, the selections) overlap the others' tiles (H100, G = 16, three CTAs against one
 // of three warpgroups: 0.172 -> 0.161 ms at 8k, 1.14 -> 1.08 at 32k), four since the CTA feeds its own ring
-// (64k 2.57-2.70 -> 2.21-2.38 ms, before the filter's fix). At G = 2, 4, 8 a CTA of one warpgroup holds 32 / 16 / 8 tokens' buffers, so
-// that fewer fit: 36-41% slower (T = 32k).
+// (64k 2.57-2.70 -> 2.21-2.38 ms, before the filter's fix). At G = 2, 4, 8 a CTA of one warpgroup holds
+// 32 / 16 / 8 tokens' buffers, so that fewer fit: 36-41% slower (T = 32k).
 template <int kWG>
 struct Sm90Shape {
   // G = 16 (kWG = 1): the warpgroup feeds its own ring (thread 0 issues the copies), so that four CTAs of 128

@@ -269,16 +269,15 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   require_size("k_cmp", cand.k_cmp.size(), d.B * C * d.H * d.K);
   require_size("v_cmp", cand.v_cmp.size(), d.B * C * d.H * d.V);
   require_size("block_indices", cand.block_indices.size(), tokens * d.H * L.S());
-  // A compact candidate (Outputs::rows) must hold exactly the rows the check samples.
+  // The rows this check samples (ascending; none: every row). A compact candidate (Outputs::rows) must hold
+  // exactly those.
+  std::vector<int64_t> sample;
+  for (int64_t r = 0; r < int64_t(rows.size()); ++r)
+    if (rows[r]) sample.push_back(r);
   const bool compact = !cand.rows.empty();
-  if (compact) {
-    std::vector<int64_t> sampled;
-    for (int64_t r = 0; r < int64_t(rows.size()); ++r)
-      if (rows[r]) sampled.push_back(r);
-    if (sampled != cand.rows)
-      fail_input("", "o", "the candidate's " + std::to_string(cand.rows.size()) + " compact rows are not the " +
-                              std::to_string(sampled.size()) + " rows this check samples");
-  }
+  if (compact && sample != cand.rows)
+    fail_input("", "o", "the candidate's " + std::to_string(cand.rows.size()) + " compact rows are not the " +
+                            std::to_string(sample.size()) + " rows this check samples");
   const ref::RowSlots o_slots = compact ? sample_slots(cand.rows, tokens) : ref::RowSlots{};
   const int64_t o_rows = compact ? int64_t(cand.rows.size()) : tokens;
   for (const auto& [name, x] : {std::pair<const char*, const Vec*>{"o_cmp", &cand.o_cmp}, {"o_slc", &cand.o_slc}, {"o_swa", &cand.o_swa}})
@@ -287,13 +286,10 @@ CheckReport check_candidate(const Problem& p, const Outputs& cand, DType candida
   CheckReport rep;
   rep.candidate_dtype = candidate_dtype;
   rep.baseline_relative = opt.baseline_relative;
-  rep.sampled_rows = std::count(rows.begin(), rows.end(), uint8_t(1));
+  rep.sampled_rows = int64_t(sample.size());
   // Row-sampled mode checks forward tensors only.
   const bool with_grads = rows.empty() && p.has_backward() && cand.has_grads;
   // A problem loaded with q for sampled rows only (Problem::q_rows) must hold every row this check reads.
-  std::vector<int64_t> sample;
-  for (int64_t r = 0; r < int64_t(rows.size()); ++r)
-    if (rows[r]) sample.push_back(r);
   ref::RowSlots q_slots;
   try {
     q_slots = ref::q_slots_for(p, sample);
