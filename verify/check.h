@@ -100,6 +100,10 @@ struct CompareRule {
   const std::vector<uint8_t>* empty_rows = nullptr;
 };
 
+// Below this root-mean-square an expected tensor counts as zero (float64 rounding of a mathematical zero), and
+// compare_tensor's rel_l2 is the root-mean-square error itself.
+constexpr double kZeroRms = 1e-12;
+
 // The §5.1 metrics of one tensor. Throws InputError when the sizes differ.
 TensorCheck compare_tensor(const std::string& name, const std::string& stage, const std::vector<double>& expected,
                            const std::vector<double>& actual, const TensorGeometry& g, const CompareRule& rule);

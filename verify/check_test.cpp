@@ -42,7 +42,7 @@ TEST(CompareTensor, FailsWhenRelL2ExceedsTolerance) {
 
 TEST(CompareTensor, AllZeroExpectedUsesTheAbsoluteNorm) {
   const TensorCheck c = compare_tensor("o_cmp", "compressed_attention", {0, 0}, {3e-13, 4e-13}, {1, 1, 2, 0}, rule_with_tol(1e-12));
-  EXPECT_NEAR(c.rel_l2, 5e-13, 1e-27);
+  EXPECT_NEAR(c.rel_l2, 5e-13 / std::sqrt(2.0), 1e-27);  // the root-mean-square error
   EXPECT_TRUE(c.pass);
   const TensorCheck big = compare_tensor("o_cmp", "compressed_attention", {0, 0}, {3e-3, 4e-3}, {1, 1, 2, 0}, rule_with_tol(1e-12));
   EXPECT_FALSE(big.pass);
@@ -60,6 +60,28 @@ TEST(CompareTensor, WorstIndexIsPrintedAsBatchTokenHeadDim) {
   EXPECT_DOUBLE_EQ(c.worst_expected, e[43]);
   EXPECT_DOUBLE_EQ(c.worst_actual, e[43] + 0.25);
   EXPECT_EQ(c.count_over, 2);
+}
+
+// A gradient that is zero up to float64 rounding (a row with a single key: its weight is 1, ds = 0) has no scale;
+// its error counts in absolute terms, per element: exact zeros and fp32-sized noise pass, O(tol) errors fail.
+TEST(CompareTensor, AnExpectedZeroIsComparedInAbsoluteTerms) {
+  std::vector<double> e(16), exact(16, 0.0), noise(16), off(16, 0.0);
+  for (int i = 0; i < 16; ++i) {
+    e[i] = (i % 3 - 1) * 1e-16;
+    noise[i] = (i % 2 ? 1 : -1) * 3e-8;
+  }
+  off[4] = 1e-3;
+  const CompareRule rule = rule_with_tol(1e-5);
+  const TensorCheck c0 = compare_tensor("dq", "backward", e, exact, {1, 4, 1, 4}, rule);
+  EXPECT_TRUE(c0.pass);
+  EXPECT_LT(c0.rel_l2, 1e-15);
+  EXPECT_TRUE(compare_tensor("dq", "backward", e, noise, {1, 4, 1, 4}, rule).pass);
+  const TensorCheck c2 = compare_tensor("dq", "backward", e, off, {1, 4, 1, 4}, rule);
+  EXPECT_FALSE(c2.pass);
+  EXPECT_NEAR(c2.rel_l2, 1e-3 / 4, 1e-9);  // rms of the error over 16 elements
+  // Just above the zero threshold the rule is relative again: the same noise is then far over tolerance.
+  std::vector<double> small(16, 1e-11);
+  EXPECT_FALSE(compare_tensor("dq", "backward", small, noise, {1, 4, 1, 4}, rule).pass);
 }
 
 TEST(CompareTensor, NaNInTheCandidateFailsWhateverTheTolerance) {
