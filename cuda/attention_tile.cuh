@@ -456,6 +456,70 @@ struct RowAttention {
   }
 };
 
+// The backward of one query row (nsa-spec §3) on CUDA cores, one warp per row, lanes as in RowAttention:
+// delta = do_x . o_x; per key j, p = exp(scale q.k_j - lse), ds = p (do_x . v_j - delta), dq += scale ds k_j
+// (in registers), and dk_j += scale ds q, dv_j += p do_x by fp32 atomics (other rows share the key).
+template <typename T>
+struct RowAttentionGrad {
+  float q[8], d_out[8], dq[8];
+  float lse = 0.f, delta = 0.f;
+
+  __device__ __forceinline__ void init(const T* q_row, const float* do_row, const T* o_row, float lse_row, int K,
+                                       int V) {
+    const int lane = threadIdx.x % 32;
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      q[i] = d < K ? Elem<T>::to_float(q_row[d]) : 0.f;
+      d_out[i] = d < V ? do_row[d] : 0.f;
+      dq[i] = 0.f;
+      if (d < V) dot = fmaf(d_out[i], Elem<T>::to_float(o_row[d]), dot);
+    }
+    delta = warp_sum(dot);
+    lse = lse_row;
+  }
+  // Adds one key; every lane of the warp calls it with the same key.
+  __device__ __forceinline__ void add_key(const T* k_row, const T* v_row, float* dk_row, float* dv_row, int K, int V,
+                                          float scale) {
+    const int lane = threadIdx.x % 32;
+    float k[8], qk = 0.f, dp = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      k[i] = d < K ? Elem<T>::to_float(k_row[d]) : 0.f;
+      qk = fmaf(q[i], k[i], qk);
+      if (d < V) dp = fmaf(d_out[i], Elem<T>::to_float(v_row[d]), dp);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      qk += __shfl_xor_sync(0xffffffffu, qk, off);
+      dp += __shfl_xor_sync(0xffffffffu, dp, off);
+    }
+    const float p = expf(qk * scale - lse);
+    if (p == 0.f) return;  // the key adds nothing (the same on every lane)
+    const float ds = p * (dp - delta);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      if (d < K) {
+        dq[i] = fmaf(scale * ds, k[i], dq[i]);
+        atomicAdd(dk_row + d, scale * ds * q[i]);
+      }
+      if (d < V) atomicAdd(dv_row + d, p * d_out[i]);
+    }
+  }
+  // dq_row += the row's dq (a row belongs to one warp of a launch).
+  __device__ __forceinline__ void store(float* dq_row, int K) const {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int d = lane + 32 * i;
+      if (d < K) dq_row[d] += dq[i];
+    }
+  }
+};
+
 // Whether the tensor-core path takes a problem: bf16/fp16, head dims a multiple of 8 (16-byte rows) and
 // 16-byte aligned tensors.
 inline bool tensor_core_path(const DeviceLayout& L, const void* q, const void* k, const void* v, const void* o) {

@@ -151,6 +151,34 @@ inline bool sm90_kernels_run(const DeviceLayout& L) {
          device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") == 9;
 }
 
+#ifdef __CUDACC__  // (host-only translation units include this header for its types)
+// The sum of x over the warp's 32 lanes, on every lane.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+#endif
+
+// Query row `row` (= flat token b * T + t, times HQ, plus the head) of a DeviceLayout: its token, its position
+// in its sequence and the sequence's first flat token. False for a padding token outside every sequence.
+struct QueryRow {
+  int64_t flat, t, key_base;
+  int head, kv_head;
+  DeviceSequence seq;
+  __device__ __forceinline__ bool find(const DeviceLayout& L, int64_t row) {
+    flat = row / L.HQ;
+    head = int(row % L.HQ);
+    kv_head = int(head / (L.HQ / L.H));
+    const int32_t si = L.token_seq[flat];
+    if (si < 0) return false;
+    seq = L.seqs[si];
+    key_base = seq.batch * L.T + seq.start;
+    t = flat - key_base;
+    return t >= 0 && t < seq.length;
+  }
+};
+
 // The sequence holding pooled block `chunk` of batch row `b`: the last sequence whose (batch, chunk_start)
 // is <= (b, chunk). Sequences are ordered by batch row, then by start, so a binary search finds it; empty
 // sequences share their successor's chunk_start and lose the tie to it.

@@ -214,6 +214,20 @@ CudaPipeline::CudaPipeline(const Layout& L, const PipelineOptions& opt) : L_(L),
     lse_swa_ = DeviceBuffer(count(tokens, d.HQ) * 4, "lse_swa");
   }
   o_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "o");
+  if (opt.backward) {
+    const bool window = L.config.window > 0;
+    auto grad = [](std::size_t n, const char* name) { return DeviceBuffer(n * sizeof(float), name); };
+    d_o_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "do");
+    dq_ = grad(count(tokens, d.HQ, d.K), "dq");
+    dk_ = grad(count(tokens, d.H, d.K), "dk");
+    dv_ = grad(count(tokens, d.H, d.V), "dv");
+    dk_cmp_ = grad(count(d.B, L.chunks, d.H, d.K), "dk_cmp");
+    dv_cmp_ = grad(count(d.B, L.chunks, d.H, d.V), "dv_cmp");
+    if (opt.gate_cmp) dg_cmp_ = grad(count(tokens, d.HQ), "dg_cmp"), do_cmp_ = grad(count(tokens, d.HQ, d.V), "do_cmp");
+    if (opt.gate_slc) dg_slc_ = grad(count(tokens, d.HQ), "dg_slc"), do_slc_ = grad(count(tokens, d.HQ, d.V), "do_slc");
+    if (opt.gate_swa) dg_swa_ = grad(count(tokens, d.HQ), "dg_swa");
+    if (opt.gate_swa && window) do_swa_ = grad(count(tokens, d.HQ, d.V), "do_swa");
+  }
 }
 
 CudaPipeline::~CudaPipeline() {
@@ -249,6 +263,10 @@ void CudaPipeline::upload(const Problem& p) {
       throw CudaError("upload: the stored q does not match the pipeline's dtype or size");
     check(cudaMemcpyAsync(q_.get(), src, bytes, cudaMemcpyHostToDevice, stream_), "cudaMemcpyAsync(q)");
   }
+  if (opt_.backward) {
+    if (!p.d_o) throw CudaError("upload: the pipeline holds gradients but the problem has no `do`");
+    put(d_o_, *p.d_o, "cudaMemcpyAsync(do)");
+  }
   put(k_, p.k, "cudaMemcpyAsync(k)");
   put(v_, p.v, "cudaMemcpyAsync(v)");
   if (opt_.gate_cmp) put(g_cmp_, *p.g_cmp, "cudaMemcpyAsync(g_cmp)");
@@ -271,6 +289,7 @@ void CudaPipeline::fill_random(uint64_t seed) {
   fill_random_device(g_cmp_, count(tokens, d.HQ), seed * 8 + 3, false);
   fill_random_device(g_slc_, count(tokens, d.HQ), seed * 8 + 4, false);
   fill_random_device(g_swa_, count(tokens, d.HQ), seed * 8 + 5, false);
+  fill_random_device(d_o_, count(tokens, d.HQ, d.V), seed * 8 + 6, true);
 }
 
 void CudaPipeline::fill_random_device(DeviceBuffer& buf, std::size_t n, uint64_t seed, bool normal) {
@@ -329,6 +348,28 @@ void CudaPipeline::forward() {
   run(Stage::SelectedGated);
 }
 
+void CudaPipeline::backward() {
+  if (!opt_.backward) throw CudaError("backward: the pipeline was built without gradients");
+  for (DeviceBuffer* b : {&dq_, &dk_, &dv_, &dk_cmp_, &dv_cmp_, &dg_cmp_, &dg_slc_, &dg_swa_})
+    if (b->get()) check(cudaMemsetAsync(b->get(), 0, b->bytes(), stream_), "cudaMemsetAsync(gradients)");
+  auto f32 = [](const DeviceBuffer& b) { return static_cast<float*>(b.get()); };
+  const bool window = L_.config.window > 0 && g_swa_.get();
+  gate_backward(f32(dg_cmp_), f32(dg_slc_), f32(dg_swa_), f32(do_cmp_), f32(do_slc_), f32(do_swa_), d_o_.get(),
+                o_cmp_.get(), o_slc_.get(), window ? o_swa_.get() : nullptr, g_cmp_.get(), g_slc_.get(),
+                window ? g_swa_.get() : nullptr, dl_, stream_);
+  if (g_slc_.get())
+    selected_attention_backward(f32(dq_), f32(dk_), f32(dv_), f32(do_slc_), q_.get(), k_.get(), v_.get(), o_slc_.get(),
+                                f32(lse_slc_), static_cast<const int32_t*>(block_indices_.get()),
+                                static_cast<const int32_t*>(block_counts_.get()), dl_, stream_);
+  if (window)
+    sliding_window_backward(f32(dq_), f32(dk_), f32(dv_), f32(do_swa_), q_.get(), k_.get(), v_.get(), o_swa_.get(),
+                            f32(lse_swa_), dl_, stream_);
+  if (g_cmp_.get())
+    compressed_attention_backward(f32(dq_), f32(dk_cmp_), f32(dv_cmp_), f32(do_cmp_), q_.get(), k_cmp_.get(),
+                                  v_cmp_.get(), o_cmp_.get(), f32(lse_cmp_), dl_, stream_);
+  mean_pool_backward(f32(dk_), f32(dv_), f32(dk_cmp_), f32(dv_cmp_), dl_, stream_);
+}
+
 Outputs CudaPipeline::download(const std::vector<int64_t>& rows) const {
   check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize(forward)");
   auto floats = [&](const DeviceBuffer& b, const char* name) {
@@ -350,7 +391,7 @@ Outputs CudaPipeline::download(const std::vector<int64_t>& rows) const {
     }
     return decode(bytes, opt_.dtype);
   };
-  auto lse = [&](const DeviceBuffer& b, const char* name) {
+  auto f32 = [&](const DeviceBuffer& b, const char* name) {  // lse and gradients
     std::vector<uint8_t> bytes(b.bytes());
     if (!bytes.empty()) check(cudaMemcpy(bytes.data(), b.get(), bytes.size(), cudaMemcpyDeviceToHost), name);
     return decode(bytes, ElemType::F32);
@@ -360,18 +401,29 @@ Outputs CudaPipeline::download(const std::vector<int64_t>& rows) const {
   out.k_cmp = floats(k_cmp_, "download k_cmp");
   out.v_cmp = floats(v_cmp_, "download v_cmp");
   out.o_cmp = output_rows(o_cmp_, "download o_cmp");
-  out.lse_cmp = lse(lse_cmp_, "download lse_cmp");
+  out.lse_cmp = f32(lse_cmp_, "download lse_cmp");
   out.block_indices.resize(block_indices_.bytes() / 4);
   if (!out.block_indices.empty())
     check(cudaMemcpy(out.block_indices.data(), block_indices_.get(), block_indices_.bytes(), cudaMemcpyDeviceToHost),
           "download block_indices");
   out.o_slc = output_rows(o_slc_, "download o_slc");
-  out.lse_slc = lse(lse_slc_, "download lse_slc");
+  out.lse_slc = f32(lse_slc_, "download lse_slc");
   if (L_.config.window > 0) {
     out.o_swa = output_rows(o_swa_, "download o_swa");
-    out.lse_swa = lse(lse_swa_, "download lse_swa");
+    out.lse_swa = f32(lse_swa_, "download lse_swa");
   }
   out.o = output_rows(o_, "download o");
+  if (opt_.backward) {
+    out.has_grads = true;
+    out.dq = f32(dq_, "download dq");
+    out.dk = f32(dk_, "download dk");
+    out.dv = f32(dv_, "download dv");
+    out.dk_cmp = f32(dk_cmp_, "download dk_cmp");
+    out.dv_cmp = f32(dv_cmp_, "download dv_cmp");
+    if (dg_cmp_.get()) out.dg_cmp = f32(dg_cmp_, "download dg_cmp");
+    if (dg_slc_.get()) out.dg_slc = f32(dg_slc_, "download dg_slc");
+    if (dg_swa_.get()) out.dg_swa = f32(dg_swa_, "download dg_swa");
+  }
   return out;
 }
 
@@ -412,15 +464,16 @@ class CudaBackend : public Backend {
     po.given_indices = p.block_indices.has_value();
     po.block_counts = p.block_counts.has_value();
     po.sm90_kernels = sm90_kernels_;
+    po.backward = p.has_backward() && opt.backward;
     cuda::validate_layout(p.layout, po);
     if (p.input_dtype == DType::F64) std::fprintf(stderr, "nsa: cuda backend: f64 inputs run in fp32\n");
-    if (p.has_backward() && opt.backward)
-      std::fprintf(stderr, "nsa: cuda backend: backward is not implemented on CUDA yet; computing the forward only\n");
     cuda::CudaPipeline pipe(p.layout, po);
     pipe.upload(p);
     pipe.forward();
-    // A row sample keeps the [B, T, HQ, V] outputs compact (the forward is all this backend computes).
-    return pipe.download(sorted_sample(opt.rows, p.layout.dims.B * p.layout.dims.T));
+    if (po.backward) pipe.backward();
+    // A row sample keeps the [B, T, HQ, V] outputs compact; the backward, as the reference's, needs every row.
+    const std::vector<int64_t> rows = po.backward ? std::vector<int64_t>{} : sorted_sample(opt.rows, p.layout.dims.B * p.layout.dims.T);
+    return pipe.download(rows);
   }
 
  private:

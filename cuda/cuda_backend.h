@@ -13,8 +13,8 @@
 
 namespace nsa {
 
-// The "cuda" backend of the verifier. Forward only: a problem with `do` gets its forward outputs and
-// has_grads = false (a note says so on stderr). `sm90_kernels` false: an sm_90 device runs the kernels an sm_80
+// The "cuda" backend of the verifier: the forward, and the backward where the problem has `do` (gradients
+// computed in fp32, returned whole even when the forward is asked for a row sample). `sm90_kernels` false: an sm_90 device runs the kernels an sm_80
 // GPU runs (DeviceLayout::sm90_kernels).
 std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels = true);
 
@@ -62,6 +62,7 @@ struct PipelineOptions {
   bool given_indices = false;  // block_indices are an input: top-k is skipped
   bool block_counts = false;
   bool sm90_kernels = true;    // DeviceLayout::sm90_kernels
+  bool backward = false;       // holds `do` and the gradients (CudaPipeline::backward)
 };
 
 // Throws InputError when the CUDA kernels cannot take the layout (K or V > 256, S > 225 with top-k, ...).
@@ -86,8 +87,13 @@ class CudaPipeline {
   // mean pool -> compressed -> top-k (unless indices were given) -> sliding window (W > 0) -> selected -> gate
   // (Stage::SelectedGated).
   void forward();
-  // Waits for the stream and returns every forward output as doubles; with `rows` (sorted_sample), the
-  // [B, T, HQ, V] outputs hold only those query rows (Outputs::rows).
+  // After forward(): gate -> selected / sliding window / compressed -> mean pooling (nsa-spec §3), into zeroed
+  // fp32 gradients; a branch without its gate (the window also without W > 0) takes no part, as in the
+  // reference. Needs PipelineOptions::backward and `do` (upload or fill_random).
+  void backward();
+  // Waits for the stream and returns every forward output as doubles, and the gradients where the pipeline
+  // has them (has_grads); with `rows` (sorted_sample), the [B, T, HQ, V] forward outputs hold only those query
+  // rows (Outputs::rows).
   Outputs download(const std::vector<int64_t>& rows = {}) const;
 
   // Mean milliseconds of `work` (launches on stream()) over `iters` runs after `warmup`, by CUDA events.
@@ -110,6 +116,8 @@ class CudaPipeline {
   DeviceBuffer seqs_, token_seq_;
   DeviceBuffer q_, k_, v_, g_cmp_, g_slc_, g_swa_, block_counts_;
   DeviceBuffer k_cmp_, v_cmp_, o_cmp_, lse_cmp_, block_indices_, o_slc_, lse_slc_, o_swa_, lse_swa_, o_;
+  // Backward: `do` in the input dtype; the rest fp32.
+  DeviceBuffer d_o_, dq_, dk_, dv_, dk_cmp_, dv_cmp_, dg_cmp_, dg_slc_, dg_swa_, do_cmp_, do_slc_, do_swa_;
 };
 
 }  // namespace nsa::cuda

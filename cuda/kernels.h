@@ -108,6 +108,26 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
 void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp, const void* g_slc,
                   const void* g_swa, const DeviceLayout& L, cudaStream_t s);
 
+// Backward (nsa-spec §3): the twins of the reference's backward functions, same argument order. Gradients
+// are fp32 device tensors that the launchers accumulate into (+=), as the reference does; do_cmp / do_slc /
+// do_swa are the gated upstream gradients in fp32 (gate_backward writes them); the other tensors are the
+// forward's inputs and outputs in L.dtype (lse fp32). CUDA cores, a warp per query row, dk / dv by atomics.
+void mean_pool_backward(float* dk, float* dv, const float* dk_cmp, const float* dv_cmp, const DeviceLayout& L,
+                        cudaStream_t s);
+void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
+                                   const void* k_cmp, const void* v_cmp, const void* o_cmp, const float* lse_cmp,
+                                   const DeviceLayout& L, cudaStream_t s);
+void selected_attention_backward(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
+                                 const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
+                                 const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s);
+void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_swa, const void* q, const void* k,
+                             const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
+                             cudaStream_t s);
+// A branch whose gate, output or gradient pointers are null is skipped.
+void gate_backward(float* dg_cmp, float* dg_slc, float* dg_swa, float* do_cmp, float* do_slc, float* do_swa,
+                   const void* d_o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp,
+                   const void* g_slc, const void* g_swa, const DeviceLayout& L, cudaStream_t s);
+
 // Fills n elements of `dst` (type t) with pseudo-random values from a counter-based hash of (seed, index):
 // normal(0, 1) when `normal`, else uniform in [lo, hi). For benchmarks; not the fixture generator.
 void fill_random(void* dst, int64_t n, ElemType t, uint64_t seed, bool normal, float lo, float hi, cudaStream_t s);

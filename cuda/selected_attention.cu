@@ -1,4 +1,4 @@
-// Selected attention forward (nsa-spec §2.4).
+// Selected attention forward (nsa-spec §2.4) and backward (§3).
 //
 // Token t (within its sequence), query head i, kv head h = i / G: the first n = block_counts[b,t,h] (or S)
 // entries c of block_indices[b,t,h,:] with c >= 0 and c*BS <= t contribute keys [c*BS, min((c+1)*BS-1, t)];
@@ -15,6 +15,9 @@
 // On sm_90, for G in {4, 8} or a multiple of 16, Auto gives the streamed TMA kernel
 // (selected_attention_streamed.cu), which loads each distinct block of a unit of 8 tokens once, every token
 // but, at G = 4 and 8, the runs whose tokens all select the same blocks (selected_runs.cuh), which stay here.
+//
+// Backward (nsa-spec §3, block_indices frozen): a warp per query row on CUDA cores (attn::RowAttentionGrad),
+// dk / dv by fp32 atomics.
 //
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
@@ -728,7 +731,50 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
   return fuse_gate;
 }
 
+// Backward, one warp per query row: the keys of its valid selections (the first block_counts entries, c >= 0,
+// c * BS <= t; a block's keys up to t).
+template <typename T>
+__global__ void __launch_bounds__(128) selected_backward_rows_kernel(
+    float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ do_slc,
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ o_slc,
+    const float* __restrict__ lse_slc, const int32_t* __restrict__ indices, const int32_t* __restrict__ counts,
+    const DeviceLayout L) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  QueryRow r;
+  if (row >= L.B * L.T * L.HQ || !r.find(L, row)) return;
+  attn::RowAttentionGrad<T> grad;
+  grad.init(q + row * L.K, do_slc + row * L.V, o_slc + row * L.V, lse_slc[row], int(L.K), int(L.V));
+  const int S = L.block_count, BS = L.block_size;
+  const int n = selection_count(counts, r.flat, int(L.H), r.kv_head, S);
+  const int32_t* idx = indices + (r.flat * L.H + r.kv_head) * S;
+  for (int j = 0; j < n; ++j) {
+    const int c = idx[j];
+    if (c < 0 || int64_t(c) * BS > r.t) continue;
+    const int64_t end = min(int64_t(c + 1) * BS - 1, r.t);
+    for (int64_t pos = int64_t(c) * BS; pos <= end; ++pos) {
+      const int64_t kv = (r.key_base + pos) * L.H + r.kv_head;
+      grad.add_key(k + kv * L.K, v + kv * L.V, dk + kv * L.K, dv + kv * L.V, int(L.K), int(L.V), L.scale);
+    }
+  }
+  grad.store(dq + row * L.K, int(L.K));
+}
+
 }  // namespace
+
+void selected_attention_backward(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
+                                 const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
+                                 const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
+  const int64_t rows = L.B * L.T * L.HQ;
+  if (rows == 0 || L.num_seqs == 0) return;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int threads = 128;
+    selected_backward_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(
+        dq, dk, dv, do_slc, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+        static_cast<const T*>(o_slc), lse_slc, block_indices, block_counts, L);
+    check_launch("selected_backward_rows_kernel");
+  });
+}
 
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA backend's acceptance run, on a machine with an NVIDIA GPU and a CUDA build in ${BUILD_DIR:-build}:
 #   1. the GPU unit tests (every kernel against the float64 reference);
-#   2. `verify --backend cuda` over the committed golden suite;
+#   2. `verify --backend cuda` over the committed golden suite (gradients included) and `gradcheck --backend cuda`;
 #   3. T=65536 bf16 cases verified on sampled rows (nsa-spec §5.4): HQ=16, H=1 with a window, and the benchmark
 #      shape of nsa-spec §7 (HQ=64, H=4; ~12 GB of host memory);
 #   4. varlen cases the streamed selected-attention kernel takes, the gate pass fused into it (G = 32, BS = 64,
@@ -28,6 +28,8 @@ step() {  # step NAME COMMAND...: runs a step, logs it, remembers a failure
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 step cuda_tests "$build/cuda_tests" --gtest_brief=1
 step golden_suite "$bin" verify --backend cuda --json "$out/golden.json" --junit "$out/golden.xml"
+# The CUDA backward against float64 central differences of the reference, on every named small shape.
+step gradcheck_cuda "$bin" gradcheck --backend cuda --json "$out/gradcheck_cuda.json"
 long="$out/long64k.safetensors"
 step long_gen "$bin" gen --seqlen 65536 --heads-q 16 --heads-kv 1 --dim-k 128 --dim-v 128 --block-size 64 \
   --block-count 16 --window 512 --dtype bf16 --seed 64 -o "$long"
