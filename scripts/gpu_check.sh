@@ -9,7 +9,8 @@
 #      (G = 1, BS = 32, K != V, block_counts) and one the wgmma compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
 #      compute-sanitizer memcheck on them, on varlen golden cases and on the GPU tests' randomly drawn shapes
 #      (when compute-sanitizer is on PATH);
-#   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), and at 64k with the sm_80 kernel set.
+#   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), at 64k with the sm_80 kernel set, and the
+#      backward at 8k.
 # Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +81,9 @@ done
 # The kernels an sm_80 GPU runs, timed on this device (wgmma and TMA kernels off).
 step bench_T65536_sm80_kernels "$bin" bench --backend cuda --seqlen 65536 --heads-q 64 $shape --no-sm90-kernels \
   --json "$out/bench_T65536_sm80_kernels.json"
+# The backward pass (correctness-first kernels) at 8k.
+step bench_T8192_backward "$bin" bench --backend cuda --seqlen 8192 --heads-q 64 ${shape/--warmup 2 --iters 10/--warmup 1 --iters 3} \
+  --backward --json "$out/bench_T8192_backward.json"
 for H in 16 4 1; do  # G = 1, 4, 16 at HQ = 16
   step "bench_G$((16 / H))" "$bin" bench --backend cuda --seqlen 32768 --heads-q 16 ${shape/--heads-kv 4/--heads-kv $H} \
     --json "$out/bench_G$((16 / H)).json"

@@ -1,5 +1,5 @@
-// nsa-verify bench: time each forward stage of a backend on one shape, with FLOP counts, TFLOP/s and the
-// fraction of the device's dense bf16 peak.
+// nsa-verify bench: time each forward stage of a backend on one shape, and with --backward the whole backward
+// pass, with FLOP counts, TFLOP/s and the fraction of the device's dense bf16 peak.
 //
 // FLOP counts (multiply-add = 2), summed over every query token t of every sequence (positions within the
 // sequence), HQ query heads:
@@ -11,6 +11,8 @@
 //                        about S*BS, i.e. 4*T*HQ*S*BS*K when K = V, less the causal part of short prefixes
 //   sliding window       2*HQ*(K+V) * min(t+1, W)
 //   gating               2*B*T*HQ*V per present branch
+//   backward             per attention branch 2*HQ*(3K+2V) per (row, key) of its forward: Q K^T recomputed,
+//                        dO V^T, P^T dO, dS^T Q and dS K (FlashAttention's count, 2.5x the forward at K = V)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -41,6 +43,7 @@ struct BenchArgs {
   int warmup = 3, iters = 10, threads = 0;
   uint64_t seed = 1;
   bool no_sm90_kernels = false;  // cuda: the kernels an sm_80 GPU runs, even on an sm_90 device
+  bool backward = false;         // also time the backward pass
   std::string json;
 };
 
@@ -51,7 +54,7 @@ struct StageResult {
 
 // FLOP counts of every stage, by the formulas at the top of this file.
 struct FlopCounts {
-  double mean_pool = 0, compressed = 0, topk = 0, selected = 0, sliding = 0, gate = 0;
+  double mean_pool = 0, compressed = 0, topk = 0, selected = 0, sliding = 0, gate = 0, backward = 0;
 };
 
 FlopCounts count_flops(const Layout& L, bool window, int gates) {
@@ -70,6 +73,8 @@ FlopCounts count_flops(const Layout& L, bool window, int gates) {
       if (window) f.sliding += 2 * HQ * (K + V) * double(std::min<int64_t>(t + 1, W));
     }
   f.gate = 2.0 * double(d.B) * double(d.T) * HQ * V * gates;
+  // Each attention branch's (row, key) pairs are its forward FLOPs over 2 (K + V).
+  f.backward = (f.compressed + f.selected + f.sliding) / (2 * (K + V)) * 2 * (3 * K + 2 * V);
   return f;
 }
 
@@ -141,6 +146,25 @@ std::vector<StageResult> bench_cpu(const BenchArgs& a, const Layout& L, const Fl
   double full = 0, flop = 0;
   for (const StageResult& s : r) full += s.ms, flop += s.flop;
   r.push_back({"full_forward", full, flop});  // sum of the stages: the reference runs them back to back
+  if (a.backward) {
+    const std::vector<double> d_o = fill(tokens * d.HQ * d.V, true);
+    std::vector<double> dq(tokens * d.HQ * d.K), dk(tokens * d.H * d.K), dv(tokens * d.H * d.V),
+        dk_cmp(k_cmp.size()), dv_cmp(v_cmp.size()), dg_cmp(tokens * d.HQ), dg_slc(dg_cmp.size()), dg_swa(dg_cmp.size()),
+        do_cmp(o.size()), do_slc(o.size()), do_swa(window ? o.size() : 0);
+    time("backward", f.backward, [&] {
+      ref::gate_backward(dg_cmp.data(), dg_slc.data(), window ? dg_swa.data() : nullptr, do_cmp.data(), do_slc.data(),
+                         window ? do_swa.data() : nullptr, d_o.data(), o_cmp.data(), o_slc.data(),
+                         window ? o_swa.data() : nullptr, g_cmp.data(), g_slc.data(), window ? g_swa.data() : nullptr, L);
+      ref::selected_attention_backward(dq.data(), dk.data(), dv.data(), do_slc.data(), q.data(), k.data(), v.data(),
+                                       o_slc.data(), lse_slc.data(), idx.data(), nullptr, L);
+      if (window)
+        ref::sliding_window_backward(dq.data(), dk.data(), dv.data(), do_swa.data(), q.data(), k.data(), v.data(),
+                                     o_swa.data(), lse_swa.data(), L);
+      ref::compressed_attention_backward(dq.data(), dk_cmp.data(), dv_cmp.data(), do_cmp.data(), q.data(), k_cmp.data(),
+                                         v_cmp.data(), o_cmp.data(), lse_cmp.data(), L);
+      ref::mean_pool_backward(dk.data(), dv.data(), dk_cmp.data(), dv_cmp.data(), L);
+    });
+  }
   return r;
 }
 
@@ -153,6 +177,7 @@ std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const F
   po.dtype = dt == DType::BF16 ? cuda::ElemType::BF16 : dt == DType::F16 ? cuda::ElemType::F16 : cuda::ElemType::F32;
   po.gate_swa = L.config.window > 0;
   po.sm90_kernels = !a.no_sm90_kernels;
+  po.backward = a.backward;
   cuda::CudaPipeline pipe(L, po);
   pipe.fill_random(a.seed);
   pipe.forward();  // real top-k indices for the selected stage, and everything warm
@@ -170,6 +195,7 @@ std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const F
   time(cuda::Stage::SelectedGated, f.selected + f.gate);  // the two fused where the pipeline can
   const double flop = f.mean_pool + f.compressed + f.topk + f.selected + (window ? f.sliding : 0) + f.gate;
   r.push_back({"full_forward", pipe.time_ms([&] { pipe.forward(); }, a.warmup, a.iters), flop});
+  if (a.backward) r.push_back({"backward", pipe.time_ms([&] { pipe.backward(); }, a.warmup, a.iters), f.backward});
   return r;
 }
 #endif
@@ -235,12 +261,14 @@ int run_bench(const BenchArgs& a) {
 
 void setup_bench(CLI::App& app) {
   auto args = std::make_shared<BenchArgs>();
-  CLI::App* cmd = app.add_subcommand("bench", "time each forward stage of a backend on one shape (ms, TFLOP/s, % of peak)");
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "time each forward stage of a backend on one shape, and the backward (ms, TFLOP/s, % of peak)");
   cmd->footer(
       "Examples:\n"
       "  nsa-verify bench --backend cuda --seqlen 65536 --heads-q 64 --heads-kv 4 --dim-k 128 --dim-v 128 \\\n"
       "      --block-size 64 --block-count 16 --dtype bf16 --json bench.json\n"
-      "  nsa-verify bench --backend cpu --seqlen 1024 --heads-q 16 --heads-kv 1 --dim-k 64 --dim-v 64 --iters 1");
+      "  nsa-verify bench --backend cpu --seqlen 1024 --heads-q 16 --heads-kv 1 --dim-k 64 --dim-v 64 --iters 1\n"
+      "  nsa-verify bench --backend cuda --seqlen 8192 --heads-q 64 --heads-kv 4 --backward --warmup 1 --iters 2");
   cmd->add_option("--backend", args->backend, "backend: cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--batch", args->batch, "batch rows B");
   cmd->add_option("--seqlen", args->seqlen, "tokens per row T");
@@ -260,6 +288,8 @@ void setup_bench(CLI::App& app) {
   cmd->add_option("--json", args->json, "write the results as JSON to this file");
   cmd->add_flag("--no-sm90-kernels", args->no_sm90_kernels,
                 "cuda: run the kernels an sm_80 GPU runs, also on an sm_90 device (wgmma/TMA kernels off)");
+  cmd->add_flag("--backward", args->backward,
+                "also time the backward pass (gate, the three branches, mean pooling) on a random upstream gradient");
   cmd->callback([args] { g_exit_code = run_bench(*args); });
 }
 

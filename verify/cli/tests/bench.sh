@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# nsa-verify bench: the cpu backend times every forward stage of a small shape and writes JSON with the FLOP
-# count of each stage; bad shapes and an unavailable cuda backend exit 2 with one error line.
+# nsa-verify bench: the cpu backend times every forward stage of a small shape and the backward (--backward),
+# and writes JSON with the FLOP count of each; bad shapes and an unavailable cuda backend exit 2 with one error
+# line.
 # Usage: bench.sh <path-to-nsa-verify> <source-dir>
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # T=256, HQ=2, H=1, K=V=16, BS=32, S=2, W=8: compressed FLOP = 2*HQ*(K+V) * sum_t floor((t+1)/32)
 # = 128 * (32 * (1+...+7) + 8) = 128 * 904 = 115712.
 invoke bench --backend cpu --seqlen 256 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --block-size 32 \
-  --block-count 2 --window 8 --warmup 0 --iters 1 --threads 1 --json "$work/b.json"
+  --block-count 2 --window 8 --warmup 0 --iters 1 --threads 1 --backward --json "$work/b.json"
 [ "$rc" -eq 0 ] || fail "cpu bench exited $rc: $(head -c 300 "$work/stderr")"
-for stage in mean_pool compressed_attention topk selected_attention sliding_window gate full_forward; do
+for stage in mean_pool compressed_attention topk selected_attention sliding_window gate full_forward backward; do
   grep -q "^$stage " "$work/stdout" || fail "stage $stage missing from the table"
 done
 python3 - "$work/b.json" <<'PY' || fail "JSON report wrong"
@@ -19,7 +20,10 @@ stages = {s["name"]: s for s in r["stages"]}
 assert r["backend"] == "cpu" and r["shape"]["T"] == 256, r
 assert stages["compressed_attention"]["flop"] == 115712, stages["compressed_attention"]
 assert all(s["ms"] > 0 for s in r["stages"]), r["stages"]
-assert abs(stages["full_forward"]["flop"] - sum(s["flop"] for n, s in stages.items() if n != "full_forward")) < 1
+assert abs(stages["full_forward"]["flop"] - sum(s["flop"] for n, s in stages.items() if n not in ("full_forward", "backward"))) < 1
+# K = V: the backward's five products against the forward's two per (row, key) of each attention branch.
+branches = sum(stages[n]["flop"] for n in ("compressed_attention", "selected_attention", "sliding_window"))
+assert abs(stages["backward"]["flop"] - 2.5 * branches) < 1, stages["backward"]
 PY
 
 # Bad input: HQ not a multiple of H.
