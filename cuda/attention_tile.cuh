@@ -456,67 +456,139 @@ struct RowAttention {
   }
 };
 
-// The backward of one query row (nsa-spec §3) on CUDA cores, one warp per row, lanes as in RowAttention:
-// delta = do_x . o_x; per key j, p = exp(scale q.k_j - lse), ds = p (do_x . v_j - delta), dq += scale ds k_j
-// (in registers), and dk_j += scale ds q, dv_j += p do_x by fp32 atomics (other rows share the key).
-template <typename T>
-struct RowAttentionGrad {
-  float q[8], d_out[8], dq[8];
-  float lse = 0.f, delta = 0.f;
+// The backward (nsa-spec §3) of up to kHeads query heads of one token that share a kv head, on CUDA cores, one
+// warp (lanes as in RowAttention): per head delta = do_x . o_x; per key j and head h, p = exp(scale q_h.k_j -
+// lse_h), ds = p (do_h . v_j - delta_h), dq_h += scale ds k_j (in registers); dk_j += scale sum_h ds q_h and
+// dv_j += sum_h p do_h go out by one fp32 atomic per element for the heads together (other tokens share the key).
+// kHeads = grad_heads(G): 4 for groups of 4 or more (4x fewer atomics; H100, T = 8k, G = 16: 166 ms against 206
+// with a warp per row), else 1 (G = 1: the four heads' registers made a warp per row 2x slower). Prefetching the
+// rows of the key two ahead to L1 measured slower (G = 16: 202 ms).
+__host__ __device__ constexpr int grad_heads(int64_t G) { return G >= 4 ? 4 : 1; }
 
-  __device__ __forceinline__ void init(const T* q_row, const float* do_row, const T* o_row, float lse_row, int K,
-                                       int V) {
+// The warp's heads: query heads [head0, head0 + count) of token `flat`, count <= kHeads.
+template <int kHeads>
+struct GradHeads {
+  int64_t flat;
+  int head0, count;
+  // Warp w of a launch over (token, kv head, chunk of kHeads heads of its group), chunks fastest.
+  __device__ __forceinline__ GradHeads(const DeviceLayout& L, int64_t w) {
+    const int G = int(L.HQ / L.H), chunks = (G + kHeads - 1) / kHeads;
+    const int chunk = int(w % chunks), kv_head = int(w / chunks % L.H);
+    flat = w / chunks / L.H;
+    head0 = kv_head * G + chunk * kHeads;
+    count = min(kHeads, G - chunk * kHeads);
+  }
+  __device__ __forceinline__ int64_t row0(const DeviceLayout& L) const { return flat * L.HQ + head0; }
+};
+// Warps of a launch over every GradHeads<kHeads> of L.
+__host__ __device__ inline int64_t grad_warps(const DeviceLayout& L, int kHeads) {
+  const int64_t G = L.HQ / L.H;
+  return L.B * L.T * L.H * ((G + kHeads - 1) / kHeads);
+}
+
+// This thread's warp of a launch over grad_warps(L, kHeads): its first query row (flat token x HQ + head), how
+// many heads it takes, and the token's place; false past the end or for a padding token.
+template <int kHeads>
+__device__ __forceinline__ bool find_grad_rows(const DeviceLayout& L, int64_t& row, int& count, QueryRow& r) {
+  const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (w >= grad_warps(L, kHeads)) return false;
+  const GradHeads<kHeads> heads(L, w);
+  row = heads.row0(L);
+  count = heads.count;
+  return r.find(L, row);
+}
+
+// Calls f(std::integral_constant<int, grad_heads(G)>{}), for a backward kernel's instance.
+template <typename F>
+void with_grad_heads(const DeviceLayout& L, F&& f) {
+  if (grad_heads(L.HQ / L.H) == 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
+template <typename T, int kHeads>
+struct HeadsAttentionGrad {
+  float q[kHeads][8], d_out[kHeads][8], dq[kHeads][8];
+  float lse[kHeads], delta[kHeads];
+  int count = 0;
+
+  // Rows row0 .. row0 + count - 1 of q [*, K], do_x [*, V] (fp32), o_x [*, V] and lse [*].
+  __device__ __forceinline__ void init(const T* q_rows, const float* do_rows, const T* o_rows, const float* lse_rows,
+                                       int heads, int K, int V) {
     const int lane = threadIdx.x % 32;
-    float dot = 0.f;
+    count = heads;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = lane + 32 * i;
-      q[i] = d < K ? Elem<T>::to_float(q_row[d]) : 0.f;
-      d_out[i] = d < V ? do_row[d] : 0.f;
-      dq[i] = 0.f;
-      if (d < V) dot = fmaf(d_out[i], Elem<T>::to_float(o_row[d]), dot);
+    for (int h = 0; h < kHeads; ++h) {
+      const bool on = h < heads;
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int d = lane + 32 * i;
+        q[h][i] = on && d < K ? Elem<T>::to_float(q_rows[h * K + d]) : 0.f;
+        d_out[h][i] = on && d < V ? do_rows[h * V + d] : 0.f;
+        dq[h][i] = 0.f;
+        if (on && d < V) dot = fmaf(d_out[h][i], Elem<T>::to_float(o_rows[h * V + d]), dot);
+      }
+      delta[h] = warp_sum(dot);
+      lse[h] = on ? lse_rows[h] : 0.f;
     }
-    delta = warp_sum(dot);
-    lse = lse_row;
   }
   // Adds one key; every lane of the warp calls it with the same key.
   __device__ __forceinline__ void add_key(const T* k_row, const T* v_row, float* dk_row, float* dv_row, int K, int V,
                                           float scale) {
     const int lane = threadIdx.x % 32;
-    float k[8], qk = 0.f, dp = 0.f;
+    float k[8], v[8], qk[kHeads], dp[kHeads];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int d = lane + 32 * i;
       k[i] = d < K ? Elem<T>::to_float(k_row[d]) : 0.f;
-      qk = fmaf(q[i], k[i], qk);
-      if (d < V) dp = fmaf(d_out[i], Elem<T>::to_float(v_row[d]), dp);
+      v[i] = d < V ? Elem<T>::to_float(v_row[d]) : 0.f;
     }
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      qk += __shfl_xor_sync(0xffffffffu, qk, off);
-      dp += __shfl_xor_sync(0xffffffffu, dp, off);
+    for (int h = 0; h < kHeads; ++h) {
+      qk[h] = dp[h] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) qk[h] = fmaf(q[h][i], k[i], qk[h]), dp[h] = fmaf(d_out[h][i], v[i], dp[h]);
     }
-    const float p = expf(qk * scale - lse);
-    if (p == 0.f) return;  // the key adds nothing (the same on every lane)
-    const float ds = p * (dp - delta);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2)
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) {
+        qk[h] += __shfl_xor_sync(0xffffffffu, qk[h], off);
+        dp[h] += __shfl_xor_sync(0xffffffffu, dp[h], off);
+      }
+    float dk[8] = {}, dv[8] = {};
+    bool any = false;  // the same on every lane
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      const float p = h < count ? expf(qk[h] * scale - lse[h]) : 0.f;
+      if (p == 0.f) continue;  // the head adds nothing for this key
+      any = true;
+      const float ds = p * (dp[h] - delta[h]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        dq[h][i] = fmaf(scale * ds, k[i], dq[h][i]);
+        dk[i] = fmaf(scale * ds, q[h][i], dk[i]);
+        dv[i] = fmaf(p, d_out[h][i], dv[i]);
+      }
+    }
+    if (!any) return;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int d = lane + 32 * i;
-      if (d < K) {
-        dq[i] = fmaf(scale * ds, k[i], dq[i]);
-        atomicAdd(dk_row + d, scale * ds * q[i]);
-      }
-      if (d < V) atomicAdd(dv_row + d, p * d_out[i]);
+      if (d < K) atomicAdd(dk_row + d, dk[i]);
+      if (d < V) atomicAdd(dv_row + d, dv[i]);
     }
   }
-  // dq_row += the row's dq (a row belongs to one warp of a launch).
-  __device__ __forceinline__ void store(float* dq_row, int K) const {
+  // dq rows row0 .. += the heads' dq (a row belongs to one warp of a launch).
+  __device__ __forceinline__ void store(float* dq_rows, int K) const {
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = lane + 32 * i;
-      if (d < K) dq_row[d] += dq[i];
-    }
+    for (int h = 0; h < kHeads; ++h)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int d = lane + 32 * i;
+        if (h < count && d < K) dq_rows[h * K + d] += dq[h][i];
+      }
   }
 };
 

@@ -16,8 +16,8 @@
 // (selected_attention_streamed.cu), which loads each distinct block of a unit of 8 tokens once, every token
 // but, at G = 4 and 8, the runs whose tokens all select the same blocks (selected_runs.cuh), which stay here.
 //
-// Backward (nsa-spec §3, block_indices frozen): a warp per query row on CUDA cores (attn::RowAttentionGrad),
-// dk / dv by fp32 atomics.
+// Backward (nsa-spec §3, block_indices frozen) on CUDA cores: a warp per token and up to four heads of its group
+// (attn::HeadsAttentionGrad), dk / dv by fp32 atomics.
 //
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
@@ -731,19 +731,20 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
   return fuse_gate;
 }
 
-// Backward, one warp per query row: the keys of its valid selections (the first block_counts entries, c >= 0,
-// c * BS <= t; a block's keys up to t).
-template <typename T>
+// Backward, one warp per token and up to four heads of a group: the keys of its valid selections (the first
+// block_counts entries, c >= 0, c * BS <= t; a block's keys up to t).
+template <typename T, int kHeads>
 __global__ void __launch_bounds__(128) selected_backward_rows_kernel(
     float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ do_slc,
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ o_slc,
     const float* __restrict__ lse_slc, const int32_t* __restrict__ indices, const int32_t* __restrict__ counts,
     const DeviceLayout L) {
-  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  int64_t row;
+  int count;
   QueryRow r;
-  if (row >= L.B * L.T * L.HQ || !r.find(L, row)) return;
-  attn::RowAttentionGrad<T> grad;
-  grad.init(q + row * L.K, do_slc + row * L.V, o_slc + row * L.V, lse_slc[row], int(L.K), int(L.V));
+  if (!attn::find_grad_rows<kHeads>(L, row, count, r)) return;
+  attn::HeadsAttentionGrad<T, kHeads> grad;
+  grad.init(q + row * L.K, do_slc + row * L.V, o_slc + row * L.V, lse_slc + row, count, int(L.K), int(L.V));
   const int S = L.block_count, BS = L.block_size;
   const int n = selection_count(counts, r.flat, int(L.H), r.kv_head, S);
   const int32_t* idx = indices + (r.flat * L.H + r.kv_head) * S;
@@ -769,9 +770,13 @@ void selected_attention_backward(float* dq, float* dk, float* dv, const float* d
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int threads = 128;
-    selected_backward_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(
-        dq, dk, dv, do_slc, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-        static_cast<const T*>(o_slc), lse_slc, block_indices, block_counts, L);
+    attn::with_grad_heads(L, [&](auto heads) {
+      constexpr int kHeads = decltype(heads)::value;
+      const unsigned blocks = unsigned(div_up(attn::grad_warps(L, kHeads) * 32, threads));
+      selected_backward_rows_kernel<T, kHeads><<<blocks, threads, 0, s>>>(
+          dq, dk, dv, do_slc, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+          static_cast<const T*>(o_slc), lse_slc, block_indices, block_counts, L);
+    });
     check_launch("selected_backward_rows_kernel");
   });
 }

@@ -6,7 +6,8 @@
 // key range [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their
 // own window only on tiles that straddle a window edge.
 //
-// Backward: a warp per query row on CUDA cores (attn::RowAttentionGrad), dk / dv by fp32 atomics.
+// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::HeadsAttentionGrad), dk / dv
+// by fp32 atomics.
 //
 // FLOPs: 2 * sum over query rows of (keys in the row's window) * (K + V).
 #include <algorithm>
@@ -127,17 +128,18 @@ __global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowPa
   ra.store(p.o + row * p.V, p.lse + row, p.V);
 }
 
-// One warp per query row: keys [max(0, t - W + 1), t] of its sequence.
-template <typename T>
+// One warp per token and up to four heads of a group: keys [max(0, t - W + 1), t] of its sequence.
+template <typename T, int kHeads>
 __global__ void __launch_bounds__(128) sliding_window_backward_rows_kernel(
     float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ do_swa,
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ o_swa,
     const float* __restrict__ lse_swa, const DeviceLayout L) {
-  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  int64_t row;
+  int count;
   QueryRow r;
-  if (row >= L.B * L.T * L.HQ || !r.find(L, row)) return;
-  attn::RowAttentionGrad<T> grad;
-  grad.init(q + row * L.K, do_swa + row * L.V, o_swa + row * L.V, lse_swa[row], int(L.K), int(L.V));
+  if (!attn::find_grad_rows<kHeads>(L, row, count, r)) return;
+  attn::HeadsAttentionGrad<T, kHeads> grad;
+  grad.init(q + row * L.K, do_swa + row * L.V, o_swa + row * L.V, lse_swa + row, count, int(L.K), int(L.V));
   for (int64_t pos = r.t - L.window + 1 > 0 ? r.t - L.window + 1 : 0; pos <= r.t; ++pos) {
     const int64_t kv = (r.key_base + pos) * L.H + r.kv_head;
     grad.add_key(k + kv * L.K, v + kv * L.V, dk + kv * L.K, dv + kv * L.V, int(L.K), int(L.V), L.scale);
@@ -155,9 +157,13 @@ void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_sw
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     const int threads = 128;
-    sliding_window_backward_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(
-        dq, dk, dv, do_swa, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-        static_cast<const T*>(o_swa), lse_swa, L);
+    attn::with_grad_heads(L, [&](auto heads) {
+      constexpr int kHeads = decltype(heads)::value;
+      const unsigned blocks = unsigned(div_up(attn::grad_warps(L, kHeads) * 32, threads));
+      sliding_window_backward_rows_kernel<T, kHeads><<<blocks, threads, 0, s>>>(
+          dq, dk, dv, do_swa, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+          static_cast<const T*>(o_swa), lse_swa, L);
+    });
     check_launch("sliding_window_backward_rows_kernel");
   });
 }
