@@ -592,6 +592,53 @@ struct HeadsAttentionGrad {
   }
 };
 
+// The tensors of one attention branch's backward: fp32 gradients accumulated into, the branch's gated upstream
+// gradient (fp32) and the forward's inputs and outputs.
+template <typename T>
+struct BranchGrad {
+  float *dq, *dk, *dv;
+  const float* d_out;
+  const T *q, *k, *v, *o;
+  const float* lse;
+};
+
+// The backward of one attention branch: a warp per token and kHeads heads of its group, over the keys that
+// `keys.visit(L, r, f)` passes to f as rows of the branch's [*, H, K] / [*, H, V] key and value tensors.
+template <typename T, int kHeads, typename Keys>
+__global__ void __launch_bounds__(128) attention_backward_kernel(const BranchGrad<T> g, const Keys keys,
+                                                                 const DeviceLayout L) {
+  int64_t row;
+  int count;
+  QueryRow r;
+  if (!find_grad_rows<kHeads>(L, row, count, r)) return;
+  HeadsAttentionGrad<T, kHeads> grad;
+  const int K = int(L.K), V = int(L.V);
+  grad.init(g.q + row * K, g.d_out + row * V, g.o + row * V, g.lse + row, count, K, V);
+  keys.visit(L, r, [&](int64_t kv) {
+    grad.add_key(g.k + kv * K, g.v + kv * V, g.dk + kv * K, g.dv + kv * V, K, V, L.scale);
+  });
+  grad.store(g.dq + row * K, K);
+}
+
+// Launches attention_backward_kernel over every token and group of heads of L; `name` names it in errors.
+template <typename Keys>
+void attention_backward(float* dq, float* dk, float* dv, const float* d_out, const void* q, const void* k,
+                        const void* v, const void* o, const float* lse, const Keys& keys, const DeviceLayout& L,
+                        cudaStream_t s, const char* name) {
+  if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const BranchGrad<T> g{dq, dk, dv, d_out, static_cast<const T*>(q), static_cast<const T*>(k),
+                          static_cast<const T*>(v), static_cast<const T*>(o), lse};
+    with_grad_heads(L, [&](auto heads) {
+      constexpr int kHeads = decltype(heads)::value, kThreads = 128;
+      const unsigned blocks = unsigned(div_up(grad_warps(L, kHeads) * 32, kThreads));
+      attention_backward_kernel<T, kHeads, Keys><<<blocks, kThreads, 0, s>>>(g, keys, L);
+    });
+    check_launch(name);
+  });
+}
+
 // Whether the tensor-core path takes a problem: bf16/fp16, head dims a multiple of 8 (16-byte rows) and
 // 16-byte aligned tensors.
 inline bool tensor_core_path(const DeviceLayout& L, const void* q, const void* k, const void* v, const void* o) {

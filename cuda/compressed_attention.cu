@@ -4,7 +4,7 @@
 // One CTA per (token tile, head chunk, sequence, kv head): its rows are the G heads of several tokens, so each
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2.
-// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::HeadsAttentionGrad), dk_cmp /
+// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::attention_backward), dk_cmp /
 // dv_cmp by fp32 atomics.
 #include "cuda/attention_sm90.h"
 #include "cuda/attention_tile.cuh"
@@ -220,46 +220,22 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
   check_launch("compressed_attention_kernel");
 }
 
-// One warp per token and up to four heads of a group: the complete pooled blocks c < NC(t) of its sequence.
-template <typename T, int kHeads>
-__global__ void __launch_bounds__(128) compressed_backward_rows_kernel(
-    float* __restrict__ dq, float* __restrict__ dk_cmp, float* __restrict__ dv_cmp, const float* __restrict__ do_cmp,
-    const T* __restrict__ q, const T* __restrict__ k_cmp, const T* __restrict__ v_cmp, const T* __restrict__ o_cmp,
-    const float* __restrict__ lse_cmp, const DeviceLayout L) {
-  int64_t row;
-  int count;
-  QueryRow r;
-  if (!attn::find_grad_rows<kHeads>(L, row, count, r)) return;
-  const int64_t visible = (r.t + 1) / L.block_size;
-  if (visible == 0) return;  // o_cmp = 0, lse = 0: no key, no gradient
-  attn::HeadsAttentionGrad<T, kHeads> grad;
-  grad.init(q + row * L.K, do_cmp + row * L.V, o_cmp + row * L.V, lse_cmp + row, count, int(L.K), int(L.V));
-  for (int64_t c = 0; c < visible; ++c) {
-    const int64_t kv = (r.seq.batch * L.C + r.seq.chunk_start + c) * L.H + r.kv_head;
-    grad.add_key(k_cmp + kv * L.K, v_cmp + kv * L.V, dk_cmp + kv * L.K, dv_cmp + kv * L.V, int(L.K), int(L.V), L.scale);
+// The backward's keys of a query: the complete pooled blocks c < NC(t) of its sequence.
+struct PooledBlockKeys {
+  template <typename F>
+  __device__ __forceinline__ void visit(const DeviceLayout& L, const QueryRow& r, F&& key) const {
+    const int64_t visible = (r.t + 1) / L.block_size, first = r.seq.batch * L.C + r.seq.chunk_start;
+    for (int64_t c = 0; c < visible; ++c) key((first + c) * L.H + r.kv_head);
   }
-  grad.store(dq + row * L.K, int(L.K));
-}
+};
 
 }  // namespace
 
 void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
                                    const void* k_cmp, const void* v_cmp, const void* o_cmp, const float* lse_cmp,
                                    const DeviceLayout& L, cudaStream_t s) {
-  const int64_t rows = L.B * L.T * L.HQ;
-  if (rows == 0 || L.num_seqs == 0) return;
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const int threads = 128;
-    attn::with_grad_heads(L, [&](auto heads) {
-      constexpr int kHeads = decltype(heads)::value;
-      const unsigned blocks = unsigned(div_up(attn::grad_warps(L, kHeads) * 32, threads));
-      compressed_backward_rows_kernel<T, kHeads><<<blocks, threads, 0, s>>>(
-          dq, dk_cmp, dv_cmp, do_cmp, static_cast<const T*>(q), static_cast<const T*>(k_cmp),
-          static_cast<const T*>(v_cmp), static_cast<const T*>(o_cmp), lse_cmp, L);
-    });
-    check_launch("compressed_backward_rows_kernel");
-  });
+  attn::attention_backward(dq, dk_cmp, dv_cmp, do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, PooledBlockKeys{}, L, s,
+                           "attention_backward_kernel (compressed attention)");
 }
 
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,

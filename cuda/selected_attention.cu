@@ -17,7 +17,7 @@
 // but, at G = 4 and 8, the runs whose tokens all select the same blocks (selected_runs.cuh), which stay here.
 //
 // Backward (nsa-spec §3, block_indices frozen) on CUDA cores: a warp per token and up to four heads of its group
-// (attn::HeadsAttentionGrad), dk / dv by fp32 atomics.
+// (attn::attention_backward), dk / dv by fp32 atomics.
 //
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
@@ -731,54 +731,32 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
   return fuse_gate;
 }
 
-// Backward, one warp per token and up to four heads of a group: the keys of its valid selections (the first
-// block_counts entries, c >= 0, c * BS <= t; a block's keys up to t).
-template <typename T, int kHeads>
-__global__ void __launch_bounds__(128) selected_backward_rows_kernel(
-    float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ do_slc,
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ o_slc,
-    const float* __restrict__ lse_slc, const int32_t* __restrict__ indices, const int32_t* __restrict__ counts,
-    const DeviceLayout L) {
-  int64_t row;
-  int count;
-  QueryRow r;
-  if (!attn::find_grad_rows<kHeads>(L, row, count, r)) return;
-  attn::HeadsAttentionGrad<T, kHeads> grad;
-  grad.init(q + row * L.K, do_slc + row * L.V, o_slc + row * L.V, lse_slc + row, count, int(L.K), int(L.V));
-  const int S = L.block_count, BS = L.block_size;
-  const int n = selection_count(counts, r.flat, int(L.H), r.kv_head, S);
-  const int32_t* idx = indices + (r.flat * L.H + r.kv_head) * S;
-  for (int j = 0; j < n; ++j) {
-    const int c = idx[j];
-    if (c < 0 || int64_t(c) * BS > r.t) continue;
-    const int64_t end = min(int64_t(c + 1) * BS - 1, r.t);
-    for (int64_t pos = int64_t(c) * BS; pos <= end; ++pos) {
-      const int64_t kv = (r.key_base + pos) * L.H + r.kv_head;
-      grad.add_key(k + kv * L.K, v + kv * L.V, dk + kv * L.K, dv + kv * L.V, int(L.K), int(L.V), L.scale);
+// The backward's keys of a query: those of its valid selections (the first block_counts entries, c >= 0,
+// c * BS <= t; a block's keys up to t).
+struct SelectedGradKeys {
+  const int32_t* indices;  // [B, T, H, S]
+  const int32_t* counts;   // [B, T, H] or null
+  template <typename F>
+  __device__ __forceinline__ void visit(const DeviceLayout& L, const QueryRow& r, F&& key) const {
+    const int S = L.block_count, BS = L.block_size;
+    const int n = selection_count(counts, r.flat, int(L.H), r.kv_head, S);
+    const int32_t* idx = indices + (r.flat * L.H + r.kv_head) * S;
+    for (int j = 0; j < n; ++j) {
+      const int c = idx[j];
+      if (c < 0 || int64_t(c) * BS > r.t) continue;
+      const int64_t end = min(int64_t(c + 1) * BS - 1, r.t);
+      for (int64_t pos = int64_t(c) * BS; pos <= end; ++pos) key((r.key_base + pos) * L.H + r.kv_head);
     }
   }
-  grad.store(dq + row * L.K, int(L.K));
-}
+};
 
 }  // namespace
 
 void selected_attention_backward(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
                                  const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
                                  const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
-  const int64_t rows = L.B * L.T * L.HQ;
-  if (rows == 0 || L.num_seqs == 0) return;
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const int threads = 128;
-    attn::with_grad_heads(L, [&](auto heads) {
-      constexpr int kHeads = decltype(heads)::value;
-      const unsigned blocks = unsigned(div_up(attn::grad_warps(L, kHeads) * 32, threads));
-      selected_backward_rows_kernel<T, kHeads><<<blocks, threads, 0, s>>>(
-          dq, dk, dv, do_slc, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-          static_cast<const T*>(o_slc), lse_slc, block_indices, block_counts, L);
-    });
-    check_launch("selected_backward_rows_kernel");
-  });
+  attn::attention_backward(dq, dk, dv, do_slc, q, k, v, o_slc, lse_slc, SelectedGradKeys{block_indices, block_counts},
+                           L, s, "attention_backward_kernel (selected attention)");
 }
 
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,

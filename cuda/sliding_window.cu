@@ -6,7 +6,7 @@
 // key range [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their
 // own window only on tiles that straddle a window edge.
 //
-// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::HeadsAttentionGrad), dk / dv
+// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::attention_backward), dk / dv
 // by fp32 atomics.
 //
 // FLOPs: 2 * sum over query rows of (keys in the row's window) * (K + V).
@@ -128,44 +128,23 @@ __global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowPa
   ra.store(p.o + row * p.V, p.lse + row, p.V);
 }
 
-// One warp per token and up to four heads of a group: keys [max(0, t - W + 1), t] of its sequence.
-template <typename T, int kHeads>
-__global__ void __launch_bounds__(128) sliding_window_backward_rows_kernel(
-    float* __restrict__ dq, float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ do_swa,
-    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ o_swa,
-    const float* __restrict__ lse_swa, const DeviceLayout L) {
-  int64_t row;
-  int count;
-  QueryRow r;
-  if (!attn::find_grad_rows<kHeads>(L, row, count, r)) return;
-  attn::HeadsAttentionGrad<T, kHeads> grad;
-  grad.init(q + row * L.K, do_swa + row * L.V, o_swa + row * L.V, lse_swa + row, count, int(L.K), int(L.V));
-  for (int64_t pos = r.t - L.window + 1 > 0 ? r.t - L.window + 1 : 0; pos <= r.t; ++pos) {
-    const int64_t kv = (r.key_base + pos) * L.H + r.kv_head;
-    grad.add_key(k + kv * L.K, v + kv * L.V, dk + kv * L.K, dv + kv * L.V, int(L.K), int(L.V), L.scale);
+// The backward's keys of a query: [max(0, t - W + 1), t] of its sequence.
+struct WindowGradKeys {
+  template <typename F>
+  __device__ __forceinline__ void visit(const DeviceLayout& L, const QueryRow& r, F&& key) const {
+    for (int64_t pos = r.t - L.window + 1 > 0 ? r.t - L.window + 1 : 0; pos <= r.t; ++pos)
+      key((r.key_base + pos) * L.H + r.kv_head);
   }
-  grad.store(dq + row * L.K, int(L.K));
-}
+};
 
 }  // namespace
 
 void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_swa, const void* q, const void* k,
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s) {
-  const int64_t rows = L.B * L.T * L.HQ;
-  if (rows == 0 || L.num_seqs == 0 || L.window <= 0) return;
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const int threads = 128;
-    attn::with_grad_heads(L, [&](auto heads) {
-      constexpr int kHeads = decltype(heads)::value;
-      const unsigned blocks = unsigned(div_up(attn::grad_warps(L, kHeads) * 32, threads));
-      sliding_window_backward_rows_kernel<T, kHeads><<<blocks, threads, 0, s>>>(
-          dq, dk, dv, do_swa, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-          static_cast<const T*>(o_swa), lse_swa, L);
-    });
-    check_launch("sliding_window_backward_rows_kernel");
-  });
+  if (L.window <= 0) return;
+  attn::attention_backward(dq, dk, dv, do_swa, q, k, v, o_swa, lse_swa, WindowGradKeys{}, L, s,
+                           "attention_backward_kernel (sliding window)");
 }
 
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
