@@ -460,9 +460,9 @@ struct RowAttention {
 // warp (lanes as in RowAttention): per head delta = do_x . o_x; per key j and head h, p = exp(scale q_h.k_j -
 // lse_h), ds = p (do_h . v_j - delta_h), dq_h += scale ds k_j (in registers); dk_j += scale sum_h ds q_h and
 // dv_j += sum_h p do_h go out by one fp32 atomic per element for the heads together (other tokens share the key).
-// kHeads = grad_heads(G): 4 for groups of 4 or more (4x fewer atomics; H100, T = 8k, G = 16: 166 ms against 206
-// with a warp per row), else 1 (G = 1: the four heads' registers made a warp per row 2x slower). Prefetching the
-// rows of the key two ahead to L1 measured slower (G = 16: 202 ms).
+// kHeads = grad_heads(G): 4 for groups of 4 or more (4x fewer atomics; H100, the whole backward at T = 8k, G = 16:
+// 166 ms against 206 with a warp per row), else 1 (G = 1: the four heads' registers made a warp per row 2x
+// slower). Prefetching the rows of the key two ahead to L1 measured slower (G = 16: 202 ms).
 __host__ __device__ constexpr int grad_heads(int64_t G) { return G >= 4 ? 4 : 1; }
 
 // The warp's heads: query heads [head0, head0 + count) of token `flat`, count <= kHeads.

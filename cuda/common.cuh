@@ -152,7 +152,6 @@ inline bool sm90_kernels_run(const DeviceLayout& L) {
 }
 
 #ifdef __CUDACC__  // (host-only translation units include this header for its types)
-
 // The sum of x over the warp's 32 lanes, on every lane.
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll

@@ -472,8 +472,8 @@ class CudaBackend : public Backend {
     pipe.forward();
     if (po.backward) pipe.backward();
     // A row sample keeps the [B, T, HQ, V] outputs compact; the backward, as the reference's, needs every row.
-    const std::vector<int64_t> rows = po.backward ? std::vector<int64_t>{} : sorted_sample(opt.rows, p.layout.dims.B * p.layout.dims.T);
-    return pipe.download(rows);
+    const int64_t tokens = p.layout.dims.B * p.layout.dims.T;
+    return pipe.download(po.backward ? std::vector<int64_t>{} : sorted_sample(opt.rows, tokens));
   }
 
  private:
