@@ -86,9 +86,17 @@ uint64_t json_u64(const json& j, const std::string& origin, const std::string& n
   return j.get<uint64_t>();
 }
 
-}  // namespace
+// A file's header, checked against the file's size: its metadata and tensors with their data spans (relative
+// to the data section) but no bytes yet, in data-offset order.
+struct FileLayout {
+  SafetensorsFile file;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;  // [begin, end) of file.tensors[i]
+  uint64_t data_start = 0;                           // file offset of the data section
+};
 
-SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const std::string& origin) {
+// `head` holds the file's first min(size, 8 + header length) bytes; `size` is the whole file's.
+FileLayout parse_layout(const uint8_t* head, uint64_t size, const std::string& origin) {
+  const uint8_t* data = head;
   if (size < 8) fail_input(origin, "", "file is shorter than the 8-byte header length (" + std::to_string(size) + " bytes)");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | data[i];
@@ -103,8 +111,9 @@ SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const s
   if (!header.is_object()) fail_input(origin, "", "header is not a JSON object");
 
   const uint64_t data_size = size - 8 - header_len;
-  const uint8_t* data_start = data + 8 + header_len;
-  SafetensorsFile file;
+  FileLayout layout;
+  layout.data_start = 8 + header_len;
+  SafetensorsFile& file = layout.file;
   struct Entry { uint64_t begin, end; std::string name; Tensor tensor; };
   std::vector<Entry> entries;
   for (const auto& [name, info] : header.items()) {
@@ -161,10 +170,20 @@ SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const s
   if (expected != data_size)
     fail_input(origin, "", "data section has " + std::to_string(data_size - expected) + " trailing bytes no tensor covers");
   for (auto& e : entries) {
-    e.tensor.bytes.assign(data_start + e.begin, data_start + e.end);
     file.tensors.emplace_back(e.name, std::move(e.tensor));
+    layout.spans.emplace_back(e.begin, e.end);
   }
-  return file;
+  return layout;
+}
+
+}  // namespace
+
+SafetensorsFile parse_safetensors(const uint8_t* data, std::size_t size, const std::string& origin) {
+  FileLayout layout = parse_layout(data, size, origin);
+  const uint8_t* data_start = data + layout.data_start;
+  for (std::size_t i = 0; i < layout.spans.size(); ++i)
+    layout.file.tensors[i].second.bytes.assign(data_start + layout.spans[i].first, data_start + layout.spans[i].second);
+  return std::move(layout.file);
 }
 
 std::vector<uint8_t> read_file_bytes(const std::string& path) {
@@ -193,8 +212,41 @@ std::vector<uint8_t> read_file_bytes(const std::string& path) {
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {
-  const std::vector<uint8_t> bytes = read_file_bytes(path);
-  return parse_safetensors(bytes.data(), bytes.size(), path);
+  std::error_code ec;
+  const uintmax_t size = std::filesystem::is_regular_file(path, ec) ? std::filesystem::file_size(path, ec) : 0;
+  if (ec || size == 0) {  // not a regular file (a pipe), or empty: read whole, as a stream
+    const std::vector<uint8_t> bytes = read_file_bytes(path);
+    return parse_safetensors(bytes.data(), bytes.size(), path);
+  }
+  // A regular file is read in place: the header first, then each tensor's bytes straight into the tensor, so
+  // that the file is never held beside its parsed tensors (gigabytes for a 64k-token fixture).
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_input(path, "", "cannot open file");
+  auto read = [&](uint8_t* dst, uint64_t n, const std::string& tensor) {
+    try {  // the stream buffer throws on some read errors instead of setting badbit
+      in.read(reinterpret_cast<char*>(dst), std::streamsize(n));
+    } catch (const std::ios_base::failure& e) {
+      fail_input(path, tensor, std::string("read error (") + e.what() + ")");
+    }
+    if (uint64_t(in.gcount()) != n) fail_input(path, tensor, "the file ended early (it changed while being read)");
+  };
+  std::vector<uint8_t> head(std::size_t(std::min<uintmax_t>(size, 8)));
+  read(head.data(), head.size(), "");
+  if (head.size() == 8) {
+    uint64_t header_len = 0;
+    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | head[i];
+    if (header_len <= kMaxHeaderBytes && header_len <= size - 8) {  // else parse_layout says what is wrong
+      head.resize(std::size_t(8 + header_len));
+      read(head.data() + 8, header_len, "");
+    }
+  }
+  FileLayout layout = parse_layout(head.data(), size, path);
+  for (std::size_t i = 0; i < layout.spans.size(); ++i) {  // in data-offset order, with no gaps: one pass
+    auto& [name, tensor] = layout.file.tensors[i];
+    tensor.bytes.resize(std::size_t(layout.spans[i].second - layout.spans[i].first));
+    read(tensor.bytes.data(), tensor.bytes.size(), name);
+  }
+  return std::move(layout.file);
 }
 
 std::vector<uint8_t> serialize_safetensors(const SafetensorsFile& file) {

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "core/errors.h"
@@ -33,16 +34,37 @@ std::vector<uint8_t> raw_file(const std::string& header, std::size_t data_bytes 
   return out;
 }
 
-// The InputError message of parsing `bytes`, or a marker when it parses (or throws something else).
-std::string parse_error(const std::vector<uint8_t>& bytes) {
+// `bytes` written to a regular file, which read_safetensors reads header first and then tensor by tensor.
+std::string as_file(const std::vector<uint8_t>& bytes) {
+  const std::string path =
+      (std::filesystem::temp_directory_path() / ("nsa_reader_case_" + std::to_string(::getpid()) + ".safetensors")).string();
+  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  return path;
+}
+
+// The InputError message of `read` (origin first), or a marker when it succeeds (or throws something else).
+template <typename F>
+std::string error_of(F&& read) {
   try {
-    parse_safetensors(bytes.data(), bytes.size(), kOrigin);
+    read();
   } catch (const InputError& e) {
     return e.what();
   } catch (const std::exception& e) {
     return std::string("<not an InputError: ") + e.what() + ">";
   }
   return "<parsed without error>";
+}
+
+// The InputError message of parsing `bytes`, or a marker when it parses (or throws something else). Every
+// case is also read from a file, which must end the same way (the message naming the path instead).
+std::string parse_error(const std::vector<uint8_t>& bytes) {
+  const std::string msg = error_of([&] { parse_safetensors(bytes.data(), bytes.size(), kOrigin); });
+  const std::string path = as_file(bytes);
+  std::string from_file = error_of([&] { read_safetensors(path); });
+  std::filesystem::remove(path);
+  if (from_file.rfind(path, 0) == 0) from_file = kOrigin + from_file.substr(path.size());
+  EXPECT_EQ(from_file, msg) << "read_safetensors and parse_safetensors disagree";
+  return msg;
 }
 
 // Rejected with one line that names the file and contains every fragment.
@@ -53,7 +75,22 @@ void expect_rejected(const std::vector<uint8_t>& bytes, std::initializer_list<st
   for (const std::string& f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "missing '" << f << "' in: " << msg;
 }
 
-SafetensorsFile parse_ok(const std::vector<uint8_t>& bytes) { return parse_safetensors(bytes.data(), bytes.size(), kOrigin); }
+// Parses `bytes`; reading them from a file must give the same metadata and tensors.
+SafetensorsFile parse_ok(const std::vector<uint8_t>& bytes) {
+  SafetensorsFile f = parse_safetensors(bytes.data(), bytes.size(), kOrigin);
+  const std::string path = as_file(bytes);
+  const SafetensorsFile g = read_safetensors(path);
+  std::filesystem::remove(path);
+  EXPECT_EQ(g.metadata, f.metadata);
+  EXPECT_EQ(g.tensors.size(), f.tensors.size());
+  for (std::size_t i = 0; i < std::min(f.tensors.size(), g.tensors.size()); ++i) {
+    EXPECT_EQ(g.tensors[i].first, f.tensors[i].first);
+    EXPECT_EQ(g.tensors[i].second.dtype, f.tensors[i].second.dtype);
+    EXPECT_EQ(g.tensors[i].second.shape, f.tensors[i].second.shape);
+    EXPECT_EQ(g.tensors[i].second.bytes, f.tensors[i].second.bytes);
+  }
+  return f;
+}
 
 // One header entry.
 std::string entry(const std::string& name, const std::string& dtype, const std::string& shape, const std::string& offsets) {
