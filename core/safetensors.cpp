@@ -94,9 +94,8 @@ struct FileLayout {
   uint64_t data_start = 0;                           // file offset of the data section
 };
 
-// `head` holds the file's first min(size, 8 + header length) bytes; `size` is the whole file's.
-FileLayout parse_layout(const uint8_t* head, uint64_t size, const std::string& origin) {
-  const uint8_t* data = head;
+// `data` holds the file's first min(size, 8 + header length) bytes at least; `size` is the whole file's.
+FileLayout parse_layout(const uint8_t* data, uint64_t size, const std::string& origin) {
   if (size < 8) fail_input(origin, "", "file is shorter than the 8-byte header length (" + std::to_string(size) + " bytes)");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | data[i];
