@@ -632,8 +632,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
                           static_cast<const T*>(v), static_cast<const T*>(o), lse};
     with_grad_heads(L, [&](auto heads) {
       constexpr int kHeads = decltype(heads)::value, kThreads = 128;
-      const unsigned blocks = unsigned(div_up(grad_warps(L, kHeads) * 32, kThreads));
-      attention_backward_kernel<T, kHeads, Keys><<<blocks, kThreads, 0, s>>>(g, keys, L);
+      const int64_t blocks = div_up(grad_warps(L, kHeads) * 32, kThreads);
+      if (blocks >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many rows for one launch");
+      attention_backward_kernel<T, kHeads, Keys><<<unsigned(blocks), kThreads, 0, s>>>(g, keys, L);
     });
     check_launch(name);
   });

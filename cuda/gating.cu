@@ -77,7 +77,9 @@ void gate_backward(float* dg_cmp, float* dg_slc, float* dg_swa, float* do_cmp, f
     auto branch = [&](float* dg, float* do_x, const void* o_x, const void* g) {
       if (!dg || !do_x || !o_x || !g) return;  // the branch is dropped
       const int threads = 128;
-      gate_backward_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(
+      const int64_t blocks = div_up(rows * 32, threads);
+      if (blocks >= (int64_t(1) << 31)) throw CudaError("gate_backward_kernel: too many rows for one launch");
+      gate_backward_kernel<T><<<unsigned(blocks), threads, 0, s>>>(
           dg, do_x, static_cast<const T*>(d_o), static_cast<const T*>(o_x), static_cast<const T*>(g), rows, L.V);
       check_launch("gate_backward_kernel");
     };
