@@ -24,6 +24,9 @@ class Backend {
   virtual std::string name() const = 0;
   // The precision the backend computes in for inputs stored as `input`; the checker's tolerances follow it.
   virtual DType compute_dtype(DType input) const { return input; }
+  // Whether a row-sampled run reads all of q as stored (Problem::q_stored: a backend that computes every row);
+  // the caller may release q_stored before run() where it does not.
+  virtual bool reads_stored_q() const { return true; }
   // Computes every stage of `p`: forward, and backward when p.has_backward() && opt.backward.
   // Throws InputError for problems the backend cannot take (e.g. K > 256 on CUDA).
   virtual Outputs run(const Problem& p, const RunOptions& opt) = 0;

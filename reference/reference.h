@@ -96,6 +96,7 @@ Outputs run_reference(const Problem& p, const RunOptions& opt = {});
 class ReferenceBackend : public Backend {
  public:
   std::string name() const override { return "cpu"; }
+  bool reads_stored_q() const override { return false; }  // a sampled forward reads the widened q rows only
   Outputs run(const Problem& p, const RunOptions& opt) override { return run_reference(p, opt); }
 };
 

@@ -58,8 +58,9 @@ int run_check(const CheckArgs& a) {
   // The expected file may hold reference outputs; the reference is recomputed, so only its inputs count.
   // Row-sampled: q is widened for the rows the sample's forward reads only (Problem::q_rows).
   std::vector<int64_t> sample;
-  const Problem p = load_problem(suite::inputs_only(expected_file), a.expected, a.overrides, a.allow_nonfinite,
-                                 a.sample_rows > 0 ? sampled_q_rows(a.sample_rows, a.seed, sample) : nullptr);
+  Problem p = load_problem(suite::inputs_only(expected_file), a.expected, a.overrides, a.allow_nonfinite,
+                           a.sample_rows > 0 ? sampled_q_rows(a.sample_rows, a.seed, sample) : nullptr);
+  p.q_stored = Tensor{};  // no backend runs here: the check reads the widened q rows only
   require_same_config(actual_file, a.actual, p.layout.config);
 
   // The candidate's file may use the other layout; only the layout matters for reading its outputs.

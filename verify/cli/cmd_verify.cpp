@@ -133,8 +133,9 @@ int run_verify(const VerifyArgs& a) {
       // The inputs leave the fixture (its stored outputs stay for --check-stored) and are released once widened.
       // Row-sampled: q is widened for the rows the sample's forward reads only (Problem::q_rows).
       std::vector<int64_t> sample;
-      const Problem p = load_problem(suite::take_inputs(fixture), c.path, a.overrides, a.allow_nonfinite,
-                                     a.sample_rows > 0 ? sampled_q_rows(a.sample_rows, a.seed, sample) : nullptr);
+      Problem p = load_problem(suite::take_inputs(fixture), c.path, a.overrides, a.allow_nonfinite,
+                               a.sample_rows > 0 ? sampled_q_rows(a.sample_rows, a.seed, sample) : nullptr);
+      if (!backend->reads_stored_q()) p.q_stored = Tensor{};  // (all of q as stored: 1 GB at the §7 shape)
       CheckOptions opt = base;
       RunOptions run;
       run.threads = a.threads;
