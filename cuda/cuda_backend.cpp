@@ -352,22 +352,42 @@ void CudaPipeline::backward() {
   if (!opt_.backward) throw CudaError("backward: the pipeline was built without gradients");
   for (DeviceBuffer* b : {&dq_, &dk_, &dv_, &dk_cmp_, &dv_cmp_, &dg_cmp_, &dg_slc_, &dg_swa_})
     if (b->get()) check(cudaMemsetAsync(b->get(), 0, b->bytes(), stream_), "cudaMemsetAsync(gradients)");
+  for (Stage s : {Stage::Gate, Stage::Selected, Stage::SlidingWindow, Stage::Compressed, Stage::MeanPool})
+    run_backward(s);
+}
+
+void CudaPipeline::run_backward(Stage s) {
+  if (!opt_.backward) throw CudaError("backward: the pipeline was built without gradients");
   auto f32 = [](const DeviceBuffer& b) { return static_cast<float*>(b.get()); };
   const bool window = L_.config.window > 0 && g_swa_.get();
-  gate_backward(f32(dg_cmp_), f32(dg_slc_), f32(dg_swa_), f32(do_cmp_), f32(do_slc_), f32(do_swa_), d_o_.get(),
-                o_cmp_.get(), o_slc_.get(), window ? o_swa_.get() : nullptr, g_cmp_.get(), g_slc_.get(),
-                window ? g_swa_.get() : nullptr, dl_, stream_);
-  if (g_slc_.get())
-    selected_attention_backward(f32(dq_), f32(dk_), f32(dv_), f32(do_slc_), q_.get(), k_.get(), v_.get(), o_slc_.get(),
-                                f32(lse_slc_), static_cast<const int32_t*>(block_indices_.get()),
-                                static_cast<const int32_t*>(block_counts_.get()), dl_, stream_);
-  if (window)
-    sliding_window_backward(f32(dq_), f32(dk_), f32(dv_), f32(do_swa_), q_.get(), k_.get(), v_.get(), o_swa_.get(),
-                            f32(lse_swa_), dl_, stream_);
-  if (g_cmp_.get())
-    compressed_attention_backward(f32(dq_), f32(dk_cmp_), f32(dv_cmp_), f32(do_cmp_), q_.get(), k_cmp_.get(),
-                                  v_cmp_.get(), o_cmp_.get(), f32(lse_cmp_), dl_, stream_);
-  mean_pool_backward(f32(dk_), f32(dv_), f32(dk_cmp_), f32(dv_cmp_), dl_, stream_);
+  switch (s) {
+    case Stage::Gate:
+      gate_backward(f32(dg_cmp_), f32(dg_slc_), f32(dg_swa_), f32(do_cmp_), f32(do_slc_), f32(do_swa_), d_o_.get(),
+                    o_cmp_.get(), o_slc_.get(), window ? o_swa_.get() : nullptr, g_cmp_.get(), g_slc_.get(),
+                    window ? g_swa_.get() : nullptr, dl_, stream_);
+      break;
+    case Stage::Selected:
+      if (g_slc_.get())
+        selected_attention_backward(f32(dq_), f32(dk_), f32(dv_), f32(do_slc_), q_.get(), k_.get(), v_.get(),
+                                    o_slc_.get(), f32(lse_slc_), static_cast<const int32_t*>(block_indices_.get()),
+                                    static_cast<const int32_t*>(block_counts_.get()), dl_, stream_);
+      break;
+    case Stage::SlidingWindow:
+      if (window)
+        sliding_window_backward(f32(dq_), f32(dk_), f32(dv_), f32(do_swa_), q_.get(), k_.get(), v_.get(), o_swa_.get(),
+                                f32(lse_swa_), dl_, stream_);
+      break;
+    case Stage::Compressed:
+      if (g_cmp_.get())
+        compressed_attention_backward(f32(dq_), f32(dk_cmp_), f32(dv_cmp_), f32(do_cmp_), q_.get(), k_cmp_.get(),
+                                      v_cmp_.get(), o_cmp_.get(), f32(lse_cmp_), dl_, stream_);
+      break;
+    case Stage::MeanPool:
+      mean_pool_backward(f32(dk_), f32(dv_), f32(dk_cmp_), f32(dv_cmp_), dl_, stream_);
+      break;
+    default:
+      throw CudaError(std::string("run_backward: stage ") + stage_name(s) + " has no backward");
+  }
 }
 
 Outputs CudaPipeline::download(const std::vector<int64_t>& rows) const {

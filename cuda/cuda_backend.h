@@ -91,6 +91,9 @@ class CudaPipeline {
   // fp32 gradients; a branch without its gate (the window also without W > 0) takes no part, as in the
   // reference. Needs PipelineOptions::backward and `do` (upload or fill_random).
   void backward();
+  // One stage of backward() (Gate, Selected, SlidingWindow, Compressed or MeanPool), accumulating into the
+  // gradients as they are; for benchmarks.
+  void run_backward(Stage s);
   // Waits for the stream and returns every forward output as doubles, and the gradients where the pipeline
   // has them (has_grads); with `rows` (sorted_sample), the [B, T, HQ, V] forward outputs hold only those query
   // rows (Outputs::rows).

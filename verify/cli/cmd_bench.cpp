@@ -11,8 +11,9 @@
 //                        about S*BS, i.e. 4*T*HQ*S*BS*K when K = V, less the causal part of short prefixes
 //   sliding window       2*HQ*(K+V) * min(t+1, W)
 //   gating               2*B*T*HQ*V per present branch
-//   backward             per attention branch 2*HQ*(3K+2V) per (row, key) of its forward: Q K^T recomputed,
-//                        dO V^T, P^T dO, dS^T Q and dS K (FlashAttention's count, 2.5x the forward at K = V)
+//   backward (--backward), per stage: each attention branch 2*HQ*(3K+2V) per (row, key) of its forward: Q K^T
+//                        recomputed, dO V^T, P^T dO, dS^T Q and dS K (FlashAttention's count, 2.5x the forward at
+//                        K = V); the gate and mean pooling as their forwards; the whole pass is their sum
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -54,7 +55,10 @@ struct StageResult {
 
 // FLOP counts of every stage, by the formulas at the top of this file.
 struct FlopCounts {
-  double mean_pool = 0, compressed = 0, topk = 0, selected = 0, sliding = 0, gate = 0, backward = 0;
+  double mean_pool = 0, compressed = 0, topk = 0, selected = 0, sliding = 0, gate = 0;
+  // The backward's stages.
+  double compressed_bwd = 0, selected_bwd = 0, sliding_bwd = 0;
+  double backward() const { return gate + selected_bwd + sliding_bwd + compressed_bwd + mean_pool; }
 };
 
 FlopCounts count_flops(const Layout& L, bool window, int gates) {
@@ -74,7 +78,8 @@ FlopCounts count_flops(const Layout& L, bool window, int gates) {
     }
   f.gate = 2.0 * double(d.B) * double(d.T) * HQ * V * gates;
   // Each attention branch's (row, key) pairs are its forward FLOPs over 2 (K + V).
-  f.backward = (f.compressed + f.selected + f.sliding) / (2 * (K + V)) * 2 * (3 * K + 2 * V);
+  const double bwd = (3 * K + 2 * V) / (K + V);
+  f.compressed_bwd = f.compressed * bwd, f.selected_bwd = f.selected * bwd, f.sliding_bwd = f.sliding * bwd;
   return f;
 }
 
@@ -151,19 +156,30 @@ std::vector<StageResult> bench_cpu(const BenchArgs& a, const Layout& L, const Fl
     std::vector<double> dq(tokens * d.HQ * d.K), dk(tokens * d.H * d.K), dv(tokens * d.H * d.V),
         dk_cmp(k_cmp.size()), dv_cmp(v_cmp.size()), dg_cmp(tokens * d.HQ), dg_slc(dg_cmp.size()), dg_swa(dg_cmp.size()),
         do_cmp(o.size()), do_slc(o.size()), do_swa(window ? o.size() : 0);
-    time("backward", f.backward, [&] {
+    const std::size_t first = r.size();
+    time("gate_backward", f.gate, [&] {
       ref::gate_backward(dg_cmp.data(), dg_slc.data(), window ? dg_swa.data() : nullptr, do_cmp.data(), do_slc.data(),
                          window ? do_swa.data() : nullptr, d_o.data(), o_cmp.data(), o_slc.data(),
                          window ? o_swa.data() : nullptr, g_cmp.data(), g_slc.data(), window ? g_swa.data() : nullptr, L);
+    });
+    time("selected_attention_backward", f.selected_bwd, [&] {
       ref::selected_attention_backward(dq.data(), dk.data(), dv.data(), do_slc.data(), q.data(), k.data(), v.data(),
                                        o_slc.data(), lse_slc.data(), idx.data(), nullptr, L);
-      if (window)
+    });
+    if (window)
+      time("sliding_window_backward", f.sliding_bwd, [&] {
         ref::sliding_window_backward(dq.data(), dk.data(), dv.data(), do_swa.data(), q.data(), k.data(), v.data(),
                                      o_swa.data(), lse_swa.data(), L);
+      });
+    time("compressed_attention_backward", f.compressed_bwd, [&] {
       ref::compressed_attention_backward(dq.data(), dk_cmp.data(), dv_cmp.data(), do_cmp.data(), q.data(), k_cmp.data(),
                                          v_cmp.data(), o_cmp.data(), lse_cmp.data(), L);
-      ref::mean_pool_backward(dk.data(), dv.data(), dk_cmp.data(), dv_cmp.data(), L);
     });
+    time("mean_pool_backward", f.mean_pool,
+         [&] { ref::mean_pool_backward(dk.data(), dv.data(), dk_cmp.data(), dv_cmp.data(), L); });
+    double total = 0;
+    for (std::size_t i = first; i < r.size(); ++i) total += r[i].ms;
+    r.push_back({"backward", total, f.backward()});  // sum of the stages, as full_forward
   }
   return r;
 }
@@ -195,7 +211,18 @@ std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const F
   time(cuda::Stage::SelectedGated, f.selected + f.gate);  // the two fused where the pipeline can
   const double flop = f.mean_pool + f.compressed + f.topk + f.selected + (window ? f.sliding : 0) + f.gate;
   r.push_back({"full_forward", pipe.time_ms([&] { pipe.forward(); }, a.warmup, a.iters), flop});
-  if (a.backward) r.push_back({"backward", pipe.time_ms([&] { pipe.backward(); }, a.warmup, a.iters), f.backward});
+  if (a.backward) {
+    pipe.backward();  // gradients in place and everything warm
+    auto time_bwd = [&](const char* name, cuda::Stage s, double stage_flop) {
+      r.push_back({name, pipe.time_ms([&] { pipe.run_backward(s); }, a.warmup, a.iters), stage_flop});
+    };
+    time_bwd("gate_backward", cuda::Stage::Gate, f.gate);
+    time_bwd("selected_attention_backward", cuda::Stage::Selected, f.selected_bwd);
+    if (window) time_bwd("sliding_window_backward", cuda::Stage::SlidingWindow, f.sliding_bwd);
+    time_bwd("compressed_attention_backward", cuda::Stage::Compressed, f.compressed_bwd);
+    time_bwd("mean_pool_backward", cuda::Stage::MeanPool, f.mean_pool);
+    r.push_back({"backward", pipe.time_ms([&] { pipe.backward(); }, a.warmup, a.iters), f.backward()});
+  }
   return r;
 }
 #endif
@@ -230,7 +257,7 @@ int run_bench(const BenchArgs& a) {
               (long long)d.V, (long long)L.BS(), (long long)L.S(), (long long)L.config.window,
               policy_name(L.config.policy), a.backend == "cpu" ? "f64" : a.dtype.c_str());
   if (peak_tflops > 0) std::printf("dense bf16 peak: %.0f TFLOP/s\n", peak_tflops);
-  std::printf("%-22s %12s %12s %10s %8s\n", "stage", "ms", "GFLOP", "TFLOP/s", "%peak");
+  std::printf("%-30s %12s %12s %10s %8s\n", "stage", "ms", "GFLOP", "TFLOP/s", "%peak");
   nlohmann::json js;
   js["backend"] = a.backend;
   js["device"] = device;
@@ -244,9 +271,9 @@ int run_bench(const BenchArgs& a) {
     const double tflops = s.ms > 0 ? s.flop / (s.ms * 1e-3) / 1e12 : 0;
     const double frac = peak_tflops > 0 ? tflops / peak_tflops : 0;
     if (peak_tflops > 0)
-      std::printf("%-22s %12.4f %12.3f %10.2f %7.1f%%\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, 100 * frac);
+      std::printf("%-30s %12.4f %12.3f %10.2f %7.1f%%\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, 100 * frac);
     else
-      std::printf("%-22s %12.4f %12.3f %10.4f %8s\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, "-");
+      std::printf("%-30s %12.4f %12.3f %10.4f %8s\n", s.name.c_str(), s.ms, s.flop / 1e9, tflops, "-");
     js["stages"].push_back({{"name", s.name}, {"ms", s.ms}, {"flop", s.flop}, {"tflops", tflops}, {"peak_fraction", frac}});
   }
   if (!a.json.empty()) {

@@ -10,7 +10,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 invoke bench --backend cpu --seqlen 256 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --block-size 32 \
   --block-count 2 --window 8 --warmup 0 --iters 1 --threads 1 --backward --json "$work/b.json"
 [ "$rc" -eq 0 ] || fail "cpu bench exited $rc: $(head -c 300 "$work/stderr")"
-for stage in mean_pool compressed_attention topk selected_attention sliding_window gate full_forward backward; do
+for stage in mean_pool compressed_attention topk selected_attention sliding_window gate full_forward gate_backward \
+  selected_attention_backward sliding_window_backward compressed_attention_backward mean_pool_backward backward; do
   grep -q "^$stage " "$work/stdout" || fail "stage $stage missing from the table"
 done
 python3 - "$work/b.json" <<'PY' || fail "JSON report wrong"
@@ -20,10 +21,13 @@ stages = {s["name"]: s for s in r["stages"]}
 assert r["backend"] == "cpu" and r["shape"]["T"] == 256, r
 assert stages["compressed_attention"]["flop"] == 115712, stages["compressed_attention"]
 assert all(s["ms"] > 0 for s in r["stages"]), r["stages"]
-assert abs(stages["full_forward"]["flop"] - sum(s["flop"] for n, s in stages.items() if n not in ("full_forward", "backward"))) < 1
-# K = V: the backward's five products against the forward's two per (row, key) of each attention branch.
-branches = sum(stages[n]["flop"] for n in ("compressed_attention", "selected_attention", "sliding_window"))
-assert abs(stages["backward"]["flop"] - 2.5 * branches) < 1, stages["backward"]
+forward = [n for n in stages if not n.endswith("backward") and n != "full_forward"]
+backward = [n for n in stages if n.endswith("_backward")]
+assert abs(stages["full_forward"]["flop"] - sum(stages[n]["flop"] for n in forward)) < 1
+assert abs(stages["backward"]["flop"] - sum(stages[n]["flop"] for n in backward)) < 1
+# K = V: each attention branch's backward has five products against its forward's two per (row, key).
+for n in ("compressed_attention", "selected_attention", "sliding_window"):
+    assert abs(stages[n + "_backward"]["flop"] - 2.5 * stages[n]["flop"]) < 1, (n, stages[n + "_backward"])
 PY
 
 # Bad input: HQ not a multiple of H.
