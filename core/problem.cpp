@@ -130,6 +130,11 @@ struct Reader {
     if (t.shape != want)
       fail_input(origin, name, "shape " + shape_str(t.shape) + " does not match the expected " + shape_str(want) + " " + legend);
   }
+  // The error for the non-finite value x at flat index i of tensor `name` (without --allow-nonfinite).
+  [[noreturn]] void reject_nonfinite(const std::string& name, double x, int64_t i) const {
+    fail_input(origin, name, "non-finite value " + std::to_string(x) + " at flat index " + std::to_string(i) +
+                                 " (pass --allow-nonfinite to accept)");
+  }
   // A float tensor of `heads` heads and trailing dim D, returned token-major.
   std::vector<double> floats(const std::string& name, const Tensor& t, int64_t B, int64_t T, int64_t heads, int64_t D,
                              const char* legend) const {
@@ -138,9 +143,7 @@ struct Reader {
     std::vector<double> values = t.to_f64();
     if (!allow_nonfinite)
       for (std::size_t i = 0; i < values.size(); ++i)
-        if (!std::isfinite(values[i]))
-          fail_input(origin, name, "non-finite value " + std::to_string(values[i]) + " at flat index " + std::to_string(i) +
-                                       " (pass --allow-nonfinite to accept)");
+        if (!std::isfinite(values[i])) reject_nonfinite(name, values[i], int64_t(i));
     // Not `head_first ? swap12(...) : values`: a conditional copies its lvalue operand (4 GB for a 64k q).
     if (head_first) return swap12(values, B, heads, T, D ? D : 1);
     return values;
@@ -152,9 +155,7 @@ struct Reader {
     expect_shape(name, t, B, T, heads, D, "(B, T, HQ, K)");
     if (!allow_nonfinite)
       for (int64_t i = 0; i < t.numel(); ++i)
-        if (!std::isfinite(t.at_f64(i)))
-          fail_input(origin, name, "non-finite value " + std::to_string(t.at_f64(i)) + " at flat index " +
-                                       std::to_string(i) + " (pass --allow-nonfinite to accept)");
+        if (!std::isfinite(t.at_f64(i))) reject_nonfinite(name, t.at_f64(i), i);
     std::vector<double> out(tokens.size() * heads * D);
     for (std::size_t r = 0; r < tokens.size(); ++r) {
       const int64_t b = tokens[r] / T, tt = tokens[r] % T;

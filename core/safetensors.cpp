@@ -86,6 +86,13 @@ uint64_t json_u64(const json& j, const std::string& origin, const std::string& n
   return j.get<uint64_t>();
 }
 
+// The header length that a file's first 8 bytes state (little-endian).
+uint64_t stated_header_length(const uint8_t* first8) {
+  uint64_t len = 0;
+  for (int i = 7; i >= 0; --i) len = (len << 8) | first8[i];
+  return len;
+}
+
 // A file's header, checked against the file's size: its metadata and tensors with their data spans (relative
 // to the data section) but no bytes yet, in data-offset order.
 struct FileLayout {
@@ -97,8 +104,7 @@ struct FileLayout {
 // `data` holds the file's first min(size, 8 + header length) bytes at least; `size` is the whole file's.
 FileLayout parse_layout(const uint8_t* data, uint64_t size, const std::string& origin) {
   if (size < 8) fail_input(origin, "", "file is shorter than the 8-byte header length (" + std::to_string(size) + " bytes)");
-  uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | data[i];
+  const uint64_t header_len = stated_header_length(data);
   if (header_len > kMaxHeaderBytes)
     fail_input(origin, "", "header length " + std::to_string(header_len) + " exceeds the 100 MB limit");
   if (header_len > size - 8)
@@ -232,8 +238,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
   std::vector<uint8_t> head(std::size_t(std::min<uintmax_t>(size, 8)));
   read(head.data(), head.size(), "");
   if (head.size() == 8) {
-    uint64_t header_len = 0;
-    for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | head[i];
+    const uint64_t header_len = stated_header_length(head.data());
     if (header_len <= kMaxHeaderBytes && header_len <= size - 8) {  // else parse_layout says what is wrong
       head.resize(std::size_t(8 + header_len));
       read(head.data() + 8, header_len, "");
