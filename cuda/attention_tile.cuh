@@ -603,7 +603,7 @@ struct BranchGrad {
 };
 
 // The backward of one attention branch: a warp per token and kHeads heads of its group, over the keys that
-// `keys.visit(L, r, f)` passes to f as rows of the branch's [*, H, K] / [*, H, V] key and value tensors.
+// `keys.each(r, f)` passes to f as rows of the branch's [*, H, K] / [*, H, V] key and value tensors.
 template <typename T, int kHeads, typename Keys>
 __global__ void __launch_bounds__(128) attention_backward_kernel(const BranchGrad<T> g, const Keys keys,
                                                                  const DeviceLayout L) {
@@ -614,7 +614,7 @@ __global__ void __launch_bounds__(128) attention_backward_kernel(const BranchGra
   HeadsAttentionGrad<T, kHeads> grad;
   const int K = int(L.K), V = int(L.V);
   grad.init(g.q + row * K, g.d_out + row * V, g.o + row * V, g.lse + row, count, K, V);
-  keys.visit(L, r, [&](int64_t kv) {
+  keys.each(r, [&](int64_t kv) {
     grad.add_key(g.k + kv * K, g.v + kv * V, g.dk + kv * K, g.dv + kv * V, K, V, L.scale);
   });
   grad.store(g.dq + row * K, K);

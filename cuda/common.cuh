@@ -160,22 +160,27 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 #endif
 
-// Query row `row` (= flat token b * T + t, times HQ, plus the head) of a DeviceLayout: its token, its position
-// in its sequence and the sequence's first flat token. False for a padding token outside every sequence.
+// Query row `row` (= flat token b * T + t, times HQ, plus the head): its token, its position in its sequence
+// and the sequence's first flat token. False for a padding token outside every sequence.
 struct QueryRow {
   int64_t flat, t, key_base;
   int head, kv_head;
   DeviceSequence seq;
-  __device__ __forceinline__ bool find(const DeviceLayout& L, int64_t row) {
-    flat = row / L.HQ;
-    head = int(row % L.HQ);
-    kv_head = int(head / (L.HQ / L.H));
-    const int32_t si = L.token_seq[flat];
+  // From the sequence table (token_seq [B * T] indexes seqs), T tokens per batch row, HQ heads in groups of G.
+  __device__ __forceinline__ bool find(const DeviceSequence* seqs, const int32_t* token_seq, int64_t T, int64_t HQ,
+                                       int64_t G, int64_t row) {
+    flat = row / HQ;
+    head = int(row % HQ);
+    kv_head = int(head / G);
+    const int32_t si = token_seq[flat];
     if (si < 0) return false;
-    seq = L.seqs[si];
-    key_base = seq.batch * L.T + seq.start;
+    seq = seqs[si];
+    key_base = seq.batch * T + seq.start;
     t = flat - key_base;
     return t >= 0 && t < seq.length;
+  }
+  __device__ __forceinline__ bool find(const DeviceLayout& L, int64_t row) {
+    return find(L.seqs, L.token_seq, L.T, L.HQ, L.HQ / L.H, row);
   }
 };
 

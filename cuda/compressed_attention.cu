@@ -220,12 +220,14 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
   check_launch("compressed_attention_kernel");
 }
 
-// The backward's keys of a query: the complete pooled blocks c < NC(t) of its sequence.
+// The backward's keys of a query: the complete pooled blocks c < NC(t) of its sequence, passed to `key` as rows
+// of the [B, C, H, *] pooled keys and values.
 struct PooledBlockKeys {
+  int64_t BS, C, H;
   template <typename F>
-  __device__ __forceinline__ void visit(const DeviceLayout& L, const QueryRow& r, F&& key) const {
-    const int64_t visible = (r.t + 1) / L.block_size, first = r.seq.batch * L.C + r.seq.chunk_start;
-    for (int64_t c = 0; c < visible; ++c) key((first + c) * L.H + r.kv_head);
+  __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {
+    const int64_t visible = (r.t + 1) / BS, first = r.seq.batch * C + r.seq.chunk_start;
+    for (int64_t c = 0; c < visible; ++c) key((first + c) * H + r.kv_head);
   }
 };
 
@@ -234,7 +236,8 @@ struct PooledBlockKeys {
 void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
                                    const void* k_cmp, const void* v_cmp, const void* o_cmp, const float* lse_cmp,
                                    const DeviceLayout& L, cudaStream_t s) {
-  attn::attention_backward(dq, dk_cmp, dv_cmp, do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, PooledBlockKeys{}, L, s,
+  const PooledBlockKeys keys{L.block_size, L.C, L.H};
+  attn::attention_backward(dq, dk_cmp, dv_cmp, do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, keys, L, s,
                            "attention_backward_kernel (compressed attention)");
 }
 

@@ -606,31 +606,36 @@ bool build_run_split(RunSplitMemory& mem, const int32_t* indices, const int32_t*
   return true;
 }
 
+// The keys of a query in selected attention: those of its valid selections (the first block_counts entries,
+// c >= 0, c * BS <= t; a block's keys up to t), passed to `key` as rows of the [*, H, K] / [*, H, V] keys and
+// values; for the forward's row kernel and the backward (as attention_backward's keys).
+struct SelectionKeys {
+  const int32_t* indices;  // [B, T, H, S]
+  const int32_t* counts;   // [B, T, H] or null
+  int H, S, BS;
+  template <typename F>
+  __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {
+    const int n = selection_count(counts, r.flat, H, r.kv_head, S);
+    const int32_t* idx = indices + (r.flat * H + r.kv_head) * S;
+    for (int j = 0; j < n; ++j) {
+      const int c = idx[j];
+      if (c < 0 || int64_t(c) * BS > r.t) continue;
+      const int64_t end = min(int64_t(c + 1) * BS - 1, r.t);
+      for (int64_t pos = int64_t(c) * BS; pos <= end; ++pos) key((r.key_base + pos) * H + r.kv_head);
+    }
+  }
+};
+
 // CUDA-core fallback: one warp per (token, query head) row.
 template <typename T>
 __global__ void __launch_bounds__(128) selected_attention_rows_kernel(const SelectedParams<T> p, int64_t num_rows) {
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (row >= num_rows) return;
-  const int64_t flat = row / p.HQ;  // b * T + t
-  const int head = int(row % p.HQ), kv_head = head / p.G;
-  const int32_t si = p.token_seq[flat];
-  if (si < 0) return;
-  const DeviceSequence seq = p.seqs[si];
-  const int64_t key_base = seq.batch * p.row_tokens + seq.start;
-  const int64_t t = flat - key_base;
+  QueryRow r;
+  if (row >= num_rows || !r.find(p.seqs, p.token_seq, p.row_tokens, p.HQ, p.G, row)) return;
   attn::RowAttention<T> ra;
   ra.init(p.q + row * p.K, p.K);
-  const int n = selection_count(p.counts, flat, p.H, kv_head, p.S);
-  const int32_t* idx = p.indices + (flat * p.H + kv_head) * p.S;
-  for (int j = 0; j < n; ++j) {
-    const int c = idx[j];
-    if (c < 0 || int64_t(c) * p.BS > t) continue;
-    const int64_t end = min(int64_t(c + 1) * p.BS - 1, t);
-    for (int64_t pos = int64_t(c) * p.BS; pos <= end; ++pos) {
-      const int64_t kv = (key_base + pos) * p.H + kv_head;
-      ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale);
-    }
-  }
+  SelectionKeys{p.indices, p.counts, p.H, p.S, p.BS}.each(
+      r, [&](int64_t kv) { ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
   ra.store(p.o + row * p.V, p.lse + row, p.V);
 }
 
@@ -731,32 +736,14 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
   return fuse_gate;
 }
 
-// The backward's keys of a query: those of its valid selections (the first block_counts entries, c >= 0,
-// c * BS <= t; a block's keys up to t).
-struct SelectedGradKeys {
-  const int32_t* indices;  // [B, T, H, S]
-  const int32_t* counts;   // [B, T, H] or null
-  template <typename F>
-  __device__ __forceinline__ void visit(const DeviceLayout& L, const QueryRow& r, F&& key) const {
-    const int S = L.block_count, BS = L.block_size;
-    const int n = selection_count(counts, r.flat, int(L.H), r.kv_head, S);
-    const int32_t* idx = indices + (r.flat * L.H + r.kv_head) * S;
-    for (int j = 0; j < n; ++j) {
-      const int c = idx[j];
-      if (c < 0 || int64_t(c) * BS > r.t) continue;
-      const int64_t end = min(int64_t(c + 1) * BS - 1, r.t);
-      for (int64_t pos = int64_t(c) * BS; pos <= end; ++pos) key((r.key_base + pos) * L.H + r.kv_head);
-    }
-  }
-};
-
 }  // namespace
 
 void selected_attention_backward(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
                                  const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
                                  const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
-  attn::attention_backward(dq, dk, dv, do_slc, q, k, v, o_slc, lse_slc, SelectedGradKeys{block_indices, block_counts},
-                           L, s, "attention_backward_kernel (selected attention)");
+  const SelectionKeys keys{block_indices, block_counts, int(L.H), L.block_count, L.block_size};
+  attn::attention_backward(dq, dk, dv, do_slc, q, k, v, o_slc, lse_slc, keys, L, s,
+                           "attention_backward_kernel (selected attention)");
 }
 
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,

@@ -107,35 +107,27 @@ __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const Wi
   wa.store(p.o, p.lse, p.V, p.HQ, rows, warp * Shape::kWarpRows);
 }
 
+// The keys of a query in the window: [max(0, t - W + 1), t] of its sequence, passed to `key` as rows of the
+// [*, H, K] / [*, H, V] keys and values; for the forward's row kernel and the backward (attention_backward's keys).
+struct WindowRowKeys {
+  int W, H;
+  template <typename F>
+  __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {
+    for (int64_t pos = r.t - W + 1 > 0 ? r.t - W + 1 : 0; pos <= r.t; ++pos) key((r.key_base + pos) * H + r.kv_head);
+  }
+};
+
 // CUDA-core fallback: one warp per (token, query head) row.
 template <typename T>
 __global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowParams<T> p, int64_t num_rows) {
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (row >= num_rows) return;
-  const int64_t flat = row / p.HQ;
-  const int head = int(row % p.HQ), kv_head = head / p.G;
-  const int32_t si = p.token_seq[flat];
-  if (si < 0) return;
-  const DeviceSequence seq = p.seqs[si];
-  const int64_t key_base = seq.batch * p.row_tokens + seq.start;
-  const int64_t t = flat - key_base;
+  QueryRow r;
+  if (row >= num_rows || !r.find(p.seqs, p.token_seq, p.row_tokens, p.HQ, p.G, row)) return;
   attn::RowAttention<T> ra;
   ra.init(p.q + row * p.K, p.K);
-  for (int64_t pos = max(int64_t(0), t - p.W + 1); pos <= t; ++pos) {
-    const int64_t kv = (key_base + pos) * p.H + kv_head;
-    ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale);
-  }
+  WindowRowKeys{p.W, p.H}.each(r, [&](int64_t kv) { ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
   ra.store(p.o + row * p.V, p.lse + row, p.V);
 }
-
-// The backward's keys of a query: [max(0, t - W + 1), t] of its sequence.
-struct WindowGradKeys {
-  template <typename F>
-  __device__ __forceinline__ void visit(const DeviceLayout& L, const QueryRow& r, F&& key) const {
-    for (int64_t pos = r.t - L.window + 1 > 0 ? r.t - L.window + 1 : 0; pos <= r.t; ++pos)
-      key((r.key_base + pos) * L.H + r.kv_head);
-  }
-};
 
 }  // namespace
 
@@ -143,7 +135,8 @@ void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_sw
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s) {
   if (L.window <= 0) return;
-  attn::attention_backward(dq, dk, dv, do_swa, q, k, v, o_swa, lse_swa, WindowGradKeys{}, L, s,
+  const WindowRowKeys keys{L.window, int(L.H)};
+  attn::attention_backward(dq, dk, dv, do_swa, q, k, v, o_swa, lse_swa, keys, L, s,
                            "attention_backward_kernel (sliding window)");
 }
 
