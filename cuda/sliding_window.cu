@@ -6,8 +6,9 @@
 // key range [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their
 // own window only on tiles that straddle a window edge.
 //
-// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::attention_backward), dk / dv
-// by fp32 atomics.
+// Backward: for bf16/fp16 with K, V <= 128, key block by key block on tensor cores (key_block_backward.cuh), the
+// tokens of a block being those whose window reaches it; otherwise on CUDA cores, a warp per token and up to four
+// heads of its group (attn::attention_backward), dk / dv by fp32 atomics.
 //
 // FLOPs: 2 * sum over query rows of (keys in the row's window) * (K + V).
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include "cuda/attention_tile.cuh"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/key_block_backward.cuh"
 
 namespace nsa::cuda {
 namespace {
@@ -129,12 +131,41 @@ __global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowPa
   ra.store(p.o + row * p.V, p.lse + row, p.V);
 }
 
+// The key-block backward's work: key block i's tokens, [key0, min(length, key0 + BS + W - 1)) (those whose
+// window reaches a key of the block), in ctas_per_block CTAs of tokens_per_cta.
+struct WindowTokens {
+  DeviceLayout L;
+  int64_t W;  // clamped to the longest sequence
+  int tokens_per_cta, ctas_per_block;
+  __device__ __forceinline__ bool tile(int64_t cta, kbb::KeyTile& w) const {
+    const int64_t length = kbb::locate_block(cta / ctas_per_block, L, w);
+    w.first = w.key0 + cta % ctas_per_block * tokens_per_cta;
+    const int64_t end = min(length, w.key0 + L.block_size + W - 1);
+    if (w.first >= end) return false;
+    w.ntok = int(min(int64_t(tokens_per_cta), end - w.first));
+    return true;
+  }
+  __device__ __forceinline__ int64_t token(const kbb::KeyTile& w, int i) const { return w.first + i; }
+  __device__ __forceinline__ bool sees(int64_t t, int64_t pos) const { return pos <= t && pos > t - W; }
+};
+
 }  // namespace
 
 void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_swa, const void* q, const void* k,
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s) {
   if (L.window <= 0) return;
+  if (kbb::fits(L, q, k, v)) {
+    if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
+    const kbb::StepGeometry geo = kbb::step_geometry(L.G());
+    const int64_t W = std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1));
+    const int ctas_per_block = int(div_up(L.block_size + W - 1, geo.tokens_per_cta));
+    const WindowTokens src{L, W, geo.tokens_per_cta, ctas_per_block};
+    const kbb::PreparedRows rows(L, do_swa, o_swa, s);
+    kbb::launch(dq, dk, dv, rows, q, k, v, lse_swa, src, L.H * L.B * L.C * ctas_per_block, geo, L, s,
+                "key_block_backward_kernel (sliding window)");
+    return;
+  }
   const WindowRowKeys keys{L.window, int(L.H)};
   attn::attention_backward(dq, dk, dv, do_swa, q, k, v, o_swa, lse_swa, keys, L, s,
                            "attention_backward_kernel (sliding window)");

@@ -1,0 +1,307 @@
+// The tensor-core backward (nsa-spec §3) of the token-key branches (selected attention, sliding window), key
+// block by key block, as FlashAttention-2's dK/dV pass: a CTA holds one block of BS keys of one kv head in
+// shared memory and streams through the queries that see it, 16 query rows (tokens x heads of the group) per
+// step, two steps of Q / dO in flight. Per step each warp owns 16 keys and computes, on mma.sync,
+//   S^T = K Q^T, dP^T = V dO^T (16 keys x 16 rows), P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta),
+//   dV += P^T dO, dK += dS^T Q (in registers for the whole CTA),
+// then dS goes through shared memory and the warps split dQ = dS K by columns, added to dq by fp32 atomics (a
+// query row meets the block once, other blocks add theirs). A block's dK / dV leave once per CTA by atomics
+// (long query lists are split over several CTAs of `tokens_per_cta` tokens each, which also balances the
+// work: block 0 is selected by every token).
+//
+// Which tokens see a block and which of its keys each sees is the branch's: a Source gives each CTA its
+// KeyTile (`tile`), the tokens' positions (`token`) and the visibility rule (`sees`).
+#pragma once
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/warp_tile.cuh"
+
+namespace nsa::cuda::kbb {
+
+constexpr int kStepRows = 16;   // query rows per step: one m16 tile
+constexpr int kStepsPerCta = 64;
+
+// One CTA's work: keys [key0, key0 + nkeys) of a sequence for kv head h, and ntok query tokens from `first`
+// (a list offset or a position; the Source reads it).
+struct KeyTile {
+  int64_t key_base;  // flat token of the sequence's first token (its batch row x T + start)
+  int64_t key0, first;
+  int nkeys, ntok, h;
+};
+
+// Block i of a launch's (kv head x key block) numbering: kv head i / (B C), then block (i % (B C)) of the
+// batch rows' pooled-block numbering (the sequences' chunk_start), whose keys are tokens of its sequence. Sets w's
+// h, key_base, key0 and nkeys; returns the sequence's length.
+__device__ __forceinline__ int64_t locate_block(int64_t i, const DeviceLayout& L, KeyTile& w) {
+  const int64_t blocks = L.B * L.C, block = i % blocks, b = block / L.C, chunk = block % L.C;
+  const DeviceSequence seq = L.seqs[find_seq_of_chunk(L.seqs, L.num_seqs, b, chunk)];
+  w.h = int(i / blocks);
+  w.key_base = seq.batch * L.T + seq.start;
+  w.key0 = (chunk - seq.chunk_start) * L.block_size;
+  w.nkeys = int(min(int64_t(L.block_size), seq.length - w.key0));
+  return seq.length;
+}
+
+// How a step's 16 rows map to (token, head): tpt tokens x hpt heads of the group, and head_chunks steps per
+// group of tokens when G > 16.
+struct StepGeometry {
+  int hpt, tpt, head_chunks, tokens_per_cta;
+};
+inline StepGeometry step_geometry(int64_t G) {
+  StepGeometry s;
+  s.hpt = int(G < kStepRows ? G : kStepRows);
+  s.tpt = kStepRows / s.hpt;
+  s.head_chunks = int(div_up(G, s.hpt));
+  s.tokens_per_cta = std::max(1, kStepsPerCta * s.tpt / s.head_chunks);
+  return s;
+}
+
+// The tensors of one branch's backward. d_out is the gated upstream gradient cast to the input type, delta its
+// row-wise dot with the branch's output (prepare_rows).
+template <typename T>
+struct Tensors {
+  float *dq, *dk, *dv;
+  const T *q, *k, *v, *d_out;
+  const float *lse, *delta;
+  int64_t HQ;
+  int H, G, K, V;
+  float scale;
+};
+
+// delta[row] = do_x[row] . o_x[row] and do_x cast to T (the tensor-core operand), a warp per row.
+template <typename T>
+__global__ void prepare_rows_kernel(T* d_out_cast, float* delta, const float* d_out, const T* o, int64_t rows, int V) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  float dot = 0.f;
+  for (int d = lane; d < V; d += 32) {
+    const float g = d_out[row * V + d];
+    dot = fmaf(g, Elem<T>::to_float(o[row * V + d]), dot);
+    d_out_cast[row * V + d] = Elem<T>::from_float(g);
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) delta[row] = dot;
+}
+
+// Adds (x, y) to p[0], p[1] (8-byte aligned): one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
+// Shared memory of key_block_backward_kernel<T, D, kWarps>.
+template <typename T, int D, int kWarps>
+struct Smem {
+  static constexpr int kKeys = 16 * kWarps, kStride = tile::smem_stride<T>(D), kDsStride = tile::smem_stride<T>(kKeys);
+  static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
+  // K, V [kKeys][kStride]; Q, dO [2][16][kStride]; dS [16][kDsStride]; then per buffer and row: lse, delta,
+  // the query row (flat token x HQ + head, -1 for none) and its token's position.
+  static constexpr size_t kElems = 2 * size_t(kKeyElems) + 4 * size_t(kRowElems) + kStepRows * size_t(kDsStride);
+  static constexpr size_t kBytes = kElems * sizeof(T) + 2 * kStepRows * (2 * sizeof(float) + 2 * sizeof(int64_t));
+};
+
+template <typename T, int D, int kWarps, typename Source>
+__global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const Tensors<T> g, const Source src,
+                                                                         const StepGeometry geo) {
+  using Layout = Smem<T, D, kWarps>;
+  constexpr int kKeys = Layout::kKeys, kStride = Layout::kStride, kDsStride = Layout::kDsStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* Ks = reinterpret_cast<T*>(smem);
+  T* Vs = Ks + Layout::kKeyElems;
+  T* Qs = Vs + Layout::kKeyElems;             // [2][16][kStride]
+  T* Os = Qs + 2 * Layout::kRowElems;         // dO, the same
+  T* dSs = Os + 2 * Layout::kRowElems;        // [16][kDsStride]
+  int64_t* qrow_s = reinterpret_cast<int64_t*>(dSs + kStepRows * kDsStride);  // [2][16]
+  int64_t* t_s = qrow_s + 2 * kStepRows;
+  float* lse_s = reinterpret_cast<float*>(t_s + 2 * kStepRows);
+  float* delta_s = lse_s + 2 * kStepRows;
+
+  KeyTile w;
+  if (!src.tile(int64_t(blockIdx.x), w)) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int K = g.K, V = g.V;
+
+  auto key_row = [&](int r) -> int64_t { return (w.key_base + w.key0 + r) * g.H + w.h; };
+  tile::load_rows(Ks, kStride, kKeys, K, D, [&](int r) { return r < w.nkeys ? g.k + key_row(r) * K : nullptr; });
+  tile::load_rows(Vs, kStride, kKeys, V, D, [&](int r) { return r < w.nkeys ? g.v + key_row(r) * V : nullptr; });
+
+  // Row r of step s: its query row (or -1) and its token's position in the sequence.
+  auto step_row = [&](int s, int r, int64_t& t) -> int64_t {
+    const int group = s / geo.head_chunks, chunk = s % geo.head_chunks;
+    const int i = group * geo.tpt + r / geo.hpt, head = chunk * geo.hpt + r % geo.hpt;
+    if (r >= geo.tpt * geo.hpt || i >= w.ntok || head >= g.G) return -1;
+    t = src.token(w, i);
+    return (w.key_base + t) * g.HQ + int64_t(w.h) * g.G + head;
+  };
+  auto load_step = [&](int s, int buf) {
+    if (threadIdx.x < kStepRows) {
+      int64_t t = -1;
+      const int64_t row = step_row(s, threadIdx.x, t);
+      qrow_s[buf * kStepRows + threadIdx.x] = row;
+      t_s[buf * kStepRows + threadIdx.x] = row >= 0 ? t : -1;
+      lse_s[buf * kStepRows + threadIdx.x] = row >= 0 ? g.lse[row] : 0.f;
+      delta_s[buf * kStepRows + threadIdx.x] = row >= 0 ? g.delta[row] : 0.f;
+    }
+    tile::load_rows(Qs + buf * Layout::kRowElems, kStride, kStepRows, K, D, [&](int r) {
+      int64_t t;
+      const int64_t row = step_row(s, r, t);
+      return row >= 0 ? g.q + row * K : nullptr;
+    });
+    tile::load_rows(Os + buf * Layout::kRowElems, kStride, kStepRows, V, D, [&](int r) {
+      int64_t t;
+      const int64_t row = step_row(s, r, t);
+      return row >= 0 ? g.d_out + row * V : nullptr;
+    });
+    cp_async_commit();
+  };
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = g.scale * kLog2e;
+  const int steps = (w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks;
+  load_step(0, 0);  // the K / V copies join this first group
+  for (int s = 0; s < steps; ++s) {
+    const int buf = s & 1;
+    cp_async_wait<0>();
+    __syncthreads();  // step s's rows are in; every warp is past step s - 1 (its buffer and dS are free)
+    if (s + 1 < steps) load_step(s + 1, buf ^ 1);
+    const T* Qb = Qs + buf * Layout::kRowElems;
+    const T* Ob = Os + buf * Layout::kRowElems;
+
+    float p[2][4], ds[2][4];
+    tile::warp_scores<T, kStepRows>(p, Ks, Qb, kStride, warp * 16, D, lane);   // S^T: keys x rows
+    tile::warp_scores<T, kStepRows>(ds, Vs, Ob, kStride, warp * 16, D, lane);  // dP^T
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
+        const int64_t t = t_s[buf * kStepRows + r];
+        const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
+        const float pe = on ? exp2_ftz(p[j][e] * scale_log2 - lse_s[buf * kStepRows + r] * kLog2e) : 0.f;
+        p[j][e] = pe;
+        ds[j][e] = pe * (ds[j][e] - delta_s[buf * kStepRows + r]);
+        dSs[r * kDsStride + key] = Elem<T>::from_float(ds[j][e]);
+      }
+    tile::warp_pv<T, kStepRows, D>(dv, p, Ob, kStride, nullptr, lane);   // dV += P^T dO
+    tile::warp_pv<T, kStepRows, D>(dk, ds, Qb, kStride, nullptr, lane);  // dK += dS^T Q (scaled at the end)
+    __syncthreads();  // dS complete
+
+    // dq[rows, 16 columns] += scale dS K, a 16-column group per warp in turn.
+    const uint32_t a_row = smem_addr(dSs + (lane % 16) * kDsStride + (lane / 16) * 8);
+    const uint32_t b_row = smem_addr(Ks + (lane % 16) * kStride + (lane / 16) * 8);
+    for (int col0 = warp * 16; col0 < K; col0 += 16 * kWarps) {
+      float acc[2][4] = {};
+#pragma unroll
+      for (int kc = 0; kc < kKeys; kc += 16) {
+        uint32_t a[4], b[4];
+        ldmatrix_x4(a, a_row + kc * int(sizeof(T)));
+        ldmatrix_x4_trans(b, b_row + (kc * kStride + col0) * int(sizeof(T)));
+        MmaElem<T>::mma(acc[0], a, b[0], b[1]);
+        MmaElem<T>::mma(acc[1], a, b[2], b[3]);
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = qrow_s[buf * kStepRows + lane / 4 + half * 8];
+        if (row < 0) continue;
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int col = col0 + n * 8 + (lane % 4) * 2;
+          if (col < K) atomic_add2(g.dq + row * K + col, g.scale * acc[n][2 * half], g.scale * acc[n][2 * half + 1]);
+        }
+      }
+    }
+  }
+
+  // The block's dK / dV: keys warp * 16 + lane / 4 (+ 8), columns j * 8 + (lane % 4) * 2 (+ 1).
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int key = warp * 16 + lane / 4 + half * 8;
+    if (key >= w.nkeys) continue;
+    const int64_t kv = key_row(key);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = j * 8 + (lane % 4) * 2;
+      if (col < K) atomic_add2(g.dk + kv * K + col, g.scale * dk[j][2 * half], g.scale * dk[j][2 * half + 1]);
+      if (col < V) atomic_add2(g.dv + kv * V + col, dv[j][2 * half], dv[j][2 * half + 1]);
+    }
+  }
+}
+
+// Whether the key-block kernel takes a branch: bf16/fp16, K and V multiples of 8 up to 128 (16-byte rows;
+// dK and dV stay in registers), block sizes 16 to 128 and 16-byte aligned tensors.
+inline bool fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const int BS = L.block_size;
+  return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && L.K <= 128 && L.V <= 128 &&
+         (BS == 16 || BS == 32 || BS == 64 || BS == 128) && aligned(q) && aligned(k) && aligned(v);
+}
+
+// The gated upstream gradient in the input type and its deltas, in stream-ordered scratch memory.
+struct PreparedRows {
+  StreamScratch d_out, delta;
+  PreparedRows(const DeviceLayout& L, const float* d_out_f32, const void* o, cudaStream_t s)
+      : d_out(size_t(L.B * L.T * L.HQ * L.V) * (L.dtype == ElemType::F32 ? 4 : 2), s, "cudaMallocAsync(do cast)"),
+        delta(size_t(L.B * L.T * L.HQ) * sizeof(float), s, "cudaMallocAsync(delta)") {
+    const int64_t rows = L.B * L.T * L.HQ;
+    if (rows == 0) return;
+    dispatch_elem(L.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      prepare_rows_kernel<T><<<unsigned(div_up(rows * 32, 256)), 256, 0, s>>>(
+          d_out.as<T>(), delta.as<float>(), d_out_f32, static_cast<const T*>(o), rows, int(L.V));
+    });
+    check_launch("prepare_rows_kernel");
+  }
+};
+
+// Launches key_block_backward_kernel over `ctas` CTAs (those past the Source's work return at once); `name`
+// names it in errors. The caller has checked fits(L, ...).
+template <typename Source>
+void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const void* q, const void* k, const void* v,
+            const float* lse, const Source& src, int64_t ctas, const StepGeometry& geo, const DeviceLayout& L,
+            cudaStream_t s, const char* name) {
+  if (ctas == 0) return;
+  if (ctas >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many key blocks for one launch");
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore) {
+      const Tensors<T> g{dq, dk, dv, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                         rows.d_out.as<T>(), lse, rows.delta.as<float>(), L.HQ, int(L.H), int(L.HQ / L.H),
+                         int(L.K), int(L.V), L.scale};
+      auto go = [&](auto dim, auto warps) {
+        constexpr int D = decltype(dim)::value, kWarps = decltype(warps)::value;
+        auto kernel = key_block_backward_kernel<T, D, kWarps, Source>;
+        constexpr size_t bytes = Smem<T, D, kWarps>::kBytes;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
+        kernel<<<unsigned(ctas), 32 * kWarps, bytes, s>>>(g, src, geo);
+      };
+      auto with_warps = [&](auto dim) {
+        switch (L.block_size) {
+          case 16: go(dim, std::integral_constant<int, 1>{}); break;
+          case 32: go(dim, std::integral_constant<int, 2>{}); break;
+          case 64: go(dim, std::integral_constant<int, 4>{}); break;
+          default: go(dim, std::integral_constant<int, 8>{}); break;
+        }
+      };
+      const int64_t d = std::max(L.K, L.V);
+      if (d <= 32) with_warps(std::integral_constant<int, 32>{});
+      else if (d <= 64) with_warps(std::integral_constant<int, 64>{});
+      else with_warps(std::integral_constant<int, 128>{});
+    }
+  });
+  check_launch(name);
+}
+
+}  // namespace nsa::cuda::kbb
