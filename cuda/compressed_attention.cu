@@ -4,12 +4,14 @@
 // One CTA per (token tile, head chunk, sequence, kv head): its rows are the G heads of several tokens, so each
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2.
-// Backward on CUDA cores: a warp per token and up to four heads of its group (attn::attention_backward), dk_cmp /
-// dv_cmp by fp32 atomics.
+// Backward: for bf16/fp16 with K, V <= 128, tile by tile of 64 pooled blocks on tensor cores
+// (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
+// (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
 #include "cuda/attention_sm90.h"
 #include "cuda/attention_tile.cuh"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/key_block_backward.cuh"
 #include "cuda/warp_tile.cuh"
 
 namespace nsa::cuda {
@@ -231,11 +233,52 @@ struct PooledBlockKeys {
   }
 };
 
+// The key-block backward's work: tiles of kTileKeys pooled blocks of a sequence, each with the tokens that see
+// one of its blocks, [(c0 + 1) BS - 1, length), in CTAs of tokens_per_cta; a CTA of the grid (kv head,
+// sequence, tile, token chunk) past its sequence's complete blocks or tokens returns at once.
+struct PooledTiles {
+  static constexpr int kTileKeys = 64;
+  DeviceLayout L;
+  int64_t tiles, chunks;  // per sequence, at most
+  int tokens_per_cta;
+  __device__ __forceinline__ bool tile(int64_t cta, kbb::KeyTile& w) const {
+    const int64_t chunk = cta % chunks, tile = cta / chunks % tiles, rest = cta / chunks / tiles;
+    const DeviceSequence seq = L.seqs[rest % L.num_seqs];
+    w.h = int(rest / L.num_seqs);
+    w.key0 = tile * kTileKeys;
+    const int64_t complete = seq.length / L.block_size;
+    w.first = (w.key0 + 1) * L.block_size - 1 + chunk * tokens_per_cta;
+    if (w.key0 >= complete || w.first >= seq.length) return false;
+    w.nkeys = int(min(int64_t(kTileKeys), complete - w.key0));
+    w.ntok = int(min(int64_t(tokens_per_cta), seq.length - w.first));
+    w.query_base = seq.batch * L.T + seq.start;
+    w.key_row0 = seq.batch * L.C + seq.chunk_start + w.key0;
+    return true;
+  }
+  __device__ __forceinline__ int64_t token(const kbb::KeyTile& w, int i) const { return w.first + i; }
+  __device__ __forceinline__ bool sees(int64_t t, int64_t c) const { return (c + 1) * L.block_size <= t + 1; }
+};
+
 }  // namespace
 
 void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
                                    const void* k_cmp, const void* v_cmp, const void* o_cmp, const float* lse_cmp,
                                    const DeviceLayout& L, cudaStream_t s) {
+  if (kbb::fits(L, PooledTiles::kTileKeys, q, k_cmp, v_cmp)) {
+    if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
+    const kbb::StepGeometry geo = kbb::step_geometry(L.G());
+    const int64_t max_len = std::max<int64_t>(L.max_len, 1);
+    const PooledTiles src{L, div_up(max_len / L.block_size, PooledTiles::kTileKeys),
+                          div_up(max_len, geo.tokens_per_cta), geo.tokens_per_cta};
+    const int64_t ctas = L.H * L.num_seqs * src.tiles * src.chunks;
+    if (ctas < (int64_t(1) << 31)) {
+      const kbb::PreparedRows rows(L, do_cmp, o_cmp, s);
+      kbb::launch<PooledTiles::kTileKeys>(dq, dk_cmp, dv_cmp, rows, q, k_cmp, v_cmp, lse_cmp, src,
+                                          PooledTiles::kTileKeys, ctas, geo, L, s,
+                                          "key_block_backward_kernel (compressed attention)");
+      return;
+    }
+  }
   const PooledBlockKeys keys{L.block_size, L.C, L.H};
   attn::attention_backward(dq, dk_cmp, dv_cmp, do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, keys, L, s,
                            "attention_backward_kernel (compressed attention)");

@@ -1,5 +1,5 @@
-// The tensor-core backward (nsa-spec §3) of the token-key branches (selected attention, sliding window), key
-// block by key block, as FlashAttention-2's dK/dV pass: a CTA holds one block of BS keys of one kv head in
+// The tensor-core backward (nsa-spec §3) of the attention branches, key block by key block, as
+// FlashAttention-2's dK/dV pass: a CTA holds one tile of 16, 32, 64 or 128 keys of one kv head in
 // shared memory and streams through the queries that see it, 16 query rows (tokens x heads of the group) per
 // step, two steps of Q / dO in flight. Per step each warp owns 16 keys and computes, on mma.sync,
 //   S^T = K Q^T, dP^T = V dO^T (16 keys x 16 rows), P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta),
@@ -10,9 +10,12 @@
 // work: block 0 is selected by every token).
 //
 // Which tokens see a block and which of its keys each sees is the branch's: a Source gives each CTA its
-// KeyTile (`tile`), the tokens' positions (`token`) and the visibility rule (`sees`).
+// KeyTile (`tile`), the tokens' positions (`token`) and the visibility rule (`sees`): selected attention (lists of
+// the tokens that selected each block), the sliding window and compressed attention (ranges of tokens).
 #pragma once
+#include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
@@ -22,24 +25,30 @@ namespace nsa::cuda::kbb {
 
 constexpr int kStepRows = 16;   // query rows per step: one m16 tile
 constexpr int kStepsPerCta = 64;
+// Steps of Q / dO rows in shared memory: the rows of a step are gathered from L2 (a selected block's tokens are
+// scattered), so three are in flight while one is computed.
+constexpr int kStages = 4;
+constexpr int kMaxTokensPerCta = kStepsPerCta * kStepRows;
 
-// One CTA's work: keys [key0, key0 + nkeys) of a sequence for kv head h, and ntok query tokens from `first`
-// (a list offset or a position; the Source reads it).
+// One CTA's work: keys [key0, key0 + nkeys) of a sequence (positions as `sees` takes them; rows key_row0 + r of
+// the [*, H, K] key tensor) for kv head h, and ntok query tokens from `first` (a list offset or a position; the
+// Source reads it).
 struct KeyTile {
-  int64_t key_base;  // flat token of the sequence's first token (its batch row x T + start)
-  int64_t key0, first;
+  int64_t query_base;  // flat token of the sequence's first token (its batch row x T + start)
+  int64_t key_row0, key0, first;
   int nkeys, ntok, h;
 };
 
-// Block i of a launch's (kv head x key block) numbering: kv head i / (B C), then block (i % (B C)) of the
-// batch rows' pooled-block numbering (the sequences' chunk_start), whose keys are tokens of its sequence. Sets w's
-// h, key_base, key0 and nkeys; returns the sequence's length.
+// Token block i of a launch's (kv head x block) numbering: kv head i / (B C), then block (i % (B C)) of the
+// batch rows' pooled-block numbering (the sequences' chunk_start), whose BS keys are tokens of its sequence.
+// Sets w's h, query_base, key_row0, key0 and nkeys; returns the sequence's length.
 __device__ __forceinline__ int64_t locate_block(int64_t i, const DeviceLayout& L, KeyTile& w) {
   const int64_t blocks = L.B * L.C, block = i % blocks, b = block / L.C, chunk = block % L.C;
   const DeviceSequence seq = L.seqs[find_seq_of_chunk(L.seqs, L.num_seqs, b, chunk)];
   w.h = int(i / blocks);
-  w.key_base = seq.batch * L.T + seq.start;
+  w.query_base = seq.batch * L.T + seq.start;
   w.key0 = (chunk - seq.chunk_start) * L.block_size;
+  w.key_row0 = w.query_base + w.key0;
   w.nkeys = int(min(int64_t(L.block_size), seq.length - w.key0));
   return seq.length;
 }
@@ -95,16 +104,64 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
   atomicAdd(p + 1, y);
 #endif
 }
+// Adds x to p[0..3] (16-byte aligned): one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add4(float* p, float4 x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), x);
+#else
+  atomicAdd(p, x.x);
+  atomicAdd(p + 1, x.y);
+  atomicAdd(p + 2, x.z);
+  atomicAdd(p + 3, x.w);
+#endif
+}
+
+// S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (rows key0.. of Ks, Vs) and a step's 16 rows (Qb, Ob),
+// k over D in two interleaved partial sums: eight independent mma chains (the step is latency-bound).
+template <typename T, int D, int kStride>
+__device__ __forceinline__ void scores_and_dp(float (&s)[2][4], float (&dp)[2][4], const T* Ks, const T* Vs,
+                                              const T* Qb, const T* Ob, int key0, int lane) {
+  float part[2][2][2][4] = {};  // [S, dP][partial][8-row group][fragment]
+  // A: the keys, rows key0 + lane % 16, k half lane / 16. B: two 8-row groups of the step's rows per ldmatrix.
+  const uint32_t a_off = ((key0 + lane % 16) * kStride + (lane / 16) * 8) * sizeof(T);
+  const uint32_t b_off = (((lane / 16) * 8 + lane % 8) * kStride + ((lane / 8) % 2) * 8) * sizeof(T);
+  const uint32_t k_a = smem_addr(Ks) + a_off, v_a = smem_addr(Vs) + a_off;
+  const uint32_t q_b = smem_addr(Qb) + b_off, o_b = smem_addr(Ob) + b_off;
+#pragma unroll
+  for (int kc = 0; kc < D; kc += 16) {
+    const int half = (kc / 16) % 2;
+    const uint32_t at = kc * sizeof(T);
+    uint32_t a[4], b[4];
+    ldmatrix_x4(a, k_a + at);
+    ldmatrix_x4(b, q_b + at);
+    MmaElem<T>::mma(part[0][half][0], a, b[0], b[1]);
+    MmaElem<T>::mma(part[0][half][1], a, b[2], b[3]);
+    ldmatrix_x4(a, v_a + at);
+    ldmatrix_x4(b, o_b + at);
+    MmaElem<T>::mma(part[1][half][0], a, b[0], b[1]);
+    MmaElem<T>::mma(part[1][half][1], a, b[2], b[3]);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = part[0][0][j][e] + part[0][1][j][e];
+      dp[j][e] = part[1][0][j][e] + part[1][1][j][e];
+    }
+}
 
 // Shared memory of key_block_backward_kernel<T, D, kWarps>.
 template <typename T, int D, int kWarps>
 struct Smem {
   static constexpr int kKeys = 16 * kWarps, kStride = tile::smem_stride<T>(D), kDsStride = tile::smem_stride<T>(kKeys);
   static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
-  // K, V [kKeys][kStride]; Q, dO [2][16][kStride]; dS [16][kDsStride]; then per buffer and row: lse, delta,
-  // the query row (flat token x HQ + head, -1 for none) and its token's position.
-  static constexpr size_t kElems = 2 * size_t(kKeyElems) + 4 * size_t(kRowElems) + kStepRows * size_t(kDsStride);
-  static constexpr size_t kBytes = kElems * sizeof(T) + 2 * kStepRows * (2 * sizeof(float) + 2 * sizeof(int64_t));
+  // K, V [kKeys][kStride]; Q, dO [kStages][16][kStride]; dS [16][kDsStride]; then per stage and row: the query row
+  // (flat token x HQ + head, -1 for none), its token's position, lse and delta; the CTA's token positions.
+  static constexpr size_t kElems =
+      2 * size_t(kKeyElems) + 2 * kStages * size_t(kRowElems) + kStepRows * size_t(kDsStride);
+  static constexpr size_t kBytes = kElems * sizeof(T) +
+                                   kStages * kStepRows * (2 * sizeof(int64_t) + 2 * sizeof(float)) +
+                                   kMaxTokensPerCta * sizeof(int32_t);
 };
 
 template <typename T, int D, int kWarps, typename Source>
@@ -115,20 +172,24 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + Layout::kKeyElems;
-  T* Qs = Vs + Layout::kKeyElems;             // [2][16][kStride]
-  T* Os = Qs + 2 * Layout::kRowElems;         // dO, the same
-  T* dSs = Os + 2 * Layout::kRowElems;        // [16][kDsStride]
-  int64_t* qrow_s = reinterpret_cast<int64_t*>(dSs + kStepRows * kDsStride);  // [2][16]
-  int64_t* t_s = qrow_s + 2 * kStepRows;
-  float* lse_s = reinterpret_cast<float*>(t_s + 2 * kStepRows);
-  float* delta_s = lse_s + 2 * kStepRows;
+  T* Qs = Vs + Layout::kKeyElems;               // [kStages][16][kStride]
+  T* Os = Qs + kStages * Layout::kRowElems;     // dO, the same
+  T* dSs = Os + kStages * Layout::kRowElems;    // [16][kDsStride]
+  int64_t* qrow_s = reinterpret_cast<int64_t*>(dSs + kStepRows * kDsStride);  // [kStages][16]
+  int64_t* t_s = qrow_s + kStages * kStepRows;
+  float* lse_s = reinterpret_cast<float*>(t_s + kStages * kStepRows);
+  float* delta_s = lse_s + kStages * kStepRows;
+  int32_t* token_s = reinterpret_cast<int32_t*>(delta_s + kStages * kStepRows);  // [kMaxTokensPerCta]
 
   KeyTile w;
   if (!src.tile(int64_t(blockIdx.x), w)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // The tokens' positions up front: a step's row mapping then waits on no global load.
+  for (int i = threadIdx.x; i < w.ntok; i += blockDim.x) token_s[i] = int32_t(src.token(w, i));
+  __syncthreads();
   const int K = g.K, V = g.V;
 
-  auto key_row = [&](int r) -> int64_t { return (w.key_base + w.key0 + r) * g.H + w.h; };
+  auto key_row = [&](int r) -> int64_t { return (w.key_row0 + r) * g.H + w.h; };
   tile::load_rows(Ks, kStride, kKeys, K, D, [&](int r) { return r < w.nkeys ? g.k + key_row(r) * K : nullptr; });
   tile::load_rows(Vs, kStride, kKeys, V, D, [&](int r) { return r < w.nkeys ? g.v + key_row(r) * V : nullptr; });
 
@@ -137,17 +198,22 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
     const int group = s / geo.head_chunks, chunk = s % geo.head_chunks;
     const int i = group * geo.tpt + r / geo.hpt, head = chunk * geo.hpt + r % geo.hpt;
     if (r >= geo.tpt * geo.hpt || i >= w.ntok || head >= g.G) return -1;
-    t = src.token(w, i);
-    return (w.key_base + t) * g.HQ + int64_t(w.h) * g.G + head;
+    t = token_s[i];
+    return (w.query_base + t) * g.HQ + int64_t(w.h) * g.G + head;
   };
   auto load_step = [&](int s, int buf) {
     if (threadIdx.x < kStepRows) {
+      const int r = buf * kStepRows + threadIdx.x;
       int64_t t = -1;
       const int64_t row = step_row(s, threadIdx.x, t);
-      qrow_s[buf * kStepRows + threadIdx.x] = row;
-      t_s[buf * kStepRows + threadIdx.x] = row >= 0 ? t : -1;
-      lse_s[buf * kStepRows + threadIdx.x] = row >= 0 ? g.lse[row] : 0.f;
-      delta_s[buf * kStepRows + threadIdx.x] = row >= 0 ? g.delta[row] : 0.f;
+      qrow_s[r] = row;
+      t_s[r] = row >= 0 ? t : -1;
+      if (row >= 0) {
+        cp_async_4(lse_s + r, g.lse + row);
+        cp_async_4(delta_s + r, g.delta + row);
+      } else {
+        lse_s[r] = delta_s[r] = 0.f;
+      }
     }
     tile::load_rows(Qs + buf * Layout::kRowElems, kStride, kStepRows, K, D, [&](int r) {
       int64_t t;
@@ -171,18 +237,23 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = g.scale * kLog2e;
   const int steps = (w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks;
-  load_step(0, 0);  // the K / V copies join this first group
+  // One cp.async group per step (empty past the last), so that waiting for all but the newest kStages - 2
+  // groups means step s is in; the K / V copies join step 0's group.
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_step(s, s);
+    else cp_async_commit();
+  }
   for (int s = 0; s < steps; ++s) {
-    const int buf = s & 1;
-    cp_async_wait<0>();
-    __syncthreads();  // step s's rows are in; every warp is past step s - 1 (its buffer and dS are free)
-    if (s + 1 < steps) load_step(s + 1, buf ^ 1);
+    const int buf = s % kStages;
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // step s's rows are in; every warp is past step s - 1 (its stage and dS are free)
+    if (s + kStages - 1 < steps) load_step(s + kStages - 1, (s + kStages - 1) % kStages);
+    else cp_async_commit();
     const T* Qb = Qs + buf * Layout::kRowElems;
     const T* Ob = Os + buf * Layout::kRowElems;
 
     float p[2][4], ds[2][4];
-    tile::warp_scores<T, kStepRows>(p, Ks, Qb, kStride, warp * 16, D, lane);   // S^T: keys x rows
-    tile::warp_scores<T, kStepRows>(ds, Vs, Ob, kStride, warp * 16, D, lane);  // dP^T
+    scores_and_dp<T, D, kStride>(p, ds, Ks, Vs, Qb, Ob, warp * 16, lane);  // S^T, dP^T: keys x rows
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -199,28 +270,43 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
     tile::warp_pv<T, kStepRows, D>(dk, ds, Qb, kStride, nullptr, lane);  // dK += dS^T Q (scaled at the end)
     __syncthreads();  // dS complete
 
-    // dq[rows, 16 columns] += scale dS K, a 16-column group per warp in turn.
+    // dq[rows, 16-column groups warp, warp + kWarps, ...] += scale dS K, the groups' mma chains interleaved.
+    constexpr int kGroups = (D / 16 + kWarps - 1) / kWarps;
     const uint32_t a_row = smem_addr(dSs + (lane % 16) * kDsStride + (lane / 16) * 8);
     const uint32_t b_row = smem_addr(Ks + (lane % 16) * kStride + (lane / 16) * 8);
-    for (int col0 = warp * 16; col0 < K; col0 += 16 * kWarps) {
-      float acc[2][4] = {};
+    float acc[kGroups][2][4] = {};
 #pragma unroll
-      for (int kc = 0; kc < kKeys; kc += 16) {
-        uint32_t a[4], b[4];
-        ldmatrix_x4(a, a_row + kc * int(sizeof(T)));
+    for (int kc = 0; kc < kKeys; kc += 16) {
+      uint32_t a[4];
+      ldmatrix_x4(a, a_row + kc * int(sizeof(T)));
+#pragma unroll
+      for (int gi = 0; gi < kGroups; ++gi) {
+        const int col0 = (warp + gi * kWarps) * 16;
+        if (col0 >= K) break;
+        uint32_t b[4];
         ldmatrix_x4_trans(b, b_row + (kc * kStride + col0) * int(sizeof(T)));
-        MmaElem<T>::mma(acc[0], a, b[0], b[1]);
-        MmaElem<T>::mma(acc[1], a, b[2], b[3]);
+        MmaElem<T>::mma(acc[gi][0], a, b[0], b[1]);
+        MmaElem<T>::mma(acc[gi][1], a, b[2], b[3]);
       }
+    }
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t row = qrow_s[buf * kStepRows + lane / 4 + half * 8];
-        if (row < 0) continue;
+    for (int gi = 0; gi < kGroups; ++gi) {
+      const int col0 = (warp + gi * kWarps) * 16;
+      if (col0 >= K) break;
+      // Lane pairs swap halves so that each lane adds four consecutive columns of one row: the even lane row
+      // lane / 4, the odd lane row lane / 4 + 8, columns from the even lane's.
+      const bool odd = lane & 1;
+      const int64_t row = qrow_s[buf * kStepRows + lane / 4 + (odd ? 8 : 0)];
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          const int col = col0 + n * 8 + (lane % 4) * 2;
-          if (col < K) atomic_add2(g.dq + row * K + col, g.scale * acc[n][2 * half], g.scale * acc[n][2 * half + 1]);
-        }
+      for (int n = 0; n < 2; ++n) {
+        const float give0 = odd ? acc[gi][n][0] : acc[gi][n][2], give1 = odd ? acc[gi][n][1] : acc[gi][n][3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+        const int col = col0 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
+        const float4 add = odd ? make_float4(got0, got1, acc[gi][n][2], acc[gi][n][3])
+                               : make_float4(acc[gi][n][0], acc[gi][n][1], got0, got1);
+        if (row >= 0 && col < K)
+          atomic_add4(g.dq + row * K + col, make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z,
+                                                        g.scale * add.w));
       }
     }
   }
@@ -240,13 +326,14 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
   }
 }
 
-// Whether the key-block kernel takes a branch: bf16/fp16, K and V multiples of 8 up to 128 (16-byte rows;
-// dK and dV stay in registers), block sizes 16 to 128 and 16-byte aligned tensors.
-inline bool fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+// Whether the key-block kernel takes a branch with tiles of `tile_keys` keys: bf16/fp16, K and V multiples of 8
+// up to 128 (16-byte rows; dK and dV stay in registers), 16 to 128 keys a tile and 16-byte aligned tensors.
+inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const int BS = L.block_size;
   return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && L.K <= 128 && L.V <= 128 &&
-         (BS == 16 || BS == 32 || BS == 64 || BS == 128) && aligned(q) && aligned(k) && aligned(v);
+         L.max_len < (int64_t(1) << 31) &&
+         (tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128) && aligned(q) && aligned(k) &&
+         aligned(v);
 }
 
 // The gated upstream gradient in the input type and its deltas, in stream-ordered scratch memory.
@@ -266,12 +353,13 @@ struct PreparedRows {
   }
 };
 
-// Launches key_block_backward_kernel over `ctas` CTAs (those past the Source's work return at once); `name`
-// names it in errors. The caller has checked fits(L, ...).
-template <typename Source>
+// Launches key_block_backward_kernel with tiles of `tile_keys` keys over `ctas` CTAs (those past the Source's
+// work return at once); `name` names it in errors. The caller has checked fits(L, tile_keys, ...). A branch
+// whose tiles have one size names it as kFixedTileKeys: only that kernel is built.
+template <int kFixedTileKeys = 0, typename Source>
 void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const void* q, const void* k, const void* v,
-            const float* lse, const Source& src, int64_t ctas, const StepGeometry& geo, const DeviceLayout& L,
-            cudaStream_t s, const char* name) {
+            const float* lse, const Source& src, int tile_keys, int64_t ctas, const StepGeometry& geo,
+            const DeviceLayout& L, cudaStream_t s, const char* name) {
   if (ctas == 0) return;
   if (ctas >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many key blocks for one launch");
   dispatch_elem(L.dtype, [&](auto tag) {
@@ -288,11 +376,16 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
         kernel<<<unsigned(ctas), 32 * kWarps, bytes, s>>>(g, src, geo);
       };
       auto with_warps = [&](auto dim) {
-        switch (L.block_size) {
-          case 16: go(dim, std::integral_constant<int, 1>{}); break;
-          case 32: go(dim, std::integral_constant<int, 2>{}); break;
-          case 64: go(dim, std::integral_constant<int, 4>{}); break;
-          default: go(dim, std::integral_constant<int, 8>{}); break;
+        if constexpr (kFixedTileKeys != 0) {
+          static_assert(kFixedTileKeys % 16 == 0 && kFixedTileKeys <= 128, "tiles of 16 to 128 keys");
+          go(dim, std::integral_constant<int, kFixedTileKeys / 16>{});
+        } else {
+          switch (tile_keys) {
+            case 16: go(dim, std::integral_constant<int, 1>{}); break;
+            case 32: go(dim, std::integral_constant<int, 2>{}); break;
+            case 64: go(dim, std::integral_constant<int, 4>{}); break;
+            default: go(dim, std::integral_constant<int, 8>{}); break;
+          }
         }
       };
       const int64_t d = std::max(L.K, L.V);

@@ -798,7 +798,9 @@ struct SelectionLists {
     w.ntok = int(min(int64_t(tokens_per_cta), list_start[lo + 1] - w.first));
     return true;
   }
-  __device__ __forceinline__ int64_t token(const kbb::KeyTile& w, int i) const { return tokens[w.first + i] - w.key_base; }
+  __device__ __forceinline__ int64_t token(const kbb::KeyTile& w, int i) const {
+    return tokens[w.first + i] - w.query_base;
+  }
   __device__ __forceinline__ bool sees(int64_t t, int64_t pos) const { return pos <= t; }
 };
 
@@ -808,7 +810,7 @@ bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const float* 
                                   const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
                                   const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
   const int64_t lists = L.H * L.B * L.C, entries = L.B * L.T * L.H * L.block_count;
-  if (!kbb::fits(L, q, k, v) || entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31)) return false;
+  if (!kbb::fits(L, L.block_size, q, k, v) || entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31)) return false;
   if (entries == 0 || L.num_seqs == 0) return true;
   const kbb::StepGeometry geo = kbb::step_geometry(L.G());
   const size_t list_bytes = size_t(lists + 1) * sizeof(int32_t);
@@ -843,8 +845,8 @@ bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const float* 
   const SelectionLists src{L, tokens.as<int32_t>(), list_start.as<int32_t>(), cta_start.as<int32_t>(), lists,
                            geo.tokens_per_cta};
   // Each list has at most entries / tokens_per_cta full CTAs in all, plus one partial CTA.
-  kbb::launch(dq, dk, dv, rows, q, k, v, lse_slc, src, entries / geo.tokens_per_cta + lists, geo, L, s,
-              "key_block_backward_kernel (selected attention)");
+  kbb::launch(dq, dk, dv, rows, q, k, v, lse_slc, src, L.block_size, entries / geo.tokens_per_cta + lists, geo, L,
+              s, "key_block_backward_kernel (selected attention)");
   return true;
 }
 

@@ -155,15 +155,15 @@ void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_sw
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s) {
   if (L.window <= 0) return;
-  if (kbb::fits(L, q, k, v)) {
+  if (kbb::fits(L, L.block_size, q, k, v)) {
     if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
     const kbb::StepGeometry geo = kbb::step_geometry(L.G());
     const int64_t W = std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1));
     const int ctas_per_block = int(div_up(L.block_size + W - 1, geo.tokens_per_cta));
     const WindowTokens src{L, W, geo.tokens_per_cta, ctas_per_block};
     const kbb::PreparedRows rows(L, do_swa, o_swa, s);
-    kbb::launch(dq, dk, dv, rows, q, k, v, lse_swa, src, L.H * L.B * L.C * ctas_per_block, geo, L, s,
-                "key_block_backward_kernel (sliding window)");
+    kbb::launch(dq, dk, dv, rows, q, k, v, lse_swa, src, L.block_size, L.H * L.B * L.C * ctas_per_block, geo, L,
+                s, "key_block_backward_kernel (sliding window)");
     return;
   }
   const WindowRowKeys keys{L.window, int(L.H)};
