@@ -1,7 +1,7 @@
 // The tensor-core backward (nsa-spec §3) of the attention branches, key block by key block, as
-// FlashAttention-2's dK/dV pass: a CTA holds one tile of 16, 32, 64 or 128 keys of one kv head in
-// shared memory and streams through the queries that see it, 16 query rows (tokens x heads of the group) per
-// step, two steps of Q / dO in flight. Per step each warp owns 16 keys and computes, on mma.sync,
+// FlashAttention-2's dK/dV pass: a CTA holds one tile of 16, 32, 64 or 128 keys of one kv head in shared memory
+// and streams through the queries that see it, 16 query rows (tokens x heads of the group) per step, three steps
+// of Q / dO in flight. Per step and 16 keys, on mma.sync, a pair of warps computes
 //   S^T = K Q^T, dP^T = V dO^T (16 keys x 16 rows), P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q (in registers for the whole CTA),
 // then dS goes through shared memory and the warps split dQ = dS K by columns, added to dq by fp32 atomics (a
@@ -116,66 +116,73 @@ __device__ __forceinline__ void atomic_add4(float* p, float4 x) {
 #endif
 }
 
-// S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys (rows key0.. of Ks, Vs) and a step's 16 rows (Qb, Ob),
-// k over D in two interleaved partial sums: eight independent mma chains (the step is latency-bound).
+// A^T B^T-style scores of the warp's 16 keys (rows key0.. of As) against a step's 16 rows (Bs): S^T = K Q^T or
+// dP^T = V dO^T, k over D in two interleaved partial sums (four independent mma chains).
 template <typename T, int D, int kStride>
-__device__ __forceinline__ void scores_and_dp(float (&s)[2][4], float (&dp)[2][4], const T* Ks, const T* Vs,
-                                              const T* Qb, const T* Ob, int key0, int lane) {
-  float part[2][2][2][4] = {};  // [S, dP][partial][8-row group][fragment]
-  // A: the keys, rows key0 + lane % 16, k half lane / 16. B: two 8-row groups of the step's rows per ldmatrix.
-  const uint32_t a_off = ((key0 + lane % 16) * kStride + (lane / 16) * 8) * sizeof(T);
-  const uint32_t b_off = (((lane / 16) * 8 + lane % 8) * kStride + ((lane / 8) % 2) * 8) * sizeof(T);
-  const uint32_t k_a = smem_addr(Ks) + a_off, v_a = smem_addr(Vs) + a_off;
-  const uint32_t q_b = smem_addr(Qb) + b_off, o_b = smem_addr(Ob) + b_off;
+__device__ __forceinline__ void key_scores(float (&out)[2][4], const T* As, const T* Bs, int key0, int lane) {
+  float part[2][2][4] = {};  // [partial][8-row group][fragment]
+  // A: the keys, rows key0 + lane % 16, k half lane / 16. B: both 8-row groups of the step's rows per ldmatrix.
+  const uint32_t a = smem_addr(As + (key0 + lane % 16) * kStride + (lane / 16) * 8);
+  const uint32_t b = smem_addr(Bs + ((lane / 16) * 8 + lane % 8) * kStride + ((lane / 8) % 2) * 8);
 #pragma unroll
   for (int kc = 0; kc < D; kc += 16) {
     const int half = (kc / 16) % 2;
-    const uint32_t at = kc * sizeof(T);
-    uint32_t a[4], b[4];
-    ldmatrix_x4(a, k_a + at);
-    ldmatrix_x4(b, q_b + at);
-    MmaElem<T>::mma(part[0][half][0], a, b[0], b[1]);
-    MmaElem<T>::mma(part[0][half][1], a, b[2], b[3]);
-    ldmatrix_x4(a, v_a + at);
-    ldmatrix_x4(b, o_b + at);
-    MmaElem<T>::mma(part[1][half][0], a, b[0], b[1]);
-    MmaElem<T>::mma(part[1][half][1], a, b[2], b[3]);
+    uint32_t af[4], bf[4];
+    ldmatrix_x4(af, a + kc * int(sizeof(T)));
+    ldmatrix_x4(bf, b + kc * int(sizeof(T)));
+    MmaElem<T>::mma(part[half][0], af, bf[0], bf[1]);
+    MmaElem<T>::mma(part[half][1], af, bf[2], bf[3]);
   }
 #pragma unroll
   for (int j = 0; j < 2; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[j][e] = part[0][0][j][e] + part[0][1][j][e];
-      dp[j][e] = part[1][0][j][e] + part[1][1][j][e];
-    }
+    for (int e = 0; e < 4; ++e) out[j][e] = part[0][j][e] + part[1][j][e];
 }
 
-// Shared memory of key_block_backward_kernel<T, D, kWarps>.
-template <typename T, int D, int kWarps>
+// Named barrier `id` over `threads` threads: the producer arrives, the consumer waits (bar.sync orders the
+// producer's shared-memory writes before the consumer's reads).
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Shared memory of key_block_backward_kernel<T, D, kKeyWarps>.
+template <typename T, int D, int kKeyWarps>
 struct Smem {
-  static constexpr int kKeys = 16 * kWarps, kStride = tile::smem_stride<T>(D), kDsStride = tile::smem_stride<T>(kKeys);
+  static constexpr int kKeys = 16 * kKeyWarps, kStride = tile::smem_stride<T>(D);
+  static constexpr int kDsStride = tile::smem_stride<T>(kKeys);
   static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
-  // K, V [kKeys][kStride]; Q, dO [kStages][16][kStride]; dS [16][kDsStride]; then per stage and row: the query row
-  // (flat token x HQ + head, -1 for none), its token's position, lse and delta; the CTA's token positions.
+  // K, V [kKeys][kStride]; Q, dO [kStages][16][kStride]; dS [16][kDsStride]; then P^T fragments [kKeyWarps][32
+  // lanes][8]; per stage and row: the query row (flat token x HQ + head, -1 for none), its token's position, lse
+  // and delta; the CTA's token positions.
   static constexpr size_t kElems =
       2 * size_t(kKeyElems) + 2 * kStages * size_t(kRowElems) + kStepRows * size_t(kDsStride);
-  static constexpr size_t kBytes = kElems * sizeof(T) +
+  static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 8 * sizeof(float) +
                                    kStages * kStepRows * (2 * sizeof(int64_t) + 2 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
 };
 
-template <typename T, int D, int kWarps, typename Source>
-__global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const Tensors<T> g, const Source src,
-                                                                         const StepGeometry geo) {
-  using Layout = Smem<T, D, kWarps>;
+// Two warps per 16 keys (kKeyWarps x 16 keys a tile): per step the P warp of a key group computes S^T, the
+// probabilities P^T (masked by the Source) and dV += P^T dO; the dS warp computes dP^T, takes P^T through
+// shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x D] accumulator, so a thread
+// needs at most 128 registers and an SM holds 16 warps (H100: one warp per 16 keys holding both needed 255 and
+// ran 8 warps).
+template <typename T, int D, int kKeyWarps, typename Source>
+__global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
+    key_block_backward_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
+  using Layout = Smem<T, D, kKeyWarps>;
   constexpr int kKeys = Layout::kKeys, kStride = Layout::kStride, kDsStride = Layout::kDsStride;
+  constexpr int kWarps = 2 * kKeyWarps;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + Layout::kKeyElems;
   T* Qs = Vs + Layout::kKeyElems;               // [kStages][16][kStride]
   T* Os = Qs + kStages * Layout::kRowElems;     // dO, the same
   T* dSs = Os + kStages * Layout::kRowElems;    // [16][kDsStride]
-  int64_t* qrow_s = reinterpret_cast<int64_t*>(dSs + kStepRows * kDsStride);  // [kStages][16]
+  float* Ps = reinterpret_cast<float*>(dSs + kStepRows * kDsStride);  // [kKeyWarps][32][8]
+  int64_t* qrow_s = reinterpret_cast<int64_t*>(Ps + kKeyWarps * 32 * 8);  // [kStages][16]
   int64_t* t_s = qrow_s + kStages * kStepRows;
   float* lse_s = reinterpret_cast<float*>(t_s + kStages * kStepRows);
   float* delta_s = lse_s + kStages * kStepRows;
@@ -184,6 +191,8 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
   KeyTile w;
   if (!src.tile(int64_t(blockIdx.x), w)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool p_warp = warp < kKeyWarps;
+  const int key_group = warp % kKeyWarps;
   // The tokens' positions up front: a step's row mapping then waits on no global load.
   for (int i = threadIdx.x; i < w.ntok; i += blockDim.x) token_s[i] = int32_t(src.token(w, i));
   __syncthreads();
@@ -228,15 +237,16 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
     cp_async_commit();
   };
 
-  float dk[D / 8][4], dv[D / 8][4];
+  float acc_kv[D / 8][4];  // the P warp's dV, the dS warp's dK (unscaled)
 #pragma unroll
   for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[j][e] = dv[j][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc_kv[j][e] = 0.f;
 
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = g.scale * kLog2e;
   const int steps = (w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks;
+  float* p_frag = Ps + (key_group * 32 + lane) * 8;  // this lane's P^T fragment, shared by the key group's pair
   // One cp.async group per step (empty past the last), so that waiting for all but the newest kStages - 2
   // groups means step s is in; the K / V copies join step 0's group.
   for (int s = 0; s < kStages - 1; ++s) {
@@ -246,28 +256,45 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
   for (int s = 0; s < steps; ++s) {
     const int buf = s % kStages;
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // step s's rows are in; every warp is past step s - 1 (its stage and dS are free)
+    __syncthreads();  // step s's rows are in; every warp is past step s - 1 (its stage, P^T and dS are free)
     if (s + kStages - 1 < steps) load_step(s + kStages - 1, (s + kStages - 1) % kStages);
     else cp_async_commit();
     const T* Qb = Qs + buf * Layout::kRowElems;
     const T* Ob = Os + buf * Layout::kRowElems;
+    const float* delta_b = delta_s + buf * kStepRows;
 
-    float p[2][4], ds[2][4];
-    scores_and_dp<T, D, kStride>(p, ds, Ks, Vs, Qb, Ob, warp * 16, lane);  // S^T, dP^T: keys x rows
+    // Fragment element (j, e): key key_group * 16 + lane / 4 (+ 8 for e >= 2), row j * 8 + (lane % 4) * 2 + e % 2.
+    float f[2][4];
+    if (p_warp) {
+      key_scores<T, D, kStride>(f, Ks, Qb, key_group * 16, lane);  // S^T
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = warp * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
-        const int64_t t = t_s[buf * kStepRows + r];
-        const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
-        const float pe = on ? exp2_ftz(p[j][e] * scale_log2 - lse_s[buf * kStepRows + r] * kLog2e) : 0.f;
-        p[j][e] = pe;
-        ds[j][e] = pe * (ds[j][e] - delta_s[buf * kStepRows + r]);
-        dSs[r * kDsStride + key] = Elem<T>::from_float(ds[j][e]);
-      }
-    tile::warp_pv<T, kStepRows, D>(dv, p, Ob, kStride, nullptr, lane);   // dV += P^T dO
-    tile::warp_pv<T, kStepRows, D>(dk, ds, Qb, kStride, nullptr, lane);  // dK += dS^T Q (scaled at the end)
+        for (int e = 0; e < 4; ++e) {
+          const int key = key_group * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
+          const int64_t t = t_s[buf * kStepRows + r];
+          const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
+          f[j][e] = on ? exp2_ftz(f[j][e] * scale_log2 - lse_s[buf * kStepRows + r] * kLog2e) : 0.f;
+        }
+      reinterpret_cast<float4*>(p_frag)[0] = make_float4(f[0][0], f[0][1], f[0][2], f[0][3]);
+      reinterpret_cast<float4*>(p_frag)[1] = make_float4(f[1][0], f[1][1], f[1][2], f[1][3]);
+      named_arrive(1 + key_group, 64);
+      tile::warp_pv<T, kStepRows, D>(acc_kv, f, Ob, kStride, nullptr, lane);  // dV += P^T dO
+    } else {
+      key_scores<T, D, kStride>(f, Vs, Ob, key_group * 16, lane);  // dP^T
+      named_sync(1 + key_group, 64);
+      const float4 p0 = reinterpret_cast<const float4*>(p_frag)[0], p1 = reinterpret_cast<const float4*>(p_frag)[1];
+      const float p[2][4] = {{p0.x, p0.y, p0.z, p0.w}, {p1.x, p1.y, p1.z, p1.w}};
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key_group * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
+          f[j][e] = p[j][e] * (f[j][e] - delta_b[r]);
+          dSs[r * kDsStride + key] = Elem<T>::from_float(f[j][e]);
+        }
+      tile::warp_pv<T, kStepRows, D>(acc_kv, f, Qb, kStride, nullptr, lane);  // dK += dS^T Q
+    }
     __syncthreads();  // dS complete
 
     // dq[rows, 16-column groups warp, warp + kWarps, ...] += scale dS K, the groups' mma chains interleaved.
@@ -311,17 +338,20 @@ __global__ void __launch_bounds__(32 * kWarps) key_block_backward_kernel(const T
     }
   }
 
-  // The block's dK / dV: keys warp * 16 + lane / 4 (+ 8), columns j * 8 + (lane % 4) * 2 (+ 1).
+  // The tile's dV (P warps) or dK (dS warps): keys key_group * 16 + lane / 4 (+ 8), columns j * 8 + (lane % 4) * 2.
+  float* out = p_warp ? g.dv : g.dk;
+  const int cols = p_warp ? V : K;
+  const float factor = p_warp ? 1.f : g.scale;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int key = warp * 16 + lane / 4 + half * 8;
+    const int key = key_group * 16 + lane / 4 + half * 8;
     if (key >= w.nkeys) continue;
     const int64_t kv = key_row(key);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const int col = j * 8 + (lane % 4) * 2;
-      if (col < K) atomic_add2(g.dk + kv * K + col, g.scale * dk[j][2 * half], g.scale * dk[j][2 * half + 1]);
-      if (col < V) atomic_add2(g.dv + kv * V + col, dv[j][2 * half], dv[j][2 * half + 1]);
+      if (col < cols)
+        atomic_add2(out + kv * cols + col, factor * acc_kv[j][2 * half], factor * acc_kv[j][2 * half + 1]);
     }
   }
 }
@@ -369,11 +399,11 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
                          rows.d_out.as<T>(), lse, rows.delta.as<float>(), L.HQ, int(L.H), int(L.HQ / L.H),
                          int(L.K), int(L.V), L.scale};
       auto go = [&](auto dim, auto warps) {
-        constexpr int D = decltype(dim)::value, kWarps = decltype(warps)::value;
-        auto kernel = key_block_backward_kernel<T, D, kWarps, Source>;
-        constexpr size_t bytes = Smem<T, D, kWarps>::kBytes;
+        constexpr int D = decltype(dim)::value, kKeyWarps = decltype(warps)::value;
+        auto kernel = key_block_backward_kernel<T, D, kKeyWarps, Source>;
+        constexpr size_t bytes = Smem<T, D, kKeyWarps>::kBytes;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
-        kernel<<<unsigned(ctas), 32 * kWarps, bytes, s>>>(g, src, geo);
+        kernel<<<unsigned(ctas), 64 * kKeyWarps, bytes, s>>>(g, src, geo);
       };
       auto with_warps = [&](auto dim) {
         if constexpr (kFixedTileKeys != 0) {
