@@ -234,23 +234,25 @@ struct PooledBlockKeys {
 };
 
 // The key-block backward's work: tiles of kTileKeys pooled blocks of a sequence, each with the tokens that see
-// one of its blocks, [(c0 + 1) BS - 1, length), in CTAs of tokens_per_cta; a CTA of the grid (kv head,
-// sequence, tile, token chunk) past its sequence's complete blocks or tokens returns at once.
+// one of its blocks, [(c0 + 1) BS - 1, length), in chunks of tokens_per_cta positions; a CTA of the grid (kv
+// head, sequence, token chunk, tile) with no such tokens returns at once. Tiles vary fastest, so that the CTAs
+// running together share their tokens' q, do and dq rows in L2.
 struct PooledTiles {
   static constexpr int kTileKeys = 64;
   DeviceLayout L;
   int64_t tiles, chunks;  // per sequence, at most
   int tokens_per_cta;
   __device__ __forceinline__ bool tile(int64_t cta, kbb::KeyTile& w) const {
-    const int64_t chunk = cta % chunks, tile = cta / chunks % tiles, rest = cta / chunks / tiles;
+    const int64_t tile = cta % tiles, chunk = cta / tiles % chunks, rest = cta / tiles / chunks;
     const DeviceSequence seq = L.seqs[rest % L.num_seqs];
     w.h = int(rest / L.num_seqs);
     w.key0 = tile * kTileKeys;
     const int64_t complete = seq.length / L.block_size;
-    w.first = (w.key0 + 1) * L.block_size - 1 + chunk * tokens_per_cta;
-    if (w.key0 >= complete || w.first >= seq.length) return false;
+    w.first = max(chunk * tokens_per_cta, (w.key0 + 1) * L.block_size - 1);
+    const int64_t end = min((chunk + 1) * tokens_per_cta, seq.length);
+    if (w.key0 >= complete || w.first >= end) return false;
     w.nkeys = int(min(int64_t(kTileKeys), complete - w.key0));
-    w.ntok = int(min(int64_t(tokens_per_cta), seq.length - w.first));
+    w.ntok = int(end - w.first);
     w.query_base = seq.batch * L.T + seq.start;
     w.key_row0 = seq.batch * L.C + seq.chunk_start + w.key0;
     return true;

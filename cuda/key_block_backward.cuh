@@ -139,13 +139,12 @@ __device__ __forceinline__ void key_scores(float (&out)[2][4], const T* As, cons
     for (int e = 0; e < 4; ++e) out[j][e] = part[0][j][e] + part[1][j][e];
 }
 
-// Named barrier `id` over `threads` threads: the producer arrives, the consumer waits (bar.sync orders the
-// producer's shared-memory writes before the consumer's reads).
-__device__ __forceinline__ void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// Barrier `id` over `threads` threads (whole warps), orders their shared-memory accesses. Not `.aligned`: the
+// two warps of a pair reach it from different branches. (With bar.arrive on the producer's side, racecheck
+// reported hazards across the CTA-wide barriers; with bar.sync, the `.aligned` form, synccheck objected to the
+// two instructions.)
+__device__ __forceinline__ void pair_sync(int id, int threads) {
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Shared memory of key_block_backward_kernel<T, D, kKeyWarps>.
@@ -278,11 +277,11 @@ __global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
         }
       reinterpret_cast<float4*>(p_frag)[0] = make_float4(f[0][0], f[0][1], f[0][2], f[0][3]);
       reinterpret_cast<float4*>(p_frag)[1] = make_float4(f[1][0], f[1][1], f[1][2], f[1][3]);
-      named_arrive(1 + key_group, 64);
+      pair_sync(1 + key_group, 64);
       tile::warp_pv<T, kStepRows, D>(acc_kv, f, Ob, kStride, nullptr, lane);  // dV += P^T dO
     } else {
       key_scores<T, D, kStride>(f, Vs, Ob, key_group * 16, lane);  // dP^T
-      named_sync(1 + key_group, 64);
+      pair_sync(1 + key_group, 64);
       const float4 p0 = reinterpret_cast<const float4*>(p_frag)[0], p1 = reinterpret_cast<const float4*>(p_frag)[1];
       const float p[2][4] = {{p0.x, p0.y, p0.z, p0.w}, {p1.x, p1.y, p1.z, p1.w}};
 #pragma unroll

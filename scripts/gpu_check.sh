@@ -7,10 +7,11 @@
 #   4. varlen cases the streamed selected-attention kernel takes, the gate pass fused into it (G = 32, BS = 64,
 #      K != V, block_counts; with a window and without), one the block-major selected-attention path takes
 #      (G = 1, BS = 32, K != V, block_counts) and one the wgmma compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
-#      compute-sanitizer memcheck on them, on varlen golden cases and on the GPU tests' randomly drawn shapes
-#      (when compute-sanitizer is on PATH);
-#   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), at 64k with the sm_80 kernel set, and the
-#      backward at 8k.
+#      compute-sanitizer memcheck on them, on varlen golden cases and on the GPU tests' randomly drawn shapes,
+#      racecheck and synccheck on golden cases that take the tensor-core backward (when compute-sanitizer is on
+#      PATH);
+#   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), at 64k with the sm_80 kernel set, the
+#      backward at 8k and 64k, and G = 1, 4, 16 at 32k (forward and backward).
 # Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,15 @@ if command -v compute-sanitizer >/dev/null; then
       -i "$c.safetensors" -o "$out/memcheck_$name.safetensors"
     rm -f "$out/memcheck_$name.safetensors"
   done
+  # The tensor-core backward (key_block_backward.cuh: warp pairs through shared memory and named barriers) under
+  # racecheck and synccheck: golden cases whose selected, window and compressed backward take it.
+  for c in fixed_k128 fixed_g2_k64_w64 varlen_g16_paper; do
+    for tool in racecheck synccheck; do
+      step "${tool}_$c" compute-sanitizer --tool $tool --error-exitcode 9 "$bin" run --backend cuda \
+        -i "fixtures/golden/$c.safetensors" -o "$out/${tool}_$c.safetensors"
+      rm -f "$out/${tool}_$c.safetensors"
+    done
+  done
   # The randomly drawn shapes of the GPU tests (every dtype, G, K != V, block sizes, varlen, windows), under
   # memcheck as a whole.
   step memcheck_random_shapes compute-sanitizer --tool memcheck --error-exitcode 9 "$build/cuda_tests" \
@@ -81,11 +91,13 @@ done
 # The kernels an sm_80 GPU runs, timed on this device (wgmma and TMA kernels off).
 step bench_T65536_sm80_kernels "$bin" bench --backend cuda --seqlen 65536 --heads-q 64 $shape --no-sm90-kernels \
   --json "$out/bench_T65536_sm80_kernels.json"
-# The backward pass (correctness-first kernels) at 8k.
-step bench_T8192_backward "$bin" bench --backend cuda --seqlen 8192 --heads-q 64 ${shape/--warmup 2 --iters 10/--warmup 1 --iters 3} \
-  --backward --json "$out/bench_T8192_backward.json"
-for H in 16 4 1; do  # G = 1, 4, 16 at HQ = 16
+# The backward pass at 8k (with a window) and 64k.
+step bench_T8192_backward "$bin" bench --backend cuda --seqlen 8192 --heads-q 64 ${shape/--warmup 2 --iters 10/--warmup 1 --iters 5} \
+  --window 512 --backward --json "$out/bench_T8192_backward.json"
+step bench_T65536_backward "$bin" bench --backend cuda --seqlen 65536 --heads-q 64 \
+  ${shape/--warmup 2 --iters 10/--warmup 1 --iters 5} --backward --json "$out/bench_T65536_backward.json"
+for H in 16 4 1; do  # G = 1, 4, 16 at HQ = 16, forward and backward
   step "bench_G$((16 / H))" "$bin" bench --backend cuda --seqlen 32768 --heads-q 16 ${shape/--heads-kv 4/--heads-kv $H} \
-    --json "$out/bench_G$((16 / H)).json"
+    --backward --json "$out/bench_G$((16 / H)).json"
 done
 exit $status
