@@ -1,8 +1,8 @@
 // The tensor-core backward (nsa-spec §3) of the attention branches, key block by key block, as
 // FlashAttention-2's dK/dV pass: a CTA holds one tile of 16, 32, 64 or 128 keys of one kv head in shared memory
-// and streams through the queries that see it, 16 query rows (tokens x heads of the group) per step, three steps
+// and streams through the queries that see it, 32 query rows (tokens x heads of the group) per step, two steps
 // of Q / dO in flight. Per step and 16 keys, on mma.sync, a pair of warps computes
-//   S^T = K Q^T, dP^T = V dO^T (16 keys x 16 rows), P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta),
+//   S^T = K Q^T, dP^T = V dO^T (16 keys x 32 rows), P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q (in registers for the whole CTA),
 // then dS goes through shared memory and the warps split dQ = dS K by columns, added to dq by fp32 atomics (a
 // query row meets the block once, other blocks add theirs). A block's dK / dV leave once per CTA by atomics
@@ -23,11 +23,12 @@
 
 namespace nsa::cuda::kbb {
 
-constexpr int kStepRows = 16;   // query rows per step: one m16 tile
-constexpr int kStepsPerCta = 64;
+constexpr int kStepRows = 32;   // query rows per step: two m16 tiles of dQ, four n8 groups of S^T
+constexpr int kRowGroups = kStepRows / 8;
+constexpr int kStepsPerCta = 32;
 // Steps of Q / dO rows in shared memory: the rows of a step are gathered from L2 (a selected block's tokens are
-// scattered), so three are in flight while one is computed.
-constexpr int kStages = 4;
+// scattered), so two are in flight while one is computed.
+constexpr int kStages = 3;
 constexpr int kMaxTokensPerCta = kStepsPerCta * kStepRows;
 
 // One CTA's work: keys [key0, key0 + nkeys) of a sequence (positions as `sees` takes them; rows key_row0 + r of
@@ -53,14 +54,14 @@ __device__ __forceinline__ int64_t locate_block(int64_t i, const DeviceLayout& L
   return seq.length;
 }
 
-// How a step's 16 rows map to (token, head): tpt tokens x hpt heads of the group, and head_chunks steps per
-// group of tokens when G > 16.
+// How a step's 32 rows map to (token, head): tpt tokens x hpt heads of the group (hpt <= 16), and head_chunks
+// steps per group of tokens when G > 16.
 struct StepGeometry {
   int hpt, tpt, head_chunks, tokens_per_cta;
 };
 inline StepGeometry step_geometry(int64_t G) {
   StepGeometry s;
-  s.hpt = int(G < kStepRows ? G : kStepRows);
+  s.hpt = int(G < 16 ? G : 16);
   s.tpt = kStepRows / s.hpt;
   s.head_chunks = int(div_up(G, s.hpt));
   s.tokens_per_cta = std::max(1, kStepsPerCta * s.tpt / s.head_chunks);
@@ -116,27 +117,28 @@ __device__ __forceinline__ void atomic_add4(float* p, float4 x) {
 #endif
 }
 
-// A^T B^T-style scores of the warp's 16 keys (rows key0.. of As) against a step's 16 rows (Bs): S^T = K Q^T or
-// dP^T = V dO^T, k over D in two interleaved partial sums (four independent mma chains).
+// Scores of the warp's 16 keys (rows key0.. of As) against a step's 32 rows (Bs): S^T = K Q^T or dP^T = V dO^T,
+// k over D (four independent mma chains, one per 8-row group).
 template <typename T, int D, int kStride>
-__device__ __forceinline__ void key_scores(float (&out)[2][4], const T* As, const T* Bs, int key0, int lane) {
-  float part[2][2][4] = {};  // [partial][8-row group][fragment]
-  // A: the keys, rows key0 + lane % 16, k half lane / 16. B: both 8-row groups of the step's rows per ldmatrix.
+__device__ __forceinline__ void key_scores(float (&out)[kRowGroups][4], const T* As, const T* Bs, int key0,
+                                           int lane) {
+#pragma unroll
+  for (int j = 0; j < kRowGroups; ++j) out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.f;
+  // A: the keys, rows key0 + lane % 16, k half lane / 16. B: two 8-row groups of the step's rows per ldmatrix.
   const uint32_t a = smem_addr(As + (key0 + lane % 16) * kStride + (lane / 16) * 8);
   const uint32_t b = smem_addr(Bs + ((lane / 16) * 8 + lane % 8) * kStride + ((lane / 8) % 2) * 8);
 #pragma unroll
   for (int kc = 0; kc < D; kc += 16) {
-    const int half = (kc / 16) % 2;
-    uint32_t af[4], bf[4];
+    uint32_t af[4];
     ldmatrix_x4(af, a + kc * int(sizeof(T)));
-    ldmatrix_x4(bf, b + kc * int(sizeof(T)));
-    MmaElem<T>::mma(part[half][0], af, bf[0], bf[1]);
-    MmaElem<T>::mma(part[half][1], af, bf[2], bf[3]);
+#pragma unroll
+    for (int rg = 0; rg < kRowGroups; rg += 2) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + (rg * 8 * kStride + kc) * int(sizeof(T)));
+      MmaElem<T>::mma(out[rg], af, bf[0], bf[1]);
+      MmaElem<T>::mma(out[rg + 1], af, bf[2], bf[3]);
+    }
   }
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[j][e] = part[0][j][e] + part[1][j][e];
 }
 
 // Barrier `id` over `threads` threads (whole warps), orders their shared-memory accesses. Not `.aligned`: the
@@ -153,23 +155,23 @@ struct Smem {
   static constexpr int kKeys = 16 * kKeyWarps, kStride = tile::smem_stride<T>(D);
   static constexpr int kDsStride = tile::smem_stride<T>(kKeys);
   static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
-  // K, V [kKeys][kStride]; Q, dO [kStages][16][kStride]; dS [16][kDsStride]; then P^T fragments [kKeyWarps][32
-  // lanes][8]; per stage and row: the query row (flat token x HQ + head, -1 for none), its token's position, lse
-  // and delta; the CTA's token positions.
+  // K, V [kKeys][kStride]; Q, dO [kStages][kStepRows][kStride]; dS [kStepRows][kDsStride]; then P^T fragments
+  // [kKeyWarps][32 lanes][4 kRowGroups]; per stage and row: the query row (flat token x HQ + head, -1 for none),
+  // its token's position, lse and delta; the CTA's token positions.
   static constexpr size_t kElems =
       2 * size_t(kKeyElems) + 2 * kStages * size_t(kRowElems) + kStepRows * size_t(kDsStride);
-  static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 8 * sizeof(float) +
+  static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 4 * kRowGroups * sizeof(float) +
                                    kStages * kStepRows * (2 * sizeof(int64_t) + 2 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
 };
 
 // Two warps per 16 keys (kKeyWarps x 16 keys a tile): per step the P warp of a key group computes S^T, the
 // probabilities P^T (masked by the Source) and dV += P^T dO; the dS warp computes dP^T, takes P^T through
-// shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x D] accumulator, so a thread
-// needs at most 128 registers and an SM holds 16 warps (H100: one warp per 16 keys holding both needed 255 and
-// ran 8 warps).
+// shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x D] accumulator, so with 64
+// keys or more a tile a thread needs at most 128 registers and an SM holds 16 warps (H100: one warp per 16 keys
+// holding both needed 255 and ran 8 warps); smaller tiles keep two CTAs an SM and their registers.
 template <typename T, int D, int kKeyWarps, typename Source>
-__global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
+__global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps : 2)
     key_block_backward_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
   using Layout = Smem<T, D, kKeyWarps>;
   constexpr int kKeys = Layout::kKeys, kStride = Layout::kStride, kDsStride = Layout::kDsStride;
@@ -177,11 +179,11 @@ __global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + Layout::kKeyElems;
-  T* Qs = Vs + Layout::kKeyElems;               // [kStages][16][kStride]
+  T* Qs = Vs + Layout::kKeyElems;               // [kStages][kStepRows][kStride]
   T* Os = Qs + kStages * Layout::kRowElems;     // dO, the same
-  T* dSs = Os + kStages * Layout::kRowElems;    // [16][kDsStride]
-  float* Ps = reinterpret_cast<float*>(dSs + kStepRows * kDsStride);  // [kKeyWarps][32][8]
-  int64_t* qrow_s = reinterpret_cast<int64_t*>(Ps + kKeyWarps * 32 * 8);  // [kStages][16]
+  T* dSs = Os + kStages * Layout::kRowElems;    // [kStepRows][kDsStride]
+  float* Ps = reinterpret_cast<float*>(dSs + kStepRows * kDsStride);  // [kKeyWarps][32][4 kRowGroups]
+  int64_t* qrow_s = reinterpret_cast<int64_t*>(Ps + kKeyWarps * 32 * 4 * kRowGroups);  // [kStages][kStepRows]
   int64_t* t_s = qrow_s + kStages * kStepRows;
   float* lse_s = reinterpret_cast<float*>(t_s + kStages * kStepRows);
   float* delta_s = lse_s + kStages * kStepRows;
@@ -245,7 +247,8 @@ __global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = g.scale * kLog2e;
   const int steps = (w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks;
-  float* p_frag = Ps + (key_group * 32 + lane) * 8;  // this lane's P^T fragment, shared by the key group's pair
+  // This lane's P^T fragment, shared by the key group's pair.
+  float4* p_frag = reinterpret_cast<float4*>(Ps) + (key_group * 32 + lane) * kRowGroups;
   // One cp.async group per step (empty past the last), so that waiting for all but the newest kStages - 2
   // groups means step s is in; the K / V copies join step 0's group.
   for (int s = 0; s < kStages - 1; ++s) {
@@ -263,11 +266,11 @@ __global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
     const float* delta_b = delta_s + buf * kStepRows;
 
     // Fragment element (j, e): key key_group * 16 + lane / 4 (+ 8 for e >= 2), row j * 8 + (lane % 4) * 2 + e % 2.
-    float f[2][4];
+    float f[kRowGroups][4];
     if (p_warp) {
       key_scores<T, D, kStride>(f, Ks, Qb, key_group * 16, lane);  // S^T
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < kRowGroups; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key_group * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
@@ -275,64 +278,73 @@ __global__ void __launch_bounds__(64 * kKeyWarps, 8 / kKeyWarps)
           const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
           f[j][e] = on ? exp2_ftz(f[j][e] * scale_log2 - lse_s[buf * kStepRows + r] * kLog2e) : 0.f;
         }
-      reinterpret_cast<float4*>(p_frag)[0] = make_float4(f[0][0], f[0][1], f[0][2], f[0][3]);
-      reinterpret_cast<float4*>(p_frag)[1] = make_float4(f[1][0], f[1][1], f[1][2], f[1][3]);
+#pragma unroll
+      for (int j = 0; j < kRowGroups; ++j) p_frag[j] = make_float4(f[j][0], f[j][1], f[j][2], f[j][3]);
       pair_sync(1 + key_group, 64);
       tile::warp_pv<T, kStepRows, D>(acc_kv, f, Ob, kStride, nullptr, lane);  // dV += P^T dO
     } else {
       key_scores<T, D, kStride>(f, Vs, Ob, key_group * 16, lane);  // dP^T
       pair_sync(1 + key_group, 64);
-      const float4 p0 = reinterpret_cast<const float4*>(p_frag)[0], p1 = reinterpret_cast<const float4*>(p_frag)[1];
-      const float p[2][4] = {{p0.x, p0.y, p0.z, p0.w}, {p1.x, p1.y, p1.z, p1.w}};
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < kRowGroups; ++j) {
+        const float4 pj = p_frag[j];
+        const float p[4] = {pj.x, pj.y, pj.z, pj.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key_group * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
-          f[j][e] = p[j][e] * (f[j][e] - delta_b[r]);
+          f[j][e] = p[e] * (f[j][e] - delta_b[r]);
           dSs[r * kDsStride + key] = Elem<T>::from_float(f[j][e]);
         }
+      }
       tile::warp_pv<T, kStepRows, D>(acc_kv, f, Qb, kStride, nullptr, lane);  // dK += dS^T Q
     }
     __syncthreads();  // dS complete
 
-    // dq[rows, 16-column groups warp, warp + kWarps, ...] += scale dS K, the groups' mma chains interleaved.
+    // dq[rows, 16-column groups warp, warp + kWarps, ...] += scale dS K for both 16-row tiles, the mma chains
+    // interleaved.
     constexpr int kGroups = (D / 16 + kWarps - 1) / kWarps;
     const uint32_t a_row = smem_addr(dSs + (lane % 16) * kDsStride + (lane / 16) * 8);
     const uint32_t b_row = smem_addr(Ks + (lane % 16) * kStride + (lane / 16) * 8);
-    float acc[kGroups][2][4] = {};
+    float acc[kGroups][2][2][4] = {};  // [column group][row tile][8-column half][fragment]
 #pragma unroll
     for (int kc = 0; kc < kKeys; kc += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a, a_row + kc * int(sizeof(T)));
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_row + (mt * 16 * kDsStride + kc) * int(sizeof(T)));
 #pragma unroll
       for (int gi = 0; gi < kGroups; ++gi) {
         const int col0 = (warp + gi * kWarps) * 16;
         if (col0 >= K) break;
         uint32_t b[4];
         ldmatrix_x4_trans(b, b_row + (kc * kStride + col0) * int(sizeof(T)));
-        MmaElem<T>::mma(acc[gi][0], a, b[0], b[1]);
-        MmaElem<T>::mma(acc[gi][1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          MmaElem<T>::mma(acc[gi][mt][0], a[mt], b[0], b[1]);
+          MmaElem<T>::mma(acc[gi][mt][1], a[mt], b[2], b[3]);
+        }
       }
     }
+    // Lane pairs swap halves so that each lane adds four consecutive columns of one row: the even lane row
+    // lane / 4, the odd lane row lane / 4 + 8 (of each row tile), columns from the even lane's.
+    const bool odd = lane & 1;
 #pragma unroll
     for (int gi = 0; gi < kGroups; ++gi) {
       const int col0 = (warp + gi * kWarps) * 16;
       if (col0 >= K) break;
-      // Lane pairs swap halves so that each lane adds four consecutive columns of one row: the even lane row
-      // lane / 4, the odd lane row lane / 4 + 8, columns from the even lane's.
-      const bool odd = lane & 1;
-      const int64_t row = qrow_s[buf * kStepRows + lane / 4 + (odd ? 8 : 0)];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        const float give0 = odd ? acc[gi][n][0] : acc[gi][n][2], give1 = odd ? acc[gi][n][1] : acc[gi][n][3];
-        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-        const int col = col0 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
-        const float4 add = odd ? make_float4(got0, got1, acc[gi][n][2], acc[gi][n][3])
-                               : make_float4(acc[gi][n][0], acc[gi][n][1], got0, got1);
-        if (row >= 0 && col < K)
-          atomic_add4(g.dq + row * K + col, make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z,
-                                                        g.scale * add.w));
+      for (int mt = 0; mt < 2; ++mt) {
+        const int64_t row = qrow_s[buf * kStepRows + mt * 16 + lane / 4 + (odd ? 8 : 0)];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const float* c = acc[gi][mt][n];
+          const float give0 = odd ? c[0] : c[2], give1 = odd ? c[1] : c[3];
+          const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+          const int col = col0 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
+          const float4 add = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
+          if (row >= 0 && col < K)
+            atomic_add4(g.dq + row * K + col, make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z,
+                                                          g.scale * add.w));
+        }
       }
     }
   }
