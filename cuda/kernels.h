@@ -111,8 +111,9 @@ void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_s
 // Backward (nsa-spec §3): the twins of the reference's backward functions, same argument order. Gradients
 // are fp32 device tensors that the launchers accumulate into (+=), as the reference does; do_cmp / do_slc /
 // do_swa are the gated upstream gradients in fp32 (gate_backward writes them); the other tensors are the
-// forward's inputs and outputs in L.dtype (lse fp32). CUDA cores, a warp per token and up to four heads of its
-// group, dk / dv by atomics.
+// forward's inputs and outputs in L.dtype (lse fp32). The attention branches: bf16/fp16 with K, V <= 128 on
+// tensor cores, key block by key block (key_block_backward.cuh); otherwise CUDA cores, a warp per token and up to
+// four heads of its group; dk / dv / dq by atomics.
 void mean_pool_backward(float* dk, float* dv, const float* dk_cmp, const float* dv_cmp, const DeviceLayout& L,
                         cudaStream_t s);
 void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
