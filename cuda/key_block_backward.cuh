@@ -18,18 +18,15 @@
 #include <string>
 
 #include "cuda/common.cuh"
+#include "cuda/key_block_backward.h"
 #include "cuda/mma.cuh"
 #include "cuda/warp_tile.cuh"
 
 namespace nsa::cuda::kbb {
 
-constexpr int kStepRows = 32;   // query rows per step: two m16 tiles of dQ, four n8 groups of S^T
-constexpr int kRowGroups = kStepRows / 8;
-constexpr int kStepsPerCta = 32;
 // Steps of Q / dO rows in shared memory: the rows of a step are gathered from L2 (a selected block's tokens are
 // scattered), so two are in flight while one is computed.
 constexpr int kStages = 3;
-constexpr int kMaxTokensPerCta = kStepsPerCta * kStepRows;
 
 // One CTA's work: keys [key0, key0 + nkeys) of a sequence (positions as `sees` takes them; rows key_row0 + r of
 // the [*, H, K] key tensor) for kv head h, and ntok query tokens from `first` (a list offset or a position; the
@@ -52,20 +49,6 @@ __device__ __forceinline__ int64_t locate_block(int64_t i, const DeviceLayout& L
   w.key_row0 = w.query_base + w.key0;
   w.nkeys = int(min(int64_t(L.block_size), seq.length - w.key0));
   return seq.length;
-}
-
-// How a step's 32 rows map to (token, head): tpt tokens x hpt heads of the group (hpt <= 16), and head_chunks
-// steps per group of tokens when G > 16.
-struct StepGeometry {
-  int hpt, tpt, head_chunks, tokens_per_cta;
-};
-inline StepGeometry step_geometry(int64_t G) {
-  StepGeometry s;
-  s.hpt = int(G < 16 ? G : 16);
-  s.tpt = kStepRows / s.hpt;
-  s.head_chunks = int(div_up(G, s.hpt));
-  s.tokens_per_cta = std::max(1, kStepsPerCta * s.tpt / s.head_chunks);
-  return s;
 }
 
 // The tensors of one branch's backward. d_out is the gated upstream gradient cast to the input type, delta its
@@ -205,9 +188,8 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
 
   // Row r of step s: its query row (or -1) and its token's position in the sequence.
   auto step_row = [&](int s, int r, int64_t& t) -> int64_t {
-    const int group = s / geo.head_chunks, chunk = s % geo.head_chunks;
-    const int i = group * geo.tpt + r / geo.hpt, head = chunk * geo.hpt + r % geo.hpt;
-    if (r >= geo.tpt * geo.hpt || i >= w.ntok || head >= g.G) return -1;
+    int i, head;
+    if (!step_slot(geo, s, r, w.ntok, g.G, i, head)) return -1;
     t = token_s[i];
     return (w.query_base + t) * g.HQ + int64_t(w.h) * g.G + head;
   };
@@ -365,16 +347,6 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
         atomic_add2(out + kv * cols + col, factor * acc_kv[j][2 * half], factor * acc_kv[j][2 * half + 1]);
     }
   }
-}
-
-// Whether the key-block kernel takes a branch with tiles of `tile_keys` keys: bf16/fp16, K and V multiples of 8
-// up to 128 (16-byte rows; dK and dV stay in registers), 16 to 128 keys a tile and 16-byte aligned tensors.
-inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && L.K <= 128 && L.V <= 128 &&
-         L.max_len < (int64_t(1) << 31) &&
-         (tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128) && aligned(q) && aligned(k) &&
-         aligned(v);
 }
 
 // The gated upstream gradient in the input type and its deltas, in stream-ordered scratch memory.

@@ -1,0 +1,53 @@
+// The geometry of the key-block backward (key_block_backward.cuh), shared by the kernel and the host: how a
+// step's query rows map to (token, head of the group), how many tokens a CTA takes, and which problems the
+// kernel takes.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda/kernels.h"
+
+namespace nsa::cuda::kbb {
+
+constexpr int kStepRows = 32;  // query rows per step: two m16 tiles of dQ, four n8 groups of S^T
+constexpr int kRowGroups = kStepRows / 8;
+constexpr int kStepsPerCta = 32;
+constexpr int kMaxTokensPerCta = kStepsPerCta * kStepRows;  // the CTA's token positions staged in shared memory
+
+// A step's rows are tpt tokens x hpt heads of the group (hpt <= 16, so that a token's heads never straddle an
+// m16 tile), head_chunks steps per group of tokens when G > 16; a CTA takes tokens_per_cta tokens.
+struct StepGeometry {
+  int hpt, tpt, head_chunks, tokens_per_cta;
+};
+inline StepGeometry step_geometry(int64_t G) {
+  StepGeometry s;
+  s.hpt = int(G < 16 ? G : 16);
+  s.tpt = kStepRows / s.hpt;
+  s.head_chunks = int((G + s.hpt - 1) / s.hpt);
+  s.tokens_per_cta = std::max(1, kStepsPerCta * s.tpt / s.head_chunks);
+  return s;
+}
+
+// Row r of step s of a CTA with ntok tokens: the token's index i in the CTA and the head within the group;
+// false for a padding row.
+__host__ __device__ inline bool step_slot(const StepGeometry& geo, int s, int r, int ntok, int G, int& i, int& head) {
+  const int group = s / geo.head_chunks, chunk = s % geo.head_chunks;
+  i = group * geo.tpt + r / geo.hpt;
+  head = chunk * geo.hpt + r % geo.hpt;
+  return r < geo.tpt * geo.hpt && i < ntok && head < G;
+}
+
+// Whether the kernel takes a branch with tiles of `tile_keys` keys: bf16/fp16, K and V multiples of 8 up to 128
+// (16-byte rows; dK and dV stay in registers), 16 to 128 keys a tile, positions that fit int32 and 16-byte
+// aligned tensors.
+inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && L.K <= 128 && L.V <= 128 &&
+         L.max_len < (int64_t(1) << 31) &&
+         (tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128) && aligned(q) && aligned(k) &&
+         aligned(v);
+}
+
+}  // namespace nsa::cuda::kbb
