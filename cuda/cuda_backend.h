@@ -14,8 +14,8 @@
 namespace nsa {
 
 // The "cuda" backend of the verifier: the forward, and the backward where the problem has `do` (gradients
-// computed in fp32, returned whole even when the forward is asked for a row sample). `sm90_kernels` false: an sm_90 device runs the kernels an sm_80
-// GPU runs (DeviceLayout::sm90_kernels).
+// computed in fp32, returned whole even when the forward is asked for a row sample). `sm90_kernels` false: an
+// sm_90 device runs the kernels an sm_80 GPU runs (DeviceLayout::sm90_kernels).
 std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels = true);
 
 }  // namespace nsa

@@ -17,14 +17,13 @@
 // but, at G = 4 and 8, the runs whose tokens all select the same blocks (selected_runs.cuh), which stay here.
 //
 // Backward (nsa-spec §3, block_indices frozen): for bf16/fp16 with K, V <= 128, key block by key block on tensor
-// cores (key_block_backward.cuh) over lists of the tokens that selected each block, built per call (a count,
-// two scans, a fill: no host synchronisation); otherwise on CUDA cores, a warp per token and up to four heads of
-// its group (attn::attention_backward), dk / dv by fp32 atomics.
+// cores (key_block_backward.cuh) over lists of the tokens that selected each block, built per call
+// (selection_lists.cuh, as the block-major forward's: no host synchronisation); otherwise on CUDA cores, a warp
+// per token and up to four heads of its group (attn::attention_backward), dk / dv by fp32 atomics.
 //
 // FLOPs (the count the benchmarks report, as the published NSA figures do): 2 * B * T * HQ * S * BS * (K + V),
 // i.e. every query row multiplies S full blocks, QK^T and PV, ignoring causal truncation.
 #include <algorithm>
-#include <cub/device/device_scan.cuh>
 #include <memory>
 #include <optional>
 #include <string>
@@ -36,6 +35,7 @@
 #include "cuda/selected_attention_blocks.h"
 #include "cuda/selected_attention_streamed.h"
 #include "cuda/selected_runs.cuh"
+#include "cuda/selection_lists.cuh"
 
 namespace nsa::cuda {
 namespace {
@@ -740,113 +740,60 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
   return fuse_gate;
 }
 
-// The list (kv head x key block, kbb::locate_block's numbering) to which entry e = (flat token, kv head, slot)
-// of block_indices adds its token, or -1 for an entry that selects nothing (as SelectionKeys skips it).
-__device__ __forceinline__ int64_t selection_list(const int32_t* indices, const int32_t* counts, const DeviceLayout& L,
-                                                  int64_t e) {
-  const int S = L.block_count, H = int(L.H);
-  const int64_t flat = e / (int64_t(H) * S);
-  const int h = int(e / S % H), slot = int(e % S);
-  const int32_t si = L.token_seq[flat];
-  if (si < 0 || slot >= selection_count(counts, flat, H, h, S)) return -1;
-  const DeviceSequence seq = L.seqs[si];
-  const int c = indices[e];
-  if (c < 0 || int64_t(c) * L.block_size > flat - (seq.batch * L.T + seq.start)) return -1;
-  return h * (L.B * L.C) + seq.batch * L.C + seq.chunk_start + c;
-}
-
-__global__ void count_selections_kernel(int32_t* counts, const int32_t* indices, const int32_t* block_counts,
-                                        const DeviceLayout L, int64_t entries) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= entries) return;
-  const int64_t list = selection_list(indices, block_counts, L, e);
-  if (list >= 0) atomicAdd(&counts[list], 1);
-}
-
-// CTAs per list: ceil(tokens / tokens_per_cta).
-__global__ void list_ctas_kernel(int32_t* ctas, const int32_t* counts, int64_t lists, int tokens_per_cta) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < lists) ctas[i] = (counts[i] + tokens_per_cta - 1) / tokens_per_cta;
-}
-
-// tokens[list_start[list] + n] = flat token, n by an atomic cursor per list (the order within a list is free).
-__global__ void fill_selections_kernel(int32_t* tokens, int32_t* cursor, const int32_t* list_start,
-                                       const int32_t* indices, const int32_t* block_counts, const DeviceLayout L,
-                                       int64_t entries) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= entries) return;
-  const int64_t list = selection_list(indices, block_counts, L, e);
-  if (list >= 0) tokens[list_start[list] + atomicAdd(&cursor[list], 1)] = int32_t(e / (L.H * L.block_count));
-}
-
-// The key-block backward's work: list i's tokens in CTAs of tokens_per_cta, CTAs numbered list after list.
+// The key-block backward's work: the tokens that selected each (kv head, sequence, block) bucket
+// (selection_lists.cuh), a chunk of up to tokens_per_cta of them per CTA.
 struct SelectionLists {
-  DeviceLayout L;
-  const int32_t *tokens, *list_start, *cta_start;  // [entries], [lists + 1], [lists + 1]
-  int64_t lists;
-  int tokens_per_cta;
+  EntryLists e;
+  const int* offsets;
+  const int* chunk_offsets;
+  const int2* list;  // (flat token, slot)
   __device__ __forceinline__ bool tile(int64_t cta, kbb::KeyTile& w) const {
-    if (cta >= cta_start[lists]) return false;
-    int64_t lo = 0, hi = lists;  // the last list whose first CTA is <= cta (empty lists share their successor's)
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (cta_start[mid] <= cta) lo = mid;
-      else hi = mid;
-    }
-    kbb::locate_block(lo, L, w);
-    w.first = list_start[lo] + (cta - cta_start[lo]) * tokens_per_cta;
-    w.ntok = int(min(int64_t(tokens_per_cta), list_start[lo + 1] - w.first));
+    if (cta >= chunk_offsets[e.buckets]) return false;
+    const int64_t b = chunk_bucket(chunk_offsets, e.buckets, cta);
+    int si, block;
+    e.locate(b, si, block, w.h);
+    const DeviceSequence seq = e.L.seqs[si];
+    w.query_base = seq.batch * e.L.T + seq.start;
+    w.key0 = int64_t(block) * e.BS;
+    w.key_row0 = w.query_base + w.key0;
+    w.nkeys = int(min(int64_t(e.BS), seq.length - w.key0));
+    w.first = offsets[b] + (cta - chunk_offsets[b]) * e.per_chunk;
+    w.ntok = int(min(int64_t(e.per_chunk), offsets[b + 1] - w.first));
     return true;
   }
   __device__ __forceinline__ int64_t token(const kbb::KeyTile& w, int i) const {
-    return tokens[w.first + i] - w.query_base;
+    return list[w.first + i].x - w.query_base;
   }
   __device__ __forceinline__ bool sees(int64_t t, int64_t pos) const { return pos <= t; }
 };
 
-// The tensor-core backward over lists of the tokens that selected each (kv head, block); false (nothing done)
-// where it does not apply.
+// The tensor-core backward over the lists of the tokens that selected each block; false (nothing done) where it
+// does not apply.
 bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
                                   const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
                                   const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
-  const int64_t lists = L.H * L.B * L.C, entries = L.B * L.T * L.H * L.block_count;
-  if (!kbb::fits(L, L.block_size, q, k, v) || entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31)) return false;
+  const int64_t entries = L.B * L.T * L.H * L.block_count;
+  if (!kbb::fits(L, L.block_size, q, k, v) || entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31))
+    return false;
   if (entries == 0 || L.num_seqs == 0) return true;
   const kbb::StepGeometry geo = kbb::step_geometry(L.G());
-  const size_t list_bytes = size_t(lists + 1) * sizeof(int32_t);
-  StreamScratch counts(list_bytes, s, "cudaMallocAsync(selection counts)");
-  StreamScratch list_start(list_bytes, s, "cudaMallocAsync(selection lists)");
-  StreamScratch ctas(list_bytes, s, "cudaMallocAsync(selection lists)");
-  StreamScratch cta_start(list_bytes, s, "cudaMallocAsync(selection lists)");
-  StreamScratch tokens(size_t(entries) * sizeof(int32_t), s, "cudaMallocAsync(selection lists)");
-  CUDA_CHECK(cudaMemsetAsync(counts.as<int32_t>(), 0, list_bytes, s), "cudaMemsetAsync(selection counts)");
-  CUDA_CHECK(cudaMemsetAsync(ctas.as<int32_t>() + lists, 0, sizeof(int32_t), s), "cudaMemsetAsync(selection lists)");
-  const unsigned entry_blocks = unsigned(div_up(entries, 256));
-  count_selections_kernel<<<entry_blocks, 256, 0, s>>>(counts.as<int32_t>(), block_indices, block_counts, L, entries);
-  check_launch("count_selections_kernel");
-  list_ctas_kernel<<<unsigned(div_up(lists, 256)), 256, 0, s>>>(ctas.as<int32_t>(), counts.as<int32_t>(), lists,
-                                                                geo.tokens_per_cta);
-  check_launch("list_ctas_kernel");
-  size_t scan_bytes = 0;
-  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, counts.as<int32_t>(), list_start.as<int32_t>(),
-                                           lists + 1, s),
-             "cub::DeviceScan::ExclusiveSum(selection lists)");
-  StreamScratch scan(scan_bytes, s, "cudaMallocAsync(selection list scan)");
-  for (auto [in, out] : {std::pair{&counts, &list_start}, std::pair{&ctas, &cta_start}})
-    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan.as<void>(), scan_bytes, in->as<int32_t>(), out->as<int32_t>(),
-                                             lists + 1, s),
-               "cub::DeviceScan::ExclusiveSum(selection lists)");
-  CUDA_CHECK(cudaMemsetAsync(counts.as<int32_t>(), 0, list_bytes, s), "cudaMemsetAsync(selection cursors)");
-  fill_selections_kernel<<<entry_blocks, 256, 0, s>>>(tokens.as<int32_t>(), counts.as<int32_t>(),
-                                                      list_start.as<int32_t>(), block_indices, block_counts, L, entries);
-  check_launch("fill_selections_kernel");
+  const EntryLists e = EntryLists::of(block_indices, block_counts, L, geo.tokens_per_cta);
+  const size_t ints = size_t(e.buckets + 1) * sizeof(int);
+  EntryListArrays a{};
+  a.scan_bytes = entry_list_scan_bytes(e.buckets, s);
+  StreamScratch counts(ints, s, "cudaMallocAsync(selection lists)"), fill(ints, s, "cudaMallocAsync(selection lists)"),
+      offsets(ints, s, "cudaMallocAsync(selection lists)"), chunk_offsets(ints, s, "cudaMallocAsync(selection lists)"),
+      list(size_t(entries) * sizeof(int2), s, "cudaMallocAsync(selection lists)"),
+      scan(a.scan_bytes, s, "cudaMallocAsync(selection list scan)");
+  a.counts = counts.as<int>(), a.fill = fill.as<int>(), a.offsets = offsets.as<int>();
+  a.chunk_offsets = chunk_offsets.as<int>(), a.list = list.as<int2>(), a.scan_tmp = scan.as<void>();
+  build_entry_lists(e, SkipNone{}, a, s, "selected attention backward");
 
   const kbb::PreparedRows rows(L, do_slc, o_slc, s);
-  const SelectionLists src{L, tokens.as<int32_t>(), list_start.as<int32_t>(), cta_start.as<int32_t>(), lists,
-                           geo.tokens_per_cta};
-  // Each list has at most entries / tokens_per_cta full CTAs in all, plus one partial CTA.
-  kbb::launch(dq, dk, dv, rows, q, k, v, lse_slc, src, L.block_size, entries / geo.tokens_per_cta + lists, geo, L,
-              s, "key_block_backward_kernel (selected attention)");
+  const SelectionLists src{e, a.offsets, a.chunk_offsets, a.list};
+  // Each bucket has at most entries / tokens_per_cta full chunks in all, plus one partial chunk.
+  kbb::launch(dq, dk, dv, rows, q, k, v, lse_slc, src, L.block_size, entries / geo.tokens_per_cta + e.buckets, geo,
+              L, s, "key_block_backward_kernel (selected attention)");
   return true;
 }
 

@@ -2,8 +2,8 @@
 // its own S blocks, a group of G < 16 heads fills G rows of a 16-row mma tile and each token loads its blocks
 // alone. Here each selected key block gathers the queries that selected it instead, so one load of a block's
 // keys serves full 16-row tiles at any G. Three steps, all on the caller's stream:
-//  1. lists: the (token, slot) entries of every (sequence, block, kv head), by a counting sort (count, scan,
-//     scatter), and per (token, kv head, slot) the entry's place in them;
+//  1. lists: the (token, slot) entries of every (kv head, sequence, block), by a counting sort (count, scan,
+//     scatter: selection_lists.cuh), and per (token, kv head, slot) the entry's place in them;
 //  2. per entry, attention of its G query rows over its block's keys alone: o normalised by its own sum (in the
 //     input dtype) and its lse (fp32), into scratch; a CTA of 4 warps takes up to 64 rows of one block;
 //  3. per query row, the merge of its slots' results: lse = log sum_j exp(lse_j), o = sum_j exp(lse_j - lse) o_j.
@@ -12,14 +12,13 @@
 // need (the partial results dominate: a token's H S entries x G x V elements) stays bounded at any length.
 #include "cuda/selected_attention_blocks.h"
 
-#include <cub/device/device_scan.cuh>
-
 #include <algorithm>
 #include <cmath>
 
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/selected_runs.cuh"
+#include "cuda/selection_lists.cuh"
 
 namespace nsa::cuda {
 namespace {
@@ -31,17 +30,12 @@ constexpr int kPad = 8;          // elements of padding per shared-memory row: l
 // Partial results per window of tokens, by default.
 constexpr size_t kWindowBytes = size_t(1) << 30;
 
-struct BlockParams {
-  const int32_t* indices;  // [B, T, H, S]
-  const int32_t* counts;   // [B, T, H] or null
-  DeviceLayout L;
-  int G, S, BS, H;
-  int blocks_per_seq;      // ceil(max_len / BS): buckets are (sequence, block, kv head)
-  int64_t buckets;
-  int per_cta;             // entries per CTA: kWarps * 16 / G
+// The entry lists (selection_lists.cuh: buckets (kv head, sequence, block), chunks of kWarps * 16 / G entries,
+// the window's tokens [tok0, tok1)) and what the attention and merge steps add.
+struct BlockParams : EntryLists {
+  int G;
   RunSplit split;          // runs marked there are left to the union walk; alike null: no split
   int run;                 // the split's run length
-  int64_t tok0, tok1;      // this window's flat tokens [tok0, tok1) of [B * T]
 };
 
 // Whether the token at position t of sequence seq, kv head h, belongs to a run the union walk takes.
@@ -49,48 +43,11 @@ __device__ __forceinline__ bool left_to_union(const BlockParams& p, int seq, int
   return p.split.alike && p.split.alike[p.split.flag(seq, t / p.run, p.H, h)];
 }
 
-// Bucket of (sequence, block, kv head).
-__device__ __forceinline__ int64_t bucket_of(const BlockParams& p, int seq, int block, int h) {
-  return (int64_t(seq) * p.blocks_per_seq + block) * p.H + h;
-}
-
-// Calls f(bucket, flat token, h, j) for the window's entry i = ((flat - tok0) H + h) S + j if it is valid.
-template <typename F>
-__device__ __forceinline__ void visit_entry(const BlockParams& p, int64_t i, F&& f) {
-  const int j = int(i % p.S);
-  const int64_t rest = i / p.S;
-  const int h = int(rest % p.H);
-  const int64_t flat = p.tok0 + rest / p.H;
-  const int seq = p.L.token_seq[flat];
-  if (seq < 0) return;
-  const DeviceSequence sq = p.L.seqs[seq];
-  const int64_t t = flat - (sq.batch * p.L.T + sq.start);
-  if (j >= selection_count(p.counts, flat, p.H, h, p.S) || left_to_union(p, seq, t, h)) return;
-  const int c = p.indices[(flat * p.H + h) * p.S + j];
-  if (c < 0 || int64_t(c) * p.BS > t) return;
-  f(bucket_of(p, seq, c, h), flat, h, j);
-}
-
-__global__ void count_entries(const BlockParams p, int64_t n, int* counts) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    visit_entry(p, i, [&](int64_t b, int64_t, int, int) { atomicAdd(&counts[b], 1); });
-}
-
-// counts -> CTA chunks per bucket (in place after the entries' scan has read them).
-__global__ void chunks_of(const BlockParams p, const int* counts, int* chunks) {
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < p.buckets; b += int64_t(gridDim.x) * blockDim.x)
-    chunks[b] = (counts[b] + p.per_cta - 1) / p.per_cta;
-}
-
-// Entry lists: list[pos] = (flat, j) for the bucket's entries from offsets[b]; place[i] = pos (visit_entry's i).
-__global__ void scatter_entries(const BlockParams p, int64_t n, const int* offsets, int* fill, int2* list, int* place) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    visit_entry(p, i, [&](int64_t b, int64_t flat, int h, int j) {
-      const int pos = offsets[b] + atomicAdd(&fill[b], 1);
-      list[pos] = make_int2(int(flat), j);
-      place[((flat - p.tok0) * p.H + h) * p.S + j] = pos;
-    });
-}
+// The entries that the block-major path leaves to the union walk (build_entry_lists' skip).
+struct LeftToUnion {
+  BlockParams p;
+  __device__ bool operator()(int seq, int64_t t, int h) const { return left_to_union(p, seq, t, h); }
+};
 
 // Step 2: CTA chunk i of the bucket whose chunk range holds it. Partial results per entry and head g of the
 // entry's token: o_part[(pos G + g) V ...] (normalised, input dtype), lse_part[pos G + g] (natural log).
@@ -111,17 +68,11 @@ __global__ void __launch_bounds__(kWarps * 32) block_attention(const BlockParams
   const int64_t chunk_end = chunks * (blockIdx.x + 1) / gridDim.x;
   int64_t loaded = -1;  // the bucket whose K and V are in shared memory
   for (int64_t i = chunks * blockIdx.x / gridDim.x; i < chunk_end; ++i) {
-    // The bucket: the last b with chunk_offsets[b] <= i.
-    int64_t lo = 0, hi = p.buckets;
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (chunk_offsets[mid] <= i) lo = mid;
-      else hi = mid;
-    }
-    const int64_t b = lo;
-    const int h = int(b % p.H), block = int(b / p.H % p.blocks_per_seq), seq = int(b / p.H / p.blocks_per_seq);
-    const int first = offsets[b] + int(i - chunk_offsets[b]) * p.per_cta;
-    const int n = min(p.per_cta, offsets[b + 1] - first);
+    const int64_t b = chunk_bucket(chunk_offsets, p.buckets, i);
+    int seq, block, h;
+    p.locate(b, seq, block, h);
+    const int first = offsets[b] + int(i - chunk_offsets[b]) * p.per_chunk;
+    const int n = min(p.per_chunk, offsets[b + 1] - first);
     const DeviceSequence sq = L.seqs[seq];
     const int64_t key0 = sq.batch * L.T + sq.start + int64_t(block) * p.BS;  // the block's first key row
     const int64_t rest_keys = sq.length - int64_t(block) * p.BS;
@@ -298,21 +249,15 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
                 const int32_t* counts, const DeviceLayout& L, cudaStream_t s, const RunSplit* split,
                 size_t window_bytes) {
   BlockParams p{};
-  p.indices = indices, p.counts = counts, p.L = L;
+  static_cast<EntryLists&>(p) = EntryLists::of(indices, counts, L, kWarps * (kRows / int(L.G())));
   if (split) p.split = *split;
   p.run = run_tokens(int(L.G()));
-  p.G = int(L.G()), p.S = L.block_count, p.BS = L.block_size, p.H = int(L.H);
-  p.blocks_per_seq = int(div_up(L.max_len, L.block_size));
-  p.buckets = int64_t(L.num_seqs) * p.blocks_per_seq * L.H;
-  p.per_cta = kWarps * (kRows / p.G);
+  p.G = int(L.G());
   const int64_t window = window_tokens(L, window_bytes ? window_bytes : kWindowBytes, sizeof(T));
   const int64_t entries = window * L.H * L.block_count;  // a window's, an upper bound on the valid ones
   // Scratch: counts, fill cursors, entry and chunk offsets (buckets + 1 each), the scan's temporary storage,
   // the lists, the places, the partial results.
-  size_t scan_bytes = 0;
-  CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, static_cast<int*>(nullptr), static_cast<int*>(nullptr),
-                                           p.buckets + 1, s),
-             "cub::DeviceScan::ExclusiveSum(selected_attention_blocks)");
+  const size_t scan_bytes = entry_list_scan_bytes(p.buckets, s);
   const size_t ints = align256(size_t(p.buckets + 1) * 4);
   const size_t bytes_counts = 4 * ints, bytes_scan = align256(scan_bytes), bytes_list = align256(size_t(entries) * 8),
                bytes_place = align256(size_t(entries) * 4),
@@ -331,13 +276,15 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
   }
   StreamScratch scratch(total, s, "cudaMallocAsync(selected_attention_blocks scratch)");
   unsigned char* base = scratch.as<unsigned char>();
-  int* cnt = reinterpret_cast<int*>(base);
-  int* fill = reinterpret_cast<int*>(base + ints);
-  int* offsets = reinterpret_cast<int*>(base + 2 * ints);
-  int* chunk_offsets = reinterpret_cast<int*>(base + 3 * ints);
-  void* scan_tmp = base + bytes_counts;
-  int2* list = reinterpret_cast<int2*>(base + bytes_counts + bytes_scan);
-  int* place = reinterpret_cast<int*>(base + bytes_counts + bytes_scan + bytes_list);
+  EntryListArrays a;
+  a.counts = reinterpret_cast<int*>(base);
+  a.fill = reinterpret_cast<int*>(base + ints);
+  a.offsets = reinterpret_cast<int*>(base + 2 * ints);
+  a.chunk_offsets = reinterpret_cast<int*>(base + 3 * ints);
+  a.scan_tmp = base + bytes_counts;
+  a.scan_bytes = scan_bytes;
+  a.list = reinterpret_cast<int2*>(base + bytes_counts + bytes_scan);
+  a.place = reinterpret_cast<int*>(base + bytes_counts + bytes_scan + bytes_list);
   T* o_part = reinterpret_cast<T*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place);
   float* lse_part = reinterpret_cast<float*>(base + bytes_counts + bytes_scan + bytes_list + bytes_place + bytes_o);
 
@@ -356,33 +303,18 @@ void run_blocks(void* o_slc, float* lse_slc, const void* q, const void* k, const
   const unsigned attention_grid = unsigned(
       std::max(per_sm, 1) * device_attribute(cudaDevAttrMultiProcessorCount, "cudaDeviceGetAttribute(multiprocessor count)"));
   const int threads = 256;
-  const unsigned grid = unsigned(std::min<int64_t>(div_up(std::max<int64_t>(entries, 1), threads), 132 * 32));
   for (p.tok0 = 0; p.tok0 < L.B * L.T; p.tok0 = p.tok1) {  // windows of tokens, one after the other on s
     p.tok1 = std::min(L.B * L.T, p.tok0 + window);
-    const int64_t n = (p.tok1 - p.tok0) * L.H * L.block_count;
-    CUDA_CHECK(cudaMemsetAsync(base, 0, 2 * ints, s), "cudaMemsetAsync(selected_attention_blocks counts)");
-    CUDA_CHECK(cudaMemsetAsync(place, 0xff, size_t(n) * 4, s), "cudaMemsetAsync(selected_attention_blocks places)");
-    count_entries<<<grid, threads, 0, s>>>(p, n, cnt);
-    check_launch("selected_attention_blocks count_entries");
-    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, cnt, offsets, p.buckets + 1, s),
-               "cub::DeviceScan::ExclusiveSum(selected_attention_blocks entries)");
-    const unsigned bgrid = unsigned(std::min<int64_t>(div_up(p.buckets, threads), 132 * 32));
-    chunks_of<<<bgrid, threads, 0, s>>>(p, cnt, fill);  // fill holds the chunk counts until the next scan
-    check_launch("selected_attention_blocks chunks_of");
-    CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, fill, chunk_offsets, p.buckets + 1, s),
-               "cub::DeviceScan::ExclusiveSum(selected_attention_blocks chunks)");
-    CUDA_CHECK(cudaMemsetAsync(fill, 0, ints, s), "cudaMemsetAsync(selected_attention_blocks fill)");
-    scatter_entries<<<grid, threads, 0, s>>>(p, n, offsets, fill, list, place);
-    check_launch("selected_attention_blocks scatter_entries");
+    build_entry_lists(p, LeftToUnion{p}, a, s, "selected_attention_blocks");
 
     attention<<<attention_grid, kWarps * 32, attention_bytes, s>>>(
-        p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), offsets, chunk_offsets, list,
-        o_part, lse_part);
+        p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), a.offsets, a.chunk_offsets,
+        a.list, o_part, lse_part);
     check_launch("selected_attention_blocks block_attention");
 
     const int64_t rows = (p.tok1 - p.tok0) * L.HQ;
     const unsigned mgrid = unsigned(std::min<int64_t>(div_up(rows * 32, threads), 132 * 64));
-    merge<<<mgrid, threads, 0, s>>>(p, place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
+    merge<<<mgrid, threads, 0, s>>>(p, a.place, o_part, lse_part, static_cast<T*>(o_slc), lse_slc);
     check_launch("selected_attention_blocks merge_partials");
   }
 }
