@@ -158,6 +158,28 @@ __device__ __forceinline__ float warp_sum(float x) {
   for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
   return x;
 }
+
+// Adds (x, y) to p[0], p[1] (8-byte aligned): one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+// Adds x to p[0..3] (16-byte aligned): one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add4(float* p, float4 x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(p), x);
+#else
+  atomicAdd(p, x.x);
+  atomicAdd(p + 1, x.y);
+  atomicAdd(p + 2, x.z);
+  atomicAdd(p + 3, x.w);
+#endif
+}
+
 #endif
 
 // Query row `row` (= flat token b * T + t, times HQ, plus the head): its token, its position in its sequence

@@ -608,6 +608,40 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendBackward, ::testing::ValuesIn(hand_p
 INSTANTIATE_TEST_SUITE_P(Random, CudaBackendBackward, ::testing::ValuesIn(random_cases(48)),
                          [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
+// The sm_90 key-block backward's conditions (64-key tiles, K = V in {64, 128}, bf16 / fp16) across G (a step of 64
+// rows holds 64 / G tokens, or a chunk of a token's heads), partial last blocks, varlen batches with empty
+// sequences, windows, block_counts and given indices; each case also runs on the sm_80 kernels.
+std::vector<Case> sm90_backward_cases() {
+  std::vector<Case> cases = {
+      make_case("sm90bwd_G16_bf16_K128", DType::BF16, 1, 517, 32, 2, 128, 128, 64, 4, kSeed),
+      make_case("sm90bwd_G1_bf16_K64_window", DType::BF16, 2, 300, 3, 3, 64, 64, 64, 3, kPaper, {}, 100),
+      make_case("sm90bwd_G2_f16_K128_varlen", DType::F16, 1, 0, 4, 2, 128, 128, 64, 3, kSeed, {130, 0, 64, 1, 257}),
+      make_case("sm90bwd_G3_bf16_K64_paper", DType::BF16, 1, 450, 3, 1, 64, 64, 64, 5, kPaper),
+      make_case("sm90bwd_G5_f16_K64_window", DType::F16, 1, 333, 10, 2, 64, 64, 64, 2, kSeed, {}, 70),
+      make_case("sm90bwd_G32_bf16_K128_window", DType::BF16, 1, 260, 32, 1, 128, 128, 64, 3, kPaper, {}, 64),
+      make_case("sm90bwd_G80_bf16_K64", DType::BF16, 1, 140, 80, 1, 64, 64, 64, 2, kSeed),
+      [] {
+        Case c = make_case("sm90bwd_G16_f16_K64_counts_varlen", DType::F16, 1, 0, 16, 1, 64, 64, 64, 4, kSeed,
+                           {200, 0, 77, 130});
+        c.with_counts = true;
+        return c;
+      }(),
+      [] {
+        Case c = make_case("sm90bwd_G4_bf16_K128_given", DType::BF16, 1, 0, 8, 2, 128, 128, 64, 3, kSeed, {190, 65});
+        c.given_indices = true;
+        return c;
+      }()};
+  for (size_t i = 0, n = cases.size(); i < n; ++i) {
+    Case c = cases[i];
+    c.name += "_sm80";
+    c.sm90_kernels = false;
+    cases.push_back(c);
+  }
+  return cases;
+}
+INSTANTIATE_TEST_SUITE_P(Sm90KeyBlocks, CudaBackendBackward, ::testing::ValuesIn(sm90_backward_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
 // With `do`, a row sample does not narrow the run: the backward needs every forward row (as the reference's).
 TEST(CudaBackend, BackwardIgnoresARowSample) {
   SKIP_WITHOUT_DEVICE();

@@ -19,6 +19,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/key_block_backward.h"
+#include "cuda/key_block_backward_sm90.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/warp_tile.cuh"
 
@@ -27,15 +28,6 @@ namespace nsa::cuda::kbb {
 // Steps of Q / dO rows in shared memory: the rows of a step are gathered from L2 (a selected block's tokens are
 // scattered), so two are in flight while one is computed.
 constexpr int kStages = 3;
-
-// One CTA's work: keys [key0, key0 + nkeys) of a sequence (positions as `sees` takes them; rows key_row0 + r of
-// the [*, H, K] key tensor) for kv head h, and ntok query tokens from `first` (a list offset or a position; the
-// Source reads it).
-struct KeyTile {
-  int64_t query_base;  // flat token of the sequence's first token (its batch row x T + start)
-  int64_t key_row0, key0, first;
-  int nkeys, ntok, h;
-};
 
 // Token block i of a launch's (kv head x block) numbering: kv head i / (B C), then block (i % (B C)) of the
 // batch rows' pooled-block numbering (the sequences' chunk_start), whose BS keys are tokens of its sequence.
@@ -51,18 +43,6 @@ __device__ __forceinline__ int64_t locate_block(int64_t i, const DeviceLayout& L
   return seq.length;
 }
 
-// The tensors of one branch's backward. d_out is the gated upstream gradient cast to the input type, delta its
-// row-wise dot with the branch's output (prepare_rows).
-template <typename T>
-struct Tensors {
-  float *dq, *dk, *dv;
-  const T *q, *k, *v, *d_out;
-  const float *lse, *delta;
-  int64_t HQ;
-  int H, G, K, V;
-  float scale;
-};
-
 // delta[row] = do_x[row] . o_x[row] and do_x cast to T (the tensor-core operand), a warp per row.
 template <typename T>
 __global__ void prepare_rows_kernel(T* d_out_cast, float* delta, const float* d_out, const T* o, int64_t rows, int V) {
@@ -77,27 +57,6 @@ __global__ void prepare_rows_kernel(T* d_out_cast, float* delta, const float* d_
   }
   dot = warp_sum(dot);
   if (lane == 0) delta[row] = dot;
-}
-
-// Adds (x, y) to p[0], p[1] (8-byte aligned): one vector atomic on sm_90.
-__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
-#else
-  atomicAdd(p, x);
-  atomicAdd(p + 1, y);
-#endif
-}
-// Adds x to p[0..3] (16-byte aligned): one vector atomic on sm_90.
-__device__ __forceinline__ void atomic_add4(float* p, float4 x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float4*>(p), x);
-#else
-  atomicAdd(p, x.x);
-  atomicAdd(p + 1, x.y);
-  atomicAdd(p + 2, x.z);
-  atomicAdd(p + 3, x.w);
-#endif
 }
 
 // Scores of the warp's 16 keys (rows key0.. of As) against a step's 32 rows (Bs): S^T = K Q^T or dP^T = V dO^T,
@@ -366,8 +325,9 @@ struct PreparedRows {
   }
 };
 
-// Launches key_block_backward_kernel with tiles of `tile_keys` keys over `ctas` CTAs (those past the Source's
-// work return at once); `name` names it in errors. The caller has checked fits(L, tile_keys, ...). A branch
+// Launches key_block_backward_kernel, or on sm_90 where it fits its warpgroup version
+// (key_block_backward_sm90.cuh), with tiles of `tile_keys` keys over `ctas` CTAs (those past the Source's work
+// return at once); `name` names it in errors. The caller has checked fits(L, tile_keys, ...). A branch
 // whose tiles have one size names it as kFixedTileKeys: only that kernel is built.
 template <int kFixedTileKeys = 0, typename Source>
 void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const void* q, const void* k, const void* v,
@@ -381,6 +341,10 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
       const Tensors<T> g{dq, dk, dv, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                          rows.d_out.as<T>(), lse, rows.delta.as<float>(), L.HQ, int(L.H), int(L.HQ / L.H),
                          int(L.K), int(L.V), L.scale};
+      if (sm90_fits(L, tile_keys)) {
+        launch_sm90(g, src, ctas, geo, L, s, name);
+        return;
+      }
       auto go = [&](auto dim, auto warps) {
         constexpr int D = decltype(dim)::value, kKeyWarps = decltype(warps)::value;
         auto kernel = key_block_backward_kernel<T, D, kKeyWarps, Source>;

@@ -39,6 +39,27 @@ __host__ __device__ inline bool step_slot(const StepGeometry& geo, int s, int r,
   return r < geo.tpt * geo.hpt && i < ntok && head < G;
 }
 
+// One CTA's work: keys [key0, key0 + nkeys) of a sequence (positions as `sees` takes them; rows key_row0 + r of
+// the [*, H, K] key tensor) for kv head h, and ntok query tokens from `first` (a list offset or a position; the
+// Source reads it).
+struct KeyTile {
+  int64_t query_base;  // flat token of the sequence's first token (its batch row x T + start)
+  int64_t key_row0, key0, first;
+  int nkeys, ntok, h;
+};
+
+// The tensors of one branch's backward. d_out is the gated upstream gradient cast to the input type, delta its
+// row-wise dot with the branch's output (prepare_rows).
+template <typename T>
+struct Tensors {
+  float *dq, *dk, *dv;
+  const T *q, *k, *v, *d_out;
+  const float *lse, *delta;
+  int64_t HQ;
+  int H, G, K, V;
+  float scale;
+};
+
 // Whether the kernel takes a branch with tiles of `tile_keys` keys: bf16/fp16, K and V multiples of 8 up to 128
 // (16-byte rows; dK and dV stay in registers), 16 to 128 keys a tile, positions that fit int32 and 16-byte
 // aligned tensors.

@@ -1,0 +1,334 @@
+// The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V = D in
+// {64, 128}: the same work per CTA (one key tile of one kv head, the tokens a Source gives it) with each 64-row
+// step of queries on one consumer warpgroup. Per step, with the keys as the MMA's 64 rows:
+//   S^T = K Q^T and dP^T = V dO^T (both operands in shared memory), P^T = exp(scale S^T - lse) masked by the
+//   Source, dS^T = P^T (dP^T - delta) in registers;
+//   dV += P^T dO and dK += dS^T Q with P^T / dS^T as register operands (the accumulators stay in registers for
+//   the whole CTA);
+//   dS^T to shared memory, then dQ = dS K in two 64-column halves, added to dq by float4 atomics.
+// Two consumer warpgroups take alternate steps, each with its own dK / dV (summed through shared memory at the
+// end); a producer warpgroup gathers the steps' Q and dO rows with cp.async into 128-byte-swizzled stages
+// (the tokens of a step are scattered, so there is no tensor-map box to copy) and signals a full mbarrier.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "cuda/common.cuh"
+#include "cuda/key_block_backward.h"
+#include "cuda/mma.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace nsa::cuda::kbb {
+
+namespace sm90 {
+
+constexpr int kKeys = 64, kRows = 64;  // a tile's keys; query rows per step (two of the 32-row steps)
+constexpr int kStages = 4;
+constexpr int kConsumers = 2;  // consumer warpgroups
+constexpr int kThreads = 128 * (kConsumers + 1);
+// setmaxnreg moves registers between whole warpgroups: the producer keeps few, each consumer holds dK and dV
+// (64 keys x D fp32 each over 128 threads) plus two 64 x 64 score tiles.
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kConsumers * kConsumerRegisters * 128 + kProducerRegisters * 128 <= 65536, "register file");
+
+// Shared memory: K and V tiles, the stages (Q then dO, [64 rows][D] each as D / 64 swizzled boxes), each
+// consumer's dS^T box ([key][row]), per stage the rows' metadata, the CTA's token positions, the mbarriers.
+template <int D>
+struct Smem {
+  static constexpr int kTile = (D / 64) * kWgmmaBoxBytes;  // [64][D]
+  static constexpr int kK = 0, kV = kTile, kStage0 = 2 * kTile, kStageBytes = 2 * kTile;
+  static constexpr int kDs = kStage0 + kStages * kStageBytes;
+  static constexpr int kMeta = kDs + kConsumers * kWgmmaBoxBytes;
+  // Per stage: query row (flat token x HQ + head, -1 for padding) and token position as int64, lse and delta.
+  static constexpr int kMetaBytes = kRows * (8 + 8 + 4 + 4);
+  static constexpr int kTokens = kMeta + kStages * kMetaBytes;
+  static constexpr int kBarriers = kTokens + kMaxTokensPerCta * 4;
+  static constexpr int kBytes = kBarriers + (1 + 2 * kStages) * 8;  // K/V full, full[kStages], empty[kStages]
+  // The end's exchange of dK / dV (fp32, [D / 64][32][128 threads] each) reuses the stages.
+  static_assert(2 * (D / 64) * 32 * 128 * 4 <= kStages * kStageBytes, "exchange area");
+};
+
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Row r of a 64-row step s: rows 0-31 are 32-row step 2s of the geometry, rows 32-63 step 2s + 1. Returns the
+// query row (-1 for padding) and sets t, the token's position.
+template <typename T>
+__device__ __forceinline__ int64_t step_row(const StepGeometry& geo, const KeyTile& w, const Tensors<T>& g,
+                                            const int32_t* token_s, int s, int r, int64_t& t) {
+  int i, head;
+  if (!step_slot(geo, 2 * s + r / kStepRows, r % kStepRows, w.ntok, g.G, i, head)) return -1;
+  t = token_s[i];
+  return (w.query_base + t) * g.HQ + int64_t(w.h) * g.G + head;
+}
+
+// The end's exchange of the two warpgroups' dK / dV: slot `slot` of the area, thread-major (conflict-free).
+template <int kBoxes>
+__device__ __forceinline__ void stash(float* area, const float (&a)[kBoxes][32], int slot, int tid) {
+#pragma unroll
+  for (int b = 0; b < kBoxes; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) area[((slot * kBoxes + b) * 32 + i) * 128 + tid] = a[b][i];
+}
+template <int kBoxes>
+__device__ __forceinline__ void add_stashed(float (&a)[kBoxes][32], const float* area, int slot, int tid) {
+#pragma unroll
+  for (int b = 0; b < kBoxes; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) a[b][i] += area[((slot * kBoxes + b) * 32 + i) * 128 + tid];
+}
+// A tile's dK or dV (accumulator layout, keys as rows) added to the [*, H, D] gradient, times `factor`.
+struct KeyOut {
+  const KeyTile& w;
+  int H, lane, key_lo;
+  template <int kBoxes>
+  __device__ __forceinline__ void emit(float* out, const float (&a)[kBoxes][32], float factor) const {
+    constexpr int D = kBoxes * 64;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = key_lo + 8 * half;
+      if (key >= w.nkeys) continue;
+      const int64_t kv = (w.key_row0 + key) * H + w.h;
+#pragma unroll
+      for (int n = 0; n < 8 * kBoxes; ++n) {
+        const int i = 4 * (n % 8) + 2 * half;
+        atomic_add2(out + kv * D + 8 * n + 2 * (lane % 4), factor * a[n / 8][i], factor * a[n / 8][i + 1]);
+      }
+    }
+  }
+};
+
+template <typename T, int D, typename Source>
+__global__ void __launch_bounds__(kThreads, 1)
+    key_block_backward_sm90_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
+#if NSA_HAS_WGMMA
+  using Ly = Smem<D>;
+  constexpr int kChunks = D / 8;  // 16-byte chunks of a row
+  extern __shared__ __align__(1024) unsigned char smem[];
+  if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
+  KeyTile w;
+  if (!src.tile(int64_t(blockIdx.x), w)) return;
+
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
+  uint64_t* full = kv_full + 1;
+  uint64_t* empty = full + kStages;
+  int32_t* token_s = reinterpret_cast<int32_t*>(smem + Ly::kTokens);
+  auto meta = [&](int stage) { return smem + Ly::kMeta + stage * Ly::kMetaBytes; };
+  auto qrow_of = [&](int stage) { return reinterpret_cast<int64_t*>(meta(stage)); };
+  auto t_of = [&](int stage) { return reinterpret_cast<int64_t*>(meta(stage)) + kRows; };
+  auto lse_of = [&](int stage) { return reinterpret_cast<float*>(meta(stage) + 16 * kRows); };
+  auto delta_of = [&](int stage) { return reinterpret_cast<float*>(meta(stage) + 20 * kRows); };
+
+  for (int i = threadIdx.x; i < w.ntok; i += blockDim.x) token_s[i] = int32_t(src.token(w, i));
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 128);  // the producer threads' cp.async arrivals
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 2 * 128);  // each producer thread: its cp.async arrival and its metadata stores
+      mbar_init(&empty[s], 4);       // the consuming warpgroup's warps
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int steps = ((w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks + 1) / 2;
+
+  if (threadIdx.x >= kConsumers * 128) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
+    const int pt = threadIdx.x - kConsumers * 128;
+    const int chunk = pt % kChunks, box = chunk / 8;
+    // Element offset of this thread's chunk of row r in a swizzled [64][D] tile.
+    auto at = [&](int r) { return box * kWgmmaBoxBytes + int(swizzle128(r, chunk % 8)); };
+    for (int r = pt / kChunks; r < kKeys; r += 128 / kChunks) {
+      const bool valid = r < w.nkeys;
+      const int64_t kv = ((w.key_row0 + (valid ? r : 0)) * g.H + w.h);
+      cp_async_16(smem + Ly::kK + at(r), valid ? g.k + kv * D + chunk * 8 : g.k, valid);
+      cp_async_16(smem + Ly::kV + at(r), valid ? g.v + kv * D + chunk * 8 : g.v, valid);
+    }
+    cp_async_mbar_arrive(kv_full);
+    for (int s = 0; s < steps; ++s) {
+      const int stage = s % kStages;
+      mbar_wait(&empty[stage], ((s / kStages) & 1) ^ 1);
+      unsigned char* q_s = smem + Ly::kStage0 + stage * Ly::kStageBytes;
+      if (pt < kRows) {
+        int64_t t = -1;
+        const int64_t row = step_row(geo, w, g, token_s, s, pt, t);
+        qrow_of(stage)[pt] = row;
+        t_of(stage)[pt] = row >= 0 ? t : -1;
+        if (row >= 0) {
+          cp_async_4(lse_of(stage) + pt, g.lse + row);
+          cp_async_4(delta_of(stage) + pt, g.delta + row);
+        } else {
+          lse_of(stage)[pt] = delta_of(stage)[pt] = 0.f;
+        }
+      }
+      for (int r = pt / kChunks; r < kRows; r += 128 / kChunks) {
+        int64_t t;
+        const int64_t row = step_row(geo, w, g, token_s, s, r, t);
+        const bool valid = row >= 0;
+        cp_async_16(q_s + at(r), valid ? g.q + row * D + chunk * 8 : g.q, valid);
+        cp_async_16(q_s + Ly::kTile + at(r), valid ? g.d_out + row * D + chunk * 8 : g.d_out, valid);
+      }
+      cp_async_mbar_arrive(&full[stage]);
+      mbar_arrive(&full[stage]);
+    }
+    return;
+  }
+
+  // Consumers. Accumulator element i of this thread: tile row (a key) warp * 16 + lane / 4 + 8 ((i / 2) % 2),
+  // column 8 (i / 4) + 2 (lane % 4) + i % 2 (a query row of the step for S^T / dP^T, a column for dK / dV).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int key_lo = warp * 16 + lane / 4;
+  constexpr int kBoxes = D / 64;
+  float dk[kBoxes][32], dv[kBoxes][32];
+#pragma unroll
+  for (int b = 0; b < kBoxes; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dk[b][i] = dv[b][i] = 0.f;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = g.scale * kLog2e;
+  const uint32_t k_addr = smem_addr(smem + Ly::kK), v_addr = smem_addr(smem + Ly::kV);
+  unsigned char* ds_box = smem + Ly::kDs + wg * kWgmmaBoxBytes;
+  const uint32_t ds_addr = smem_addr(ds_box);
+  mbar_wait(kv_full, 0);
+
+  for (int s = wg; s < steps; s += kConsumers) {
+    const int stage = s % kStages;
+    mbar_wait(&full[stage], (s / kStages) & 1);
+    fence_proxy_async_smem();  // the rows came through the generic proxy (cp.async); the MMAs read them async
+    const uint32_t q_addr = smem_addr(smem + Ly::kStage0 + stage * Ly::kStageBytes), o_addr = q_addr + Ly::kTile;
+    float st[32], dp[32];
+    wgmma_scores<T, D>(st, k_addr, q_addr);  // S^T
+    wgmma_scores<T, D>(dp, v_addr, o_addr);  // dP^T
+    // P^T and dS^T as A operands (16 rows of the step per k-step), packed as they are formed so that the fp32
+    // tiles die as they go.
+    const int64_t* t_s = t_of(stage);
+    const float* lse_s = lse_of(stage);
+    const float* delta_s = delta_of(stage);
+    uint32_t pf[4][4], dsf[4][4];
+    wgmma_wait<0>();
+    fence_registers(st);
+    fence_registers(dp);
+#pragma unroll
+    for (int i = 0; i < 32; i += 2) {
+      float p[2], ds[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key_lo + 8 * ((i / 2) % 2), r = 8 * (i / 4) + 2 * (lane % 4) + e;
+        const int64_t t = t_s[r];
+        const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
+        p[e] = on ? exp2_ftz(st[i + e] * scale_log2 - lse_s[r] * kLog2e) : 0.f;
+        ds[e] = p[e] * (dp[i + e] - delta_s[r]);
+      }
+      pf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(p[0], p[1]);
+      dsf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(ds[0], ds[1]);
+    }
+
+    // dV += P^T dO, dK += dS^T Q: B is the step's rows (K) x D columns, MN-major, one box per 64 columns.
+    {
+      const uint64_t o_desc = wgmma_desc(o_addr), q_desc = wgmma_desc(q_addr);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int b = 0; b < kBoxes; ++b) {
+          wgmma_rs<T>(dv[b], pf[kk], wgmma_desc_step(o_desc, b * kWgmmaBoxBytes + kk * 2048));
+          wgmma_rs<T>(dk[b], dsf[kk], wgmma_desc_step(q_desc, b * kWgmmaBoxBytes + kk * 2048));
+        }
+      wgmma_commit();
+    }
+    // dS^T to this warpgroup's box, [key][row]: the pair (row, row + 1) of a key is one 4-byte store. The
+    // previous step's dQ MMAs have read the box (every warp waited for them before the barrier below).
+    named_sync(1 + wg, 128);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = key_lo + 8 * (i % 2), row = 8 * (2 * kk + i / 2) + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(ds_box + swizzle128(key, row / 8) + (row % 8) * 2) = dsf[kk][i];
+      }
+    fence_proxy_async_smem();
+    named_sync(1 + wg, 128);
+
+    // dQ = dS K, 64 columns at a time: A = dS (rows x keys) from the [key][row] box, B = K (keys x columns).
+    const int64_t* qrow_s = qrow_of(stage);
+    const bool odd = lane & 1;
+    const int64_t my_row = qrow_s[warp * 16 + lane / 4 + (odd ? 8 : 0)];
+#pragma unroll
+    for (int b = 0; b < kBoxes; ++b) {
+      float dq[32];
+      const uint64_t a_desc = wgmma_desc(ds_addr), b_desc = wgmma_desc(k_addr + b * kWgmmaBoxBytes);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss_mn<T>(dq, wgmma_desc_step(a_desc, kk * 2048), wgmma_desc_step(b_desc, kk * 2048), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(dq);
+      if (b == kBoxes - 1) {
+        fence_registers(dv);
+        fence_registers(dk);
+        if (lane == 0) mbar_arrive(&empty[stage]);  // every MMA reading the stage is complete
+      }
+      // Lane pairs swap halves so that each lane adds four consecutive columns of one row: the even lane row
+      // lane / 4, the odd lane row lane / 4 + 8, columns from the even lane's.
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        const float* c = dq + 4 * n;
+        const float give0 = odd ? c[0] : c[2], give1 = odd ? c[1] : c[3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+        const int col = b * 64 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
+        const float4 add = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
+        if (my_row >= 0)
+          atomic_add4(g.dq + my_row * D + col,
+                      make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z, g.scale * add.w));
+      }
+    }
+  }
+
+  // The two warpgroups' dK and dV meet in the (now idle) stages: warpgroup 0 hands over dK and writes dV,
+  // warpgroup 1 hands over dV and writes dK.
+  named_sync(3, kConsumers * 128);
+  float* exchange = reinterpret_cast<float*>(smem + Ly::kStage0);
+  if (wg == 0) stash(exchange, dk, 0, tid);
+  else stash(exchange, dv, 1, tid);
+  named_sync(3, kConsumers * 128);
+  const KeyOut o{w, g.H, lane, key_lo};
+  if (wg == 0) {
+    add_stashed(dv, exchange, 1, tid);
+    o.emit(g.dv, dv, 1.f);
+  } else {
+    add_stashed(dk, exchange, 0, tid);
+    o.emit(g.dk, dk, g.scale);
+  }
+#endif
+}
+
+}  // namespace sm90
+
+// Whether the sm_90 kernel takes a branch with tiles of `tile_keys` keys (beside fits(), which the caller has
+// checked): 64-key tiles, K = V in {64, 128}, an sm_90 device with the shared memory.
+inline bool sm90_fits(const DeviceLayout& L, int tile_keys) {
+  if (tile_keys != sm90::kKeys || L.K != L.V || (L.K != 64 && L.K != 128) || !sm90_kernels_run(L)) return false;
+  return sm90::Smem<128>::kBytes <=
+         device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+}
+
+template <typename T, typename Source>
+void launch_sm90(const Tensors<T>& g, const Source& src, int64_t ctas, const StepGeometry& geo, const DeviceLayout& L,
+                 cudaStream_t s, const char* name) {
+  auto go = [&](auto kernel, int bytes) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name);
+    kernel<<<unsigned(ctas), sm90::kThreads, bytes, s>>>(g, src, geo);
+  };
+  if (L.K == 128) go(sm90::key_block_backward_sm90_kernel<T, 128, Source>, sm90::Smem<128>::kBytes);
+  else go(sm90::key_block_backward_sm90_kernel<T, 64, Source>, sm90::Smem<64>::kBytes);
+}
+
+}  // namespace nsa::cuda::kbb
