@@ -1,10 +1,11 @@
-// Lists of the valid entries of block_indices by bucket (kv head, sequence, block): a counting sort on the
+// Lists of the valid entries of block_indices by bucket ([token window,] kv head, sequence, block): a counting sort on the
 // caller's stream (count, scan, scatter), each bucket's list cut into chunks of up to per_chunk entries (a second
 // scan) that a CTA finds by binary search (chunk_bucket). An entry (token, kv head, slot j) is valid as in the
 // reference (nsa-spec §2.4): j < block_counts (or S), block c >= 0 and its first key c BS <= t. The block-major
 // selected-attention forward (selected_attention_blocks.cu) and the key-block backward (selected_attention.cu)
 // both walk a block's selecting tokens this way.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include <cub/device/device_scan.cuh>
@@ -20,30 +21,39 @@ struct EntryLists {
   DeviceLayout L;
   int S, BS, H;
   int blocks_per_seq;      // ceil(max_len / BS)
-  int64_t buckets;         // H x num_seqs x blocks_per_seq
+  int64_t window_tokens;   // positions per token window
+  int64_t buckets;         // windows x H x num_seqs x blocks_per_seq
   int per_chunk;           // entries per chunk
   int64_t tok0, tok1;      // the entries of flat tokens [tok0, tok1) of [B * T] are listed
 
-  // Every token's entries, in chunks of per_chunk.
-  static EntryLists of(const int32_t* indices, const int32_t* counts, const DeviceLayout& L, int per_chunk) {
+  // Every token's entries, in chunks of per_chunk. With window_tokens > 0 the buckets are split further by the
+  // token's position, window_tokens positions a window, windows outermost: the CTAs that run together then
+  // take the tokens of one window (whose query rows, and their gradients, fit in L2) instead of tokens from
+  // the whole sequence.
+  static EntryLists of(const int32_t* indices, const int32_t* counts, const DeviceLayout& L, int per_chunk,
+                       int64_t window_tokens = 0) {
     EntryLists e{};
     e.indices = indices, e.counts = counts, e.L = L;
     e.S = L.block_count, e.BS = L.block_size, e.H = int(L.H);
     e.blocks_per_seq = int(div_up(L.max_len, L.block_size));
-    e.buckets = int64_t(L.num_seqs) * e.blocks_per_seq * L.H;
+    const int64_t len = std::max<int64_t>(L.max_len, 1), plain = int64_t(L.num_seqs) * e.blocks_per_seq * L.H;
+    // (Windows are dropped where they would make the bucket arrays large: many sequences.)
+    const bool windows = window_tokens > 0 && div_up(len, window_tokens) * plain <= (int64_t(1) << 24);
+    e.window_tokens = windows ? window_tokens : len;
+    e.buckets = div_up(len, e.window_tokens) * plain;
     e.per_chunk = per_chunk;
     e.tok0 = 0, e.tok1 = L.B * L.T;
     return e;
   }
-  // Buckets kv head by kv head (the CTAs that run together then share one group's query rows in L2), then
-  // sequence, then block.
-  __host__ __device__ int64_t bucket_of(int seq, int block, int h) const {
-    return (int64_t(h) * L.num_seqs + seq) * blocks_per_seq + block;
+  // Buckets window by window, then kv head by kv head (the CTAs that run together then share one group's query
+  // rows in L2), then sequence, then block.
+  __host__ __device__ int64_t bucket_of(int seq, int block, int h, int64_t t) const {
+    return ((t / window_tokens * H + h) * L.num_seqs + seq) * blocks_per_seq + block;
   }
   __host__ __device__ void locate(int64_t bucket, int& seq, int& block, int& h) const {
     block = int(bucket % blocks_per_seq);
     seq = int(bucket / blocks_per_seq % L.num_seqs);
-    h = int(bucket / blocks_per_seq / L.num_seqs);
+    h = int(bucket / blocks_per_seq / L.num_seqs % H);
   }
 };
 
@@ -75,7 +85,7 @@ __device__ __forceinline__ void visit_entry(const EntryLists& p, int64_t i, cons
   if (j >= selection_count(p.counts, flat, p.H, h, p.S) || skip(seq, t, h)) return;
   const int c = p.indices[(flat * p.H + h) * p.S + j];
   if (c < 0 || int64_t(c) * p.BS > t) return;
-  f(p.bucket_of(seq, c, h), flat, h, j);
+  f(p.bucket_of(seq, c, h, t), flat, h, j);
 }
 
 template <typename Skip>
