@@ -17,16 +17,18 @@ constexpr int kStepsPerCta = 32;
 constexpr int kMaxTokensPerCta = kStepsPerCta * kStepRows;  // the CTA's token positions staged in shared memory
 
 // A step's rows are tpt tokens x hpt heads of the group (hpt <= 16, so that a token's heads never straddle an
-// m16 tile), head_chunks steps per group of tokens when G > 16; a CTA takes tokens_per_cta tokens.
+// m16 tile), head_chunks steps per group of tokens when G > 16; a CTA takes tokens_per_cta tokens, about
+// steps_per_cta steps' worth and at most kMaxTokensPerCta (a branch whose CTAs share their dK / dV rows with
+// many others takes more steps a CTA, to add those rows fewer times).
 struct StepGeometry {
   int hpt, tpt, head_chunks, tokens_per_cta;
 };
-inline StepGeometry step_geometry(int64_t G) {
+inline StepGeometry step_geometry(int64_t G, int steps_per_cta = kStepsPerCta) {
   StepGeometry s;
   s.hpt = int(G < 16 ? G : 16);
   s.tpt = kStepRows / s.hpt;
   s.head_chunks = int((G + s.hpt - 1) / s.hpt);
-  s.tokens_per_cta = std::max(1, kStepsPerCta * s.tpt / s.head_chunks);
+  s.tokens_per_cta = std::min(kMaxTokensPerCta, std::max(1, steps_per_cta * s.tpt / s.head_chunks));
   return s;
 }
 

@@ -13,25 +13,26 @@ namespace {
 // Every (token, head) of a CTA's tokens meets exactly one row of one step, within the steps the kernel runs
 // (ceil(ntok / tpt) x head_chunks), and no padding row names one.
 TEST(KeyBlockGeometry, StepsCoverEveryTokenAndHeadOnce) {
-  for (int G = 1; G <= 80; ++G) {
-    const StepGeometry geo = step_geometry(G);
-    ASSERT_LE(geo.hpt, 16) << "G " << G << ": a token's heads must stay in one m16 tile";
-    ASSERT_LE(geo.hpt * geo.tpt, kStepRows) << "G " << G;
-    ASSERT_GE(geo.tokens_per_cta, 1) << "G " << G;
-    ASSERT_LE(geo.tokens_per_cta, kMaxTokensPerCta) << "G " << G << ": the staged token positions overflow";
-    for (int ntok : {1, 3, geo.tpt, geo.tokens_per_cta}) {
-      const int steps = (ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks;
-      std::set<std::pair<int, int>> seen;
-      for (int s = 0; s < steps; ++s)
-        for (int r = 0; r < kStepRows; ++r) {
-          int i = -1, head = -1;
-          if (!step_slot(geo, s, r, ntok, G, i, head)) continue;
-          ASSERT_TRUE(i >= 0 && i < ntok && head >= 0 && head < G) << "G " << G << " step " << s << " row " << r;
-          ASSERT_TRUE(seen.insert({i, head}).second) << "G " << G << ": token " << i << " head " << head << " twice";
-        }
-      EXPECT_EQ(seen.size(), std::size_t(ntok) * std::size_t(G)) << "G " << G << ", " << ntok << " tokens";
+  for (int G = 1; G <= 80; ++G)
+    for (int steps_per_cta : {kStepsPerCta, 4 * kStepsPerCta}) {
+      const StepGeometry geo = step_geometry(G, steps_per_cta);
+      ASSERT_LE(geo.hpt, 16) << "G " << G << ": a token's heads must stay in one m16 tile";
+      ASSERT_LE(geo.hpt * geo.tpt, kStepRows) << "G " << G;
+      ASSERT_GE(geo.tokens_per_cta, 1) << "G " << G;
+      ASSERT_LE(geo.tokens_per_cta, kMaxTokensPerCta) << "G " << G << ": the staged token positions overflow";
+      for (int ntok : {1, 3, geo.tpt, geo.tokens_per_cta}) {
+        const int steps = (ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks;
+        std::set<std::pair<int, int>> seen;
+        for (int s = 0; s < steps; ++s)
+          for (int r = 0; r < kStepRows; ++r) {
+            int i = -1, head = -1;
+            if (!step_slot(geo, s, r, ntok, G, i, head)) continue;
+            ASSERT_TRUE(i >= 0 && i < ntok && head >= 0 && head < G) << "G " << G << " step " << s << " row " << r;
+            ASSERT_TRUE(seen.insert({i, head}).second) << "G " << G << ": token " << i << " head " << head << " twice";
+          }
+        EXPECT_EQ(seen.size(), std::size_t(ntok) * std::size_t(G)) << "G " << G << ", " << ntok << " tokens";
+      }
     }
-  }
 }
 
 TEST(KeyBlockGeometry, SixteenHeadsFillAStepWithTwoTokens) {

@@ -1,9 +1,9 @@
-// Lists of the valid entries of block_indices by bucket ([token window,] kv head, sequence, block): a counting sort on the
-// caller's stream (count, scan, scatter), each bucket's list cut into chunks of up to per_chunk entries (a second
-// scan) that a CTA finds by binary search (chunk_bucket). An entry (token, kv head, slot j) is valid as in the
-// reference (nsa-spec §2.4): j < block_counts (or S), block c >= 0 and its first key c BS <= t. The block-major
-// selected-attention forward (selected_attention_blocks.cu) and the key-block backward (selected_attention.cu)
-// both walk a block's selecting tokens this way.
+// Lists of the valid entries of block_indices by bucket ([token window,] kv head, sequence, block): a counting
+// sort on the caller's stream (count, scan, scatter), each bucket's list cut into chunks of up to per_chunk
+// entries (a second scan) that a CTA finds by binary search (chunk_bucket). An entry (token, kv head, slot j) is
+// valid as in the reference (nsa-spec §2.4): j < block_counts (or S), block c >= 0 and its first key c BS <= t.
+// The block-major selected-attention forward (selected_attention_blocks.cu) and the key-block backward
+// (selected_attention.cu) both walk a block's selecting tokens this way.
 #pragma once
 #include <algorithm>
 #include <cstdint>
