@@ -97,6 +97,13 @@ void dispatch_elem(ElemType t, F&& f) {
   }
 }
 
+// A branch's fp32 upstream gradient, which the CUDA-core backward kernels take; a cast one reaching them is the
+// caller's error (it asked gate_backward for the cast form of a branch whose *_backward_takes_cast is false).
+inline const float* fp32_grad(const BranchGrad& g, const char* what) {
+  if (!g.f32 && g.cast) throw CudaError(std::string(what) + ": a cast upstream gradient on the CUDA-core path");
+  return g.f32;
+}
+
 inline int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Device scratch memory for work queued on one stream: cudaMallocAsync'ed there, freed in stream order when

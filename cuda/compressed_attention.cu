@@ -8,6 +8,7 @@
 // (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
 #include <algorithm>
+#include <optional>
 
 #include "cuda/attention_sm90.h"
 #include "cuda/attention_tile.cuh"
@@ -263,33 +264,48 @@ struct PooledTiles {
   __device__ __forceinline__ bool sees(int64_t t, int64_t c) const { return (c + 1) * L.block_size <= t + 1; }
 };
 
+// The key-block backward's work on this problem; none where the tensor-core path does not apply.
+struct PooledPlan {
+  PooledTiles src;
+  kbb::StepGeometry geo;
+  int64_t ctas;
+};
+std::optional<PooledPlan> pooled_plan(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
+  if (!kbb::fits(L, PooledTiles::kTileKeys, q, k_cmp, v_cmp)) return std::nullopt;
+  // Every token chunk adds into the same few pooled dK / dV rows, so long sequences take up to four times the
+  // steps a CTA of the other branches takes (H100, 64k tokens: 16.0 -> 14.2 ms); short ones keep the CTAs that
+  // fill the GPU (8k: 0.67 ms, 0.71 with four times the steps).
+  const int steps = kbb::kStepsPerCta * int(std::clamp<int64_t>(L.max_len / 8192, 1, 4));
+  const kbb::StepGeometry geo = kbb::step_geometry(L.G(), steps);
+  const int64_t max_len = std::max<int64_t>(L.max_len, 1);
+  const PooledTiles src{L, div_up(max_len / L.block_size, PooledTiles::kTileKeys), div_up(max_len, geo.tokens_per_cta),
+                        geo.tokens_per_cta};
+  const int64_t ctas = L.H * L.num_seqs * src.tiles * src.chunks;
+  if (ctas >= (int64_t(1) << 31)) return std::nullopt;
+  return PooledPlan{src, geo, ctas};
+}
+
 }  // namespace
 
-void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
+bool compressed_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
+  return pooled_plan(L, q, k_cmp, v_cmp).has_value();
+}
+
+void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, BranchGrad do_cmp, const void* q,
                                    const void* k_cmp, const void* v_cmp, const void* o_cmp, const float* lse_cmp,
                                    const DeviceLayout& L, cudaStream_t s) {
-  if (kbb::fits(L, PooledTiles::kTileKeys, q, k_cmp, v_cmp)) {
+  if (const std::optional<PooledPlan> plan = pooled_plan(L, q, k_cmp, v_cmp)) {
     if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
-    // Every token chunk adds into the same few pooled dK / dV rows, so long sequences take up to four times the
-    // steps a CTA of the other branches takes (H100, 64k tokens: 16.0 -> 14.2 ms); short ones keep the CTAs
-    // that fill the GPU (8k: 0.67 ms, 0.71 with four times the steps).
-    const int steps = kbb::kStepsPerCta * int(std::clamp<int64_t>(L.max_len / 8192, 1, 4));
-    const kbb::StepGeometry geo = kbb::step_geometry(L.G(), steps);
-    const int64_t max_len = std::max<int64_t>(L.max_len, 1);
-    const PooledTiles src{L, div_up(max_len / L.block_size, PooledTiles::kTileKeys),
-                          div_up(max_len, geo.tokens_per_cta), geo.tokens_per_cta};
-    const int64_t ctas = L.H * L.num_seqs * src.tiles * src.chunks;
-    if (ctas < (int64_t(1) << 31)) {
-      const kbb::PreparedRows rows(L, do_cmp, o_cmp, s);
-      kbb::launch<PooledTiles::kTileKeys>(dq, dk_cmp, dv_cmp, rows, q, k_cmp, v_cmp, lse_cmp, src,
-                                          PooledTiles::kTileKeys, ctas, geo, L, s,
-                                          "key_block_backward_kernel (compressed attention)");
-      return;
-    }
+    const kbb::PreparedRows rows(L, do_cmp, o_cmp, s);
+    kbb::launch<PooledTiles::kTileKeys>(dq, dk_cmp, dv_cmp, rows, q, k_cmp, v_cmp, lse_cmp, plan->src,
+                                        PooledTiles::kTileKeys, plan->ctas, plan->geo, L, s,
+                                        "key_block_backward_kernel (compressed attention)");
+    return;
   }
   const PooledBlockKeys keys{L.block_size, L.C, L.H};
-  attn::attention_backward(dq, dk_cmp, dv_cmp, do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, keys, L, s,
-                           "attention_backward_kernel (compressed attention)");
+  const char* name = "attention_backward_kernel (compressed attention)";
+  attn::attention_backward(dq, dk_cmp, dv_cmp, fp32_grad(do_cmp, name), q, k_cmp, v_cmp, o_cmp, lse_cmp, keys, L, s,
+                           name);
 }
 
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,

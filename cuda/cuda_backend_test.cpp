@@ -11,6 +11,7 @@
 #include <random>
 #include <sstream>
 #include <tuple>
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -555,6 +556,54 @@ TEST(CudaBackend, FusedGateMatchesTheGatePassBitForBit) {
     ASSERT_EQ(fused.o.size(), apart.o.size());
     for (std::size_t i = 0; i < fused.o.size(); ++i) ASSERT_EQ(fused.o[i], apart.o[i]) << "element " << i;
     EXPECT_FALSE(test::all_zero(fused.o));
+  }
+}
+
+// The gate backward's cast gradients with their deltas (what the tensor-core branches take, the pipeline's
+// default) and the fp32 ones each branch casts itself (the stage functions' plain form): both against the float64
+// reference's gradients, on the same block indices.
+TEST(CudaBackend, CastAndFp32BranchGradientsMatchTheReference) {
+  SKIP_WITHOUT_DEVICE();
+  ProblemSpec s;
+  s.lengths = {300, 0, 77, 190};
+  s.HQ = 32, s.H = 2, s.K = 128, s.V = 128;
+  s.config.block_size = 64;
+  s.config.block_count = 4;
+  s.config.window = 64;
+  s.gate_swa = true;
+  s.with_do = true;
+  s.seed = 37;
+  const Problem p = rounded(test::random_problem(s), DType::BF16);
+  auto grads = [&](bool cast) {
+    cuda::PipelineOptions po;
+    po.dtype = cuda::ElemType::BF16;
+    po.gate_swa = true;
+    po.backward = true;
+    po.cast_branch_grads = cast;
+    cuda::CudaPipeline pipe(p.layout, po);
+    pipe.upload(p);
+    pipe.forward();
+    pipe.backward();
+    return pipe.download();
+  };
+  const Outputs cast = grads(true), plain = grads(false);
+  ASSERT_TRUE(cast.has_grads && plain.has_grads);
+  ASSERT_EQ(cast.block_indices, plain.block_indices);
+  Problem frozen = p;
+  frozen.block_indices = cast.block_indices;
+  RunOptions run;
+  run.backward = true;
+  const Outputs ref = ref::run_reference(frozen, run);
+  const double tol = tolerance(DType::BF16);
+  using Field = std::vector<double> Outputs::*;
+  const std::pair<const char*, Field> fields[] = {{"dq", &Outputs::dq},         {"dk", &Outputs::dk},
+                                                  {"dv", &Outputs::dv},         {"dk_cmp", &Outputs::dk_cmp},
+                                                  {"dv_cmp", &Outputs::dv_cmp}, {"dg_cmp", &Outputs::dg_cmp},
+                                                  {"dg_slc", &Outputs::dg_slc}, {"dg_swa", &Outputs::dg_swa}};
+  for (const auto& [name, field] : fields) {
+    ASSERT_FALSE((ref.*field).empty()) << name;
+    expect_close(cast.*field, ref.*field, tol, std::string(name) + " (cast)");
+    expect_close(plain.*field, ref.*field, tol, std::string(name) + " (fp32)");
   }
 }
 

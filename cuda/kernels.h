@@ -110,25 +110,54 @@ void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_s
 
 // Backward (nsa-spec §3): the twins of the reference's backward functions, same argument order. Gradients
 // are fp32 device tensors that the launchers accumulate into (+=), as the reference does; do_cmp / do_slc /
-// do_swa are the gated upstream gradients in fp32 (gate_backward writes them); the other tensors are the
+// do_swa are the gated upstream gradients (gate_backward writes them; BranchGrad); the other tensors are the
 // forward's inputs and outputs in L.dtype (lse fp32). The attention branches: bf16/fp16 with K, V <= 128 on
 // tensor cores, key block by key block (key_block_backward.cuh); otherwise CUDA cores, a warp per token and up to
 // four heads of its group; dk / dv / dq by atomics.
+
+// A branch's gated upstream gradient do_x: fp32 [B, T, HQ, V], or, for a branch whose backward takes the
+// tensor-core path (*_backward_takes_cast), already in L.dtype with its rows' deltas delta[row] = do_x[row] .
+// o_x[row], the operands that path needs (gate_backward writes them so with GateCast, sparing the branch a pass
+// that casts and forms them).
+struct BranchGrad {
+  const float* f32 = nullptr;
+  const void* cast = nullptr;
+  const float* delta = nullptr;
+  BranchGrad(const float* f) : f32(f) {}  // NOLINT: the fp32 form is the plain one
+  BranchGrad(const void* c, const float* d) : cast(c), delta(d) {}
+};
+// Where gate_backward writes a cast branch gradient: in the fp32 buffer's place, the [rows, V] L.dtype elements,
+// then the rows' fp32 deltas (the buffer holds rows x V floats, enough for V >= 2; V is a multiple of 8 there).
+inline BranchGrad cast_layout(float* buffer, const DeviceLayout& L) {
+  const int64_t rows = L.B * L.T * L.HQ;
+  char* base = reinterpret_cast<char*>(buffer);
+  return BranchGrad(base, reinterpret_cast<const float*>(base + rows * L.V * (L.dtype == ElemType::F32 ? 4 : 2)));
+}
+// Which branches gate_backward writes in cast form.
+struct GateCast {
+  bool cmp = false, slc = false, swa = false;
+};
+// Whether each branch's backward takes the tensor-core path on these tensors (then it takes a cast BranchGrad).
+bool compressed_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp);
+bool selected_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v);
+bool sliding_window_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v);
+
 void mean_pool_backward(float* dk, float* dv, const float* dk_cmp, const float* dv_cmp, const DeviceLayout& L,
                         cudaStream_t s);
-void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, const float* do_cmp, const void* q,
+void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, BranchGrad do_cmp, const void* q,
                                    const void* k_cmp, const void* v_cmp, const void* o_cmp, const float* lse_cmp,
                                    const DeviceLayout& L, cudaStream_t s);
-void selected_attention_backward(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
+void selected_attention_backward(float* dq, float* dk, float* dv, BranchGrad do_slc, const void* q, const void* k,
                                  const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
                                  const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s);
-void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_swa, const void* q, const void* k,
+void sliding_window_backward(float* dq, float* dk, float* dv, BranchGrad do_swa, const void* q, const void* k,
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s);
-// A branch whose gate, output or gradient pointers are null is skipped.
+// A branch whose gate, output or gradient pointers are null is skipped; a branch named in `cast` gets its
+// do_x in cast_layout.
 void gate_backward(float* dg_cmp, float* dg_slc, float* dg_swa, float* do_cmp, float* do_slc, float* do_swa,
                    const void* d_o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp,
-                   const void* g_slc, const void* g_swa, const DeviceLayout& L, cudaStream_t s);
+                   const void* g_slc, const void* g_swa, const DeviceLayout& L, cudaStream_t s, GateCast cast = {});
 
 // Fills n elements of `dst` (type t) with pseudo-random values from a counter-based hash of (seed, index):
 // normal(0, 1) when `normal`, else uniform in [lo, hi). For benchmarks; not the fixture generator.

@@ -15,6 +15,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "cuda/common.cuh"
@@ -308,18 +309,26 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
   }
 }
 
-// The gated upstream gradient in the input type and its deltas, in stream-ordered scratch memory.
+// The gated upstream gradient in the input type and its deltas: as gate_backward wrote them (a cast
+// BranchGrad), or formed here from the fp32 gradient in stream-ordered scratch memory.
 struct PreparedRows {
-  StreamScratch d_out, delta;
-  PreparedRows(const DeviceLayout& L, const float* d_out_f32, const void* o, cudaStream_t s)
-      : d_out(size_t(L.B * L.T * L.HQ * L.V) * (L.dtype == ElemType::F32 ? 4 : 2), s, "cudaMallocAsync(do cast)"),
-        delta(size_t(L.B * L.T * L.HQ) * sizeof(float), s, "cudaMallocAsync(delta)") {
+  std::optional<StreamScratch> d_out_cast, delta_rows;
+  const void* d_out = nullptr;
+  const float* delta = nullptr;
+  PreparedRows(const DeviceLayout& L, const BranchGrad& grad, const void* o, cudaStream_t s) {
+    if (grad.cast) {
+      d_out = grad.cast, delta = grad.delta;
+      return;
+    }
     const int64_t rows = L.B * L.T * L.HQ;
+    d_out_cast.emplace(size_t(rows * L.V) * (L.dtype == ElemType::F32 ? 4 : 2), s, "cudaMallocAsync(do cast)");
+    delta_rows.emplace(size_t(rows) * sizeof(float), s, "cudaMallocAsync(delta)");
+    d_out = d_out_cast->as<void>(), delta = delta_rows->as<float>();
     if (rows == 0) return;
     dispatch_elem(L.dtype, [&](auto tag) {
       using T = decltype(tag);
       prepare_rows_kernel<T><<<unsigned(div_up(rows * 32, 256)), 256, 0, s>>>(
-          d_out.as<T>(), delta.as<float>(), d_out_f32, static_cast<const T*>(o), rows, int(L.V));
+          d_out_cast->as<T>(), delta_rows->as<float>(), grad.f32, static_cast<const T*>(o), rows, int(L.V));
     });
     check_launch("prepare_rows_kernel");
   }
@@ -339,7 +348,7 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {
       const Tensors<T> g{dq, dk, dv, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                         rows.d_out.as<T>(), lse, rows.delta.as<float>(), L.HQ, int(L.H), int(L.HQ / L.H),
+                         static_cast<const T*>(rows.d_out), lse, rows.delta, L.HQ, int(L.H), int(L.HQ / L.H),
                          int(L.K), int(L.V), L.scale};
       if (sm90_fits(L, tile_keys)) {
         launch_sm90(g, src, ctas, geo, L, s, name);

@@ -767,14 +767,19 @@ struct SelectionLists {
   __device__ __forceinline__ bool sees(int64_t t, int64_t pos) const { return pos <= t; }
 };
 
-// The tensor-core backward over the lists of the tokens that selected each block; false (nothing done) where it
-// does not apply.
-bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
-                                  const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
-                                  const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
+// Whether the tensor-core backward over the lists of the tokens that selected each block applies.
+bool key_blocks_fit(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   const int64_t entries = L.B * L.T * L.H * L.block_count;
-  if (!kbb::fits(L, L.block_size, q, k, v) || entries >= (int64_t(1) << 31) || L.B * L.T >= (int64_t(1) << 31))
-    return false;
+  return kbb::fits(L, L.block_size, q, k, v) && entries < (int64_t(1) << 31) && L.B * L.T < (int64_t(1) << 31);
+}
+
+// The tensor-core backward over those lists; false (nothing done) where it does not apply.
+bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const BranchGrad& do_slc, const void* q,
+                                  const void* k, const void* v, const void* o_slc, const float* lse_slc,
+                                  const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
+                                  cudaStream_t s) {
+  if (!key_blocks_fit(L, q, k, v)) return false;
+  const int64_t entries = L.B * L.T * L.H * L.block_count;
   if (entries == 0 || L.num_seqs == 0) return true;
   const kbb::StepGeometry geo = kbb::step_geometry(L.G());
   // Token windows whose query rows of one kv head (q, do and the fp32 dq, G rows a token) fill about two thirds of an
@@ -803,14 +808,18 @@ bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const float* 
 
 }  // namespace
 
-void selected_attention_backward(float* dq, float* dk, float* dv, const float* do_slc, const void* q, const void* k,
+bool selected_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+  return key_blocks_fit(L, q, k, v);
+}
+
+void selected_attention_backward(float* dq, float* dk, float* dv, BranchGrad do_slc, const void* q, const void* k,
                                  const void* v, const void* o_slc, const float* lse_slc, const int32_t* block_indices,
                                  const int32_t* block_counts, const DeviceLayout& L, cudaStream_t s) {
   if (selected_backward_key_blocks(dq, dk, dv, do_slc, q, k, v, o_slc, lse_slc, block_indices, block_counts, L, s))
     return;
   const SelectionKeys keys{block_indices, block_counts, int(L.H), L.block_count, L.block_size};
-  attn::attention_backward(dq, dk, dv, do_slc, q, k, v, o_slc, lse_slc, keys, L, s,
-                           "attention_backward_kernel (selected attention)");
+  const char* name = "attention_backward_kernel (selected attention)";
+  attn::attention_backward(dq, dk, dv, fp32_grad(do_slc, name), q, k, v, o_slc, lse_slc, keys, L, s, name);
 }
 
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,

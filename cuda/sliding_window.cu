@@ -151,11 +151,15 @@ struct WindowTokens {
 
 }  // namespace
 
-void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_swa, const void* q, const void* k,
+bool sliding_window_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+  return kbb::fits(L, L.block_size, q, k, v);
+}
+
+void sliding_window_backward(float* dq, float* dk, float* dv, BranchGrad do_swa, const void* q, const void* k,
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s) {
   if (L.window <= 0) return;
-  if (kbb::fits(L, L.block_size, q, k, v)) {
+  if (sliding_window_backward_takes_cast(L, q, k, v)) {
     if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
     const kbb::StepGeometry geo = kbb::step_geometry(L.G());
     const int64_t W = std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1));
@@ -167,8 +171,8 @@ void sliding_window_backward(float* dq, float* dk, float* dv, const float* do_sw
     return;
   }
   const WindowRowKeys keys{L.window, int(L.H)};
-  attn::attention_backward(dq, dk, dv, do_swa, q, k, v, o_swa, lse_swa, keys, L, s,
-                           "attention_backward_kernel (sliding window)");
+  const char* name = "attention_backward_kernel (sliding window)";
+  attn::attention_backward(dq, dk, dv, fp32_grad(do_swa, name), q, k, v, o_swa, lse_swa, keys, L, s, name);
 }
 
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
