@@ -7,7 +7,8 @@
 // then dS goes through shared memory and the warps split dQ = dS K by columns, added to dq by fp32 atomics (a
 // query row meets the block once, other blocks add theirs). A block's dK / dV leave once per CTA by atomics
 // (long query lists are split over several CTAs of `tokens_per_cta` tokens each, which also balances the
-// work: block 0 is selected by every token).
+// work: block 0 is selected by every token). On sm_90, 64-key tiles with K = V in {64, 128} take the warpgroup
+// version of the same CTA (key_block_backward_sm90.cuh).
 //
 // Which tokens see a block and which of its keys each sees is the branch's: a Source gives each CTA its
 // KeyTile (`tile`), the tokens' positions (`token`) and the visibility rule (`sees`): selected attention (lists of

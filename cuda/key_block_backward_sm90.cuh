@@ -5,10 +5,12 @@
 //   Source, dS^T = P^T (dP^T - delta) in registers;
 //   dV += P^T dO and dK += dS^T Q with P^T / dS^T as register operands (the accumulators stay in registers for
 //   the whole CTA);
-//   dS^T to shared memory, then dQ = dS K in two 64-column halves, added to dq by float4 atomics.
+//   dS^T to shared memory, then dQ = dS K, 64 columns at a time, added to dq by float4 atomics.
 // Two consumer warpgroups take alternate steps, each with its own dK / dV (summed through shared memory at the
 // end); a producer warpgroup gathers the steps' Q and dO rows with cp.async into 128-byte-swizzled stages
 // (the tokens of a step are scattered, so there is no tensor-map box to copy) and signals a full mbarrier.
+// compute-sanitizer racecheck does not model an mbarrier's completion by cp.async: it reports the consumers'
+// reads of every stage as races with the copies that filled it (memcheck and synccheck are clean).
 #pragma once
 #include <cstdint>
 #include <string>
