@@ -781,7 +781,7 @@ bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const BranchG
   if (!key_blocks_fit(L, q, k, v)) return false;
   const int64_t entries = L.B * L.T * L.H * L.block_count;
   if (entries == 0 || L.num_seqs == 0) return true;
-  const kbb::StepGeometry geo = kbb::step_geometry(L.G());
+  const kbb::StepGeometry geo = kbb::step_geometry(L.G(), 2 * kbb::kStepsPerCta);
   // Token windows whose query rows of one kv head (q, do and the fp32 dq, G rows a token) fill about two thirds
   // of an H100's L2: a window's 16 or so CTAs per token then find the rows that an earlier one brought in.
   const int64_t row_bytes = L.G() * (6 * L.K + 2 * L.V);
