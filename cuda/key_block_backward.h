@@ -18,8 +18,8 @@ constexpr int kMaxTokensPerCta = kStepsPerCta * kStepRows;  // the CTA's token p
 
 // A step's rows are tpt tokens x hpt heads of the group (hpt <= 16, so that a token's heads never straddle an
 // m16 tile), head_chunks steps per group of tokens when G > 16; a CTA takes tokens_per_cta tokens, about
-// steps_per_cta steps' worth and at most kMaxTokensPerCta (a branch whose CTAs share their dK / dV rows with
-// many others takes more steps a CTA, to add those rows fewer times).
+// steps_per_cta steps' worth and at most kMaxTokensPerCta. Branches pass more steps where the GPU stays full:
+// fewer CTAs then load K / V tiles and add dK / dV rows (compressed attention's CTAs all add into the same few).
 struct StepGeometry {
   int hpt, tpt, head_chunks, tokens_per_cta;
 };
