@@ -112,8 +112,9 @@ void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_s
 // are fp32 device tensors that the launchers accumulate into (+=), as the reference does; do_cmp / do_slc /
 // do_swa are the gated upstream gradients (gate_backward writes them; BranchGrad); the other tensors are the
 // forward's inputs and outputs in L.dtype (lse fp32). The attention branches: bf16/fp16 with K, V <= 128 on
-// tensor cores, key block by key block (key_block_backward.cuh); otherwise CUDA cores, a warp per token and up to
-// four heads of its group; dk / dv / dq by atomics.
+// tensor cores, key block by key block (key_block_backward.cuh; on sm_90 with 64-key tiles and K = V in {64, 128}
+// key_block_backward_sm90.cuh); otherwise CUDA cores, a warp per token and up to four heads of its group; dk / dv
+// / dq by atomics.
 
 // A branch's gated upstream gradient do_x: fp32 [B, T, HQ, V], or, for a branch whose backward takes the
 // tensor-core path (*_backward_takes_cast), already in L.dtype with its rows' deltas delta[row] = do_x[row] .
