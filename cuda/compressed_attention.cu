@@ -272,10 +272,10 @@ struct PooledPlan {
 };
 std::optional<PooledPlan> pooled_plan(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
   if (!kbb::fits(L, PooledTiles::kTileKeys, q, k_cmp, v_cmp)) return std::nullopt;
-  // Every token chunk adds into the same few pooled dK / dV rows, so long sequences take up to four times the
-  // steps a CTA of the other branches takes (H100, 64k tokens: 16.0 -> 14.2 ms); short ones keep the CTAs that
-  // fill the GPU (8k: 0.67 ms, 0.71 with four times the steps).
-  const int steps = kbb::kStepsPerCta * int(std::clamp<int64_t>(L.max_len / 8192, 1, 4));
+  // Every token chunk adds into the same few pooled dK / dV rows, so long sequences take up to eight times the
+  // base steps a CTA (H100, 64k tokens: 16.0 ms at 1x, 14.2 at 4x, 12.3 at 8x); short ones keep the CTAs that
+  // fill the GPU (8k: 0.67 ms at 1x, 0.71 at 4x).
+  const int steps = kbb::kStepsPerCta * int(std::clamp<int64_t>(L.max_len / 8192, 1, 8));
   const kbb::StepGeometry geo = kbb::step_geometry(L.G(), steps);
   const int64_t max_len = std::max<int64_t>(L.max_len, 1);
   const PooledTiles src{L, div_up(max_len / L.block_size, PooledTiles::kTileKeys), div_up(max_len, geo.tokens_per_cta),

@@ -14,7 +14,7 @@ namespace {
 // (ceil(ntok / tpt) x head_chunks), and no padding row names one.
 TEST(KeyBlockGeometry, StepsCoverEveryTokenAndHeadOnce) {
   for (int G = 1; G <= 80; ++G)
-    for (int steps_per_cta : {kStepsPerCta, 4 * kStepsPerCta}) {
+    for (int steps_per_cta : {kStepsPerCta, 2 * kStepsPerCta, 4 * kStepsPerCta, 8 * kStepsPerCta}) {
       const StepGeometry geo = step_geometry(G, steps_per_cta);
       ASSERT_LE(geo.hpt, 16) << "G " << G << ": a token's heads must stay in one m16 tile";
       ASSERT_LE(geo.hpt * geo.tpt, kStepRows) << "G " << G;
