@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
     const int pt = threadIdx.x - kConsumers * 128;
     const int chunk = pt % kChunks, box = chunk / 8;
-    // Element offset of this thread's chunk of row r in a swizzled [64][D] tile.
+    // Byte offset of this thread's chunk of row r in a swizzled [64][D] tile.
     auto at = [&](int r) { return box * kWgmmaBoxBytes + int(swizzle128(r, chunk % 8)); };
     for (int r = pt / kChunks; r < kKeys; r += 128 / kChunks) {
       const bool valid = r < w.nkeys;
