@@ -595,7 +595,7 @@ struct HeadsAttentionGrad {
 // The tensors of one attention branch's backward: fp32 gradients accumulated into, the branch's gated upstream
 // gradient (fp32) and the forward's inputs and outputs.
 template <typename T>
-struct BranchGrad {
+struct BackwardTensors {
   float *dq, *dk, *dv;
   const float* d_out;
   const T *q, *k, *v, *o;
@@ -605,7 +605,7 @@ struct BranchGrad {
 // The backward of one attention branch: a warp per token and kHeads heads of its group, over the keys that
 // `keys.each(r, f)` passes to f as rows of the branch's [*, H, K] / [*, H, V] key and value tensors.
 template <typename T, int kHeads, typename Keys>
-__global__ void __launch_bounds__(128) attention_backward_kernel(const BranchGrad<T> g, const Keys keys,
+__global__ void __launch_bounds__(128) attention_backward_kernel(const BackwardTensors<T> g, const Keys keys,
                                                                  const DeviceLayout L) {
   int64_t row;
   int count;
@@ -628,7 +628,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const BranchGrad<T> g{dq, dk, dv, d_out, static_cast<const T*>(q), static_cast<const T*>(k),
+    const BackwardTensors<T> g{dq, dk, dv, d_out, static_cast<const T*>(q), static_cast<const T*>(k),
                           static_cast<const T*>(v), static_cast<const T*>(o), lse};
     with_grad_heads(L, [&](auto heads) {
       constexpr int kHeads = decltype(heads)::value, kThreads = 128;

@@ -740,7 +740,7 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
   return fuse_gate;
 }
 
-// The key-block backward's work: the tokens that selected each (kv head, sequence, block) bucket
+// The key-block backward's work: the tokens that selected each (token window, kv head, sequence, block) bucket
 // (selection_lists.cuh), a chunk of up to tokens_per_cta of them per CTA.
 struct SelectionLists {
   EntryLists e;
