@@ -640,12 +640,9 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   });
 }
 
-// Whether the tensor-core path takes a problem: bf16/fp16, head dims a multiple of 8 (16-byte rows) and
-// 16-byte aligned tensors.
+// Whether the tensor-core path takes a problem: tensor_core_rows for its four tensors.
 inline bool tensor_core_path(const DeviceLayout& L, const void* q, const void* k, const void* v, const void* o) {
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && aligned(q) && aligned(k) && aligned(v) &&
-         aligned(o);
+  return tensor_core_rows(L, {q, k, v, o});
 }
 
 // The head-dim bucket: the smallest of 16, 32, 64, 128, 256 holding both K and V.

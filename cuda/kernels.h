@@ -5,6 +5,7 @@
 // kernel; they never synchronise the host.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -38,6 +39,15 @@ struct DeviceLayout {
   bool sm90_kernels = true;
   int64_t G() const { return HQ / H; }
 };
+
+// Whether the tensor-core kernels can read a problem's rows: bf16/fp16, head dims a multiple of 8 (16-byte
+// rows), 16-byte aligned tensors. The forward's tile kernels and the key-block backward both start from it.
+inline bool tensor_core_rows(const DeviceLayout& L, std::initializer_list<const void*> tensors) {
+  if (L.dtype == ElemType::F32 || L.K % 8 != 0 || L.V % 8 != 0) return false;
+  for (const void* p : tensors)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
 
 // The most blocks per query (S) that the CUDA top-k selects: each token's candidate buffer holds 256
 // entries, S + 31 of which a filter pass needs.

@@ -62,15 +62,12 @@ struct Tensors {
   float scale;
 };
 
-// Whether the kernel takes a branch with tiles of `tile_keys` keys: bf16/fp16, K and V multiples of 8 up to 128
-// (16-byte rows; dK and dV stay in registers), 16 to 128 keys a tile, positions that fit int32 and 16-byte
-// aligned tensors.
+// Whether the kernel takes a branch with tiles of `tile_keys` keys: the tensor-core rows of the forward's tile
+// kernels (tensor_core_rows), K and V up to 128 (dK and dV stay in registers), 16 to 128 keys a tile, positions
+// that fit int32.
 inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return L.dtype != ElemType::F32 && L.K % 8 == 0 && L.V % 8 == 0 && L.K <= 128 && L.V <= 128 &&
-         L.max_len < (int64_t(1) << 31) &&
-         (tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128) && aligned(q) && aligned(k) &&
-         aligned(v);
+  return tensor_core_rows(L, {q, k, v}) && L.K <= 128 && L.V <= 128 && L.max_len < (int64_t(1) << 31) &&
+         (tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128);
 }
 
 }  // namespace nsa::cuda::kbb
