@@ -97,10 +97,10 @@ void dispatch_elem(ElemType t, F&& f) {
   }
 }
 
-// A branch's fp32 upstream gradient, which the CUDA-core backward kernels take; a cast one reaching them is the
-// caller's error (it asked gate_backward for the cast form of a branch whose *_backward_takes_cast is false).
+// A branch's fp32 upstream gradient, which the CUDA-core backward kernels take; a gated one reaching them is the
+// caller's error (it asked gate_backward for the gated form of a branch whose *_backward_takes_gated is false).
 inline const float* fp32_grad(const BranchGrad& g, const char* what) {
-  if (!g.f32 && g.cast) throw CudaError(std::string(what) + ": a cast upstream gradient on the CUDA-core path");
+  if (!g.f32 && g.d_out) throw CudaError(std::string(what) + ": a gated upstream gradient on the CUDA-core path");
   return g.f32;
 }
 

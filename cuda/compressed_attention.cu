@@ -287,7 +287,7 @@ std::optional<PooledPlan> pooled_plan(const DeviceLayout& L, const void* q, cons
 
 }  // namespace
 
-bool compressed_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
+bool compressed_backward_takes_gated(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp) {
   return pooled_plan(L, q, k_cmp, v_cmp).has_value();
 }
 

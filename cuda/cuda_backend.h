@@ -63,9 +63,9 @@ struct PipelineOptions {
   bool block_counts = false;
   bool sm90_kernels = true;    // DeviceLayout::sm90_kernels
   bool backward = false;       // holds `do` and the gradients (CudaPipeline::backward)
-  // The gate backward hands the tensor-core branches their gated gradients cast, with their deltas (BranchGrad);
-  // false: in fp32, each branch casting them itself (the stage functions' plain form).
-  bool cast_branch_grads = true;
+  // The gate backward hands the tensor-core branches do with their rows' gates and deltas (BranchGrad's gated
+  // form); false: the gated gradients in fp32, each branch casting them itself (the stage functions' plain form).
+  bool gated_branch_grads = true;
 };
 
 // Throws InputError when the CUDA kernels cannot take the layout (K or V > 256, S > 225 with top-k, ...).

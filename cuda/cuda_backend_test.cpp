@@ -559,10 +559,11 @@ TEST(CudaBackend, FusedGateMatchesTheGatePassBitForBit) {
   }
 }
 
-// The gate backward's cast gradients with their deltas (what the tensor-core branches take, the pipeline's
-// default) and the fp32 ones each branch casts itself (the stage functions' plain form): both against the float64
-// reference's gradients, on the same block indices.
-TEST(CudaBackend, CastAndFp32BranchGradientsMatchTheReference) {
+// The gated form of the branch gradients (do with the rows' gates and deltas, what the tensor-core branches take,
+// the pipeline's default) and the fp32 ones each branch casts itself (the stage functions' plain form): both
+// against the float64 reference's gradients, on the same block indices. Gates of both signs and zero: the gated
+// form scales the probabilities by the gate, so a negative or zero one must come out as the reference's.
+TEST(CudaBackend, GatedAndFp32BranchGradientsMatchTheReference) {
   SKIP_WITHOUT_DEVICE();
   ProblemSpec s;
   s.lengths = {300, 0, 77, 190};
@@ -573,24 +574,29 @@ TEST(CudaBackend, CastAndFp32BranchGradientsMatchTheReference) {
   s.gate_swa = true;
   s.with_do = true;
   s.seed = 37;
-  const Problem p = rounded(test::random_problem(s), DType::BF16);
-  auto grads = [&](bool cast) {
+  Problem p = rounded(test::random_problem(s), DType::BF16);
+  for (std::optional<std::vector<double>>* gate : {&p.g_cmp, &p.g_slc, &p.g_swa})
+    for (std::size_t r = 0; r < (*gate)->size(); ++r) {
+      double& g = (**gate)[r];
+      g = r % 5 == 0 ? 0.0 : r % 3 == 0 ? -g : g;  // rounded values stay exact
+    }
+  auto grads = [&](bool gated) {
     cuda::PipelineOptions po;
     po.dtype = cuda::ElemType::BF16;
     po.gate_swa = true;
     po.backward = true;
-    po.cast_branch_grads = cast;
+    po.gated_branch_grads = gated;
     cuda::CudaPipeline pipe(p.layout, po);
     pipe.upload(p);
     pipe.forward();
     pipe.backward();
     return pipe.download();
   };
-  const Outputs cast = grads(true), plain = grads(false);
-  ASSERT_TRUE(cast.has_grads && plain.has_grads);
-  ASSERT_EQ(cast.block_indices, plain.block_indices);
+  const Outputs gated = grads(true), plain = grads(false);
+  ASSERT_TRUE(gated.has_grads && plain.has_grads);
+  ASSERT_EQ(gated.block_indices, plain.block_indices);
   Problem frozen = p;
-  frozen.block_indices = cast.block_indices;
+  frozen.block_indices = gated.block_indices;
   RunOptions run;
   run.backward = true;
   const Outputs ref = ref::run_reference(frozen, run);
@@ -602,7 +608,7 @@ TEST(CudaBackend, CastAndFp32BranchGradientsMatchTheReference) {
                                                   {"dg_slc", &Outputs::dg_slc}, {"dg_swa", &Outputs::dg_swa}};
   for (const auto& [name, field] : fields) {
     ASSERT_FALSE((ref.*field).empty()) << name;
-    expect_close(cast.*field, ref.*field, tol, std::string(name) + " (cast)");
+    expect_close(gated.*field, ref.*field, tol, std::string(name) + " (gated)");
     expect_close(plain.*field, ref.*field, tol, std::string(name) + " (fp32)");
   }
 }

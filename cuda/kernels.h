@@ -120,38 +120,38 @@ void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_s
 
 // Backward (nsa-spec §3): the twins of the reference's backward functions, same argument order. Gradients
 // are fp32 device tensors that the launchers accumulate into (+=), as the reference does; do_cmp / do_slc /
-// do_swa are the gated upstream gradients (gate_backward writes them; BranchGrad); the other tensors are the
-// forward's inputs and outputs in L.dtype (lse fp32). The attention branches: bf16/fp16 with K, V <= 128 on
-// tensor cores, key block by key block (key_block_backward.cuh; on sm_90 with 64-key tiles and K = V in {64, 128}
-// key_block_backward_sm90.cuh); otherwise CUDA cores, a warp per token and up to four heads of its group; dk / dv
-// / dq by atomics.
+// do_swa are the gated upstream gradients (gate_backward writes them, or their rows' gates and deltas;
+// BranchGrad); the other tensors are the forward's inputs and outputs in L.dtype (lse fp32). The attention
+// branches: bf16/fp16 with K, V <= 128 on tensor cores, key block by key block (key_block_backward.cuh; on sm_90
+// with 64-key tiles and K = V in {64, 128} key_block_backward_sm90.cuh); otherwise CUDA cores, a warp per token
+// and up to four heads of its group; dk / dv / dq by atomics.
 
-// A branch's gated upstream gradient do_x: fp32 [B, T, HQ, V], or, for a branch whose backward takes the
-// tensor-core path (*_backward_takes_cast), already in L.dtype with its rows' deltas delta[row] = do_x[row] .
-// o_x[row], the operands that path needs (gate_backward writes them so with GateCast, sparing the branch a pass
-// that casts and forms them).
+// A branch's gated upstream gradient do_x = g_x do: fp32 [B, T, HQ, V], or, for a branch whose backward takes
+// the tensor-core path (*_backward_takes_gated), left unformed: do itself (L.dtype) with the rows' gates g_x and
+// deltas delta[row] = do[row] . o_x[row] (fp32). That path scales the probabilities by the row's gate instead
+// (P' = g_x P: g_x P (dP - delta_x) = P' (do . v - delta) is the gated dS, P'^T do the gated dV), so no pass
+// writes do_x and none reads it back.
 struct BranchGrad {
   const float* f32 = nullptr;
-  const void* cast = nullptr;
+  const void* d_out = nullptr;
+  const float* gate = nullptr;
   const float* delta = nullptr;
   BranchGrad(const float* f) : f32(f) {}  // NOLINT: the fp32 form is the plain one
-  BranchGrad(const void* c, const float* d) : cast(c), delta(d) {}
+  BranchGrad(const void* d, const float* g, const float* dl) : d_out(d), gate(g), delta(dl) {}
 };
-// Where gate_backward writes a cast branch gradient: in the fp32 buffer's place, the [rows, V] L.dtype elements,
-// then the rows' fp32 deltas (the buffer holds rows x V floats, enough for V >= 2; V is a multiple of 8 there).
-inline BranchGrad cast_layout(float* buffer, const DeviceLayout& L) {
-  const int64_t rows = L.B * L.T * L.HQ;
-  char* base = reinterpret_cast<char*>(buffer);
-  return BranchGrad(base, reinterpret_cast<const float*>(base + rows * L.V * (L.dtype == ElemType::F32 ? 4 : 2)));
+// Where gate_backward writes a gated branch's rows: in the fp32 buffer's place, the rows' gates as fp32, then
+// their deltas (the buffer holds rows x V floats, V >= 2).
+inline BranchGrad gated_layout(float* buffer, const void* d_out, const DeviceLayout& L) {
+  return BranchGrad(d_out, buffer, buffer + L.B * L.T * L.HQ);
 }
-// Which branches gate_backward writes in cast form.
-struct GateCast {
+// Which branches gate_backward leaves gated (gated_layout) instead of writing do_x in fp32.
+struct GatedBranches {
   bool cmp = false, slc = false, swa = false;
 };
-// Whether each branch's backward takes the tensor-core path on these tensors (then it takes a cast BranchGrad).
-bool compressed_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp);
-bool selected_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v);
-bool sliding_window_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v);
+// Whether each branch's backward takes the tensor-core path on these tensors (then it takes a gated BranchGrad).
+bool compressed_backward_takes_gated(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp);
+bool selected_backward_takes_gated(const DeviceLayout& L, const void* q, const void* k, const void* v);
+bool sliding_window_backward_takes_gated(const DeviceLayout& L, const void* q, const void* k, const void* v);
 
 void mean_pool_backward(float* dk, float* dv, const float* dk_cmp, const float* dv_cmp, const DeviceLayout& L,
                         cudaStream_t s);
@@ -164,11 +164,12 @@ void selected_attention_backward(float* dq, float* dk, float* dv, BranchGrad do_
 void sliding_window_backward(float* dq, float* dk, float* dv, BranchGrad do_swa, const void* q, const void* k,
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s);
-// A branch whose gate, output or gradient pointers are null is skipped; a branch named in `cast` gets its
-// do_x in cast_layout.
+// A branch whose gate, output or gradient pointers are null is skipped; a branch named in `gated` gets its gates
+// and deltas in gated_layout (do_x is not formed).
 void gate_backward(float* dg_cmp, float* dg_slc, float* dg_swa, float* do_cmp, float* do_slc, float* do_swa,
                    const void* d_o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp,
-                   const void* g_slc, const void* g_swa, const DeviceLayout& L, cudaStream_t s, GateCast cast = {});
+                   const void* g_slc, const void* g_swa, const DeviceLayout& L, cudaStream_t s,
+                   GatedBranches gated = {});
 
 // Fills n elements of `dst` (type t) with pseudo-random values from a counter-based hash of (seed, index):
 // normal(0, 1) when `normal`, else uniform in [lo, hi). For benchmarks; not the fixture generator.

@@ -2,7 +2,8 @@
 // FlashAttention-2's dK/dV pass: a CTA holds one tile of 16, 32, 64 or 128 keys of one kv head in shared memory
 // and streams through the queries that see it, 32 query rows (tokens x heads of the group) per step, two steps
 // of Q / dO in flight. Per step and 16 keys, on mma.sync, a pair of warps computes
-//   S^T = K Q^T, dP^T = V dO^T (16 keys x 32 rows), P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta),
+//   S^T = K Q^T, dP^T = V dO^T (16 keys x 32 rows), P^T = g exp(scale S^T - lse) (g the row's gate, or 1),
+//   dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q (in registers for the whole CTA),
 // then dS goes through shared memory and the warps split dQ = dS K by columns, added to dq by fp32 atomics (a
 // query row meets the block once, other blocks add theirs). A block's dK / dV leave once per CTA by atomics
@@ -101,11 +102,11 @@ struct Smem {
   static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
   // K, V [kKeys][kStride]; Q, dO [kStages][kStepRows][kStride]; dS [kStepRows][kDsStride]; then P^T fragments
   // [kKeyWarps][32 lanes][4 kRowGroups]; per stage and row: the query row (flat token x HQ + head, -1 for none),
-  // its token's position, lse and delta; the CTA's token positions.
+  // its token's position, lse, delta and gate; the CTA's token positions.
   static constexpr size_t kElems =
       2 * size_t(kKeyElems) + 2 * kStages * size_t(kRowElems) + kStepRows * size_t(kDsStride);
   static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 4 * kRowGroups * sizeof(float) +
-                                   kStages * kStepRows * (2 * sizeof(int64_t) + 2 * sizeof(float)) +
+                                   kStages * kStepRows * (2 * sizeof(int64_t) + 3 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
 };
 
@@ -131,7 +132,8 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
   int64_t* t_s = qrow_s + kStages * kStepRows;
   float* lse_s = reinterpret_cast<float*>(t_s + kStages * kStepRows);
   float* delta_s = lse_s + kStages * kStepRows;
-  int32_t* token_s = reinterpret_cast<int32_t*>(delta_s + kStages * kStepRows);  // [kMaxTokensPerCta]
+  float* gate_s = delta_s + kStages * kStepRows;
+  int32_t* token_s = reinterpret_cast<int32_t*>(gate_s + kStages * kStepRows);  // [kMaxTokensPerCta]
 
   KeyTile w;
   if (!src.tile(int64_t(blockIdx.x), w)) return;
@@ -164,8 +166,10 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
       if (row >= 0) {
         cp_async_4(lse_s + r, g.lse + row);
         cp_async_4(delta_s + r, g.delta + row);
+        if (g.gate) cp_async_4(gate_s + r, g.gate + row);
+        else gate_s[r] = 1.f;
       } else {
-        lse_s[r] = delta_s[r] = 0.f;
+        lse_s[r] = delta_s[r] = gate_s[r] = 0.f;
       }
     }
     tile::load_rows(Qs + buf * Layout::kRowElems, kStride, kStepRows, K, D, [&](int r) {
@@ -219,7 +223,8 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
           const int key = key_group * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
           const int64_t t = t_s[buf * kStepRows + r];
           const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
-          f[j][e] = on ? exp2_ftz(f[j][e] * scale_log2 - lse_s[buf * kStepRows + r] * kLog2e) : 0.f;
+          const int m = buf * kStepRows + r;
+          f[j][e] = on ? gate_s[m] * exp2_ftz(f[j][e] * scale_log2 - lse_s[m] * kLog2e) : 0.f;
         }
 #pragma unroll
       for (int j = 0; j < kRowGroups; ++j) p_frag[j] = make_float4(f[j][0], f[j][1], f[j][2], f[j][3]);
@@ -310,15 +315,17 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
   }
 }
 
-// The gated upstream gradient in the input type and its deltas: as gate_backward wrote them (a cast
-// BranchGrad), or formed here from the fp32 gradient in stream-ordered scratch memory.
+// The kernels' upstream rows (Tensors): do with the gates and deltas gate_backward wrote (a gated BranchGrad), or
+// do_x cast to the input type with its deltas, formed here from the fp32 gradient in stream-ordered scratch
+// memory.
 struct PreparedRows {
   std::optional<StreamScratch> d_out_cast, delta_rows;
   const void* d_out = nullptr;
   const float* delta = nullptr;
+  const float* gate = nullptr;
   PreparedRows(const DeviceLayout& L, const BranchGrad& grad, const void* o, cudaStream_t s) {
-    if (grad.cast) {
-      d_out = grad.cast, delta = grad.delta;
+    if (grad.d_out) {
+      d_out = grad.d_out, delta = grad.delta, gate = grad.gate;
       return;
     }
     const int64_t rows = L.B * L.T * L.HQ;
@@ -349,8 +356,8 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {
       const Tensors<T> g{dq, dk, dv, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
-                         static_cast<const T*>(rows.d_out), lse, rows.delta, L.HQ, int(L.H), int(L.HQ / L.H),
-                         int(L.K), int(L.V), L.scale};
+                         static_cast<const T*>(rows.d_out), lse, rows.delta, rows.gate, L.HQ, int(L.H),
+                         int(L.HQ / L.H), int(L.K), int(L.V), L.scale};
       if (sm90_fits(L, tile_keys)) {
         launch_sm90(g, src, ctas, geo, L, s, name);
         return;

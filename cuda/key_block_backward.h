@@ -50,13 +50,15 @@ struct KeyTile {
   int nkeys, ntok, h;
 };
 
-// The tensors of one branch's backward. d_out is the gated upstream gradient cast to the input type, delta its
-// row-wise dot with the branch's output (prepare_rows).
+// The tensors of one branch's backward. d_out is the upstream gradient in the input type and delta its row-wise
+// dot with the branch's output: either do_x = g_x do, cast (PreparedRows), with no gate, or do itself with the
+// rows' gates g_x, which scale the probabilities (BranchGrad's gated form).
 template <typename T>
 struct Tensors {
   float *dq, *dk, *dv;
   const T *q, *k, *v, *d_out;
   const float *lse, *delta;
+  const float* gate;  // per query row, the branch's gate scaling its probabilities (BranchGrad); null: 1
   int64_t HQ;
   int H, G, K, V;
   float scale;

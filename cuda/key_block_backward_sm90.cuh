@@ -1,8 +1,8 @@
 // The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V = D in
 // {64, 128}: the same work per CTA (one key tile of one kv head, the tokens a Source gives it) with each 64-row
 // step of queries on one consumer warpgroup. Per step, with the keys as the MMA's 64 rows:
-//   S^T = K Q^T and dP^T = V dO^T (both operands in shared memory), P^T = exp(scale S^T - lse) masked by the
-//   Source, dS^T = P^T (dP^T - delta) in registers;
+//   S^T = K Q^T and dP^T = V dO^T (both operands in shared memory), P^T = g exp(scale S^T - lse) masked by the
+//   Source (g the row's gate, or 1), dS^T = P^T (dP^T - delta) in registers;
 //   dV += P^T dO and dK += dS^T Q with P^T / dS^T as register operands (the accumulators stay in registers for
 //   the whole CTA);
 //   dS^T to shared memory, then dQ = dS K, 64 columns at a time, added to dq by float4 atomics.
@@ -42,8 +42,9 @@ struct Smem {
   static constexpr int kK = 0, kV = kTile, kStage0 = 2 * kTile, kStageBytes = 2 * kTile;
   static constexpr int kDs = kStage0 + kStages * kStageBytes;
   static constexpr int kMeta = kDs + kConsumers * kWgmmaBoxBytes;
-  // Per stage: query row (flat token x HQ + head, -1 for padding) and token position as int64, lse and delta.
-  static constexpr int kMetaBytes = kRows * (8 + 8 + 4 + 4);
+  // Per stage: query row (flat token x HQ + head, -1 for padding) and token position as int64, lse, delta and
+  // gate.
+  static constexpr int kMetaBytes = kRows * (8 + 8 + 4 + 4 + 4);
   static constexpr int kTokens = kMeta + kStages * kMetaBytes;
   static constexpr int kBarriers = kTokens + kMaxTokensPerCta * 4;
   static constexpr int kBytes = kBarriers + (1 + 2 * kStages) * 8;  // K/V full, full[kStages], empty[kStages]
@@ -127,6 +128,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto t_of = [&](int stage) { return reinterpret_cast<int64_t*>(meta(stage)) + kRows; };
   auto lse_of = [&](int stage) { return reinterpret_cast<float*>(meta(stage) + 16 * kRows); };
   auto delta_of = [&](int stage) { return reinterpret_cast<float*>(meta(stage) + 20 * kRows); };
+  auto gate_of = [&](int stage) { return reinterpret_cast<float*>(meta(stage) + 24 * kRows); };
 
   for (int i = threadIdx.x; i < w.ntok; i += blockDim.x) token_s[i] = int32_t(src.token(w, i));
   if (threadIdx.x == 0) {
@@ -165,8 +167,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (row >= 0) {
           cp_async_4(lse_of(stage) + pt, g.lse + row);
           cp_async_4(delta_of(stage) + pt, g.delta + row);
+          if (g.gate) cp_async_4(gate_of(stage) + pt, g.gate + row);
+          else gate_of(stage)[pt] = 1.f;
         } else {
-          lse_of(stage)[pt] = delta_of(stage)[pt] = 0.f;
+          lse_of(stage)[pt] = delta_of(stage)[pt] = gate_of(stage)[pt] = 0.f;
         }
       }
       for (int r = pt / kChunks; r < kRows; r += 128 / kChunks) {
@@ -213,6 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t* t_s = t_of(stage);
     const float* lse_s = lse_of(stage);
     const float* delta_s = delta_of(stage);
+    const float* gate_s = gate_of(stage);
     uint32_t pf[4][4], dsf[4][4];
     wgmma_wait<0>();
     fence_registers(st);
@@ -225,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int key = key_lo + 8 * ((i / 2) % 2), r = 8 * (i / 4) + 2 * (lane % 4) + e;
         const int64_t t = t_s[r];
         const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
-        p[e] = on ? exp2_ftz(st[i + e] * scale_log2 - lse_s[r] * kLog2e) : 0.f;
+        p[e] = on ? gate_s[r] * exp2_ftz(st[i + e] * scale_log2 - lse_s[r] * kLog2e) : 0.f;
         ds[e] = p[e] * (dp[i + e] - delta_s[r]);
       }
       pf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(p[0], p[1]);

@@ -810,7 +810,7 @@ bool selected_backward_key_blocks(float* dq, float* dk, float* dv, const BranchG
 
 }  // namespace
 
-bool selected_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+bool selected_backward_takes_gated(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   return key_blocks_fit(L, q, k, v);
 }
 

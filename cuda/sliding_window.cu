@@ -151,7 +151,7 @@ struct WindowTokens {
 
 }  // namespace
 
-bool sliding_window_backward_takes_cast(const DeviceLayout& L, const void* q, const void* k, const void* v) {
+bool sliding_window_backward_takes_gated(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   return kbb::fits(L, L.block_size, q, k, v);
 }
 
@@ -159,7 +159,7 @@ void sliding_window_backward(float* dq, float* dk, float* dv, BranchGrad do_swa,
                              const void* v, const void* o_swa, const float* lse_swa, const DeviceLayout& L,
                              cudaStream_t s) {
   if (L.window <= 0) return;
-  if (sliding_window_backward_takes_cast(L, q, k, v)) {
+  if (sliding_window_backward_takes_gated(L, q, k, v)) {
     if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
     // Twice the base steps a CTA (H100, 8k, W=512: 2.03 ms at 1x, 1.74-1.81 at 2x, 2.24 at 4x, where a block's
     // window is left with three CTAs).
