@@ -223,10 +223,21 @@ CudaPipeline::CudaPipeline(const Layout& L, const PipelineOptions& opt) : L_(L),
     dv_ = grad(count(tokens, d.H, d.V), "dv");
     dk_cmp_ = grad(count(d.B, L.chunks, d.H, d.K), "dk_cmp");
     dv_cmp_ = grad(count(d.B, L.chunks, d.H, d.V), "dv_cmp");
-    if (opt.gate_cmp) dg_cmp_ = grad(count(tokens, d.HQ), "dg_cmp"), do_cmp_ = grad(count(tokens, d.HQ, d.V), "do_cmp");
-    if (opt.gate_slc) dg_slc_ = grad(count(tokens, d.HQ), "dg_slc"), do_slc_ = grad(count(tokens, d.HQ, d.V), "do_slc");
+    // The gate backward hands each branch its gated gradient in the form its backward takes: for the tensor-core
+    // path do itself with the rows' gates and deltas (two floats a row; no gated copy of do is written or read),
+    // fp32 do_x for the CUDA-core kernels.
+    if (opt.gated_branch_grads) {
+      gated_.cmp = compressed_backward_takes_gated(dl_, q_.get(), k_cmp_.get(), v_cmp_.get());
+      gated_.slc = selected_backward_takes_gated(dl_, q_.get(), k_.get(), v_.get());
+      gated_.swa = sliding_window_backward_takes_gated(dl_, q_.get(), k_.get(), v_.get());
+    }
+    auto branch_grad = [&](bool gated, const char* name) {
+      return grad(count(tokens, d.HQ, gated ? 2 : d.V), name);
+    };
+    if (opt.gate_cmp) dg_cmp_ = grad(count(tokens, d.HQ), "dg_cmp"), do_cmp_ = branch_grad(gated_.cmp, "do_cmp");
+    if (opt.gate_slc) dg_slc_ = grad(count(tokens, d.HQ), "dg_slc"), do_slc_ = branch_grad(gated_.slc, "do_slc");
     if (opt.gate_swa) dg_swa_ = grad(count(tokens, d.HQ), "dg_swa");
-    if (opt.gate_swa && window) do_swa_ = grad(count(tokens, d.HQ, d.V), "do_swa");
+    if (opt.gate_swa && window) do_swa_ = branch_grad(gated_.swa, "do_swa");
   }
 }
 
@@ -360,15 +371,7 @@ void CudaPipeline::run_backward(Stage s) {
   if (!opt_.backward) throw CudaError("backward: the pipeline was built without gradients");
   auto f32 = [](const DeviceBuffer& b) { return static_cast<float*>(b.get()); };
   const bool window = L_.config.window > 0 && g_swa_.get();
-  // The gate backward hands each branch its gated gradient in the form its backward takes: for the tensor-core
-  // path do itself with the rows' gates and deltas (no gated copy of do is written or read), fp32 for the
-  // CUDA-core kernels.
-  GatedBranches gated;
-  if (opt_.gated_branch_grads) {
-    gated.cmp = compressed_backward_takes_gated(dl_, q_.get(), k_cmp_.get(), v_cmp_.get());
-    gated.slc = selected_backward_takes_gated(dl_, q_.get(), k_.get(), v_.get());
-    gated.swa = sliding_window_backward_takes_gated(dl_, q_.get(), k_.get(), v_.get());
-  }
+  const GatedBranches& gated = gated_;  // chosen with the buffers' sizes
   auto grad = [&](const DeviceBuffer& b, bool gated_form) {
     return gated_form ? gated_layout(f32(b), d_o_.get(), dl_) : BranchGrad(f32(b));
   };

@@ -124,6 +124,7 @@ class CudaPipeline {
   DeviceBuffer k_cmp_, v_cmp_, o_cmp_, lse_cmp_, block_indices_, o_slc_, lse_slc_, o_swa_, lse_swa_, o_;
   // Backward: `do` in the input dtype; the rest fp32.
   DeviceBuffer d_o_, dq_, dk_, dv_, dk_cmp_, dv_cmp_, dg_cmp_, dg_slc_, dg_swa_, do_cmp_, do_slc_, do_swa_;
+  GatedBranches gated_;  // the branches whose do_x buffer holds only their rows' gates and deltas (gated_layout)
 };
 
 }  // namespace nsa::cuda
