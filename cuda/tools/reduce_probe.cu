@@ -1,7 +1,8 @@
 // Timing probe (not a test): how fast can CTAs add fp32 tiles into scattered rows of a gradient, as the
 // key-block backward adds dQ = dS K into dq? Each CTA (128 threads, two per SM) adds `iters` tiles of 16 rows x
 // 128 fp32 (8 KB, one token's 16 query heads at G = 16) to randomly chosen 8 KB groups of a buffer, by
-//   red: 16-byte vector atomics from registers (atomicAdd on float4, four per thread and tile);
+//   red.v4: 16-byte vector atomics from registers (atomicAdd on float4, four per thread and tile);
+//   red.v2: 8-byte vector atomics (atomicAdd on float2, eight per thread and tile);
 //   bulk: the tile written to one of four shared-memory buffers, then one bulk reduce copy
 //         (cp.reduce.async.bulk .add.f32) issued by thread 0;
 //   store: plain 16-byte stores (no reduction: the bound of moving the bytes).
@@ -33,7 +34,7 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-template <int kMode>  // 0 red, 1 bulk, 2 store
+template <int kMode>  // 0 red.v4, 1 bulk, 2 store, 3 red.v2
 __global__ void __launch_bounds__(kThreads, 2) add_tiles(float* dq, uint32_t groups, int iters) {
   __shared__ __align__(128) float buf[kBuffers][kTileFloats];
   const int tid = threadIdx.x;
@@ -56,6 +57,10 @@ __global__ void __launch_bounds__(kThreads, 2) add_tiles(float* dq, uint32_t gro
                      : "memory");
         asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
       }
+    } else if constexpr (kMode == 3) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        atomicAdd(reinterpret_cast<float2*>(dst + 2 * tid + 256 * j), make_float2(x, x + 1.f));
     } else {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -82,13 +87,14 @@ int main() {
   ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attribute");
   const int ctas = 2 * sms, iters = 4096;
   const double bytes = double(ctas) * iters * kTileFloats * 4;
-  const char* names[] = {"red.v4", "bulk reduce", "store"};
+  const char* names[] = {"red.v4", "bulk reduce", "store", "red.v2"};
   for (uint32_t groups : {all_groups, l2_groups}) {
-    for (int mode = 0; mode < 3; ++mode) {
+    for (int mode = 0; mode < 4; ++mode) {
       auto launch = [&] {
         if (mode == 0) add_tiles<0><<<ctas, kThreads>>>(dq, groups, iters);
         else if (mode == 1) add_tiles<1><<<ctas, kThreads>>>(dq, groups, iters);
-        else add_tiles<2><<<ctas, kThreads>>>(dq, groups, iters);
+        else if (mode == 2) add_tiles<2><<<ctas, kThreads>>>(dq, groups, iters);
+        else add_tiles<3><<<ctas, kThreads>>>(dq, groups, iters);
       };
       launch();
       ok(cudaDeviceSynchronize(), names[mode]);
