@@ -139,8 +139,8 @@ struct BranchGrad {
   BranchGrad(const float* f) : f32(f) {}  // NOLINT: the fp32 form is the plain one
   BranchGrad(const void* d, const float* g, const float* dl) : d_out(d), gate(g), delta(dl) {}
 };
-// Where gate_backward writes a gated branch's rows: in the fp32 buffer's place, the rows' gates as fp32, then
-// their deltas (the buffer holds rows x V floats, V >= 2).
+// Where gate_backward writes a gated branch's rows: the rows' gates as fp32, then their deltas (two floats a row;
+// the pipeline allocates that much for such a branch).
 inline BranchGrad gated_layout(float* buffer, const void* d_out, const DeviceLayout& L) {
   return BranchGrad(d_out, buffer, buffer + L.B * L.T * L.HQ);
 }
