@@ -371,7 +371,6 @@ void CudaPipeline::run_backward(Stage s) {
   if (!opt_.backward) throw CudaError("backward: the pipeline was built without gradients");
   auto f32 = [](const DeviceBuffer& b) { return static_cast<float*>(b.get()); };
   const bool window = L_.config.window > 0 && g_swa_.get();
-  const GatedBranches& gated = gated_;  // chosen with the buffers' sizes
   auto grad = [&](const DeviceBuffer& b, bool gated_form) {
     return gated_form ? gated_layout(f32(b), d_o_.get(), dl_) : BranchGrad(f32(b));
   };
@@ -379,23 +378,23 @@ void CudaPipeline::run_backward(Stage s) {
     case Stage::Gate:
       gate_backward(f32(dg_cmp_), f32(dg_slc_), f32(dg_swa_), f32(do_cmp_), f32(do_slc_), f32(do_swa_), d_o_.get(),
                     o_cmp_.get(), o_slc_.get(), window ? o_swa_.get() : nullptr, g_cmp_.get(), g_slc_.get(),
-                    window ? g_swa_.get() : nullptr, dl_, stream_, gated);
+                    window ? g_swa_.get() : nullptr, dl_, stream_, gated_);
       break;
     case Stage::Selected:
       if (g_slc_.get())
-        selected_attention_backward(f32(dq_), f32(dk_), f32(dv_), grad(do_slc_, gated.slc), q_.get(), k_.get(),
+        selected_attention_backward(f32(dq_), f32(dk_), f32(dv_), grad(do_slc_, gated_.slc), q_.get(), k_.get(),
                                     v_.get(), o_slc_.get(), f32(lse_slc_),
                                     static_cast<const int32_t*>(block_indices_.get()),
                                     static_cast<const int32_t*>(block_counts_.get()), dl_, stream_);
       break;
     case Stage::SlidingWindow:
       if (window)
-        sliding_window_backward(f32(dq_), f32(dk_), f32(dv_), grad(do_swa_, gated.swa), q_.get(), k_.get(), v_.get(),
+        sliding_window_backward(f32(dq_), f32(dk_), f32(dv_), grad(do_swa_, gated_.swa), q_.get(), k_.get(), v_.get(),
                                 o_swa_.get(), f32(lse_swa_), dl_, stream_);
       break;
     case Stage::Compressed:
       if (g_cmp_.get())
-        compressed_attention_backward(f32(dq_), f32(dk_cmp_), f32(dv_cmp_), grad(do_cmp_, gated.cmp), q_.get(),
+        compressed_attention_backward(f32(dq_), f32(dk_cmp_), f32(dv_cmp_), grad(do_cmp_, gated_.cmp), q_.get(),
                                       k_cmp_.get(), v_cmp_.get(), o_cmp_.get(), f32(lse_cmp_), dl_, stream_);
       break;
     case Stage::MeanPool:
