@@ -28,9 +28,14 @@
 
 namespace nsa::cuda::kbb {
 
-// Steps of Q / dO rows in shared memory: the rows of a step are gathered from L2 (a selected block's tokens are
-// scattered), so two are in flight while one is computed.
-constexpr int kStages = 3;
+// The most shared memory a CTA of any GPU the build targets may have (sm_90: 227 KB).
+constexpr size_t kMaxSmemPerCta = 227 * 1024;
+
+// fits_within on the current device's shared memory per CTA.
+inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
+  return fits_within(L, tile_keys, q, k, v,
+                     device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)"));
+}
 
 // Token block i of a launch's (kv head x block) numbering: kv head i / (B C), then block (i % (B C)) of the
 // batch rows' pooled-block numbering (the sequences' chunk_start), whose BS keys are tokens of its sequence.
@@ -97,7 +102,8 @@ __device__ __forceinline__ void pair_sync(int id, int threads) {
 // Shared memory of key_block_backward_kernel<T, D, kKeyWarps>.
 template <typename T, int D, int kKeyWarps>
 struct Smem {
-  static constexpr int kKeys = 16 * kKeyWarps, kStride = tile::smem_stride<T>(D);
+  // The rows of a step are gathered from L2 (a selected block's tokens are scattered): row_stages steps in flight.
+  static constexpr int kKeys = 16 * kKeyWarps, kStride = tile::smem_stride<T>(D), kStages = row_stages(D, kKeys);
   static constexpr int kDsStride = tile::smem_stride<T>(kKeys);
   static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
   // K, V [kKeys][kStride]; Q, dO [kStages][kStepRows][kStride]; dS [kStepRows][kDsStride]; then P^T fragments
@@ -108,17 +114,20 @@ struct Smem {
   static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 4 * kRowGroups * sizeof(float) +
                                    kStages * kStepRows * (2 * sizeof(int64_t) + 3 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
+  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(D, kKeys), "fits_within's size of this layout");
 };
 
 // Two warps per 16 keys (kKeyWarps x 16 keys a tile): per step the P warp of a key group computes S^T, the
 // probabilities P^T (masked by the Source) and dV += P^T dO; the dS warp computes dP^T, takes P^T through
 // shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x D] accumulator, so with 64
 // keys or more a tile a thread needs at most 128 registers and an SM holds 16 warps (H100: one warp per 16 keys
-// holding both needed 255 and ran 8 warps); smaller tiles keep two CTAs an SM and their registers.
+// holding both needed 255 and ran 8 warps); smaller tiles keep two CTAs an SM and their registers. At D = 256
+// the accumulator alone is 128 registers and shared memory holds one or two CTAs an SM anyway.
 template <typename T, int D, int kKeyWarps, typename Source>
-__global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps : 2)
+__global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ? 8 / kKeyWarps : 2)
     key_block_backward_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
   using Layout = Smem<T, D, kKeyWarps>;
+  constexpr int kStages = Layout::kStages;
   constexpr int kKeys = Layout::kKeys, kStride = Layout::kStride, kDsStride = Layout::kDsStride;
   constexpr int kWarps = 2 * kKeyWarps;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -249,49 +258,55 @@ __global__ void __launch_bounds__(64 * kKeyWarps, kKeyWarps >= 4 ? 8 / kKeyWarps
     __syncthreads();  // dS complete
 
     // dq[rows, 16-column groups warp, warp + kWarps, ...] += scale dS K for both 16-row tiles, the mma chains
-    // interleaved.
-    constexpr int kGroups = (D / 16 + kWarps - 1) / kWarps;
+    // interleaved; at most four column groups at a time (D = 256 with two or four warps: eight or four groups),
+    // so that their accumulators fit beside dK / dV.
+    constexpr int kGroupsAll = (D / 16 + kWarps - 1) / kWarps;
+    constexpr int kGroups = kGroupsAll < 4 ? kGroupsAll : 4;
+    static_assert(kGroupsAll % kGroups == 0, "whole chunks of column groups");
     const uint32_t a_row = smem_addr(dSs + (lane % 16) * kDsStride + (lane / 16) * 8);
     const uint32_t b_row = smem_addr(Ks + (lane % 16) * kStride + (lane / 16) * 8);
-    float acc[kGroups][2][2][4] = {};  // [column group][row tile][8-column half][fragment]
+#pragma unroll 1
+    for (int g0 = 0; g0 < kGroupsAll; g0 += kGroups) {
+      float acc[kGroups][2][2][4] = {};  // [column group][row tile][8-column half][fragment]
 #pragma unroll
-    for (int kc = 0; kc < kKeys; kc += 16) {
-      uint32_t a[2][4];
+      for (int kc = 0; kc < kKeys; kc += 16) {
+        uint32_t a[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_row + (mt * 16 * kDsStride + kc) * int(sizeof(T)));
+        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], a_row + (mt * 16 * kDsStride + kc) * int(sizeof(T)));
 #pragma unroll
-      for (int gi = 0; gi < kGroups; ++gi) {
-        const int col0 = (warp + gi * kWarps) * 16;
-        if (col0 >= K) break;
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, b_row + (kc * kStride + col0) * int(sizeof(T)));
+        for (int gi = 0; gi < kGroups; ++gi) {
+          const int col0 = (warp + (g0 + gi) * kWarps) * 16;
+          if (col0 >= K) break;
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, b_row + (kc * kStride + col0) * int(sizeof(T)));
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          MmaElem<T>::mma(acc[gi][mt][0], a[mt], b[0], b[1]);
-          MmaElem<T>::mma(acc[gi][mt][1], a[mt], b[2], b[3]);
+          for (int mt = 0; mt < 2; ++mt) {
+            MmaElem<T>::mma(acc[gi][mt][0], a[mt], b[0], b[1]);
+            MmaElem<T>::mma(acc[gi][mt][1], a[mt], b[2], b[3]);
+          }
         }
       }
-    }
-    // Lane pairs swap halves so that each lane adds four consecutive columns of one row: the even lane row
-    // lane / 4, the odd lane row lane / 4 + 8 (of each row tile), columns from the even lane's.
-    const bool odd = lane & 1;
+      // Lane pairs swap halves so that each lane adds four consecutive columns of one row: the even lane row
+      // lane / 4, the odd lane row lane / 4 + 8 (of each row tile), columns from the even lane's.
+      const bool odd = lane & 1;
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) {
-      const int col0 = (warp + gi * kWarps) * 16;
-      if (col0 >= K) break;
+      for (int gi = 0; gi < kGroups; ++gi) {
+        const int col0 = (warp + (g0 + gi) * kWarps) * 16;
+        if (col0 >= K) break;
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const int64_t row = qrow_s[buf * kStepRows + mt * 16 + lane / 4 + (odd ? 8 : 0)];
+        for (int mt = 0; mt < 2; ++mt) {
+          const int64_t row = qrow_s[buf * kStepRows + mt * 16 + lane / 4 + (odd ? 8 : 0)];
 #pragma unroll
-        for (int n = 0; n < 2; ++n) {
-          const float* c = acc[gi][mt][n];
-          const float give0 = odd ? c[0] : c[2], give1 = odd ? c[1] : c[3];
-          const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
-          const int col = col0 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
-          const float4 add = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
-          if (row >= 0 && col < K)
-            atomic_add4(g.dq + row * K + col, make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z,
-                                                          g.scale * add.w));
+          for (int n = 0; n < 2; ++n) {
+            const float* c = acc[gi][mt][n];
+            const float give0 = odd ? c[0] : c[2], give1 = odd ? c[1] : c[3];
+            const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+            const int col = col0 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
+            const float4 add = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
+            if (row >= 0 && col < K)
+              atomic_add4(g.dq + row * K + col, make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z,
+                                                            g.scale * add.w));
+          }
         }
       }
     }
@@ -364,10 +379,15 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
       }
       auto go = [&](auto dim, auto warps) {
         constexpr int D = decltype(dim)::value, kKeyWarps = decltype(warps)::value;
-        auto kernel = key_block_backward_kernel<T, D, kKeyWarps, Source>;
         constexpr size_t bytes = Smem<T, D, kKeyWarps>::kBytes;
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
-        kernel<<<unsigned(ctas), 64 * kKeyWarps, bytes, s>>>(g, src, geo);
+        // 128-key tiles at D = 256 need more shared memory than any GPU's CTA has: fits_within turned them away.
+        if constexpr (bytes <= kMaxSmemPerCta) {
+          auto kernel = key_block_backward_kernel<T, D, kKeyWarps, Source>;
+          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
+          kernel<<<unsigned(ctas), 64 * kKeyWarps, bytes, s>>>(g, src, geo);
+        } else {
+          throw CudaError(std::string(name) + ": no key-block kernel for this head dim and tile");
+        }
       };
       auto with_warps = [&](auto dim) {
         if constexpr (kFixedTileKeys != 0) {
@@ -382,10 +402,12 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
           }
         }
       };
-      const int64_t d = std::max(L.K, L.V);
-      if (d <= 32) with_warps(std::integral_constant<int, 32>{});
-      else if (d <= 64) with_warps(std::integral_constant<int, 64>{});
-      else with_warps(std::integral_constant<int, 128>{});
+      switch (dim_bucket(std::max(L.K, L.V))) {
+        case 32: with_warps(std::integral_constant<int, 32>{}); break;
+        case 64: with_warps(std::integral_constant<int, 64>{}); break;
+        case 128: with_warps(std::integral_constant<int, 128>{}); break;
+        default: with_warps(std::integral_constant<int, 256>{}); break;
+      }
     }
   });
   check_launch(name);

@@ -64,12 +64,34 @@ struct Tensors {
   float scale;
 };
 
-// Whether the kernel takes a branch with tiles of `tile_keys` keys: the tensor-core rows of the forward's tile
-// kernels (tensor_core_rows), K and V up to 128 (dK and dV stay in registers), 16 to 128 keys a tile, positions
-// that fit int32.
-inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
-  return tensor_core_rows(L, {q, k, v}) && L.K <= 128 && L.V <= 128 && L.max_len < (int64_t(1) << 31) &&
-         (tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128);
+// Head dims the kernel takes: dK / dV stay in registers for the whole CTA, 128 fp32 a thread at 256.
+constexpr int kMaxDim = 256;
+
+// The kernel's D: the larger of K and V rounded up to 32, 64, 128 or 256 (rows are zero-padded to it).
+constexpr int dim_bucket(int64_t d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+// Steps of Q / dO rows in shared memory: three (two in flight while one is computed); two where 256-wide rows
+// in three would leave room for only one CTA of two or four warps an SM (16- and 32-key tiles).
+constexpr int row_stages(int D, int tile_keys) { return D > 128 && tile_keys < 64 ? 2 : 3; }
+
+// Shared memory of key_block_backward_kernel for D and tile_keys with 2-byte elements (the kernel's Smem checks
+// that it agrees): K, V, the stages' Q and dO rows (padded by 16 bytes), dS, the P^T fragments, the stages' row
+// metadata and the CTA's token positions.
+constexpr int64_t smem_bytes(int D, int tile_keys) {
+  const int64_t stride = D + 8, stages = row_stages(D, tile_keys);
+  return 2 * (2 * tile_keys * stride + 2 * stages * kStepRows * stride + kStepRows * (tile_keys + 8)) +
+         (tile_keys / 16) * 32 * 4 * kRowGroups * 4 + stages * kStepRows * (2 * 8 + 3 * 4) + kMaxTokensPerCta * 4;
+}
+
+// Whether the kernel takes a branch with tiles of `tile_keys` keys on a device whose CTAs may have `smem_limit`
+// bytes of shared memory: the tensor-core rows of the forward's tile kernels (tensor_core_rows), K and V up to
+// kMaxDim, 16 to 128 keys a tile, positions that fit int32. (At K or V above 128, 128-key tiles need more than
+// an H100's 227 KB, and 64-key tiles more than an A100's 163 KB.)
+inline bool fits_within(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v,
+                        int64_t smem_limit) {
+  if (!(tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128)) return false;
+  return tensor_core_rows(L, {q, k, v}) && L.K <= kMaxDim && L.V <= kMaxDim && L.max_len < (int64_t(1) << 31) &&
+         smem_bytes(dim_bucket(std::max(L.K, L.V)), tile_keys) <= smem_limit;
 }
 
 }  // namespace nsa::cuda::kbb

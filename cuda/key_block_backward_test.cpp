@@ -46,31 +46,46 @@ TEST(KeyBlockGeometry, SixteenHeadsFillAStepWithTwoTokens) {
   EXPECT_EQ(one.tokens_per_cta, kMaxTokensPerCta);
 }
 
-TEST(KeyBlockGeometry, TakesHalfPrecisionHeadDimsUpTo128) {
+TEST(KeyBlockGeometry, TakesHalfPrecisionHeadDimsUpTo256WhereTheTileFitsSharedMemory) {
   alignas(16) static unsigned char buffer[64];
   const void* p = buffer;
+  constexpr int64_t kH100 = 227 * 1024, kA100 = 163 * 1024;  // shared memory a CTA may opt into
   DeviceLayout L;
   L.dtype = ElemType::BF16;
   L.K = L.V = 128;
   L.max_len = 65536;
-  EXPECT_TRUE(fits(L, 64, p, p, p));
-  for (int tile : {16, 32, 128}) EXPECT_TRUE(fits(L, tile, p, p, p)) << tile;
-  for (int tile : {8, 48, 256}) EXPECT_FALSE(fits(L, tile, p, p, p)) << tile;
+  for (int tile : {16, 32, 64, 128}) {
+    EXPECT_TRUE(fits_within(L, tile, p, p, p, kH100)) << tile;
+    EXPECT_TRUE(fits_within(L, tile, p, p, p, kA100)) << tile;
+  }
+  for (int tile : {8, 48, 256}) EXPECT_FALSE(fits_within(L, tile, p, p, p, kH100)) << tile;
   L.dtype = ElemType::F16;
-  EXPECT_TRUE(fits(L, 64, p, p, p));
+  EXPECT_TRUE(fits_within(L, 64, p, p, p, kH100));
   L.dtype = ElemType::F32;
-  EXPECT_FALSE(fits(L, 64, p, p, p)) << "fp32 keeps the CUDA-core kernels";
+  EXPECT_FALSE(fits_within(L, 64, p, p, p, kH100)) << "fp32 keeps the CUDA-core kernels";
   L.dtype = ElemType::BF16;
+  // Past 128 the rows are 256 wide: 64-key tiles take 184 KB (an H100's CTA, not an A100's), 128-key tiles more
+  // than either.
   L.K = 136;
-  EXPECT_FALSE(fits(L, 64, p, p, p)) << "dK in registers: K <= 128";
+  EXPECT_TRUE(fits_within(L, 64, p, p, p, kH100));
+  L.K = 256;
+  L.V = 200;
+  for (int tile : {16, 32, 64}) EXPECT_TRUE(fits_within(L, tile, p, p, p, kH100)) << tile;
+  EXPECT_FALSE(fits_within(L, 128, p, p, p, kH100));
+  EXPECT_FALSE(fits_within(L, 64, p, p, p, kA100));
+  EXPECT_TRUE(fits_within(L, 32, p, p, p, kA100));
+  EXPECT_EQ(smem_bytes(256, 64), 188544) << "K, V and three stages of 32 Q and dO rows, 264 elements wide";
+  EXPECT_EQ(row_stages(256, 32), 2) << "two stages keep two CTAs an SM with 32-key tiles";
+  L.K = 264;
+  EXPECT_FALSE(fits_within(L, 16, p, p, p, kH100)) << "dK in registers: K <= 256";
   L.K = 40;
   L.V = 12;
-  EXPECT_FALSE(fits(L, 64, p, p, p)) << "rows of 16-byte copies: V % 8 == 0";
+  EXPECT_FALSE(fits_within(L, 64, p, p, p, kH100)) << "rows of 16-byte copies: V % 8 == 0";
   L.V = 24;
-  EXPECT_TRUE(fits(L, 64, p, p, p));
-  EXPECT_FALSE(fits(L, 64, buffer + 8, p, p)) << "q not 16-byte aligned";
+  EXPECT_TRUE(fits_within(L, 64, p, p, p, kH100));
+  EXPECT_FALSE(fits_within(L, 64, buffer + 8, p, p, kH100)) << "q not 16-byte aligned";
   L.max_len = int64_t(1) << 31;
-  EXPECT_FALSE(fits(L, 64, p, p, p)) << "token positions are int32";
+  EXPECT_FALSE(fits_within(L, 64, p, p, p, kH100)) << "token positions are int32";
 }
 
 }  // namespace
