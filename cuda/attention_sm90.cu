@@ -2,7 +2,8 @@
 // both attend each query to a contiguous range of keys -- the pooled blocks [0, NC(t)), or the tokens
 // [max(0, t - W + 1), t] -- so one kernel serves both. The math is that of the tile kernels
 // (compressed_attention.cu, sliding_window.cu): the lazy reference max in base 2, o = 0 and lse = 0 for rows
-// that see no key. bf16/fp16, K and V in {64, 128}, G dividing 64 or a multiple of 64.
+// that see no key. bf16/fp16, K and V in {64, 128} or K = 192 with V = 128 (the NSA paper's heads), G dividing
+// 64 or a multiple of 64.
 //
 // A CTA has a consumer warpgroup and a producer warpgroup. The consumer owns a 64-row tile whose rows are
 // (token, head) pairs, heads fastest: 64 / G tokens of the whole group, or a 64-head chunk of one token. One
@@ -42,7 +43,7 @@ constexpr int kBoxBytes = kWgmmaBoxBytes;
 #ifndef NSA_COMPRESSED_STAGES  // K/V tiles in flight: a compile-time knob for tuning
 #define NSA_COMPRESSED_STAGES 3
 #endif
-constexpr int kStages = NSA_COMPRESSED_STAGES;
+constexpr int kDefaultStages = NSA_COMPRESSED_STAGES;
 [[maybe_unused]] constexpr unsigned kFull = 0xffffffffu;
 
 template <int KD, int VD>
@@ -51,6 +52,8 @@ struct SmemLayout {
   static constexpr int kStage0 = (KD / 64) * kBoxBytes;
   static constexpr int kV = (KD / 64) * kBoxBytes;            // in a stage: the K boxes, then the V boxes
   static constexpr int kStageBytes = kV + (VD / 64) * kBoxBytes;
+  // Two stages where three would leave one CTA an SM (K = 192: 104 KB against 144).
+  static constexpr int kStages = KD + VD > 256 ? 2 : kDefaultStages;
   static constexpr int kBarriers = kStage0 + kStages * kStageBytes;
   static constexpr int kBytes = kBarriers + (1 + 2 * kStages) * 8;
 };
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   extern __shared__ __align__(1024) unsigned char smem[];
   if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
   uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Ly::kBarriers);
-  const StageRing<kStages> ring{q_full + 1, q_full + 1 + kStages};
+  const StageRing<Ly::kStages> ring{q_full + 1, q_full + 1 + Ly::kStages};
 
   const DeviceSequence seq = p.seqs[blockIdx.y];
   // Late tokens see the most keys: launch them first so that the short tiles fill the tail.
@@ -304,7 +307,8 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
 
 template <typename T, bool kWindow, typename F>
 void with_kernel(const DeviceLayout& L, F&& f) {
-  if (L.K == 128 && L.V == 128) f(attention_sm90_kernel<T, 128, 128, kWindow>, SmemLayout<128, 128>::kBytes);
+  if (L.K == 192) f(attention_sm90_kernel<T, 192, 128, kWindow>, SmemLayout<192, 128>::kBytes);
+  else if (L.K == 128 && L.V == 128) f(attention_sm90_kernel<T, 128, 128, kWindow>, SmemLayout<128, 128>::kBytes);
   else if (L.K == 128) f(attention_sm90_kernel<T, 128, 64, kWindow>, SmemLayout<128, 64>::kBytes);
   else if (L.V == 128) f(attention_sm90_kernel<T, 64, 128, kWindow>, SmemLayout<64, 128>::kBytes);
   else f(attention_sm90_kernel<T, 64, 64, kWindow>, SmemLayout<64, 64>::kBytes);
@@ -313,7 +317,8 @@ void with_kernel(const DeviceLayout& L, F&& f) {
 // The conditions both stages share; `key_rows` is the key tensor's rows (B * C pooled blocks or B * T tokens).
 bool shape_fits(const DeviceLayout& L, const void* q, const void* k, const void* v, int64_t key_rows) {
   if (L.dtype == ElemType::F32 || L.H == 0 || L.num_seqs == 0 || key_rows == 0) return false;
-  if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
+  const bool paper_heads = L.K == 192 && L.V == 128;
+  if (!paper_heads && ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128))) return false;
   const int64_t G = L.G();
   if (64 % G != 0 && G % 64 != 0) return false;
   // Tensor-map coordinates are int32, and a tile may start up to 64 rows past the end.
@@ -322,7 +327,7 @@ bool shape_fits(const DeviceLayout& L, const void* q, const void* k, const void*
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16)
     return false;
   if (!sm90_kernels_run(L)) return false;
-  return SmemLayout<128, 128>::kBytes <=
+  return (paper_heads ? SmemLayout<192, 128>::kBytes : SmemLayout<128, 128>::kBytes) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
 

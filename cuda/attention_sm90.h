@@ -7,7 +7,8 @@
 
 namespace nsa::cuda {
 
-// Whether the warpgroup kernel can run this stage on the current device: bf16/fp16, K and V in {64, 128}, G
+// Whether the warpgroup kernel can run this stage on the current device: bf16/fp16, K and V in {64, 128} or
+// K = 192 with V = 128, G
 // dividing 64 or a multiple of 64, keys to attend (pooled blocks; a window W > 0), 16-byte aligned tensors,
 // int32 tensor-map coordinates, compute capability 9.x.
 bool compressed_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp, const void* v_cmp);

@@ -280,7 +280,12 @@ std::vector<Case> hand_picked_cases() {
           Case c = make_case("given_indices_f16_varlen", DType::F16, 1, 0, 8, 2, 32, 48, 16, 3, kSeed, {0, 77, 150});
           c.given_indices = true;
           return c;
-        }()};
+        }(),
+        // The NSA paper's heads (K = 192, V = 128) on the sm_90 kernels of every forward stage (G = 16 and, varlen,
+        // G = 4 with the paper policy) and on the key-block backward's 256-wide rows.
+        make_case("paper_heads_K192_V128_G16_bf16_window", DType::BF16, 1, 330, 16, 1, 192, 128, 64, 4, kSeed, {}, 70),
+        make_case("paper_heads_K192_V128_G4_f16_varlen", DType::F16, 1, 0, 8, 2, 192, 128, 64, 3, kPaper,
+                  {200, 0, 140})};
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendStages, ::testing::ValuesIn(hand_picked_cases()),
@@ -382,6 +387,16 @@ TEST(CudaBackend, Sm90KernelsStandAsideWhenTheLayoutSaysSo) {
   EXPECT_TRUE(cuda::sliding_window_sm90_fits(L, aligned, aligned, aligned));
   EXPECT_TRUE(cuda::selected_streamed_fits(L, aligned, aligned, aligned));
   EXPECT_TRUE(cuda::topk_sm90_fits(L, aligned, aligned));
+  // The NSA paper's heads have sm_90 kernels too (the hand-picked paper_heads cases check their outputs).
+  L.K = 192;
+  EXPECT_TRUE(cuda::compressed_sm90_fits(L, aligned, aligned, aligned));
+  EXPECT_TRUE(cuda::sliding_window_sm90_fits(L, aligned, aligned, aligned));
+  EXPECT_TRUE(cuda::selected_streamed_fits(L, aligned, aligned, aligned));
+  EXPECT_TRUE(cuda::topk_sm90_fits(L, aligned, aligned));
+  L.V = 64;
+  EXPECT_FALSE(cuda::compressed_sm90_fits(L, aligned, aligned, aligned)) << "K = 192 only with V = 128";
+  EXPECT_FALSE(cuda::selected_streamed_fits(L, aligned, aligned, aligned));
+  L.K = 128, L.V = 128;
   L.sm90_kernels = false;
   EXPECT_FALSE(cuda::compressed_sm90_fits(L, aligned, aligned, aligned));
   EXPECT_FALSE(cuda::sliding_window_sm90_fits(L, aligned, aligned, aligned));

@@ -58,8 +58,8 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
                                   const DeviceLayout& L, cudaStream_t s);
 // Which kernel a stage with a warpgroup (sm_90) kernel runs: Auto takes the warpgroup kernel where it fits,
 // else the mma.sync tile kernel, which Tile forces. For tests and benchmarks. Compressed attention and the
-// sliding window: bf16/fp16, K and V in {64, 128}, G dividing 64 or a multiple of 64
-// (attention_sm90.cu); top-k: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16} (topk.cu).
+// sliding window: bf16/fp16, K and V in {64, 128} or K = 192 with V = 128, G dividing 64 or a multiple of 64
+// (attention_sm90.cu); top-k: bf16/fp16, K in {64, 128, 192}, G in {2, 4, 8, 16} (topk.cu).
 enum class KernelChoice { Auto = 0, Tile = 1 };
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s, KernelChoice choice);
@@ -71,14 +71,14 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
 bool topk_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp);
 // Whether the streamed selected-attention kernel (selected_attention_streamed.cu) can take this problem: the
 // sm_90 kernels allowed on a 9.x device, 16-bit elements, G in {4, 8} or a multiple of 16, BS a multiple of 64,
-// K and V in {64, 128}, S * BS / 64 at most 512, 16-byte aligned tensors.
+// K and V in {64, 128} or K = 192 with V = 128, S * BS / 64 at most 512, 16-byte aligned tensors.
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v);
 // block_counts may be null.
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
 // How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
-// blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V in {64, 128}) the streamed TMA
+// blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V as selected_streamed_fits) the streamed TMA
 // kernel, which loads each distinct block of a unit of 8 tokens once, or (sm_80, 16-bit elements, G in {1, 2, 4},
 // K and V in {64, 128}, BS a multiple of 16 up to 128) the block-major path, where
 // each selected block gathers the queries that selected it and a merge combines each row's slots

@@ -571,7 +571,8 @@ int ring_stages(const DeviceLayout& L) {
 // Calls f with the kernel instance for L's K and V (and a gate fused with a window branch).
 template <typename T, bool kWindow = false, typename F>
 void with_kernel(const DeviceLayout& L, F&& f) {
-  if (L.K == 128 && L.V == 128) f(selected_streamed_kernel<T, 128, 128, kWindow>);
+  if (L.K == 192) f(selected_streamed_kernel<T, 192, 128, kWindow>);
+  else if (L.K == 128 && L.V == 128) f(selected_streamed_kernel<T, 128, 128, kWindow>);
   else if (L.K == 128) f(selected_streamed_kernel<T, 128, 64, kWindow>);
   else if (L.V == 128) f(selected_streamed_kernel<T, 64, 128, kWindow>);
   else f(selected_streamed_kernel<T, 64, 64, kWindow>);
@@ -601,7 +602,8 @@ int selected_streamed_ctas_per_sm(const DeviceLayout& L) {
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   if (L.dtype == ElemType::F32 || L.H == 0 || L.block_size % kTileKeys != 0) return false;
   if (L.G() % kHeads != 0 && L.G() != 4 && L.G() != 8) return false;
-  if ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128)) return false;
+  const bool paper_heads = L.K == 192 && L.V == 128;  // the NSA paper's heads: 48 KB of Q leave four stages
+  if (!paper_heads && ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128))) return false;
   if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0) return false;
   if (int64_t(kRunTokens) * max_items(L) > kMaxRunEntries) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16) return false;

@@ -624,7 +624,7 @@ __global__ void __launch_bounds__(W * 32, 2)
 }
 
 // ---- sm_90: the scores by asynchronous wgmma ----
-// For bf16/fp16, K in {64, 128} and G in {2, 4, 8, 16}. A CTA's rows are whole tokens, 64 / G per warpgroup of
+// For bf16/fp16, K in {64, 128, 192} and G in {2, 4, 8, 16}. A CTA's rows are whole tokens, 64 / G per warpgroup of
 // 64 rows (three warpgroups, or one at G = 16, below; two measured 35% slower at 64k, G = 16), 16 / G per
 // warp: each warp sums its tokens' heads, stores their score rows, filters them in turn and writes their
 // selections itself, with no CTA-wide barrier. Against the tile kernel (H100, T = 32k): G = 2 1.24 ms against
@@ -838,18 +838,25 @@ __global__ void __launch_bounds__(Sm90Shape<kWG>::kThreads, Sm90Shape<kWG>::kCta
 #endif
 }
 
-// Whether topk_sm90_kernel may run this problem: bf16/fp16, K in {64, 128}, G in {2, 4, 8, 16}, pooled blocks to
+// Whether topk_sm90_kernel may run this problem: bf16/fp16, K in {64, 128, 192}, G in {2, 4, 8, 16}, pooled blocks to
 // score, int32 tensor-map coordinates, 16-byte aligned tensors, the sm_90 kernels allowed on a 9.x device
 // (sm90_kernels_run); the candidate buffer's shared memory is the other condition (sm90_cap > 0).
 bool sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp) {
   const int64_t G = L.G();
   if (L.dtype == ElemType::F32 || L.H == 0 || L.B * L.C == 0) return false;
-  if ((L.K != 64 && L.K != 128) || 16 % G != 0 || G < kSm90MinG) return false;
+  if ((L.K != 64 && L.K != 128 && L.K != 192) || 16 % G != 0 || G < kSm90MinG) return false;
   if (L.B * L.T + L.max_len + Sm90Shape<3>::kRows >= (int64_t(1) << 31) || L.B * L.C + kBN >= (int64_t(1) << 31))
     return false;
   if (L.num_seqs > 65535 || L.H > 65535) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k_cmp)) % 16) return false;
   return sm90_kernels_run(L);
+}
+
+// Shared memory of the sm_90 kernel for K up to KD, G and a buffer of `cap` entries per token.
+template <int KD>
+int layout_bytes(int G, int cap) {
+  return G == 16 ? Sm90Layout<KD, 1>::bytes(Sm90Shape<1>::kRows / G, cap)
+                 : Sm90Layout<KD, 3>::bytes(Sm90Shape<3>::kRows / G, cap);
 }
 
 // The sm_90 kernel's candidate buffer: the largest multiple of 16 up to kSm90Cap whose layout fits (small
@@ -862,11 +869,12 @@ int sm90_cap(const DeviceLayout& L) {
   const int min_cap = int(div_up(L.block_count + (G == 16 ? 63 : 31), 16) * 16);
   // G = 16: the kernel of one warpgroup, kCtasPerSm CTAs per SM (each also reserves 1 KB): at most 240 entries,
   // so S <= 177 (a larger S goes to the tile kernel).
+  // K = 192 (Q and K tiles of three boxes): two CTAs an SM.
   const int per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "cudaDeviceGetAttribute(smem)");
-  const int limit = G == 16 ? std::min(optin, per_sm / Sm90Shape<1>::kCtasPerSm - 1024) : optin;
+  const int ctas = L.K > 128 ? 2 : Sm90Shape<1>::kCtasPerSm;
+  const int limit = G == 16 ? std::min(optin, per_sm / ctas - 1024) : optin;
   for (int cap = kSm90Cap; cap >= min_cap; cap -= 16) {
-    const int bytes = G == 16 ? Sm90Layout<128, 1>::bytes(Sm90Shape<1>::kRows / G, cap)
-                              : Sm90Layout<128, 3>::bytes(Sm90Shape<3>::kRows / G, cap);
+    const int bytes = L.K > 128 ? layout_bytes<192>(G, cap) : layout_bytes<128>(G, cap);
     if (bytes <= limit) return cap;
   }
   return 0;
@@ -891,7 +899,8 @@ void launch_sm90(TopkParams P, int32_t* block_indices, const void* q, const void
       kernel<<<grid, Sm90Shape<kWG>::kThreads, bytes, s>>>(map_q, map_k, block_indices, lse_cmp, P);
       check_launch("topk_sm90_kernel");
     };
-    if (L.K == 128) run(topk_sm90_kernel<T, 128, kWG>, Sm90Layout<128, kWG>::bytes(tpt, P.cap));
+    if (L.K == 192) run(topk_sm90_kernel<T, 192, kWG>, Sm90Layout<192, kWG>::bytes(tpt, P.cap));
+    else if (L.K == 128) run(topk_sm90_kernel<T, 128, kWG>, Sm90Layout<128, kWG>::bytes(tpt, P.cap));
     else run(topk_sm90_kernel<T, 64, kWG>, Sm90Layout<64, kWG>::bytes(tpt, P.cap));
   };
   if (P.G == 16) launch(std::integral_constant<int, 1>{});
