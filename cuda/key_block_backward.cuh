@@ -28,6 +28,12 @@
 
 namespace nsa::cuda::kbb {
 
+// kernel_dims as types, for the dispatch.
+template <int K, int V>
+struct StaticDims {
+  static constexpr int k = K, v = V;
+};
+
 // The most shared memory a CTA of any GPU the build targets may have (sm_90: 227 KB).
 constexpr size_t kMaxSmemPerCta = 227 * 1024;
 
@@ -68,7 +74,7 @@ __global__ void prepare_rows_kernel(T* d_out_cast, float* delta, const float* d_
 }
 
 // Scores of the warp's 16 keys (rows key0.. of As) against a step's 32 rows (Bs): S^T = K Q^T or dP^T = V dO^T,
-// k over D (four independent mma chains, one per 8-row group).
+// k over D columns (four independent mma chains, one per 8-row group).
 template <typename T, int D, int kStride>
 __device__ __forceinline__ void key_scores(float (&out)[kRowGroups][4], const T* As, const T* Bs, int key0,
                                            int lane) {
@@ -99,43 +105,47 @@ __device__ __forceinline__ void pair_sync(int id, int threads) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Shared memory of key_block_backward_kernel<T, D, kKeyWarps>.
-template <typename T, int D, int kKeyWarps>
+// Shared memory of key_block_backward_kernel<T, DK, DV, kKeyWarps>.
+template <typename T, int DK, int DV, int kKeyWarps>
 struct Smem {
   // The rows of a step are gathered from L2 (a selected block's tokens are scattered): row_stages steps in flight.
-  static constexpr int kKeys = 16 * kKeyWarps, kStride = tile::smem_stride<T>(D), kStages = row_stages(D, kKeys);
+  static constexpr int kKeys = 16 * kKeyWarps, kStages = row_stages(Dims{DK, DV}, kKeys);
+  static constexpr int kStrideK = tile::smem_stride<T>(DK), kStrideV = tile::smem_stride<T>(DV);
   static constexpr int kDsStride = tile::smem_stride<T>(kKeys);
-  static constexpr int kKeyElems = kKeys * kStride, kRowElems = kStepRows * kStride;
-  // K, V [kKeys][kStride]; Q, dO [kStages][kStepRows][kStride]; dS [kStepRows][kDsStride]; then P^T fragments
-  // [kKeyWarps][32 lanes][4 kRowGroups]; per stage and row: the query row (flat token x HQ + head, -1 for none),
-  // its token's position, lse, delta and gate; the CTA's token positions.
-  static constexpr size_t kElems =
-      2 * size_t(kKeyElems) + 2 * kStages * size_t(kRowElems) + kStepRows * size_t(kDsStride);
+  // K [kKeys][kStrideK], V [kKeys][kStrideV]; Q [kStages][kStepRows][kStrideK], dO [kStages][kStepRows][kStrideV];
+  // dS [kStepRows][kDsStride]; then P^T fragments [kKeyWarps][32 lanes][4 kRowGroups]; per stage and row: the
+  // query row (flat token x HQ + head, -1 for none), its token's position, lse, delta and gate; the CTA's token
+  // positions.
+  static constexpr int kQRowElems = kStepRows * kStrideK, kORowElems = kStepRows * kStrideV;
+  static constexpr size_t kElems = size_t(kKeys) * (kStrideK + kStrideV) + size_t(kStages) * (kQRowElems + kORowElems) +
+                                   kStepRows * size_t(kDsStride);
   static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 4 * kRowGroups * sizeof(float) +
                                    kStages * kStepRows * (2 * sizeof(int64_t) + 3 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
-  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(D, kKeys), "fits_within's size of this layout");
+  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(Dims{DK, DV}, kKeys), "fits_within's size of this layout");
 };
 
 // Two warps per 16 keys (kKeyWarps x 16 keys a tile): per step the P warp of a key group computes S^T, the
 // probabilities P^T (masked by the Source) and dV += P^T dO; the dS warp computes dP^T, takes P^T through
-// shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x D] accumulator, so with 64
-// keys or more a tile a thread needs at most 128 registers and an SM holds 16 warps (H100: one warp per 16 keys
-// holding both needed 255 and ran 8 warps); smaller tiles keep two CTAs an SM and their registers. At D = 256
-// the accumulator alone is 128 registers and shared memory holds one or two CTAs an SM anyway.
-template <typename T, int D, int kKeyWarps, typename Source>
-__global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ? 8 / kKeyWarps : 2)
+// shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x DV] or [16 x DK] accumulator,
+// so with 64 keys or more a tile and head dims up to 128 a thread needs at most 128 registers and an SM holds 16
+// warps (H100: one warp per 16 keys holding both needed 255 and ran 8 warps); smaller tiles keep two CTAs an SM
+// and their registers. Above 128 the accumulator alone takes 96 (K = 192) or 128 registers and shared memory
+// holds one or two CTAs an SM anyway.
+template <typename T, int DK, int DV, int kKeyWarps, typename Source>
+__global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 ? 8 / kKeyWarps : 2)
     key_block_backward_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
-  using Layout = Smem<T, D, kKeyWarps>;
-  constexpr int kStages = Layout::kStages;
-  constexpr int kKeys = Layout::kKeys, kStride = Layout::kStride, kDsStride = Layout::kDsStride;
+  using Layout = Smem<T, DK, DV, kKeyWarps>;
+  constexpr int kStages = Layout::kStages, kAccCols = DK > DV ? DK : DV;
+  constexpr int kKeys = Layout::kKeys, kStrideK = Layout::kStrideK, kStrideV = Layout::kStrideV;
+  constexpr int kDsStride = Layout::kDsStride;
   constexpr int kWarps = 2 * kKeyWarps;
   extern __shared__ __align__(16) unsigned char smem[];
   T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = Ks + Layout::kKeyElems;
-  T* Qs = Vs + Layout::kKeyElems;               // [kStages][kStepRows][kStride]
-  T* Os = Qs + kStages * Layout::kRowElems;     // dO, the same
-  T* dSs = Os + kStages * Layout::kRowElems;    // [kStepRows][kDsStride]
+  T* Vs = Ks + kKeys * kStrideK;
+  T* Qs = Vs + kKeys * kStrideV;                 // [kStages][kStepRows][kStrideK]
+  T* Os = Qs + kStages * Layout::kQRowElems;     // dO: [kStages][kStepRows][kStrideV]
+  T* dSs = Os + kStages * Layout::kORowElems;    // [kStepRows][kDsStride]
   float* Ps = reinterpret_cast<float*>(dSs + kStepRows * kDsStride);  // [kKeyWarps][32][4 kRowGroups]
   int64_t* qrow_s = reinterpret_cast<int64_t*>(Ps + kKeyWarps * 32 * 4 * kRowGroups);  // [kStages][kStepRows]
   int64_t* t_s = qrow_s + kStages * kStepRows;
@@ -155,8 +165,8 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
   const int K = g.K, V = g.V;
 
   auto key_row = [&](int r) -> int64_t { return (w.key_row0 + r) * g.H + w.h; };
-  tile::load_rows(Ks, kStride, kKeys, K, D, [&](int r) { return r < w.nkeys ? g.k + key_row(r) * K : nullptr; });
-  tile::load_rows(Vs, kStride, kKeys, V, D, [&](int r) { return r < w.nkeys ? g.v + key_row(r) * V : nullptr; });
+  tile::load_rows(Ks, kStrideK, kKeys, K, DK, [&](int r) { return r < w.nkeys ? g.k + key_row(r) * K : nullptr; });
+  tile::load_rows(Vs, kStrideV, kKeys, V, DV, [&](int r) { return r < w.nkeys ? g.v + key_row(r) * V : nullptr; });
 
   // Row r of step s: its query row (or -1) and its token's position in the sequence.
   auto step_row = [&](int s, int r, int64_t& t) -> int64_t {
@@ -181,12 +191,12 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
         lse_s[r] = delta_s[r] = gate_s[r] = 0.f;
       }
     }
-    tile::load_rows(Qs + buf * Layout::kRowElems, kStride, kStepRows, K, D, [&](int r) {
+    tile::load_rows(Qs + buf * Layout::kQRowElems, kStrideK, kStepRows, K, DK, [&](int r) {
       int64_t t;
       const int64_t row = step_row(s, r, t);
       return row >= 0 ? g.q + row * K : nullptr;
     });
-    tile::load_rows(Os + buf * Layout::kRowElems, kStride, kStepRows, V, D, [&](int r) {
+    tile::load_rows(Os + buf * Layout::kORowElems, kStrideV, kStepRows, V, DV, [&](int r) {
       int64_t t;
       const int64_t row = step_row(s, r, t);
       return row >= 0 ? g.d_out + row * V : nullptr;
@@ -194,9 +204,11 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
     cp_async_commit();
   };
 
-  float acc_kv[D / 8][4];  // the P warp's dV, the dS warp's dK (unscaled)
+  float acc_kv[kAccCols / 8][4];  // the P warp's dV (its first DV columns), the dS warp's dK (unscaled)
+  auto& acc_dv = reinterpret_cast<float(&)[DV / 8][4]>(acc_kv);
+  auto& acc_dk = reinterpret_cast<float(&)[DK / 8][4]>(acc_kv);
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+  for (int j = 0; j < kAccCols / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_kv[j][e] = 0.f;
 
@@ -217,14 +229,14 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
     __syncthreads();  // step s's rows are in; every warp is past step s - 1 (its stage, P^T and dS are free)
     if (s + kStages - 1 < steps) load_step(s + kStages - 1, (s + kStages - 1) % kStages);
     else cp_async_commit();
-    const T* Qb = Qs + buf * Layout::kRowElems;
-    const T* Ob = Os + buf * Layout::kRowElems;
+    const T* Qb = Qs + buf * Layout::kQRowElems;
+    const T* Ob = Os + buf * Layout::kORowElems;
     const float* delta_b = delta_s + buf * kStepRows;
 
     // Fragment element (j, e): key key_group * 16 + lane / 4 (+ 8 for e >= 2), row j * 8 + (lane % 4) * 2 + e % 2.
     float f[kRowGroups][4];
     if (p_warp) {
-      key_scores<T, D, kStride>(f, Ks, Qb, key_group * 16, lane);  // S^T
+      key_scores<T, DK, kStrideK>(f, Ks, Qb, key_group * 16, lane);  // S^T
 #pragma unroll
       for (int j = 0; j < kRowGroups; ++j)
 #pragma unroll
@@ -238,9 +250,9 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
 #pragma unroll
       for (int j = 0; j < kRowGroups; ++j) p_frag[j] = make_float4(f[j][0], f[j][1], f[j][2], f[j][3]);
       pair_sync(1 + key_group, 64);
-      tile::warp_pv<T, kStepRows, D>(acc_kv, f, Ob, kStride, nullptr, lane);  // dV += P^T dO
+      tile::warp_pv<T, kStepRows, DV>(acc_dv, f, Ob, kStrideV, nullptr, lane);  // dV += P^T dO
     } else {
-      key_scores<T, D, kStride>(f, Vs, Ob, key_group * 16, lane);  // dP^T
+      key_scores<T, DV, kStrideV>(f, Vs, Ob, key_group * 16, lane);  // dP^T
       pair_sync(1 + key_group, 64);
 #pragma unroll
       for (int j = 0; j < kRowGroups; ++j) {
@@ -253,18 +265,18 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
           dSs[r * kDsStride + key] = Elem<T>::from_float(f[j][e]);
         }
       }
-      tile::warp_pv<T, kStepRows, D>(acc_kv, f, Qb, kStride, nullptr, lane);  // dK += dS^T Q
+      tile::warp_pv<T, kStepRows, DK>(acc_dk, f, Qb, kStrideK, nullptr, lane);  // dK += dS^T Q
     }
     __syncthreads();  // dS complete
 
     // dq[rows, 16-column groups warp, warp + kWarps, ...] += scale dS K for both 16-row tiles, the mma chains
-    // interleaved; at most four column groups at a time (D = 256 with two or four warps: eight or four groups),
-    // so that their accumulators fit beside dK / dV.
-    constexpr int kGroupsAll = (D / 16 + kWarps - 1) / kWarps;
-    constexpr int kGroups = kGroupsAll < 4 ? kGroupsAll : 4;
+    // interleaved; at most four column groups at a time (two warps: DK = 256 eight groups, 192 six, in chunks of
+    // four or three), so that their accumulators fit beside dK / dV.
+    constexpr int kGroupsAll = (DK / 16 + kWarps - 1) / kWarps;
+    constexpr int kGroups = kGroupsAll <= 4 ? kGroupsAll : kGroupsAll % 4 == 0 ? 4 : 3;
     static_assert(kGroupsAll % kGroups == 0, "whole chunks of column groups");
     const uint32_t a_row = smem_addr(dSs + (lane % 16) * kDsStride + (lane / 16) * 8);
-    const uint32_t b_row = smem_addr(Ks + (lane % 16) * kStride + (lane / 16) * 8);
+    const uint32_t b_row = smem_addr(Ks + (lane % 16) * kStrideK + (lane / 16) * 8);
 #pragma unroll 1
     for (int g0 = 0; g0 < kGroupsAll; g0 += kGroups) {
       float acc[kGroups][2][2][4] = {};  // [column group][row tile][8-column half][fragment]
@@ -278,7 +290,7 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
           const int col0 = (warp + (g0 + gi) * kWarps) * 16;
           if (col0 >= K) break;
           uint32_t b[4];
-          ldmatrix_x4_trans(b, b_row + (kc * kStride + col0) * int(sizeof(T)));
+          ldmatrix_x4_trans(b, b_row + (kc * kStrideK + col0) * int(sizeof(T)));
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
             MmaElem<T>::mma(acc[gi][mt][0], a[mt], b[0], b[1]);
@@ -322,7 +334,7 @@ __global__ void __launch_bounds__(64 * kKeyWarps, D > 128 ? 1 : kKeyWarps >= 4 ?
     if (key >= w.nkeys) continue;
     const int64_t kv = key_row(key);
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
+    for (int j = 0; j < kAccCols / 8; ++j) {
       const int col = j * 8 + (lane % 4) * 2;
       if (col < cols)
         atomic_add2(out + kv * cols + col, factor * acc_kv[j][2 * half], factor * acc_kv[j][2 * half + 1]);
@@ -377,37 +389,38 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
         launch_sm90(g, src, ctas, geo, L, s, name);
         return;
       }
-      auto go = [&](auto dim, auto warps) {
-        constexpr int D = decltype(dim)::value, kKeyWarps = decltype(warps)::value;
-        constexpr size_t bytes = Smem<T, D, kKeyWarps>::kBytes;
-        // 128-key tiles at D = 256 need more shared memory than any GPU's CTA has: fits_within turned them away.
+      auto go = [&](auto dims, auto warps) {
+        constexpr int DK = decltype(dims)::k, DV = decltype(dims)::v, kKeyWarps = decltype(warps)::value;
+        constexpr size_t bytes = Smem<T, DK, DV, kKeyWarps>::kBytes;
+        // 128-key tiles with rows above 128 need more shared memory than any GPU's CTA has: fits_within turned
+        // them away.
         if constexpr (bytes <= kMaxSmemPerCta) {
-          auto kernel = key_block_backward_kernel<T, D, kKeyWarps, Source>;
+          auto kernel = key_block_backward_kernel<T, DK, DV, kKeyWarps, Source>;
           CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
           kernel<<<unsigned(ctas), 64 * kKeyWarps, bytes, s>>>(g, src, geo);
         } else {
-          throw CudaError(std::string(name) + ": no key-block kernel for this head dim and tile");
+          throw CudaError(std::string(name) + ": no key-block kernel for these head dims and tile");
         }
       };
-      auto with_warps = [&](auto dim) {
+      auto with_warps = [&](auto dims) {
         if constexpr (kFixedTileKeys != 0) {
           static_assert(kFixedTileKeys % 16 == 0 && kFixedTileKeys <= 128, "tiles of 16 to 128 keys");
-          go(dim, std::integral_constant<int, kFixedTileKeys / 16>{});
+          go(dims, std::integral_constant<int, kFixedTileKeys / 16>{});
         } else {
           switch (tile_keys) {
-            case 16: go(dim, std::integral_constant<int, 1>{}); break;
-            case 32: go(dim, std::integral_constant<int, 2>{}); break;
-            case 64: go(dim, std::integral_constant<int, 4>{}); break;
-            default: go(dim, std::integral_constant<int, 8>{}); break;
+            case 16: go(dims, std::integral_constant<int, 1>{}); break;
+            case 32: go(dims, std::integral_constant<int, 2>{}); break;
+            case 64: go(dims, std::integral_constant<int, 4>{}); break;
+            default: go(dims, std::integral_constant<int, 8>{}); break;
           }
         }
       };
-      switch (dim_bucket(std::max(L.K, L.V))) {
-        case 32: with_warps(std::integral_constant<int, 32>{}); break;
-        case 64: with_warps(std::integral_constant<int, 64>{}); break;
-        case 128: with_warps(std::integral_constant<int, 128>{}); break;
-        default: with_warps(std::integral_constant<int, 256>{}); break;
-      }
+      const Dims d = kernel_dims(L.K, L.V);
+      if (d.k == 32) with_warps(StaticDims<32, 32>{});
+      else if (d.k == 64) with_warps(StaticDims<64, 64>{});
+      else if (d.k == 128) with_warps(StaticDims<128, 128>{});
+      else if (d.k == 192) with_warps(StaticDims<192, 128>{});
+      else with_warps(StaticDims<256, 256>{});
     }
   });
   check_launch(name);

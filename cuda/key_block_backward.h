@@ -67,19 +67,31 @@ struct Tensors {
 // Head dims the kernel takes: dK / dV stay in registers for the whole CTA, 128 fp32 a thread at 256.
 constexpr int kMaxDim = 256;
 
-// The kernel's D: the larger of K and V rounded up to 32, 64, 128 or 256 (rows are zero-padded to it).
-constexpr int dim_bucket(int64_t d) { return d <= 32 ? 32 : d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+// The kernel's head dims (rows are zero-padded to them): K and V up to 128 both round up to the larger's 32, 64
+// or 128; above that, the NSA paper's heads (K <= 192, V <= 128) have an instance of their own, which multiplies
+// no padding columns of V; the rest take 256 for both.
+struct Dims {
+  int k, v;
+};
+constexpr Dims kernel_dims(int64_t K, int64_t V) {
+  const int64_t d = K > V ? K : V;
+  if (d <= 32) return {32, 32};
+  if (d <= 64) return {64, 64};
+  if (d <= 128) return {128, 128};
+  if (K <= 192 && V <= 128) return {192, 128};
+  return {256, 256};
+}
 
-// Steps of Q / dO rows in shared memory: three (two in flight while one is computed); two where 256-wide rows
-// in three would leave room for only one CTA of two or four warps an SM (16- and 32-key tiles).
-constexpr int row_stages(int D, int tile_keys) { return D > 128 && tile_keys < 64 ? 2 : 3; }
+// Steps of Q / dO rows in shared memory: three (two in flight while one is computed); two where rows above 256
+// elements (K + V) in three would leave room for only one CTA of two or four warps an SM (16- and 32-key tiles).
+constexpr int row_stages(Dims d, int tile_keys) { return d.k + d.v > 256 && tile_keys < 64 ? 2 : 3; }
 
-// Shared memory of key_block_backward_kernel for D and tile_keys with 2-byte elements (the kernel's Smem checks
-// that it agrees): K, V, the stages' Q and dO rows (padded by 16 bytes), dS, the P^T fragments, the stages' row
-// metadata and the CTA's token positions.
-constexpr int64_t smem_bytes(int D, int tile_keys) {
-  const int64_t stride = D + 8, stages = row_stages(D, tile_keys);
-  return 2 * (2 * tile_keys * stride + 2 * stages * kStepRows * stride + kStepRows * (tile_keys + 8)) +
+// Shared memory of key_block_backward_kernel for Dims d and tile_keys with 2-byte elements (the kernel's Smem
+// checks that it agrees): K, V, the stages' Q and dO rows (each padded by 16 bytes), dS, the P^T fragments, the
+// stages' row metadata and the CTA's token positions.
+constexpr int64_t smem_bytes(Dims d, int tile_keys) {
+  const int64_t row = (d.k + 8) + (d.v + 8), stages = row_stages(d, tile_keys);
+  return 2 * (tile_keys * row + stages * kStepRows * row + kStepRows * (tile_keys + 8)) +
          (tile_keys / 16) * 32 * 4 * kRowGroups * 4 + stages * kStepRows * (2 * 8 + 3 * 4) + kMaxTokensPerCta * 4;
 }
 
@@ -91,7 +103,7 @@ inline bool fits_within(const DeviceLayout& L, int tile_keys, const void* q, con
                         int64_t smem_limit) {
   if (!(tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128)) return false;
   return tensor_core_rows(L, {q, k, v}) && L.K <= kMaxDim && L.V <= kMaxDim && L.max_len < (int64_t(1) << 31) &&
-         smem_bytes(dim_bucket(std::max(L.K, L.V)), tile_keys) <= smem_limit;
+         smem_bytes(kernel_dims(L.K, L.V), tile_keys) <= smem_limit;
 }
 
 }  // namespace nsa::cuda::kbb

@@ -74,8 +74,20 @@ TEST(KeyBlockGeometry, TakesHalfPrecisionHeadDimsUpTo256WhereTheTileFitsSharedMe
   EXPECT_FALSE(fits_within(L, 128, p, p, p, kH100));
   EXPECT_FALSE(fits_within(L, 64, p, p, p, kA100));
   EXPECT_TRUE(fits_within(L, 32, p, p, p, kA100));
-  EXPECT_EQ(smem_bytes(256, 64), 188544) << "K, V and three stages of 32 Q and dO rows, 264 elements wide";
-  EXPECT_EQ(row_stages(256, 32), 2) << "two stages keep two CTAs an SM with 32-key tiles";
+  EXPECT_EQ(smem_bytes(Dims{256, 256}, 64), 188544) << "K, V and three stages of 32 Q and dO rows, 264 elements wide";
+  EXPECT_EQ(row_stages(Dims{256, 256}, 32), 2) << "two stages keep two CTAs an SM with 32-key tiles";
+  // The NSA paper's heads: rows of 192 and 128 (127104 bytes with 64-key tiles, an A100's CTA holds them).
+  L.K = 192;
+  L.V = 128;
+  EXPECT_EQ(kernel_dims(L.K, L.V).k, 192);
+  EXPECT_EQ(kernel_dims(L.K, L.V).v, 128);
+  EXPECT_EQ(smem_bytes(kernel_dims(L.K, L.V), 64), 127104);
+  EXPECT_TRUE(fits_within(L, 64, p, p, p, kA100));
+  EXPECT_EQ(kernel_dims(136, 24).k, 192) << "K <= 192 and V <= 128";
+  EXPECT_EQ(kernel_dims(200, 64).k, 256);
+  EXPECT_EQ(kernel_dims(96, 200).v, 256);
+  EXPECT_EQ(kernel_dims(128, 96).k, 128);
+  EXPECT_EQ(kernel_dims(40, 64).v, 64);
   L.K = 264;
   EXPECT_FALSE(fits_within(L, 16, p, p, p, kH100)) << "dK in registers: K <= 256";
   L.K = 40;
