@@ -2,17 +2,20 @@
 # The CUDA backend's acceptance run, on a machine with an NVIDIA GPU and a CUDA build in ${BUILD_DIR:-build}:
 #   1. the GPU unit tests (every kernel against the float64 reference);
 #   2. `verify --backend cuda` over the committed golden suite (gradients included) and `gradcheck --backend cuda`;
-#   3. T=65536 bf16 cases verified on sampled rows (nsa-spec §5.4): HQ=16, H=1 with a window, and the benchmark
-#      shape of nsa-spec §7 (HQ=64, H=4; ~12 GB of host memory);
+#   3. T=65536 bf16 cases verified on sampled rows (nsa-spec §5.4): HQ=16, H=1 with a window, the benchmark
+#      shape of nsa-spec §7 (HQ=64, H=4; ~12 GB of host memory), and the NSA paper's heads (K = 192, V = 128)
+#      with its policy and window;
 #   4. varlen cases the streamed selected-attention kernel takes, the gate pass fused into it (G = 32, BS = 64,
 #      K != V, block_counts; with a window and without), one the block-major selected-attention path takes
 #      (G = 1, BS = 32, K != V, block_counts) and one the wgmma compressed-attention and top-k kernels take (G = 16, K = V = 128, BS = 16), verified, and
 #      compute-sanitizer memcheck on them, on varlen golden cases and on the GPU tests' randomly drawn shapes,
 #      racecheck and synccheck on golden cases that take the tensor-core backward, and a varlen case that takes
-#      its sm_90 version in every branch (verified with gradients, also under memcheck), when compute-sanitizer is
-#      on PATH;
+#      its sm_90 version in every branch (verified with gradients, also under memcheck), and a varlen case with the
+#      paper's heads (the sm_90 forward kernels' K = 192 instances, the key-block backward's (192, 128) rows;
+#      verified with gradients, under memcheck, racecheck and synccheck), when compute-sanitizer is on PATH;
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), at 64k with the sm_80 kernel set, the
-#      backward at 8k and 64k, and G = 1, 4, 16 at 32k (forward and backward).
+#      backward at 8k and 64k, G = 1, 4, 16 at 32k (forward and backward), and the paper's heads at 64k (forward)
+#      and 8k (backward).
 # Logs and JSON go to ${OUT_DIR:-gpu-check}. Exits nonzero when any step fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +47,11 @@ step bench64k_gen "$bin" gen --seqlen 65536 --heads-q 64 --heads-kv 4 --dim-k 12
   --block-count 16 --dtype bf16 --seed 65 -o "$bench64k"
 step bench64k_sampled bash -c "time '$bin' verify --backend cuda --sample-rows 1024 --seed 2 --json '$out/bench64k.json' '$bench64k'"
 rm -f "$bench64k"
+paper64k="$out/paper64k.safetensors"
+step paper64k_gen "$bin" gen --seqlen 65536 --heads-q 64 --heads-kv 4 --dim-k 192 --dim-v 128 --block-size 64 \
+  --block-count 16 --window 512 --policy paper --dtype bf16 --seed 69 -o "$paper64k"
+step paper64k_sampled bash -c "time '$bin' verify --backend cuda --sample-rows 1024 --seed 3 --json '$out/paper64k.json' '$paper64k'"
+rm -f "$paper64k"
 streamed="$out/streamed_varlen.safetensors"
 step streamed_gen "$bin" gen --varlen 70,0,300,9,190 --heads-q 64 --heads-kv 2 --dim-k 128 --dim-v 64 --block-size 64 \
   --block-count 8 --block-counts --window 64 --dtype bf16 --seed 65 -o "$streamed"
@@ -66,10 +74,15 @@ kb90="$out/kb90_varlen.safetensors"
 step kb90_gen "$bin" gen --varlen 300,0,65,130,1 --heads-q 32 --heads-kv 2 --dim-k 128 --dim-v 128 --block-size 64 \
   --block-count 4 --window 64 --dtype bf16 --seed 5 --with-grads -o "$kb90"
 step kb90_verify "$bin" verify --backend cuda "$kb90"
+# The NSA paper's heads end to end: K = 192, V = 128, G = 16, a window, partial blocks, an empty sequence.
+paper="$out/paper_heads_varlen.safetensors"
+step paper_gen "$bin" gen --varlen 300,0,65,700,1 --heads-q 32 --heads-kv 2 --dim-k 192 --dim-v 128 --block-size 64 \
+  --block-count 4 --window 64 --policy paper --dtype bf16 --seed 6 --with-grads -o "$paper"
+step paper_verify "$bin" verify --backend cuda "$paper"
 if command -v compute-sanitizer >/dev/null; then
   for c in fixtures/golden/varlen_empty_short fixtures/golden/block_counts_varlen fixtures/golden/varlen_g16_paper \
            "${streamed%.safetensors}" "${gated%.safetensors}" "${blocks%.safetensors}" "${wgmma%.safetensors}" \
-           "${kb90%.safetensors}"; do
+           "${kb90%.safetensors}" "${paper%.safetensors}"; do
     name="$(basename "$c")"
     step "memcheck_$name" compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" run --backend cuda \
       -i "$c.safetensors" -o "$out/memcheck_$name.safetensors"
@@ -89,6 +102,11 @@ if command -v compute-sanitizer >/dev/null; then
       rm -f "$out/${tool}_$c.safetensors"
     done
   done
+  for tool in racecheck synccheck; do
+    step "${tool}_paper_heads" compute-sanitizer --tool $tool --error-exitcode 9 "$bin" run --backend cuda -i "$paper" \
+      -o "$out/${tool}_paper_heads.safetensors"
+    rm -f "$out/${tool}_paper_heads.safetensors"
+  done
   step synccheck_kb90 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin" run --backend cuda -i "$kb90" \
     -o "$out/synccheck_kb90.safetensors"
   rm -f "$out/synccheck_kb90.safetensors"
@@ -99,7 +117,7 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "== memcheck: compute-sanitizer not on PATH, not run"
 fi
-rm -f "$streamed" "$gated" "$blocks" "$wgmma" "$kb90"
+rm -f "$streamed" "$gated" "$blocks" "$wgmma" "$kb90" "$paper"
 shape="--heads-kv 4 --dim-k 128 --dim-v 128 --block-size 64 --block-count 16 --dtype bf16 --warmup 2 --iters 10"
 for T in 8192 32768 65536; do
   step "bench_T$T" "$bin" bench --backend cuda --seqlen $T --heads-q 64 $shape --json "$out/bench_T$T.json"
@@ -116,4 +134,10 @@ for H in 16 4 1; do  # G = 1, 4, 16 at HQ = 16, forward and backward
   step "bench_G$((16 / H))" "$bin" bench --backend cuda --seqlen 32768 --heads-q 16 ${shape/--heads-kv 4/--heads-kv $H} \
     --backward --json "$out/bench_G$((16 / H)).json"
 done
+# The NSA paper's heads (K = 192, V = 128): the forward at 64k, the backward at 8k with a window.
+paper_shape="${shape/--dim-k 128/--dim-k 192}"
+step bench_paper_T65536 "$bin" bench --backend cuda --seqlen 65536 --heads-q 64 $paper_shape \
+  --json "$out/bench_paper_T65536.json"
+step bench_paper_T8192_backward "$bin" bench --backend cuda --seqlen 8192 --heads-q 64 \
+  ${paper_shape/--warmup 2 --iters 10/--warmup 1 --iters 5} --window 512 --backward --json "$out/bench_paper_T8192_backward.json"
 exit $status
