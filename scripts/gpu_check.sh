@@ -102,9 +102,13 @@ if command -v compute-sanitizer >/dev/null; then
       rm -f "$out/${tool}_$c.safetensors"
     done
   done
+  # (racecheck leaves out the streamed selected-attention kernel, whose planner hands its plans over through
+  # mbarriers and a release / acquire counter, which racecheck does not model either.)
   for tool in racecheck synccheck; do
-    step "${tool}_paper_heads" compute-sanitizer --tool $tool --error-exitcode 9 "$bin" run --backend cuda -i "$paper" \
-      -o "$out/${tool}_paper_heads.safetensors"
+    exclude=()
+    [ "$tool" = racecheck ] && exclude=(--kernel-name-exclude kns=selected_streamed_kernel)
+    step "${tool}_paper_heads" compute-sanitizer --tool $tool "${exclude[@]}" --error-exitcode 9 "$bin" run --backend cuda \
+      -i "$paper" -o "$out/${tool}_paper_heads.safetensors"
     rm -f "$out/${tool}_paper_heads.safetensors"
   done
   step synccheck_kb90 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin" run --backend cuda -i "$kb90" \
