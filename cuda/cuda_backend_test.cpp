@@ -690,6 +690,9 @@ std::vector<Case> sm90_backward_cases() {
       make_case("sm90bwd_G5_f16_K64_window", DType::F16, 1, 333, 10, 2, 64, 64, 64, 2, kSeed, {}, 70),
       make_case("sm90bwd_G32_bf16_K128_window", DType::BF16, 1, 260, 32, 1, 128, 128, 64, 3, kPaper, {}, 64),
       make_case("sm90bwd_G80_bf16_K64", DType::BF16, 1, 140, 80, 1, 64, 64, 64, 2, kSeed),
+      // The NSA paper's heads: K = 192 (three boxes of Q and K, 24 chunks a row), V = 128.
+      make_case("sm90bwd_G8_f16_K192_V128_varlen_window", DType::F16, 1, 0, 16, 2, 192, 128, 64, 3, kSeed,
+                {190, 0, 66, 300}, 50),
       [] {
         Case c = make_case("sm90bwd_G16_f16_K64_counts_varlen", DType::F16, 1, 0, 16, 1, 64, 64, 64, 4, kSeed,
                            {200, 0, 77, 130});

@@ -1,5 +1,5 @@
-// The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V = D in
-// {64, 128}: the same work per CTA (one key tile of one kv head, the tokens a Source gives it) with each 64-row
+// The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V in
+// {64, 128} or the NSA paper's heads (K = 192, V = 128): the same work per CTA (one key tile of one kv head, the tokens a Source gives it) with each 64-row
 // step of queries on one consumer warpgroup. Per step, with the keys as the MMA's 64 rows:
 //   S^T = K Q^T and dP^T = V dO^T (both operands in shared memory), P^T = g exp(scale S^T - lse) masked by the
 //   Source (g the row's gate, or 1), dS^T = P^T (dP^T - delta) in registers;
@@ -26,20 +26,26 @@ namespace nsa::cuda::kbb {
 namespace sm90 {
 
 constexpr int kKeys = 64, kRows = 64;  // a tile's keys; query rows per step (two of the 32-row steps)
-constexpr int kStages = 4;
 constexpr int kConsumers = 2;  // consumer warpgroups
 constexpr int kThreads = 128 * (kConsumers + 1);
 // setmaxnreg moves registers between whole warpgroups: the producer keeps few, each consumer holds dK and dV
-// (64 keys x D fp32 each over 128 threads) plus two 64 x 64 score tiles.
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-static_assert(kConsumers * kConsumerRegisters * 128 + kProducerRegisters * 128 <= 65536, "register file");
+// (64 keys x DK and x DV fp32 over 128 threads: 128 registers at 128 / 128, 160 at 192 / 128) plus two 64 x 64
+// score tiles.
+// At K = 192 the producer drops to 24 so that each consumer may hold 240.
+template <int DK>
+struct Registers {
+  static constexpr int kProducer = DK > 128 ? 24 : 40, kConsumer = DK > 128 ? 240 : 232;
+  static_assert(kConsumers * kConsumer * 128 + kProducer * 128 <= 65536, "register file");
+};
 
-// Shared memory: K and V tiles, the stages (Q then dO, [64 rows][D] each as D / 64 swizzled boxes), each
-// consumer's dS^T box ([key][row]), per stage the rows' metadata, the CTA's token positions, the mbarriers.
-template <int D>
+// Shared memory: K and V tiles, the stages (Q then dO, [64 rows][DK] and [64 rows][DV] as 64-column swizzled
+// boxes), each consumer's dS^T box ([key][row]), per stage the rows' metadata, the CTA's token positions, the
+// mbarriers. Four stages; three at K = 192 (four would pass 227 KB by 72 bytes).
+template <int DK, int DV>
 struct Smem {
-  static constexpr int kTile = (D / 64) * kWgmmaBoxBytes;  // [64][D]
-  static constexpr int kK = 0, kV = kTile, kStage0 = 2 * kTile, kStageBytes = 2 * kTile;
+  static constexpr int kStages = DK + DV > 256 ? 3 : 4;
+  static constexpr int kTileK = (DK / 64) * kWgmmaBoxBytes, kTileV = (DV / 64) * kWgmmaBoxBytes;
+  static constexpr int kK = 0, kV = kTileK, kStage0 = kTileK + kTileV, kStageBytes = kTileK + kTileV;
   static constexpr int kDs = kStage0 + kStages * kStageBytes;
   static constexpr int kMeta = kDs + kConsumers * kWgmmaBoxBytes;
   // Per stage: query row (flat token x HQ + head, -1 for padding) and token position as int64, lse, delta and
@@ -48,8 +54,9 @@ struct Smem {
   static constexpr int kTokens = kMeta + kStages * kMetaBytes;
   static constexpr int kBarriers = kTokens + kMaxTokensPerCta * 4;
   static constexpr int kBytes = kBarriers + (1 + 2 * kStages) * 8;  // K/V full, full[kStages], empty[kStages]
-  // The end's exchange of dK / dV (fp32, [D / 64][32][128 threads] each) reuses the stages.
-  static_assert(2 * (D / 64) * 32 * 128 * 4 <= kStages * kStageBytes, "exchange area");
+  // The end's exchange of dK and dV (fp32, [DK / 64] then [DV / 64] x [32][128 threads]) reuses the stages.
+  static constexpr int kExchangeDv = (DK / 64) * 32 * 128;  // dV's offset in the area, in floats
+  static_assert((DK / 64 + DV / 64) * 32 * 128 * 4 <= kStages * kStageBytes, "exchange area");
 };
 
 __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
@@ -72,20 +79,20 @@ __device__ __forceinline__ int64_t step_row(const StepGeometry& geo, const KeyTi
   return (w.query_base + t) * g.HQ + int64_t(w.h) * g.G + head;
 }
 
-// The end's exchange of the two warpgroups' dK / dV: slot `slot` of the area, thread-major (conflict-free).
+// The end's exchange of the two warpgroups' dK / dV through an area, thread-major (conflict-free).
 template <int kBoxes>
-__device__ __forceinline__ void stash(float* area, const float (&a)[kBoxes][32], int slot, int tid) {
+__device__ __forceinline__ void stash(float* area, const float (&a)[kBoxes][32], int tid) {
 #pragma unroll
   for (int b = 0; b < kBoxes; ++b)
 #pragma unroll
-    for (int i = 0; i < 32; ++i) area[((slot * kBoxes + b) * 32 + i) * 128 + tid] = a[b][i];
+    for (int i = 0; i < 32; ++i) area[(b * 32 + i) * 128 + tid] = a[b][i];
 }
 template <int kBoxes>
-__device__ __forceinline__ void add_stashed(float (&a)[kBoxes][32], const float* area, int slot, int tid) {
+__device__ __forceinline__ void add_stashed(float (&a)[kBoxes][32], const float* area, int tid) {
 #pragma unroll
   for (int b = 0; b < kBoxes; ++b)
 #pragma unroll
-    for (int i = 0; i < 32; ++i) a[b][i] += area[((slot * kBoxes + b) * 32 + i) * 128 + tid];
+    for (int i = 0; i < 32; ++i) a[b][i] += area[(b * 32 + i) * 128 + tid];
 }
 // A tile's dK or dV (accumulator layout, keys as rows) added to the [*, H, D] gradient, times `factor`.
 struct KeyOut {
@@ -108,12 +115,13 @@ struct KeyOut {
   }
 };
 
-template <typename T, int D, typename Source>
+template <typename T, int DK, int DV, typename Source>
 __global__ void __launch_bounds__(kThreads, 1)
     key_block_backward_sm90_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
 #if NSA_HAS_WGMMA
-  using Ly = Smem<D>;
-  constexpr int kChunks = D / 8;  // 16-byte chunks of a row
+  using Ly = Smem<DK, DV>;
+  constexpr int kStages = Ly::kStages;
+  static_assert(DK >= DV, "the dV MMAs run inside dK's loop over boxes");
   extern __shared__ __align__(1024) unsigned char smem[];
   if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
   KeyTile w;
@@ -143,16 +151,33 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int steps = ((w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks + 1) / 2;
 
   if (threadIdx.x >= kConsumers * 128) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Registers<DK>::kProducer));
     const int pt = threadIdx.x - kConsumers * 128;
+    // K = V: a thread keeps one 16-byte chunk of every row it copies (128 threads, D / 8 chunks a row), at its
+    // swizzled place in box chunk / 8. K = 192 (24 chunks a row) steps through rows x chunks instead (`copy`).
+    constexpr int kChunks = DK / 8;
     const int chunk = pt % kChunks, box = chunk / 8;
-    // Byte offset of this thread's chunk of row r in a swizzled [64][D] tile.
     auto at = [&](int r) { return box * kWgmmaBoxBytes + int(swizzle128(r, chunk % 8)); };
-    for (int r = pt / kChunks; r < kKeys; r += 128 / kChunks) {
-      const bool valid = r < w.nkeys;
-      const int64_t kv = ((w.key_row0 + (valid ? r : 0)) * g.H + w.h);
-      cp_async_16(smem + Ly::kK + at(r), valid ? g.k + kv * D + chunk * 8 : g.k, valid);
-      cp_async_16(smem + Ly::kV + at(r), valid ? g.v + kv * D + chunk * 8 : g.v, valid);
+    auto copy = [&](unsigned char* tile, int r, int c, const T* src_row, const T* base) {  // src_row null: zeros
+      cp_async_16(tile + (c / 8) * kWgmmaBoxBytes + int(swizzle128(r, c % 8)), src_row ? src_row + c * 8 : base,
+                  src_row != nullptr);
+    };
+    if constexpr (DK == DV) {
+      for (int r = pt / kChunks; r < kKeys; r += 128 / kChunks) {
+        const bool valid = r < w.nkeys;
+        const int64_t kv = ((w.key_row0 + (valid ? r : 0)) * g.H + w.h);
+        cp_async_16(smem + Ly::kK + at(r), valid ? g.k + kv * DK + chunk * 8 : g.k, valid);
+        cp_async_16(smem + Ly::kV + at(r), valid ? g.v + kv * DV + chunk * 8 : g.v, valid);
+      }
+    } else {
+      for (int i = pt; i < kKeys * (DK / 8); i += 128) {
+        const int r = i / (DK / 8), c = i % (DK / 8);
+        copy(smem + Ly::kK, r, c, r < w.nkeys ? g.k + ((w.key_row0 + r) * g.H + w.h) * DK : nullptr, g.k);
+      }
+      for (int i = pt; i < kKeys * (DV / 8); i += 128) {
+        const int r = i / (DV / 8), c = i % (DV / 8);
+        copy(smem + Ly::kV, r, c, r < w.nkeys ? g.v + ((w.key_row0 + r) * g.H + w.h) * DV : nullptr, g.v);
+      }
     }
     cp_async_mbar_arrive(kv_full);
     for (int s = 0; s < steps; ++s) {
@@ -173,12 +198,27 @@ __global__ void __launch_bounds__(kThreads, 1)
           lse_of(stage)[pt] = delta_of(stage)[pt] = gate_of(stage)[pt] = 0.f;
         }
       }
-      for (int r = pt / kChunks; r < kRows; r += 128 / kChunks) {
-        int64_t t;
-        const int64_t row = step_row(geo, w, g, token_s, s, r, t);
-        const bool valid = row >= 0;
-        cp_async_16(q_s + at(r), valid ? g.q + row * D + chunk * 8 : g.q, valid);
-        cp_async_16(q_s + Ly::kTile + at(r), valid ? g.d_out + row * D + chunk * 8 : g.d_out, valid);
+      if constexpr (DK == DV) {  // one row lookup for Q and dO
+        for (int r = pt / kChunks; r < kRows; r += 128 / kChunks) {
+          int64_t t;
+          const int64_t row = step_row(geo, w, g, token_s, s, r, t);
+          const bool valid = row >= 0;
+          cp_async_16(q_s + at(r), valid ? g.q + row * DK + chunk * 8 : g.q, valid);
+          cp_async_16(q_s + Ly::kTileK + at(r), valid ? g.d_out + row * DV + chunk * 8 : g.d_out, valid);
+        }
+      } else {
+        for (int i = pt; i < kRows * (DK / 8); i += 128) {
+          const int r = i / (DK / 8), c = i % (DK / 8);
+          int64_t t;
+          const int64_t row = step_row(geo, w, g, token_s, s, r, t);
+          copy(q_s, r, c, row >= 0 ? g.q + row * DK : nullptr, g.q);
+        }
+        for (int i = pt; i < kRows * (DV / 8); i += 128) {
+          const int r = i / (DV / 8), c = i % (DV / 8);
+          int64_t t;
+          const int64_t row = step_row(geo, w, g, token_s, s, r, t);
+          copy(q_s + Ly::kTileK, r, c, row >= 0 ? g.d_out + row * DV : nullptr, g.d_out);
+        }
       }
       cp_async_mbar_arrive(&full[stage]);
       mbar_arrive(&full[stage]);
@@ -188,15 +228,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers. Accumulator element i of this thread: tile row (a key) warp * 16 + lane / 4 + 8 ((i / 2) % 2),
   // column 8 (i / 4) + 2 (lane % 4) + i % 2 (a query row of the step for S^T / dP^T, a column for dK / dV).
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Registers<DK>::kConsumer));
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int key_lo = warp * 16 + lane / 4;
-  constexpr int kBoxes = D / 64;
-  float dk[kBoxes][32], dv[kBoxes][32];
+  constexpr int kBoxesK = DK / 64, kBoxesV = DV / 64;
+  float dk[kBoxesK][32], dv[kBoxesV][32];
 #pragma unroll
-  for (int b = 0; b < kBoxes; ++b)
+  for (int b = 0; b < kBoxesK; ++b)
 #pragma unroll
-    for (int i = 0; i < 32; ++i) dk[b][i] = dv[b][i] = 0.f;
+    for (int i = 0; i < 32; ++i) dk[b][i] = 0.f;
+#pragma unroll
+  for (int b = 0; b < kBoxesV; ++b)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dv[b][i] = 0.f;
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = g.scale * kLog2e;
   const uint32_t k_addr = smem_addr(smem + Ly::kK), v_addr = smem_addr(smem + Ly::kV);
@@ -208,10 +252,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int stage = s % kStages;
     mbar_wait(&full[stage], (s / kStages) & 1);
     fence_proxy_async_smem();  // the rows came through the generic proxy (cp.async); the MMAs read them async
-    const uint32_t q_addr = smem_addr(smem + Ly::kStage0 + stage * Ly::kStageBytes), o_addr = q_addr + Ly::kTile;
+    const uint32_t q_addr = smem_addr(smem + Ly::kStage0 + stage * Ly::kStageBytes), o_addr = q_addr + Ly::kTileK;
     float st[32], dp[32];
-    wgmma_scores<T, D>(st, k_addr, q_addr);  // S^T
-    wgmma_scores<T, D>(dp, v_addr, o_addr);  // dP^T
+    wgmma_scores<T, DK>(st, k_addr, q_addr);  // S^T
+    wgmma_scores<T, DV>(dp, v_addr, o_addr);  // dP^T
     // P^T and dS^T as A operands (16 rows of the step per k-step), packed as they are formed so that the fp32
     // tiles die as they go.
     const int64_t* t_s = t_of(stage);
@@ -237,17 +281,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       dsf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(ds[0], ds[1]);
     }
 
-    // dV += P^T dO, dK += dS^T Q: B is the step's rows (K) x D columns, MN-major, one box per 64 columns.
+    // dV += P^T dO, dK += dS^T Q: B is the step's rows (K) x DV / DK columns, MN-major, one box per 64 columns.
     {
       const uint64_t o_desc = wgmma_desc(o_addr), q_desc = wgmma_desc(q_addr);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
+      for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-        for (int b = 0; b < kBoxes; ++b) {
-          wgmma_rs<T>(dv[b], pf[kk], wgmma_desc_step(o_desc, b * kWgmmaBoxBytes + kk * 2048));
+        for (int b = 0; b < kBoxesK; ++b) {
+          if (b < kBoxesV) wgmma_rs<T>(dv[b], pf[kk], wgmma_desc_step(o_desc, b * kWgmmaBoxBytes + kk * 2048));
           wgmma_rs<T>(dk[b], dsf[kk], wgmma_desc_step(q_desc, b * kWgmmaBoxBytes + kk * 2048));
         }
+      }
       wgmma_commit();
     }
     // dS^T to this warpgroup's box, [key][row]: the pair (row, row + 1) of a key is one 4-byte store. The
@@ -268,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool odd = lane & 1;
     const int64_t my_row = qrow_s[warp * 16 + lane / 4 + (odd ? 8 : 0)];
 #pragma unroll
-    for (int b = 0; b < kBoxes; ++b) {
+    for (int b = 0; b < kBoxesK; ++b) {
       float dq[32];
       const uint64_t a_desc = wgmma_desc(ds_addr), b_desc = wgmma_desc(k_addr + b * kWgmmaBoxBytes);
       wgmma_fence();
@@ -278,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_registers(dq);
-      if (b == kBoxes - 1) {
+      if (b == kBoxesK - 1) {
         fence_registers(dv);
         fence_registers(dk);
         if (lane == 0) mbar_arrive(&empty[stage]);  // every MMA reading the stage is complete
@@ -293,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = b * 64 + n * 8 + (lane % 4 - (odd ? 1 : 0)) * 2;
         const float4 add = odd ? make_float4(got0, got1, c[2], c[3]) : make_float4(c[0], c[1], got0, got1);
         if (my_row >= 0)
-          atomic_add4(g.dq + my_row * D + col,
+          atomic_add4(g.dq + my_row * DK + col,
                       make_float4(g.scale * add.x, g.scale * add.y, g.scale * add.z, g.scale * add.w));
       }
     }
@@ -303,15 +348,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   // warpgroup 1 hands over dV and writes dK.
   named_sync(3, kConsumers * 128);
   float* exchange = reinterpret_cast<float*>(smem + Ly::kStage0);
-  if (wg == 0) stash(exchange, dk, 0, tid);
-  else stash(exchange, dv, 1, tid);
+  if (wg == 0) stash(exchange, dk, tid);
+  else stash(exchange + Ly::kExchangeDv, dv, tid);
   named_sync(3, kConsumers * 128);
   const KeyOut o{w, g.H, lane, key_lo};
   if (wg == 0) {
-    add_stashed(dv, exchange, 1, tid);
+    add_stashed(dv, exchange + Ly::kExchangeDv, tid);
     o.emit(g.dv, dv, 1.f);
   } else {
-    add_stashed(dk, exchange, 0, tid);
+    add_stashed(dk, exchange, tid);
     o.emit(g.dk, dk, g.scale);
   }
 #endif
@@ -320,10 +365,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 }  // namespace sm90
 
 // Whether the sm_90 kernel takes a branch with tiles of `tile_keys` keys (beside fits(), which the caller has
-// checked): 64-key tiles, K = V in {64, 128}, an sm_90 device with the shared memory.
+// checked): 64-key tiles, K = V in {64, 128} or the NSA paper's heads (K = 192, V = 128), an sm_90 device with
+// the shared memory.
 inline bool sm90_fits(const DeviceLayout& L, int tile_keys) {
-  if (tile_keys != sm90::kKeys || L.K != L.V || (L.K != 64 && L.K != 128) || !sm90_kernels_run(L)) return false;
-  return sm90::Smem<128>::kBytes <=
+  const bool paper_heads = L.K == 192 && L.V == 128;
+  if (tile_keys != sm90::kKeys || !sm90_kernels_run(L)) return false;
+  if (!paper_heads && (L.K != L.V || (L.K != 64 && L.K != 128))) return false;
+  return (paper_heads ? sm90::Smem<192, 128>::kBytes : sm90::Smem<128, 128>::kBytes) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
 
@@ -334,8 +382,9 @@ void launch_sm90(const Tensors<T>& g, const Source& src, int64_t ctas, const Ste
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name);
     kernel<<<unsigned(ctas), sm90::kThreads, bytes, s>>>(g, src, geo);
   };
-  if (L.K == 128) go(sm90::key_block_backward_sm90_kernel<T, 128, Source>, sm90::Smem<128>::kBytes);
-  else go(sm90::key_block_backward_sm90_kernel<T, 64, Source>, sm90::Smem<64>::kBytes);
+  if (L.K == 192) go(sm90::key_block_backward_sm90_kernel<T, 192, 128, Source>, sm90::Smem<192, 128>::kBytes);
+  else if (L.K == 128) go(sm90::key_block_backward_sm90_kernel<T, 128, 128, Source>, sm90::Smem<128, 128>::kBytes);
+  else go(sm90::key_block_backward_sm90_kernel<T, 64, 64, Source>, sm90::Smem<64, 64>::kBytes);
 }
 
 }  // namespace nsa::cuda::kbb
