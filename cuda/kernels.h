@@ -78,10 +78,10 @@ void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, cons
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
 // How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
-// blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V as selected_streamed_fits) the streamed TMA
-// kernel, which loads each distinct block of a unit of 8 tokens once, or (sm_80, 16-bit elements, G in {1, 2, 4},
-// K and V in {64, 128}, BS a multiple of 16 up to 128) the block-major path, where
-// each selected block gathers the queries that selected it and a merge combines each row's slots
+// blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V as selected_streamed_fits) the
+// streamed TMA kernel, which loads each distinct block of a unit of 8 tokens once, or (sm_80, 16-bit elements, G
+// in {1, 2, 4}, K and V in {64, 128}, BS a multiple of 16 up to 128) the block-major path, where each selected
+// block gathers the queries that selected it and a merge combines each row's slots
 // (selected_attention_blocks.cu). Auto takes the block-major path where it can, else the streamed kernel (at
 // G <= 8 leaving the union the runs whose tokens select alike), else per tile whichever of the first two
 // multiplies fewer keys; a forced path that cannot run falls back to Auto. For tests and benchmarks;
@@ -122,9 +122,10 @@ void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_s
 // are fp32 device tensors that the launchers accumulate into (+=), as the reference does; do_cmp / do_slc /
 // do_swa are the gated upstream gradients (gate_backward writes them, or their rows' gates and deltas;
 // BranchGrad); the other tensors are the forward's inputs and outputs in L.dtype (lse fp32). The attention
-// branches: bf16/fp16 with K, V <= 128 on tensor cores, key block by key block (key_block_backward.cuh; on sm_90
-// with 64-key tiles and K = V in {64, 128} key_block_backward_sm90.cuh); otherwise CUDA cores, a warp per token
-// and up to four heads of its group; dk / dv / dq by atomics.
+// branches: bf16/fp16 with K, V <= 256 on tensor cores, key block by key block, where the tile fits shared
+// memory (key_block_backward.cuh; on sm_90 with 64-key tiles and K = V in {64, 128} or K = 192 with V = 128
+// key_block_backward_sm90.cuh); otherwise CUDA cores, a warp per token and up to four heads of its group; dk / dv
+// / dq by atomics.
 
 // A branch's gated upstream gradient do_x = g_x do: fp32 [B, T, HQ, V], or, for a branch whose backward takes
 // the tensor-core path (*_backward_takes_gated), left unformed: do itself (L.dtype) with the rows' gates g_x and

@@ -8,8 +8,9 @@
 // then dS goes through shared memory and the warps split dQ = dS K by columns, added to dq by fp32 atomics (a
 // query row meets the block once, other blocks add theirs). A block's dK / dV leave once per CTA by atomics
 // (long query lists are split over several CTAs of `tokens_per_cta` tokens each, which also balances the
-// work: block 0 is selected by every token). On sm_90, 64-key tiles with K = V in {64, 128} take the warpgroup
-// version of the same CTA (key_block_backward_sm90.cuh).
+// work: block 0 is selected by every token). Rows are padded to the kernel_dims of K and V (up to 256). On sm_90,
+// 64-key tiles with K = V in {64, 128} or K = 192 with V = 128 take the warpgroup version of the same CTA
+// (key_block_backward_sm90.cuh).
 //
 // Which tokens see a block and which of its keys each sees is the branch's: a Source gives each CTA its
 // KeyTile (`tile`), the tokens' positions (`token`) and the visibility rule (`sees`): selected attention (lists of
@@ -39,8 +40,9 @@ constexpr size_t kMaxSmemPerCta = 227 * 1024;
 
 // fits_within on the current device's shared memory per CTA.
 inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
-  return fits_within(L, tile_keys, q, k, v,
-                     device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)"));
+  const int limit =
+      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
+  return fits_within(L, tile_keys, q, k, v, limit);
 }
 
 // Token block i of a launch's (kv head x block) numbering: kv head i / (B C), then block (i % (B C)) of the
@@ -117,12 +119,13 @@ struct Smem {
   // query row (flat token x HQ + head, -1 for none), its token's position, lse, delta and gate; the CTA's token
   // positions.
   static constexpr int kQRowElems = kStepRows * kStrideK, kORowElems = kStepRows * kStrideV;
-  static constexpr size_t kElems = size_t(kKeys) * (kStrideK + kStrideV) + size_t(kStages) * (kQRowElems + kORowElems) +
-                                   kStepRows * size_t(kDsStride);
+  static constexpr size_t kElems = size_t(kKeys) * (kStrideK + kStrideV) +
+                                   size_t(kStages) * (kQRowElems + kORowElems) + kStepRows * size_t(kDsStride);
   static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 4 * kRowGroups * sizeof(float) +
                                    kStages * kStepRows * (2 * sizeof(int64_t) + 3 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
-  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(Dims{DK, DV}, kKeys), "fits_within's size of this layout");
+  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(Dims{DK, DV}, kKeys),
+                "fits_within's size of this layout");
 };
 
 // Two warps per 16 keys (kKeyWarps x 16 keys a tile): per step the P warp of a key group computes S^T, the

@@ -1,6 +1,6 @@
 // The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V in
-// {64, 128} or the NSA paper's heads (K = 192, V = 128): the same work per CTA (one key tile of one kv head, the tokens a Source gives it) with each 64-row
-// step of queries on one consumer warpgroup. Per step, with the keys as the MMA's 64 rows:
+// {64, 128} or the NSA paper's heads (K = 192, V = 128): the same work per CTA (one key tile of one kv head, the
+// tokens a Source gives it) with each 64-row step of queries on one consumer warpgroup. Per step, with the keys as the MMA's 64 rows:
 //   S^T = K Q^T and dP^T = V dO^T (both operands in shared memory), P^T = g exp(scale S^T - lse) masked by the
 //   Source (g the row's gate, or 1), dS^T = P^T (dP^T - delta) in registers;
 //   dV += P^T dO and dK += dS^T Q with P^T / dS^T as register operands (the accumulators stay in registers for
