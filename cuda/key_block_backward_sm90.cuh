@@ -253,58 +253,63 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbar_wait(&full[stage], (s / kStages) & 1);
     fence_proxy_async_smem();  // the rows came through the generic proxy (cp.async); the MMAs read them async
     const uint32_t q_addr = smem_addr(smem + Ly::kStage0 + stage * Ly::kStageBytes), o_addr = q_addr + Ly::kTileK;
-    float st[32], dp[32];
-    wgmma_scores<T, DK>(st, k_addr, q_addr);  // S^T
-    wgmma_scores<T, DV>(dp, v_addr, o_addr);  // dP^T
-    // P^T and dS^T as A operands (16 rows of the step per k-step), packed as they are formed so that the fp32
-    // tiles die as they go.
     const int64_t* t_s = t_of(stage);
     const float* lse_s = lse_of(stage);
     const float* delta_s = delta_of(stage);
     const float* gate_s = gate_of(stage);
-    uint32_t pf[4][4], dsf[4][4];
-    wgmma_wait<0>();
-    fence_registers(st);
-    fence_registers(dp);
+    // The step's 64 rows in parts of kN (two of 32 at K = 192, so that the score tiles fit beside dK and dV):
+    // S^T and dP^T; P^T and dS^T as A operands (16 rows of the step per k-step), packed as they are formed so
+    // that the fp32 tiles die as they go; dV += P^T dO, dK += dS^T Q (B is the part's rows (K) x DV / DK
+    // columns, MN-major, one box per 64 columns); dS^T to this warpgroup's box, [key][row], the pair (row,
+    // row + 1) of a key one 4-byte store.
+    constexpr int kParts = DK > 128 ? 2 : 1, kN = 64 / kParts, kSteps = kN / 16;
 #pragma unroll
-    for (int i = 0; i < 32; i += 2) {
-      float p[2], ds[2];
+    for (int h = 0; h < kParts; ++h) {
+      float st[kN / 2], dp[kN / 2];
+      wgmma_scores<T, DK, kN>(st, k_addr, q_addr + h * kN * 128);  // S^T
+      wgmma_scores<T, DV, kN>(dp, v_addr, o_addr + h * kN * 128);  // dP^T
+      uint32_t pf[kSteps][4], dsf[kSteps][4];
+      wgmma_wait<0>();
+      fence_registers(st);
+      fence_registers(dp);
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = key_lo + 8 * ((i / 2) % 2), r = 8 * (i / 4) + 2 * (lane % 4) + e;
-        const int64_t t = t_s[r];
-        const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
-        p[e] = on ? gate_s[r] * exp2_ftz(st[i + e] * scale_log2 - lse_s[r] * kLog2e) : 0.f;
-        ds[e] = p[e] * (dp[i + e] - delta_s[r]);
-      }
-      pf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(p[0], p[1]);
-      dsf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(ds[0], ds[1]);
-    }
-
-    // dV += P^T dO, dK += dS^T Q: B is the step's rows (K) x DV / DK columns, MN-major, one box per 64 columns.
-    {
-      const uint64_t o_desc = wgmma_desc(o_addr), q_desc = wgmma_desc(q_addr);
-      wgmma_fence();
+      for (int i = 0; i < kN / 2; i += 2) {
+        float p[2], ds[2];
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-        for (int b = 0; b < kBoxesK; ++b) {
-          if (b < kBoxesV) wgmma_rs<T>(dv[b], pf[kk], wgmma_desc_step(o_desc, b * kWgmmaBoxBytes + kk * 2048));
-          wgmma_rs<T>(dk[b], dsf[kk], wgmma_desc_step(q_desc, b * kWgmmaBoxBytes + kk * 2048));
+        for (int e = 0; e < 2; ++e) {
+          const int key = key_lo + 8 * ((i / 2) % 2), r = h * kN + 8 * (i / 4) + 2 * (lane % 4) + e;
+          const int64_t t = t_s[r];
+          const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
+          p[e] = on ? gate_s[r] * exp2_ftz(st[i + e] * scale_log2 - lse_s[r] * kLog2e) : 0.f;
+          ds[e] = p[e] * (dp[i + e] - delta_s[r]);
         }
+        pf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(p[0], p[1]);
+        dsf[i / 8][(i % 8) / 2] = MmaElem<T>::pack(ds[0], ds[1]);
       }
-      wgmma_commit();
+      {
+        const uint64_t o_desc = wgmma_desc(o_addr), q_desc = wgmma_desc(q_addr);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kSteps; ++kk) {
+          const uint32_t rows = (h * kSteps + kk) * 2048;  // the k-step's 16 rows of every box
+#pragma unroll
+          for (int b = 0; b < kBoxesK; ++b) {
+            if (b < kBoxesV) wgmma_rs<T>(dv[b], pf[kk], wgmma_desc_step(o_desc, b * kWgmmaBoxBytes + rows));
+            wgmma_rs<T>(dk[b], dsf[kk], wgmma_desc_step(q_desc, b * kWgmmaBoxBytes + rows));
+          }
+        }
+        wgmma_commit();
+      }
+      // The previous step's dQ MMAs have read the box (every warp waited for them before this barrier).
+      if (h == 0) named_sync(1 + wg, 128);
+#pragma unroll
+      for (int kk = 0; kk < kSteps; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int key = key_lo + 8 * (i % 2), row = 8 * (2 * (h * kSteps + kk) + i / 2) + 2 * (lane % 4);
+          *reinterpret_cast<uint32_t*>(ds_box + swizzle128(key, row / 8) + (row % 8) * 2) = dsf[kk][i];
+        }
     }
-    // dS^T to this warpgroup's box, [key][row]: the pair (row, row + 1) of a key is one 4-byte store. The
-    // previous step's dQ MMAs have read the box (every warp waited for them before the barrier below).
-    named_sync(1 + wg, 128);
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = key_lo + 8 * (i % 2), row = 8 * (2 * kk + i / 2) + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(ds_box + swizzle128(key, row / 8) + (row % 8) * 2) = dsf[kk][i];
-      }
     fence_proxy_async_smem();
     named_sync(1 + wg, 128);
 

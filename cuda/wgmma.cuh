@@ -86,6 +86,26 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t a, uint64_t b,
 #endif
 }
 
+// d (64 x 32, fp32) = (scale_d ? d : 0) + a (64 x 16) * b (32 x 16)^T; both K-major in shared memory.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss(float (&d)[16], uint64_t a, uint64_t b, int scale_d) {
+#if NSA_HAS_WGMMA
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(scale_d));
+  }
+#endif
+}
+
 // d (64 x 64, fp32) += a (64 x 16, the mma.m16n8k16 A fragments of each warp's 16 rows) * b (16 x 64), b
 // MN-major in shared memory (its 16 K rows of 64 contiguous N elements).
 template <typename T>
@@ -132,10 +152,11 @@ __device__ __forceinline__ void wgmma_ss_mn(float (&d)[32], uint64_t a, uint64_t
 // Bytes of one 64-row x 64-column box of 16-bit elements: the unit of every TMA tile the wgmma kernels read.
 constexpr int kWgmmaBoxBytes = 64 * 128;
 
-// Issues and commits S (64 x 64) = Q K^T over KD columns, Q and K each KD / 64 consecutive boxes. Compressed
-// attention and top-k both call it, so their logits are bit-identical (top-k's scores are exp(z - lse_cmp)).
-template <typename T, int KD>
-__device__ __forceinline__ void wgmma_scores(float (&s)[32], uint32_t q_addr, uint32_t k_addr) {
+// Issues and commits S (64 x N, N = 64 or 32) = Q K^T over KD columns, Q and K each KD / 64 consecutive boxes
+// (K's first N rows of each). Compressed attention and top-k both call it, so their logits are bit-identical
+// (top-k's scores are exp(z - lse_cmp)).
+template <typename T, int KD, int N = 64>
+__device__ __forceinline__ void wgmma_scores(float (&s)[N / 2], uint32_t q_addr, uint32_t k_addr) {
   const uint64_t q_desc = wgmma_desc(q_addr), k_desc = wgmma_desc(k_addr);
   wgmma_fence();
 #pragma unroll
