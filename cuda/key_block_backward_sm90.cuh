@@ -1,6 +1,7 @@
 // The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V in
 // {64, 128} or the NSA paper's heads (K = 192, V = 128): the same work per CTA (one key tile of one kv head, the
-// tokens a Source gives it) with each 64-row step of queries on one consumer warpgroup. Per step, with the keys as the MMA's 64 rows:
+// tokens a Source gives it) with each 64-row step of queries on one consumer warpgroup. Per step, with the keys
+// as the MMA's 64 rows:
 //   S^T = K Q^T and dP^T = V dO^T (both operands in shared memory), P^T = g exp(scale S^T - lse) masked by the
 //   Source (g the row's gate, or 1), dS^T = P^T (dP^T - delta) in registers;
 //   dV += P^T dO and dK += dS^T Q with P^T / dS^T as register operands (the accumulators stay in registers for
@@ -29,8 +30,8 @@ constexpr int kKeys = 64, kRows = 64;  // a tile's keys; query rows per step (tw
 constexpr int kConsumers = 2;  // consumer warpgroups
 constexpr int kThreads = 128 * (kConsumers + 1);
 // setmaxnreg moves registers between whole warpgroups: the producer keeps few, each consumer holds dK and dV
-// (64 keys x DK and x DV fp32 over 128 threads: 128 registers at 128 / 128, 160 at 192 / 128) plus two 64 x 64
-// score tiles.
+// (64 keys x DK and x DV fp32 over 128 threads: 128 registers at 128 / 128, 160 at 192 / 128) plus two score
+// tiles (64 x 64, or 64 x 32 parts of the step at K = 192).
 // At K = 192 the producer drops to 24 so that each consumer may hold 240.
 template <int DK>
 struct Registers {
