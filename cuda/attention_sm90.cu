@@ -317,8 +317,7 @@ void with_kernel(const DeviceLayout& L, F&& f) {
 // The conditions both stages share; `key_rows` is the key tensor's rows (B * C pooled blocks or B * T tokens).
 bool shape_fits(const DeviceLayout& L, const void* q, const void* k, const void* v, int64_t key_rows) {
   if (L.dtype == ElemType::F32 || L.H == 0 || L.num_seqs == 0 || key_rows == 0) return false;
-  const bool paper_heads = L.K == 192 && L.V == 128;
-  if (!paper_heads && ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128))) return false;
+  if (!sm90_forward_head_dims(L)) return false;
   const int64_t G = L.G();
   if (64 % G != 0 && G % 64 != 0) return false;
   // Tensor-map coordinates are int32, and a tile may start up to 64 rows past the end.
@@ -327,7 +326,7 @@ bool shape_fits(const DeviceLayout& L, const void* q, const void* k, const void*
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16)
     return false;
   if (!sm90_kernels_run(L)) return false;
-  return (paper_heads ? SmemLayout<192, 128>::kBytes : SmemLayout<128, 128>::kBytes) <=
+  return (paper_heads(L) ? SmemLayout<192, 128>::kBytes : SmemLayout<128, 128>::kBytes) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
 

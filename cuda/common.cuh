@@ -158,6 +158,13 @@ inline bool sm90_kernels_run(const DeviceLayout& L) {
          device_attribute(cudaDevAttrComputeCapabilityMajor, "cudaDeviceGetAttribute(compute capability)") == 9;
 }
 
+// The head dims the sm_90 forward kernels are built for (compressed attention, the window, the streamed selected
+// attention): K and V in {64, 128}, or the NSA paper's heads, K = 192 with V = 128.
+inline bool paper_heads(const DeviceLayout& L) { return L.K == 192 && L.V == 128; }
+inline bool sm90_forward_head_dims(const DeviceLayout& L) {
+  return paper_heads(L) || ((L.K == 64 || L.K == 128) && (L.V == 64 || L.V == 128));
+}
+
 #ifdef __CUDACC__  // (host-only translation units include this header for its types)
 // The sum of x over the warp's 32 lanes, on every lane.
 __device__ __forceinline__ float warp_sum(float x) {

@@ -374,10 +374,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // checked): 64-key tiles, K = V in {64, 128} or the NSA paper's heads (K = 192, V = 128), an sm_90 device with
 // the shared memory.
 inline bool sm90_fits(const DeviceLayout& L, int tile_keys) {
-  const bool paper_heads = L.K == 192 && L.V == 128;
   if (tile_keys != sm90::kKeys || !sm90_kernels_run(L)) return false;
-  if (!paper_heads && (L.K != L.V || (L.K != 64 && L.K != 128))) return false;
-  return (paper_heads ? sm90::Smem<192, 128>::kBytes : sm90::Smem<128, 128>::kBytes) <=
+  if (!paper_heads(L) && (L.K != L.V || (L.K != 64 && L.K != 128))) return false;
+  return (paper_heads(L) ? sm90::Smem<192, 128>::kBytes : sm90::Smem<128, 128>::kBytes) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
 

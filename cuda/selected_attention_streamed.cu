@@ -602,8 +602,7 @@ int selected_streamed_ctas_per_sm(const DeviceLayout& L) {
 bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k, const void* v) {
   if (L.dtype == ElemType::F32 || L.H == 0 || L.block_size % kTileKeys != 0) return false;
   if (L.G() % kHeads != 0 && L.G() != 4 && L.G() != 8) return false;
-  const bool paper_heads = L.K == 192 && L.V == 128;  // the NSA paper's heads: 48 KB of Q leave four stages
-  if (!paper_heads && ((L.K != 64 && L.K != 128) || (L.V != 64 && L.V != 128))) return false;
+  if (!sm90_forward_head_dims(L)) return false;  // (the paper's heads: 48 KB of Q leave four stages)
   if (L.B * L.T >= (int64_t(1) << 31) || L.num_seqs == 0) return false;
   if (int64_t(kRunTokens) * max_items(L) > kMaxRunEntries) return false;
   if ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) % 16) return false;
