@@ -154,38 +154,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x >= kConsumers * 128) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Registers<DK>::kProducer));
     const int pt = threadIdx.x - kConsumers * 128;
-    // K = V: a thread keeps one 16-byte chunk of every row it copies (128 threads, D / 8 chunks a row), at its
-    // swizzled place in box chunk / 8. K = 192 (24 chunks a row) steps through rows x chunks instead (`copy`).
-    constexpr int kChunks = DK / 8;
-    const int chunk = pt % kChunks, box = chunk / 8;
-    auto at = [&](int r) { return box * kWgmmaBoxBytes + int(swizzle128(r, chunk % 8)); };
-    auto copy = [&](unsigned char* tile, int r, int c, const T* src_row, const T* base) {  // src_row null: zeros
-      cp_async_16(tile + (c / 8) * kWgmmaBoxBytes + int(swizzle128(r, c % 8)), src_row ? src_row + c * 8 : base,
-                  src_row != nullptr);
+    // A thread copies 16-byte chunk `part` of each 64-column box of rows row0, row0 + 16, ...: eight threads
+    // fill a row's 128 bytes of a box, and a thread looks each of its rows up once whatever the width.
+    const int part = pt % 8, row0 = pt / 8;
+    auto copy_row = [&](unsigned char* tile, int r, const T* src, bool valid, int boxes) {  // !valid: zeros
+      for (int b = 0; b < boxes; ++b)
+        cp_async_16(tile + b * kWgmmaBoxBytes + int(swizzle128(r, part)), src + b * 64 + part * 8, valid);
     };
-    if constexpr (DK == DV) {
-      for (int r = pt / kChunks; r < kKeys; r += 128 / kChunks) {
-        const bool valid = r < w.nkeys;
-        const int64_t kv = ((w.key_row0 + (valid ? r : 0)) * g.H + w.h);
-        cp_async_16(smem + Ly::kK + at(r), valid ? g.k + kv * DK + chunk * 8 : g.k, valid);
-        cp_async_16(smem + Ly::kV + at(r), valid ? g.v + kv * DV + chunk * 8 : g.v, valid);
-      }
-    } else {
-      for (int i = pt; i < kKeys * (DK / 8); i += 128) {
-        const int r = i / (DK / 8), c = i % (DK / 8);
-        copy(smem + Ly::kK, r, c, r < w.nkeys ? g.k + ((w.key_row0 + r) * g.H + w.h) * DK : nullptr, g.k);
-      }
-      for (int i = pt; i < kKeys * (DV / 8); i += 128) {
-        const int r = i / (DV / 8), c = i % (DV / 8);
-        copy(smem + Ly::kV, r, c, r < w.nkeys ? g.v + ((w.key_row0 + r) * g.H + w.h) * DV : nullptr, g.v);
-      }
+    for (int r = row0; r < kKeys; r += 16) {
+      const bool valid = r < w.nkeys;
+      const int64_t kv = (w.key_row0 + (valid ? r : 0)) * g.H + w.h;
+      copy_row(smem + Ly::kK, r, g.k + kv * DK, valid, DK / 64);
+      copy_row(smem + Ly::kV, r, g.v + kv * DV, valid, DV / 64);
     }
     cp_async_mbar_arrive(kv_full);
     for (int s = 0; s < steps; ++s) {
       const int stage = s % kStages;
       mbar_wait(&empty[stage], ((s / kStages) & 1) ^ 1);
       unsigned char* q_s = smem + Ly::kStage0 + stage * Ly::kStageBytes;
-      if (pt < kRows) {
+      if (pt < kRows) {  // the step's rows: one lookup each, for every producer thread's copies
         int64_t t = -1;
         const int64_t row = step_row(geo, w, g, token_s, s, pt, t);
         qrow_of(stage)[pt] = row;
@@ -199,27 +186,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           lse_of(stage)[pt] = delta_of(stage)[pt] = gate_of(stage)[pt] = 0.f;
         }
       }
-      if constexpr (DK == DV) {  // one row lookup for Q and dO
-        for (int r = pt / kChunks; r < kRows; r += 128 / kChunks) {
-          int64_t t;
-          const int64_t row = step_row(geo, w, g, token_s, s, r, t);
-          const bool valid = row >= 0;
-          cp_async_16(q_s + at(r), valid ? g.q + row * DK + chunk * 8 : g.q, valid);
-          cp_async_16(q_s + Ly::kTileK + at(r), valid ? g.d_out + row * DV + chunk * 8 : g.d_out, valid);
-        }
-      } else {
-        for (int i = pt; i < kRows * (DK / 8); i += 128) {
-          const int r = i / (DK / 8), c = i % (DK / 8);
-          int64_t t;
-          const int64_t row = step_row(geo, w, g, token_s, s, r, t);
-          copy(q_s, r, c, row >= 0 ? g.q + row * DK : nullptr, g.q);
-        }
-        for (int i = pt; i < kRows * (DV / 8); i += 128) {
-          const int r = i / (DV / 8), c = i % (DV / 8);
-          int64_t t;
-          const int64_t row = step_row(geo, w, g, token_s, s, r, t);
-          copy(q_s + Ly::kTileK, r, c, row >= 0 ? g.d_out + row * DV : nullptr, g.d_out);
-        }
+      // The rows are written; a stage's rows are rewritten only kStages steps on, after every producer thread
+      // has passed this barrier again.
+      named_sync(4, 128);
+      const int64_t* rows = qrow_of(stage);
+      for (int r = row0; r < kRows; r += 16) {
+        const int64_t row = rows[r];
+        const bool valid = row >= 0;
+        copy_row(q_s, r, g.q + (valid ? row : 0) * DK, valid, DK / 64);
+        copy_row(q_s + Ly::kTileK, r, g.d_out + (valid ? row : 0) * DV, valid, DV / 64);
       }
       cp_async_mbar_arrive(&full[stage]);
       mbar_arrive(&full[stage]);
