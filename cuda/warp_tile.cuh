@@ -52,17 +52,22 @@ __device__ __forceinline__ void load_rows(T* dst, int stride, int rows_total, in
   constexpr int kVec = 16 / sizeof(T);
   const bool vec_ok = (cols % kVec) == 0;
   const int chunks = cols_padded / kVec;
-  for (int idx = threadIdx.x; idx < rows_total * chunks; idx += blockDim.x) {
-    const int r = idx / chunks, c = (idx % chunks) * kVec;
+  // Groups of `lanes` threads (8: 128 bytes) take a row each, so that a thread looks a row up once (row_ptr
+  // may be a gather's index arithmetic) however many chunks it copies from it.
+  const int lanes = chunks >= 8 ? 8 : chunks >= 4 ? 4 : chunks >= 2 ? 2 : 1;
+  const int lane = int(threadIdx.x) % lanes, row_step = int(blockDim.x) / lanes;
+  for (int r = int(threadIdx.x) / lanes; r < rows_total; r += row_step) {
     const T* src = row_ptr(r);
-    T* d = dst + r * stride + c;
-    if (src && vec_ok && c < cols) {
-      cp_async_16(d, src + c, true);
-    } else if (!src || c >= cols) {
-      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
-    } else {
+    for (int c = lane * kVec; c < cols_padded; c += lanes * kVec) {
+      T* d = dst + r * stride + c;
+      if (src && vec_ok && c < cols) {
+        cp_async_16(d, src + c, true);
+      } else if (!src || c >= cols) {
+        *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+      } else {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) d[e] = c + e < cols ? src[c + e] : Elem<T>::from_float(0.f);
+        for (int e = 0; e < kVec; ++e) d[e] = c + e < cols ? src[c + e] : Elem<T>::from_float(0.f);
+      }
     }
   }
 }
