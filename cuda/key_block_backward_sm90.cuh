@@ -32,12 +32,10 @@ constexpr int kThreads = 128 * (kConsumers + 1);
 // setmaxnreg moves registers between whole warpgroups: the producer keeps few, each consumer holds dK and dV
 // (64 keys x DK and x DV fp32 over 128 threads: 128 registers at 128 / 128, 160 at 192 / 128) plus two score
 // tiles (64 x 64, or 64 x 32 parts of the step at K = 192).
-// At K = 192 the producer drops to 24 so that each consumer may hold 240.
-template <int DK>
-struct Registers {
-  static constexpr int kProducer = DK > 128 ? 24 : 40, kConsumer = DK > 128 ? 240 : 232;
-  static_assert(kConsumers * kConsumer * 128 + kProducer * 128 <= 65536, "register file");
-};
+// The producer's copies need few (one row lookup per step, addresses): it keeps 24 so that each consumer may hold
+// 240 (at K = 128, 232 spilled 28 bytes in the compressed-attention instance).
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
+static_assert(kConsumers * kConsumerRegisters * 128 + kProducerRegisters * 128 <= 65536, "register file");
 
 // Shared memory: K and V tiles, the stages (Q then dO, [64 rows][DK] and [64 rows][DV] as 64-column swizzled
 // boxes), each consumer's dS^T box ([key][row]), per stage the rows' metadata, the CTA's token positions, the
@@ -152,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int steps = ((w.ntok + geo.tpt - 1) / geo.tpt * geo.head_chunks + 1) / 2;
 
   if (threadIdx.x >= kConsumers * 128) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Registers<DK>::kProducer));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegisters));
     const int pt = threadIdx.x - kConsumers * 128;
     // A thread copies 16-byte chunk `part` of each 64-column box of rows row0, row0 + 16, ...: eight threads
     // fill a row's 128 bytes of a box, and a thread looks each of its rows up once whatever the width.
@@ -204,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // Consumers. Accumulator element i of this thread: tile row (a key) warp * 16 + lane / 4 + 8 ((i / 2) % 2),
   // column 8 (i / 4) + 2 (lane % 4) + i % 2 (a query row of the step for S^T / dP^T, a column for dK / dV).
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Registers<DK>::kConsumer));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegisters));
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
   const int key_lo = warp * 16 + lane / 4;
   constexpr int kBoxesK = DK / 64, kBoxesV = DV / 64;
