@@ -20,7 +20,7 @@
 // are selected the same way, the forced blocks added, and the slots ordered by score descending, ties to the
 // smaller block; -1 pads. At G = 16 the sm_90 kernel's warp holds its token's scores of a tile two per lane,
 // straight from the head sums, and filters them there (filter_pair), with the buffer's count and threshold in
-// registers.
+// registers; at G = 1 the tile kernel's quads of lanes do the same for 16 tokens of a warp at once (filter_quads).
 #include <algorithm>
 #include <type_traits>
 
@@ -398,6 +398,77 @@ struct RegisterCandidates {
   cb.n += total;
 }
 
+// G = 1 in the tile kernel: a warp's 16 rows are 16 tokens, and the four lanes of a quad hold one token's 64
+// scores of a tile, 16 each (mma accumulator layout: rows lane / 4 and lane / 4 + 8). Each quad filters its token
+// in registers -- filter_pair's rule for 16 tokens at once, without the score tile or a pass per token: the
+// token's count and threshold live in the quad's registers, a quad whose entrants would not fit has its buffer
+// cut back to its `keep` best first (the whole warp, one such token at a time; keep + 64 <= cap), then every
+// lane appends its entrants after those of the quad's lanes below it.
+struct QuadCandidates {
+  int n[2] = {0, 0};
+  float thr[2] = {-INFINITY, -INFINITY};
+};
+__device__ __forceinline__ void filter_quads(QuadCandidates& qc, const float (&s)[kBN / 8][4], int c0,
+                                             const int (&tl)[2], const TokenInfo (&ti)[2], bool paper,
+                                             float* buf_score, int* buf_block, int cap, int lane) {
+  const int q = lane % 4, col0 = c0 + q * 2;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    // This lane's entrants among its 16 scores of the token (bit 2 j + i: column col0 + 8 j + i), counted over
+    // the quad: its offset among them and their total.
+    auto count = [&](uint32_t& mask, int& before, int& total) {
+      mask = 0;
+#pragma unroll
+      for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int c = col0 + 8 * j + i;
+          const bool ordinary = ti[half].keep > 0 && c < ti[half].lim &&
+                                (!paper || (c != 0 && c != ti[half].cur - 1 && c != ti[half].cur));
+          if (ordinary && s[j][2 * half + i] > qc.thr[half]) mask |= 1u << (2 * j + i);
+        }
+      const int own = __popc(mask);
+      int incl = own;
+#pragma unroll
+      for (int off = 1; off < 4; off *= 2) {
+        const int other = __shfl_up_sync(kFull, incl, off, 4);
+        if (q >= off) incl += other;
+      }
+      before = incl - own;
+      total = __shfl_sync(kFull, incl, 3, 4);
+    };
+    uint32_t mask;
+    int before, total;
+    count(mask, before, total);
+    // Quads (one bit each, lane 4k) whose entrants would overflow their buffer: cut back, one token at a time.
+    unsigned full = __ballot_sync(kFull, q == 0 && qc.n[half] + total > cap);
+    if (full) {
+      while (full) {
+        const int src = __ffs(full) - 1;
+        full &= full - 1;
+        const int t = __shfl_sync(kFull, tl[half], src), n = __shfl_sync(kFull, qc.n[half], src);
+        const int keep = __shfl_sync(kFull, ti[half].keep, src);
+        const float thr = warp_keep_best_call(buf_score + t * cap, buf_block + t * cap, n, keep, lane).thr;
+        if (lane / 4 == src / 4) qc.thr[half] = thr, qc.n[half] = keep;
+      }
+      count(mask, before, total);
+    }
+    float* score = buf_score + tl[half] * cap;
+    int* block = buf_block + tl[half] * cap;
+    int pos = qc.n[half] + before;
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        if (mask & (1u << (2 * j + i))) {
+          score[pos] = s[j][2 * half + i];
+          block[pos] = col0 + 8 * j + i;
+          ++pos;
+        }
+    qc.n[half] += total;
+  }
+}
+
 // The token's S' best ordinary blocks, its forced blocks, then the S slots by score descending, ties to the
 // smaller block; -1 pads. The whole warp calls it.
 __device__ __forceinline__ void write_selection(int32_t* out, const Candidates& cb, const TokenInfo& ti, bool paper,
@@ -445,7 +516,7 @@ __device__ __forceinline__ void write_selection(int32_t* out, const Candidates& 
 
 // Preconditions: K <= k_padded <= 256, S <= kMaxS, cap in [S + 31, kMaxCap], the grid is
 // (geo.tiles_x / geo.head_chunks, num_seqs, H) with geo made for 16 * W rows.
-template <typename T, int W>
+template <typename T, int W, bool kQuads>
 __global__ void __launch_bounds__(W * 32, 2)
     topk_kernel(int32_t* __restrict__ block_indices,  // [B, T, H, S]
                 const T* __restrict__ q,              // [B, T, HQ, K]
@@ -536,6 +607,13 @@ __global__ void __launch_bounds__(W * 32, 2)
     rows.warp_lim = m;
   };
   if (P.geo.head_chunks == 1) set_rows(0);
+  // G = 1: each quad filters its token in registers (filter_quads) where a cut leaves room for a whole tile.
+  constexpr bool quads = kQuads;  // (launch: G = 1, cap >= S + 64; its own instance, whose registers the others keep)
+  QuadCandidates qc;
+  TokenInfo qti[2] = {};
+  if (quads)
+    for (int half = 0; half < 2; ++half)
+      if (rows.tl[half] < tpt && t0 + rows.tl[half] < seq.length) qti[half] = token_info(t0 + rows.tl[half], BS, S, paper);
 
   for (int it = 0, c0 = 0; c0 < lim_max; ++it, c0 += kBN) {
     if (P.stages == 1 && it > 0) {
@@ -577,7 +655,9 @@ __global__ void __launch_bounds__(W * 32, 2)
           const int half = e / 2, col = c0 + col0 + j * 8 + (e & 1);
           s[j][e] = col < lim[half] ? exp2_ftz(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
         }
-      if (direct) {
+      if (quads) {
+        filter_quads(qc, s, c0, tl, qti, paper, buf_score, buf_block, cap, lane);
+      } else if (direct) {
         store_head_sums(s, score, tl, G, lane);
       } else if (hpt % 16 == 0) {
 #pragma unroll
@@ -597,6 +677,7 @@ __global__ void __launch_bounds__(W * 32, 2)
             if (s[j][e] != 0.f) atomicAdd(&score[tl[e / 2] * kScoreStride + col0 + j * 8 + (e & 1)], s[j][e]);
       }
     }
+    if (quads) continue;
     // Direct scores: a warp filters the tokens whose rows it holds, so it only waits for its own stores.
     if (direct) __syncwarp();
     else __syncthreads();
@@ -612,6 +693,9 @@ __global__ void __launch_bounds__(W * 32, 2)
       filter_tile(candidates(tl), score + tl * kScoreStride, c0, ti, paper, G, cap, lane);
     }
   }
+  if (quads && lim_max > 0 && lane % 4 == 0)  // (past the tile loop's barriers, so after the counts' initialisation)
+    for (int half = 0; half < 2; ++half)
+      if (rows.tl[half] < tpt) buf_count[rows.tl[half]] = qc.n[half], buf_thr[rows.tl[half]] = qc.thr[half];
   cp_async_wait<0>();  // Q's copies when no tile ran
   __syncthreads();           // counts of tokens that no tile reached are initialised
 
@@ -929,11 +1013,16 @@ template <typename T, int W>
 void launch(TopkParams P, int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp,
             cudaStream_t s) {
   const int bytes = smem_bytes<T>(W, P.k_padded, P.geo.tpt, P.stages, P.cap);
-  CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<T, W>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-             "cudaFuncSetAttribute(topk_kernel)");
   const dim3 grid(unsigned(P.geo.tiles_x / P.geo.head_chunks), P.L.num_seqs, unsigned(P.L.H));
-  topk_kernel<T, W><<<grid, W * 32, bytes, s>>>(block_indices, static_cast<const T*>(q),
-                                                static_cast<const T*>(k_cmp), lse_cmp, P);
+  auto go = [&](auto kernel) {
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute(topk_kernel)");
+    kernel<<<grid, W * 32, bytes, s>>>(block_indices, static_cast<const T*>(q), static_cast<const T*>(k_cmp),
+                                       lse_cmp, P);
+  };
+  // G = 1 filters in registers (filter_quads) where a cut leaves room for a whole tile's entrants.
+  if (P.G == 1 && P.geo.head_chunks == 1 && P.cap >= P.L.block_count + kBN) go(topk_kernel<T, W, true>);
+  else go(topk_kernel<T, W, false>);
   check_launch("topk_kernel");
 }
 
