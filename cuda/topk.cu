@@ -613,7 +613,8 @@ __global__ void __launch_bounds__(W * 32, 2)
   TokenInfo qti[2] = {};
   if (quads)
     for (int half = 0; half < 2; ++half)
-      if (rows.tl[half] < tpt && t0 + rows.tl[half] < seq.length) qti[half] = token_info(t0 + rows.tl[half], BS, S, paper);
+      if (rows.tl[half] < tpt && t0 + rows.tl[half] < seq.length)
+        qti[half] = token_info(t0 + rows.tl[half], BS, S, paper);
 
   for (int it = 0, c0 = 0; c0 < lim_max; ++it, c0 += kBN) {
     if (P.stages == 1 && it > 0) {
