@@ -607,11 +607,12 @@ __global__ void __launch_bounds__(W * 32, 2)
     rows.warp_lim = m;
   };
   if (P.geo.head_chunks == 1) set_rows(0);
-  // G = 1: each quad filters its token in registers (filter_quads) where a cut leaves room for a whole tile.
-  constexpr bool quads = kQuads;  // (launch: G = 1, cap >= S + 64; its own instance, whose registers the others keep)
+  // kQuads (launched at G = 1 where a cut leaves room for a whole tile; an instance of its own, whose registers the
+  // others keep): each quad filters its token in registers (filter_quads). Its rows' TokenInfo is computed here,
+  // not read from tok_info, which other threads are still writing (no barrier yet).
   QuadCandidates qc;
   TokenInfo qti[2] = {};
-  if (quads)
+  if (kQuads)
     for (int half = 0; half < 2; ++half)
       if (rows.tl[half] < tpt && t0 + rows.tl[half] < seq.length)
         qti[half] = token_info(t0 + rows.tl[half], BS, S, paper);
@@ -656,7 +657,7 @@ __global__ void __launch_bounds__(W * 32, 2)
           const int half = e / 2, col = c0 + col0 + j * 8 + (e & 1);
           s[j][e] = col < lim[half] ? exp2_ftz(s[j][e] * P.scale_log2 - lse2[half]) : 0.f;
         }
-      if (quads) {
+      if (kQuads) {
         filter_quads(qc, s, c0, tl, qti, paper, buf_score, buf_block, cap, lane);
       } else if (direct) {
         store_head_sums(s, score, tl, G, lane);
@@ -678,7 +679,7 @@ __global__ void __launch_bounds__(W * 32, 2)
             if (s[j][e] != 0.f) atomicAdd(&score[tl[e / 2] * kScoreStride + col0 + j * 8 + (e & 1)], s[j][e]);
       }
     }
-    if (quads) continue;
+    if (kQuads) continue;
     // Direct scores: a warp filters the tokens whose rows it holds, so it only waits for its own stores.
     if (direct) __syncwarp();
     else __syncthreads();
@@ -694,7 +695,7 @@ __global__ void __launch_bounds__(W * 32, 2)
       filter_tile(candidates(tl), score + tl * kScoreStride, c0, ti, paper, G, cap, lane);
     }
   }
-  if (quads && lim_max > 0 && lane % 4 == 0)  // (past the tile loop's barriers, so after the counts' initialisation)
+  if (kQuads && lim_max > 0 && lane % 4 == 0)  // (past the tile loop's barriers, so after the counts' initialisation)
     for (int half = 0; half < 2; ++half)
       if (rows.tl[half] < tpt) buf_count[rows.tl[half]] = qc.n[half], buf_thr[rows.tl[half]] = qc.thr[half];
   cp_async_wait<0>();  // Q's copies when no tile ran
