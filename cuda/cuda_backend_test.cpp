@@ -693,6 +693,10 @@ std::vector<Case> sm90_backward_cases() {
       // The NSA paper's heads: K = 192 (three boxes of Q and K, 24 chunks a row), V = 128.
       make_case("sm90bwd_G8_f16_K192_V128_varlen_window", DType::F16, 1, 0, 16, 2, 192, 128, 64, 3, kSeed,
                 {190, 0, 66, 300}, 50),
+      // 32-key tiles stay on the mma.sync kernel: at K = V = 128 three stages of rows on an H100, two on an A100
+      // (the _sm80 twins reckon as one; with 64-key tiles above, two with P^T in dS), two for the paper's heads.
+      make_case("sm90bwd_G4_bf16_K128_BS32_window", DType::BF16, 1, 300, 8, 2, 128, 128, 32, 4, kSeed, {}, 40),
+      make_case("sm90bwd_G16_bf16_K192_V128_BS32_window", DType::BF16, 1, 300, 16, 1, 192, 128, 32, 4, kSeed, {}, 40),
       [] {
         Case c = make_case("sm90bwd_G16_f16_K64_counts_varlen", DType::F16, 1, 0, 16, 1, 64, 64, 64, 4, kSeed,
                            {200, 0, 77, 130});

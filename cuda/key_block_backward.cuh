@@ -1,7 +1,8 @@
 // The tensor-core backward (nsa-spec §3) of the attention branches, key block by key block, as
 // FlashAttention-2's dK/dV pass: a CTA holds one tile of 16, 32, 64 or 128 keys of one kv head in shared memory
 // and streams through the queries that see it, 32 query rows (tokens x heads of the group) per step, two steps
-// of Q / dO in flight. Per step and 16 keys, on mma.sync, a pair of warps computes
+// of Q / dO in flight (one where that keeps a second CTA an SM: staging). Per step and 16 keys, on mma.sync, a
+// pair of warps computes
 //   S^T = K Q^T, dP^T = V dO^T (16 keys x 32 rows), P^T = g exp(scale S^T - lse) (g the row's gate, or 1),
 //   dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q (in registers for the whole CTA),
@@ -36,13 +37,17 @@ struct StaticDims {
 };
 
 // The most shared memory a CTA of any GPU the build targets may have (sm_90: 227 KB).
-constexpr size_t kMaxSmemPerCta = 227 * 1024;
+constexpr size_t kMaxSmemPerCta = kSm90Smem.per_cta;
 
-// fits_within on the current device's shared memory per CTA.
+// The current device's stage_budget for L.
+inline SmemBudget device_budget(const DeviceLayout& L) {
+  return stage_budget(sm90_kernels_run(L), device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                                            "cudaDeviceGetAttribute(max shared memory)"));
+}
+
+// fits_within on the current device.
 inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
-  const int limit =
-      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
-  return fits_within(L, tile_keys, q, k, v, limit);
+  return fits_within(L, tile_keys, q, k, v, device_budget(L));
 }
 
 // Token block i of a launch's (kv head x block) numbering: kv head i / (B C), then block (i % (B C)) of the
@@ -107,39 +112,41 @@ __device__ __forceinline__ void pair_sync(int id, int threads) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Shared memory of key_block_backward_kernel<T, DK, DV, kKeyWarps>.
-template <typename T, int DK, int DV, int kKeyWarps>
+// Shared memory of key_block_backward_kernel<T, DK, DV, kKeyWarps, kStages, kPInDs>.
+template <typename T, int DK, int DV, int kKeyWarps, int kStages, bool kPInDs>
 struct Smem {
-  // The rows of a step are gathered from L2 (a selected block's tokens are scattered): row_stages steps in flight.
-  static constexpr int kKeys = 16 * kKeyWarps, kStages = row_stages(Dims{DK, DV}, kKeys);
+  // The rows of a step are gathered from L2 (a selected block's tokens are scattered): kStages steps in flight.
+  static constexpr int kKeys = 16 * kKeyWarps;
   static constexpr int kStrideK = tile::smem_stride<T>(DK), kStrideV = tile::smem_stride<T>(DV);
   static constexpr int kDsStride = tile::smem_stride<T>(kKeys);
   // K [kKeys][kStrideK], V [kKeys][kStrideV]; Q [kStages][kStepRows][kStrideK], dO [kStages][kStepRows][kStrideV];
-  // dS [kStepRows][kDsStride]; then P^T fragments [kKeyWarps][32 lanes][4 kRowGroups]; per stage and row: the
-  // query row (flat token x HQ + head, -1 for none), its token's position, lse, delta and gate; the CTA's token
-  // positions.
+  // dS [kStepRows][kDsStride]; then, unless P^T goes through dS, P^T fragments [kKeyWarps][32 lanes][4 kRowGroups];
+  // per stage and row: the query row (flat token x HQ + head, -1 for none), its token's position, lse, delta and
+  // gate; the CTA's token positions.
   static constexpr int kQRowElems = kStepRows * kStrideK, kORowElems = kStepRows * kStrideV;
   static constexpr size_t kElems = size_t(kKeys) * (kStrideK + kStrideV) +
                                    size_t(kStages) * (kQRowElems + kORowElems) + kStepRows * size_t(kDsStride);
-  static constexpr size_t kBytes = kElems * sizeof(T) + kKeyWarps * 32 * 4 * kRowGroups * sizeof(float) +
+  static constexpr int kFragFloats = kPInDs ? 0 : kKeyWarps * 32 * 4 * kRowGroups;
+  static constexpr size_t kBytes = kElems * sizeof(T) + kFragFloats * sizeof(float) +
                                    kStages * kStepRows * (2 * sizeof(int64_t) + 3 * sizeof(float)) +
                                    kMaxTokensPerCta * sizeof(int32_t);
-  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(Dims{DK, DV}, kKeys),
+  static_assert(sizeof(T) != 2 || int64_t(kBytes) == smem_bytes(Dims{DK, DV}, kKeys, Staging{kStages, kPInDs}),
                 "fits_within's size of this layout");
 };
 
 // Two warps per 16 keys (kKeyWarps x 16 keys a tile): per step the P warp of a key group computes S^T, the
 // probabilities P^T (masked by the Source) and dV += P^T dO; the dS warp computes dP^T, takes P^T through
-// shared memory, dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one [16 x DV] or [16 x DK] accumulator,
-// so with 64 keys or more a tile and head dims up to 128 a thread needs at most 128 registers and an SM holds 16
-// warps (H100: one warp per 16 keys holding both needed 255 and ran 8 warps); smaller tiles keep two CTAs an SM
-// and their registers. Above 128 the accumulator alone takes 96 (K = 192) or 128 registers and shared memory
-// holds one or two CTAs an SM anyway.
-template <typename T, int DK, int DV, int kKeyWarps, typename Source>
+// shared memory (fp32 fragments; or with kPInDs the group's columns of dS in fp16, P <= 1, each lane reading back
+// the very elements it then overwrites with dS), dS^T = P^T (dP^T - delta) and dK += dS^T Q. Each keeps one
+// [16 x DV] or [16 x DK] accumulator, so with 64 keys or more a tile and head dims up to 128 a thread needs at
+// most 128 registers and an SM holds 16 warps (H100: one warp per 16 keys holding both needed 255 and ran 8
+// warps); smaller tiles keep two CTAs an SM and their registers. Above 128 the accumulator alone takes 96
+// (K = 192) or 128 registers and shared memory holds one or two CTAs an SM anyway.
+template <typename T, int DK, int DV, int kKeyWarps, int kStages, bool kPInDs, typename Source>
 __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 ? 8 / kKeyWarps : 2)
     key_block_backward_kernel(const Tensors<T> g, const Source src, const StepGeometry geo) {
-  using Layout = Smem<T, DK, DV, kKeyWarps>;
-  constexpr int kStages = Layout::kStages, kAccCols = DK > DV ? DK : DV;
+  using Layout = Smem<T, DK, DV, kKeyWarps, kStages, kPInDs>;
+  constexpr int kAccCols = DK > DV ? DK : DV;
   constexpr int kKeys = Layout::kKeys, kStrideK = Layout::kStrideK, kStrideV = Layout::kStrideV;
   constexpr int kDsStride = Layout::kDsStride;
   constexpr int kWarps = 2 * kKeyWarps;
@@ -149,8 +156,9 @@ __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 
   T* Qs = Vs + kKeys * kStrideV;                 // [kStages][kStepRows][kStrideK]
   T* Os = Qs + kStages * Layout::kQRowElems;     // dO: [kStages][kStepRows][kStrideV]
   T* dSs = Os + kStages * Layout::kORowElems;    // [kStepRows][kDsStride]
+  __half* const p_ds = reinterpret_cast<__half*>(dSs);  // kPInDs: P^T in dS's place
   float* Ps = reinterpret_cast<float*>(dSs + kStepRows * kDsStride);  // [kKeyWarps][32][4 kRowGroups]
-  int64_t* qrow_s = reinterpret_cast<int64_t*>(Ps + kKeyWarps * 32 * 4 * kRowGroups);  // [kStages][kStepRows]
+  int64_t* qrow_s = reinterpret_cast<int64_t*>(Ps + Layout::kFragFloats);  // [kStages][kStepRows]
   int64_t* t_s = qrow_s + kStages * kStepRows;
   float* lse_s = reinterpret_cast<float*>(t_s + kStages * kStepRows);
   float* delta_s = lse_s + kStages * kStepRows;
@@ -264,9 +272,12 @@ __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 
           const bool on = key < w.nkeys && t >= 0 && src.sees(t, w.key0 + key);
           const int m = buf * kStepRows + r;
           f[j][e] = on ? gate_s[m] * exp2_ftz(f[j][e] * scale_log2 - lse_s[m] * kLog2e) : 0.f;
+          if constexpr (kPInDs) p_ds[r * kDsStride + key] = __float2half_rn(f[j][e]);
         }
+      if constexpr (!kPInDs) {
 #pragma unroll
-      for (int j = 0; j < kRowGroups; ++j) p_frag[j] = make_float4(f[j][0], f[j][1], f[j][2], f[j][3]);
+        for (int j = 0; j < kRowGroups; ++j) p_frag[j] = make_float4(f[j][0], f[j][1], f[j][2], f[j][3]);
+      }
       pair_sync(1 + key_group, 64);
       tile::warp_pv<T, kStepRows, DV>(acc_dv, f, Ob, kStrideV, nullptr, lane);  // dV += P^T dO
     } else {
@@ -274,11 +285,15 @@ __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 
       pair_sync(1 + key_group, 64);
 #pragma unroll
       for (int j = 0; j < kRowGroups; ++j) {
-        const float4 pj = p_frag[j];
-        const float p[4] = {pj.x, pj.y, pj.z, pj.w};
+        float p[4];
+        if constexpr (!kPInDs) {
+          const float4 pj = p_frag[j];
+          p[0] = pj.x, p[1] = pj.y, p[2] = pj.z, p[3] = pj.w;
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key_group * 16 + lane / 4 + (e >= 2 ? 8 : 0), r = j * 8 + (lane % 4) * 2 + (e & 1);
+          if constexpr (kPInDs) p[e] = __half2float(p_ds[r * kDsStride + key]);
           f[j][e] = p[e] * (f[j][e] - delta_b[r]);
           dSs[r * kDsStride + key] = Elem<T>::from_float(f[j][e]);
         }
@@ -407,18 +422,31 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
         launch_sm90(g, src, ctas, geo, L, s, name);
         return;
       }
+      const Dims d = kernel_dims(L.K, L.V);
+      const Staging st = staging(d, tile_keys, device_budget(L).per_sm);
       auto go = [&](auto dims, auto warps) {
         constexpr int DK = decltype(dims)::k, DV = decltype(dims)::v, kKeyWarps = decltype(warps)::value;
-        constexpr size_t bytes = Smem<T, DK, DV, kKeyWarps>::kBytes;
-        // 128-key tiles with rows above 128 need more shared memory than any GPU's CTA has: fits_within turned
-        // them away.
-        if constexpr (bytes <= kMaxSmemPerCta) {
-          auto kernel = key_block_backward_kernel<T, DK, DV, kKeyWarps, Source>;
-          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
-          kernel<<<unsigned(ctas), 64 * kKeyWarps, bytes, s>>>(g, src, geo);
-        } else {
-          throw CudaError(std::string(name) + ": no key-block kernel for these head dims and tile");
-        }
+        // The stagings an H100's or an A100's budget choose; only those are built.
+        constexpr Staging kSm90 = staging(Dims{DK, DV}, 16 * kKeyWarps, kSm90Smem.per_sm);
+        constexpr Staging kSm80 = staging(Dims{DK, DV}, 16 * kKeyWarps, kSm80Smem.per_sm);
+        auto with_staging = [&](auto stages, auto p_in_ds) {
+          constexpr int kStages = decltype(stages)::value;
+          constexpr bool kPInDs = decltype(p_in_ds)::value;
+          constexpr size_t bytes = Smem<T, DK, DV, kKeyWarps, kStages, kPInDs>::kBytes;
+          // 128-key tiles with rows above 128 need more shared memory than any GPU's CTA has: fits_within
+          // turned them away.
+          if constexpr (bytes <= kMaxSmemPerCta) {
+            auto kernel = key_block_backward_kernel<T, DK, DV, kKeyWarps, kStages, kPInDs, Source>;
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), name);
+            kernel<<<unsigned(ctas), 64 * kKeyWarps, bytes, s>>>(g, src, geo);
+          } else {
+            throw CudaError(std::string(name) + ": no key-block kernel for these head dims and tile");
+          }
+        };
+        if (st.stages == kSm80.stages && st.p_in_ds == kSm80.p_in_ds)
+          with_staging(std::integral_constant<int, kSm80.stages>{}, std::bool_constant<kSm80.p_in_ds>{});
+        else
+          with_staging(std::integral_constant<int, kSm90.stages>{}, std::bool_constant<kSm90.p_in_ds>{});
       };
       auto with_warps = [&](auto dims) {
         if constexpr (kFixedTileKeys != 0) {
@@ -433,7 +461,6 @@ void launch(float* dq, float* dk, float* dv, const PreparedRows& rows, const voi
           }
         }
       };
-      const Dims d = kernel_dims(L.K, L.V);
       if (d.k == 32) with_warps(StaticDims<32, 32>{});
       else if (d.k == 64) with_warps(StaticDims<64, 64>{});
       else if (d.k == 128) with_warps(StaticDims<128, 128>{});

@@ -82,28 +82,70 @@ constexpr Dims kernel_dims(int64_t K, int64_t V) {
   return {256, 256};
 }
 
-// Steps of Q / dO rows in shared memory: three (two in flight while one is computed); two where rows above 256
-// elements (K + V) in three would leave room for only one CTA of two or four warps an SM (16- and 32-key tiles).
-constexpr int row_stages(Dims d, int tile_keys) { return d.k + d.v > 256 && tile_keys < 64 ? 2 : 3; }
+// Shared memory a CTA may opt into and an SM holds (each resident CTA reserves 1 KB of it besides): the staging
+// of the kernel's rows and whether it fits follow from both.
+struct SmemBudget {
+  int64_t per_cta, per_sm;
+};
+constexpr SmemBudget kSm90Smem{227 * 1024, 228 * 1024};  // H100
+constexpr SmemBudget kSm80Smem{163 * 1024, 164 * 1024};  // A100, A30
+constexpr int64_t kSmemReservedPerCta = 1024;
 
-// Shared memory of key_block_backward_kernel for Dims d and tile_keys with 2-byte elements (the kernel's Smem
-// checks that it agrees): K, V, the stages' Q and dO rows (each padded by 16 bytes), dS, the P^T fragments, the
-// stages' row metadata and the CTA's token positions.
-constexpr int64_t smem_bytes(Dims d, int tile_keys) {
-  const int64_t row = (d.k + 8) + (d.v + 8), stages = row_stages(d, tile_keys);
-  return 2 * (tile_keys * row + stages * kStepRows * row + kStepRows * (tile_keys + 8)) +
-         (tile_keys / 16) * 32 * 4 * kRowGroups * 4 + stages * kStepRows * (2 * 8 + 3 * 4) + kMaxTokensPerCta * 4;
+// How a CTA stages its rows: `stages` steps of Q / dO rows in shared memory, and whether the P warps hand P^T to
+// the dS warps in fp16 within dS's own tile (p_in_ds) or as fp32 fragments of their own (2 KB per 16 keys).
+struct Staging {
+  int stages;
+  bool p_in_ds;
+};
+
+// Shared memory of key_block_backward_kernel for Dims d, tile_keys and staging `st`, 2-byte elements (the
+// kernel's Smem checks that it agrees): K, V, the stages' Q and dO rows (each padded by 16 bytes), dS, the P^T
+// fragments unless P^T goes through dS, the stages' row metadata and the CTA's token positions.
+constexpr int64_t smem_bytes(Dims d, int tile_keys, Staging st) {
+  const int64_t row = (d.k + 8) + (d.v + 8);
+  return 2 * (tile_keys * row + st.stages * kStepRows * row + kStepRows * (tile_keys + 8)) +
+         (st.p_in_ds ? 0 : (tile_keys / 16) * 32 * 4 * kRowGroups * 4) + st.stages * kStepRows * (2 * 8 + 3 * 4) +
+         kMaxTokensPerCta * 4;
 }
 
-// Whether the kernel takes a branch with tiles of `tile_keys` keys on a device whose CTAs may have `smem_limit`
-// bytes of shared memory: the tensor-core rows of the forward's tile kernels (tensor_core_rows), K and V up to
-// kMaxDim, 16 to 128 keys a tile, positions that fit int32. (At K or V above 128, 128-key tiles need more than
-// an H100's 227 KB, and 64-key tiles more than an A100's 163 KB.)
+// Two CTAs an SM where the registers allow them: tiles of up to 64 keys at rows up to 128 (the launch bounds ask
+// for two), up to 32 keys above (128 threads of up to 255 registers each).
+constexpr bool two_ctas_by_registers(Dims d, int tile_keys) {
+  return tile_keys <= 32 || (tile_keys == 64 && d.k <= 128);
+}
+
+// Three stages with P^T in fragments, unless an SM of `per_sm` bytes would then hold one CTA where the registers
+// allow two: then the first of two stages, two with P^T in dS, that keeps two. Rows above 256 elements (K + V)
+// with 16- or 32-key tiles always take two (K = V = 256 on an H100 for two CTAs; at K = 192, V = 128, where three
+// also fit two, two measured 1-2% faster). An A100 (164 KB) takes two stages at K = V = 128 with 32-key tiles
+// and two with P^T in dS with 64-key tiles, whose three stages it holds once: whole backward 1.31-1.39x slower
+// than with the two CTAs (measured on an H100 held to the A100's occupancy; on the H100 itself the two-stage
+// P^T in dS is 4-5% slower than three stages).
+constexpr Staging staging(Dims d, int tile_keys, int64_t per_sm) {
+  const Staging roomiest{3, false}, lean{2, false}, leanest{2, true};
+  if (d.k + d.v > 256 && tile_keys < 64) return lean;
+  auto two_fit = [&](Staging st) { return 2 * (smem_bytes(d, tile_keys, st) + kSmemReservedPerCta) <= per_sm; };
+  if (!two_ctas_by_registers(d, tile_keys) || two_fit(roomiest)) return roomiest;
+  return two_fit(lean) ? lean : two_fit(leanest) ? leanest : roomiest;
+}
+
+// The budget a problem's staging is reckoned on: the sm_90 one where the sm_90 kernels run (an H100),
+// otherwise the sm_80 one (an A100; GPUs with less shared memory take its choice too, and an sm_90 device told
+// to run the sm_80 kernel set runs what an A100 would, staging included). `per_cta` is the device's.
+inline SmemBudget stage_budget(bool sm90_kernels_run, int64_t per_cta) {
+  return {per_cta, sm90_kernels_run ? kSm90Smem.per_sm : kSm80Smem.per_sm};
+}
+
+// Whether the kernel takes a branch with tiles of `tile_keys` keys within `budget`: the tensor-core rows of the
+// forward's tile kernels (tensor_core_rows), K and V up to kMaxDim, 16 to 128 keys a tile, positions that fit
+// int32, and the CTA's shared memory. (At K or V above 128, 128-key tiles need more than an H100's 227 KB, and
+// 64-key tiles more than an A100's 163 KB.)
 inline bool fits_within(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v,
-                        int64_t smem_limit) {
+                        SmemBudget budget) {
   if (!(tile_keys == 16 || tile_keys == 32 || tile_keys == 64 || tile_keys == 128)) return false;
+  const Dims d = kernel_dims(L.K, L.V);
   return tensor_core_rows(L, {q, k, v}) && L.K <= kMaxDim && L.V <= kMaxDim && L.max_len < (int64_t(1) << 31) &&
-         smem_bytes(kernel_dims(L.K, L.V), tile_keys) <= smem_limit;
+         smem_bytes(d, tile_keys, staging(d, tile_keys, budget.per_sm)) <= budget.per_cta;
 }
 
 }  // namespace nsa::cuda::kbb

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <string>
 #include <utility>
 
 namespace nsa::cuda::kbb {
@@ -49,7 +50,7 @@ TEST(KeyBlockGeometry, SixteenHeadsFillAStepWithTwoTokens) {
 TEST(KeyBlockGeometry, TakesHalfPrecisionHeadDimsUpTo256WhereTheTileFitsSharedMemory) {
   alignas(16) static unsigned char buffer[64];
   const void* p = buffer;
-  constexpr int64_t kH100 = 227 * 1024, kA100 = 163 * 1024;  // shared memory a CTA may opt into
+  constexpr SmemBudget kH100 = kSm90Smem, kA100 = kSm80Smem;
   DeviceLayout L;
   L.dtype = ElemType::BF16;
   L.K = L.V = 128;
@@ -74,14 +75,14 @@ TEST(KeyBlockGeometry, TakesHalfPrecisionHeadDimsUpTo256WhereTheTileFitsSharedMe
   EXPECT_FALSE(fits_within(L, 128, p, p, p, kH100));
   EXPECT_FALSE(fits_within(L, 64, p, p, p, kA100));
   EXPECT_TRUE(fits_within(L, 32, p, p, p, kA100));
-  EXPECT_EQ(smem_bytes(Dims{256, 256}, 64), 188544) << "K, V and three stages of 32 Q and dO rows, 264 elements wide";
-  EXPECT_EQ(row_stages(Dims{256, 256}, 32), 2) << "two stages keep two CTAs an SM with 32-key tiles";
+  EXPECT_EQ(smem_bytes(Dims{256, 256}, 64, Staging{3, false}), 188544)
+      << "K, V and three stages of 32 Q and dO rows, 264 elements wide";
   // The NSA paper's heads: rows of 192 and 128 (127104 bytes with 64-key tiles, an A100's CTA holds them).
   L.K = 192;
   L.V = 128;
   EXPECT_EQ(kernel_dims(L.K, L.V).k, 192);
   EXPECT_EQ(kernel_dims(L.K, L.V).v, 128);
-  EXPECT_EQ(smem_bytes(kernel_dims(L.K, L.V), 64), 127104);
+  EXPECT_EQ(smem_bytes(kernel_dims(L.K, L.V), 64, Staging{3, false}), 127104);
   EXPECT_TRUE(fits_within(L, 64, p, p, p, kA100));
   EXPECT_EQ(kernel_dims(136, 24).k, 192) << "K <= 192 and V <= 128";
   EXPECT_EQ(kernel_dims(200, 64).k, 256);
@@ -98,6 +99,57 @@ TEST(KeyBlockGeometry, TakesHalfPrecisionHeadDimsUpTo256WhereTheTileFitsSharedMe
   EXPECT_FALSE(fits_within(L, 64, buffer + 8, p, p, kH100)) << "q not 16-byte aligned";
   L.max_len = int64_t(1) << 31;
   EXPECT_FALSE(fits_within(L, 64, p, p, p, kH100)) << "token positions are int32";
+}
+
+// How many CTAs of `bytes` an SM of `budget` holds by shared memory.
+int64_t ctas_per_sm(int64_t bytes, SmemBudget budget) { return budget.per_sm / (bytes + kSmemReservedPerCta); }
+
+// Three steps of rows in flight with P^T in fragments of its own, unless a leaner staging keeps a second CTA an SM
+// which that would not (and the registers allow two), then the first of two stages, two with P^T in dS; rows
+// above 256 elements with small tiles always two stages.
+TEST(KeyBlockGeometry, StagingKeepsASecondCtaAnSmWhereItCan) {
+  const Staging three{3, false}, two{2, false}, two_p_in_ds{2, true};
+  for (SmemBudget budget : {kSm90Smem, kSm80Smem})
+    for (Dims d : {Dims{32, 32}, Dims{64, 64}, Dims{128, 128}, Dims{192, 128}, Dims{256, 256}})
+      for (int keys : {16, 32, 64, 128}) {
+        const Staging st = staging(d, keys, budget.per_sm);
+        auto ctas = [&](Staging s) { return ctas_per_sm(smem_bytes(d, keys, s), budget); };
+        const std::string what = "K " + std::to_string(d.k) + ", V " + std::to_string(d.v) + ", " +
+                                 std::to_string(keys) + " keys, " + std::to_string(budget.per_sm) + " bytes an SM";
+        if (d.k + d.v > 256 && keys < 64) {
+          EXPECT_EQ(st.stages, 2) << what;
+          EXPECT_FALSE(st.p_in_ds) << what;
+        } else if (st.stages == 3) {
+          EXPECT_FALSE(st.p_in_ds) << what;
+          EXPECT_TRUE(ctas(three) >= 2 || ctas(two_p_in_ds) < 2 || !two_ctas_by_registers(d, keys)) << what;
+        } else {
+          EXPECT_EQ(st.stages, 2) << what;
+          EXPECT_TRUE(two_ctas_by_registers(d, keys)) << what;
+          EXPECT_LT(ctas(three), 2) << what;
+          EXPECT_GE(ctas(st), 2) << what;
+          if (st.p_in_ds) EXPECT_LT(ctas(two), 2) << what;
+        }
+      }
+  auto on = [](SmemBudget b, Dims d, int keys) { return staging(d, keys, b.per_sm); };
+  EXPECT_EQ(on(kSm90Smem, Dims{128, 128}, 64).stages, 3);
+  EXPECT_EQ(smem_bytes(Dims{128, 128}, 64, three), 106624);
+  EXPECT_EQ(smem_bytes(Dims{128, 128}, 64, two), 88320);
+  EXPECT_EQ(smem_bytes(Dims{128, 128}, 64, two_p_in_ds), 80128);
+  EXPECT_EQ(on(kSm80Smem, Dims{128, 128}, 64).stages, 2) << "an A100 holds two CTAs of 80128 bytes, one of 88320";
+  EXPECT_TRUE(on(kSm80Smem, Dims{128, 128}, 64).p_in_ds);
+  EXPECT_EQ(on(kSm80Smem, Dims{128, 128}, 32).stages, 2);
+  EXPECT_FALSE(on(kSm80Smem, Dims{128, 128}, 32).p_in_ds);
+  EXPECT_EQ(on(kSm90Smem, Dims{256, 256}, 32).stages, 2);
+  EXPECT_EQ(on(kSm90Smem, Dims{256, 256}, 64).stages, 3) << "one CTA of 256 threads at up to 255 registers";
+  EXPECT_EQ(on(kSm90Smem, Dims{192, 128}, 32).stages, 2);
+  EXPECT_EQ(on(kSm80Smem, Dims{192, 128}, 32).stages, 2);
+}
+
+// The budget follows the kernel set: an sm_90 device told to run the sm_80 kernels reckons as an A100.
+TEST(KeyBlockGeometry, TheSm80KernelSetTakesAnA100sBudget) {
+  EXPECT_EQ(stage_budget(true, 227 * 1024).per_sm, kSm90Smem.per_sm);
+  EXPECT_EQ(stage_budget(false, 227 * 1024).per_sm, kSm80Smem.per_sm);
+  EXPECT_EQ(stage_budget(false, 227 * 1024).per_cta, 227 * 1024);
 }
 
 }  // namespace

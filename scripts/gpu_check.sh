@@ -116,6 +116,12 @@ if command -v compute-sanitizer >/dev/null; then
   # The mma.sync key-block backward's (192, 128) rows (the paper's heads off the sm_90 kernels) under racecheck.
   step racecheck_paper_heads_mma_sync compute-sanitizer --tool racecheck --kernel-name kns=key_block_backward_kernel \
     --error-exitcode 9 "$build/cuda_tests" --gtest_brief=1 --gtest_filter='*K192*sm80*'
+  # The staging an A100 runs (two stages of rows; at K = V = 128 with 64-key tiles P^T handed over within dS's
+  # tile): the key-block cases' sm_80 twins, under all three tools.
+  for tool in memcheck racecheck synccheck; do
+    step "${tool}_a100_staging" compute-sanitizer --tool $tool --kernel-name kns=key_block_backward_kernel \
+      --error-exitcode 9 "$build/cuda_tests" --gtest_brief=1 --gtest_filter='Sm90KeyBlocks/*sm80*'
+  done
   step synccheck_kb90 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin" run --backend cuda -i "$kb90" \
     -o "$out/synccheck_kb90.safetensors"
   rm -f "$out/synccheck_kb90.safetensors"
