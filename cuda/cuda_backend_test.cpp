@@ -678,7 +678,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendBackward, ::testing::ValuesIn(hand_p
 INSTANTIATE_TEST_SUITE_P(Random, CudaBackendBackward, ::testing::ValuesIn(random_cases(48)),
                          [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
-// The sm_90 key-block backward's conditions (64-key tiles, K = V in {64, 128}, bf16 / fp16) across G (a step of 64
+// The sm_90 key-block backward's conditions (64-key tiles, K and V in {64, 128}, bf16 / fp16) across G (a step of 64
 // rows holds 64 / G tokens, or a chunk of a token's heads), partial last blocks, varlen batches with empty
 // sequences, windows, block_counts and given indices; each case also runs on the sm_80 kernels.
 std::vector<Case> sm90_backward_cases() {
@@ -690,6 +690,9 @@ std::vector<Case> sm90_backward_cases() {
       make_case("sm90bwd_G5_f16_K64_window", DType::F16, 1, 333, 10, 2, 64, 64, 64, 2, kSeed, {}, 70),
       make_case("sm90bwd_G32_bf16_K128_window", DType::BF16, 1, 260, 32, 1, 128, 128, 64, 3, kPaper, {}, 64),
       make_case("sm90bwd_G80_bf16_K64", DType::BF16, 1, 140, 80, 1, 64, 64, 64, 2, kSeed),
+      // K != V (the rows of one operand one box, of the other two).
+      make_case("sm90bwd_G4_bf16_K64_V128_window", DType::BF16, 1, 300, 8, 2, 64, 128, 64, 3, kSeed, {}, 64),
+      make_case("sm90bwd_G16_f16_K128_V64_varlen", DType::F16, 1, 0, 16, 1, 128, 64, 64, 4, kSeed, {200, 0, 77, 130}),
       // The NSA paper's heads: K = 192 (three boxes of Q and K, 24 chunks a row), V = 128.
       make_case("sm90bwd_G8_f16_K192_V128_varlen_window", DType::F16, 1, 0, 16, 2, 192, 128, 64, 3, kSeed,
                 {190, 0, 66, 300}, 50),

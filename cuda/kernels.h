@@ -123,7 +123,7 @@ void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_s
 // do_swa are the gated upstream gradients (gate_backward writes them, or their rows' gates and deltas;
 // BranchGrad); the other tensors are the forward's inputs and outputs in L.dtype (lse fp32). The attention
 // branches: bf16/fp16 with K, V <= 256 on tensor cores, key block by key block, where the tile fits shared
-// memory (key_block_backward.cuh; on sm_90 with 64-key tiles and K = V in {64, 128} or K = 192 with V = 128
+// memory (key_block_backward.cuh; on sm_90 with 64-key tiles and K and V in {64, 128} or K = 192 with V = 128
 // key_block_backward_sm90.cuh); otherwise CUDA cores, a warp per token and up to four heads of its group; dk / dv
 // / dq by atomics.
 

@@ -10,7 +10,7 @@
 // query row meets the block once, other blocks add theirs). A block's dK / dV leave once per CTA by atomics
 // (long query lists are split over several CTAs of `tokens_per_cta` tokens each, which also balances the
 // work: block 0 is selected by every token). Rows are padded to the kernel_dims of K and V (up to 256). On sm_90,
-// 64-key tiles with K = V in {64, 128} or K = 192 with V = 128 take the warpgroup version of the same CTA
+// 64-key tiles with K and V in {64, 128} or K = 192 with V = 128 take the warpgroup version of the same CTA
 // (key_block_backward_sm90.cuh).
 //
 // Which tokens see a block and which of its keys each sees is the branch's: a Source gives each CTA its

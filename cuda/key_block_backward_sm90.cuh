@@ -1,4 +1,4 @@
-// The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K = V in
+// The key-block backward (key_block_backward.cuh) on sm_90a warpgroup MMAs, for 64-key tiles with K and V in
 // {64, 128} or the NSA paper's heads (K = 192, V = 128): the same work per CTA (one key tile of one kv head, the
 // tokens a Source gives it) with each 64-row step of queries on one consumer warpgroup. Per step, with the keys
 // as the MMA's 64 rows:
@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/key_block_backward.h"
@@ -120,7 +121,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if NSA_HAS_WGMMA
   using Ly = Smem<DK, DV>;
   constexpr int kStages = Ly::kStages;
-  static_assert(DK >= DV, "the dV MMAs run inside dK's loop over boxes");
   extern __shared__ __align__(1024) unsigned char smem[];
   if (smem_addr(smem) & 1023) __trap();  // the swizzled tiles need the declared alignment
   KeyTile w;
@@ -267,9 +267,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kk = 0; kk < kSteps; ++kk) {
           const uint32_t rows = (h * kSteps + kk) * 2048;  // the k-step's 16 rows of every box
 #pragma unroll
-          for (int b = 0; b < kBoxesK; ++b) {
+          for (int b = 0; b < (kBoxesK > kBoxesV ? kBoxesK : kBoxesV); ++b) {
             if (b < kBoxesV) wgmma_rs<T>(dv[b], pf[kk], wgmma_desc_step(o_desc, b * kWgmmaBoxBytes + rows));
-            wgmma_rs<T>(dk[b], dsf[kk], wgmma_desc_step(q_desc, b * kWgmmaBoxBytes + rows));
+            if (b < kBoxesK) wgmma_rs<T>(dk[b], dsf[kk], wgmma_desc_step(q_desc, b * kWgmmaBoxBytes + rows));
           }
         }
         wgmma_commit();
@@ -344,11 +344,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 }  // namespace sm90
 
 // Whether the sm_90 kernel takes a branch with tiles of `tile_keys` keys (beside fits(), which the caller has
-// checked): 64-key tiles, K = V in {64, 128} or the NSA paper's heads (K = 192, V = 128), an sm_90 device with
-// the shared memory.
+// checked): 64-key tiles, K and V in {64, 128} (the forward's sm_90 head dims) or the NSA paper's heads (K = 192,
+// V = 128), an sm_90 device with the shared memory.
 inline bool sm90_fits(const DeviceLayout& L, int tile_keys) {
-  if (tile_keys != sm90::kKeys || !sm90_kernels_run(L)) return false;
-  if (!paper_heads(L) && (L.K != L.V || (L.K != 64 && L.K != 128))) return false;
+  if (tile_keys != sm90::kKeys || !sm90_kernels_run(L) || !sm90_forward_head_dims(L)) return false;
   return (paper_heads(L) ? sm90::Smem<192, 128>::kBytes : sm90::Smem<128, 128>::kBytes) <=
          device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
 }
@@ -360,9 +359,15 @@ void launch_sm90(const Tensors<T>& g, const Source& src, int64_t ctas, const Ste
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), name);
     kernel<<<unsigned(ctas), sm90::kThreads, bytes, s>>>(g, src, geo);
   };
-  if (L.K == 192) go(sm90::key_block_backward_sm90_kernel<T, 192, 128, Source>, sm90::Smem<192, 128>::kBytes);
-  else if (L.K == 128) go(sm90::key_block_backward_sm90_kernel<T, 128, 128, Source>, sm90::Smem<128, 128>::kBytes);
-  else go(sm90::key_block_backward_sm90_kernel<T, 64, 64, Source>, sm90::Smem<64, 64>::kBytes);
+  auto with_dims = [&](auto k, auto v) {
+    constexpr int DK = decltype(k)::value, DV = decltype(v)::value;
+    go(sm90::key_block_backward_sm90_kernel<T, DK, DV, Source>, sm90::Smem<DK, DV>::kBytes);
+  };
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (L.K == 192) with_dims(std::integral_constant<int, 192>{}, D128{});
+  else if (L.K == 128) L.V == 128 ? with_dims(D128{}, D128{}) : with_dims(D128{}, D64{});
+  else L.V == 128 ? with_dims(D64{}, D128{}) : with_dims(D64{}, D64{});
 }
 
 }  // namespace nsa::cuda::kbb
