@@ -216,16 +216,16 @@ __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 
                              o = row >= 0 ? g.d_out + row * V : nullptr;
                            });
     } else {
-      tile::load_rows(q_dst, kStrideK, kStepRows, K, DK, [&](int r) {
-        int64_t t;
-        const int64_t row = step_row(s, r, t);
-        return row >= 0 ? g.q + row * K : nullptr;
-      });
-      tile::load_rows(o_dst, kStrideV, kStepRows, V, DV, [&](int r) {
-        int64_t t;
-        const int64_t row = step_row(s, r, t);
-        return row >= 0 ? g.d_out + row * V : nullptr;
-      });
+      // Row r of step s in a [rows][width] tensor (null for a padding row).
+      auto rows_of = [&](const T* base, int width) {
+        return [&, base, width](int r) -> const T* {
+          int64_t t;
+          const int64_t row = step_row(s, r, t);
+          return row >= 0 ? base + row * width : nullptr;
+        };
+      };
+      tile::load_rows(q_dst, kStrideK, kStepRows, K, DK, rows_of(g.q, K));
+      tile::load_rows(o_dst, kStrideV, kStepRows, V, DV, rows_of(g.d_out, V));
     }
     cp_async_commit();
   };
