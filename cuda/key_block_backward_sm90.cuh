@@ -366,8 +366,10 @@ void launch_sm90(const Tensors<T>& g, const Source& src, int64_t ctas, const Ste
   using D64 = std::integral_constant<int, 64>;
   using D128 = std::integral_constant<int, 128>;
   if (L.K == 192) with_dims(std::integral_constant<int, 192>{}, D128{});
-  else if (L.K == 128) L.V == 128 ? with_dims(D128{}, D128{}) : with_dims(D128{}, D64{});
-  else L.V == 128 ? with_dims(D64{}, D128{}) : with_dims(D64{}, D64{});
+  else if (L.K == 128 && L.V == 128) with_dims(D128{}, D128{});
+  else if (L.K == 128) with_dims(D128{}, D64{});
+  else if (L.V == 128) with_dims(D64{}, D128{});
+  else with_dims(D64{}, D64{});
 }
 
 }  // namespace nsa::cuda::kbb
