@@ -41,8 +41,11 @@ constexpr size_t kMaxSmemPerCta = kSm90Smem.per_cta;
 
 // The current device's stage_budget for L.
 inline SmemBudget device_budget(const DeviceLayout& L) {
-  return stage_budget(sm90_kernels_run(L), device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                                            "cudaDeviceGetAttribute(max shared memory)"));
+  return stage_budget(!L.sm90_kernels,
+                      device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                       "cudaDeviceGetAttribute(shared memory per SM)"),
+                      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                       "cudaDeviceGetAttribute(max shared memory)"));
 }
 
 // fits_within on the current device.

@@ -129,11 +129,12 @@ constexpr Staging staging(Dims d, int tile_keys, int64_t per_sm) {
   return two_fit(lean) ? lean : two_fit(leanest) ? leanest : roomiest;
 }
 
-// The budget a problem's staging is reckoned on: the sm_90 one where the sm_90 kernels run (an H100),
-// otherwise the sm_80 one (an A100; GPUs with less shared memory take its choice too, and an sm_90 device told
-// to run the sm_80 kernel set runs what an A100 would, staging included). `per_cta` is the device's.
-inline SmemBudget stage_budget(bool sm90_kernels_run, int64_t per_cta) {
-  return {per_cta, sm90_kernels_run ? kSm90Smem.per_sm : kSm80Smem.per_sm};
+// The budget a problem's staging is reckoned on: the sm_90 one on a GPU with an H100's 228 KB an SM, otherwise
+// the sm_80 one (an A100; GPUs with less take its choice too), which a device told to run the sm_80 kernel set
+// takes as well, so that it runs what an A100 would, staging included. `per_cta` is the device's.
+inline SmemBudget stage_budget(bool sm80_kernel_set, int64_t device_per_sm, int64_t per_cta) {
+  const bool roomy = !sm80_kernel_set && device_per_sm >= kSm90Smem.per_sm;
+  return {per_cta, roomy ? kSm90Smem.per_sm : kSm80Smem.per_sm};
 }
 
 // Whether the kernel takes a branch with tiles of `tile_keys` keys within `budget`: the tensor-core rows of the

@@ -145,11 +145,21 @@ TEST(KeyBlockGeometry, StagingKeepsASecondCtaAnSmWhereItCan) {
   EXPECT_EQ(on(kSm80Smem, Dims{192, 128}, 32).stages, 2);
 }
 
-// The budget follows the kernel set: an sm_90 device told to run the sm_80 kernels reckons as an A100.
-TEST(KeyBlockGeometry, TheSm80KernelSetTakesAnA100sBudget) {
-  EXPECT_EQ(stage_budget(true, 227 * 1024).per_sm, kSm90Smem.per_sm);
-  EXPECT_EQ(stage_budget(false, 227 * 1024).per_sm, kSm80Smem.per_sm);
-  EXPECT_EQ(stage_budget(false, 227 * 1024).per_cta, 227 * 1024);
+// The budget follows the device's shared memory and the kernel set: an sm_90 device told to run the sm_80 kernels
+// reckons as an A100, and so does any GPU with less than an H100's 228 KB an SM.
+TEST(KeyBlockGeometry, TheSm80KernelSetAndSmallerGpusTakeAnA100sBudget) {
+  EXPECT_EQ(stage_budget(false, kSm90Smem.per_sm, kSm90Smem.per_cta).per_sm, kSm90Smem.per_sm);
+  EXPECT_EQ(stage_budget(true, kSm90Smem.per_sm, kSm90Smem.per_cta).per_sm, kSm80Smem.per_sm);
+  EXPECT_EQ(stage_budget(true, kSm90Smem.per_sm, kSm90Smem.per_cta).per_cta, kSm90Smem.per_cta);
+  EXPECT_EQ(stage_budget(false, kSm80Smem.per_sm, kSm80Smem.per_cta).per_sm, kSm80Smem.per_sm);
+  EXPECT_EQ(stage_budget(false, 100 * 1024, 99 * 1024).per_sm, kSm80Smem.per_sm);
+  // A GPU with 100 KB an SM (sm_86, sm_89) now fits the K = V = 128 CTA with 64-key tiles (78 KB in 99 KB).
+  alignas(16) static unsigned char buffer[16];
+  DeviceLayout L;
+  L.dtype = ElemType::BF16;
+  L.K = L.V = 128;
+  L.max_len = 4096;
+  EXPECT_TRUE(fits_within(L, 64, buffer, buffer, buffer, stage_budget(false, 100 * 1024, 99 * 1024)));
 }
 
 }  // namespace
