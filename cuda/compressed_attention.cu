@@ -32,15 +32,16 @@ struct CompressedParams {
 
 template <typename T>
 constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
-// K/V tiles in flight: two (the next tile's cp.async overlaps this tile's math) where shared memory allows.
-template <typename T>
-constexpr int stages_for() { return Elem<T>::kTensorCore ? 2 : 1; }
+// One K/V tile in shared memory, copied while no warp computes: with two CTAs an SM the other CTA's math covers
+// the copy. A second buffer (the next tile's copy under this tile's math) measured no faster on an H100 (T=64k,
+// HQ=64, H=4, K=V=128: 6.66-6.67 ms against 6.56-6.61), and at K = V = 128 its 102 KB CTA is one an SM on an
+// A100 (9.62 ms, an H100 held to that) and at 256 more than an A100's CTA may have.
 
 template <typename T, int VP>
 int smem_bytes(int k_padded) {
   constexpr int W = warps_for<T>();
   const int ks = tile::smem_stride<T>(k_padded), vs = tile::smem_stride<T>(VP);
-  int bytes = (16 * W * ks + stages_for<T>() * kBN * (ks + vs)) * int(sizeof(T));
+  int bytes = (16 * W * ks + kBN * (ks + vs)) * int(sizeof(T));
   if (!Elem<T>::kTensorCore) bytes += W * 16 * kBN * int(sizeof(float));
   return bytes;
 }
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
                                 const T* __restrict__ k_cmp,       // [B, C, H, K]
                                 const T* __restrict__ v_cmp,       // [B, C, H, V]
                                 const CompressedParams P) {
-  constexpr int W = warps_for<T>(), ROWS = 16 * W, STAGES = stages_for<T>();
+  constexpr int W = warps_for<T>(), ROWS = 16 * W;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
   // Late tokens see the most blocks: launch them first so the short tiles fill the tail.
@@ -70,9 +71,9 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int ks = tile::smem_stride<T>(P.k_padded), vs = tile::smem_stride<T>(VP);
   T* Qs = reinterpret_cast<T*>(smem_raw);     // [ROWS][ks]
-  T* Ks0 = Qs + ROWS * ks;                    // [STAGES][kBN][ks]
-  T* Vs0 = Ks0 + STAGES * kBN * ks;           // [STAGES][kBN][vs]
-  float* Ps = reinterpret_cast<float*>(Vs0 + STAGES * kBN * vs);  // fp32 path only: [W][16][kBN]
+  T* Ks = Qs + ROWS * ks;                     // [kBN][ks]
+  T* Vs = Ks + kBN * ks;                      // [kBN][vs]
+  float* Ps = reinterpret_cast<float*>(Vs + kBN * vs);  // fp32 path only: [W][16][kBN]
 
   // Row r of the tile is token t0 + r / hpt, query head h * G + hc * hpt + r % hpt.
   auto row_token = [&](int r) { return t0 + r / hpt; };
@@ -102,28 +103,23 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
   for (int j = 0; j < VP / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
 
-  // Issues the copies of pooled tile `c0` into stage buffer `stage`.
-  auto load_tile = [&](int c0, int stage) {
+  // Issues the copies of pooled tile `c0`.
+  auto load_tile = [&](int c0) {
     auto pooled = [&](const T* base, int64_t dim) {
       return [=](int r) -> const T* { return c0 + r < nc_max ? base + ((chunk_base + c0 + r) * H + h) * dim : nullptr; };
     };
-    tile::load_rows(Ks0 + stage * kBN * ks, ks, kBN, int(K), P.k_padded, pooled(k_cmp, K));
-    tile::load_rows(Vs0 + stage * kBN * vs, vs, kBN, int(V), VP, pooled(v_cmp, V));
+    tile::load_rows(Ks, ks, kBN, int(K), P.k_padded, pooled(k_cmp, K));
+    tile::load_rows(Vs, vs, kBN, int(V), VP, pooled(v_cmp, V));
     cp_async_commit();
   };
-  if (nc_max > 0) load_tile(0, 0);
-  for (int it = 0, c0 = 0; c0 < nc_max; ++it, c0 += kBN) {
-    if (STAGES == 1 && it > 0) {
-      __syncthreads();  // every warp is done with the buffer
-      load_tile(c0, 0);
+  if (nc_max > 0) load_tile(0);
+  for (int c0 = 0; c0 < nc_max; c0 += kBN) {
+    if (c0 > 0) {
+      __syncthreads();  // every warp is done with the previous tile
+      load_tile(c0);
     }
-    cp_async_wait<0>();  // tile `it` (and Q) landed: the only copies in flight
-    // One barrier per tile: it makes tile `it` visible to every warp and, since every warp is past tile it - 1,
-    // frees that tile's buffer for the next copy, which then overlaps this tile's math.
-    __syncthreads();
-    if (STAGES > 1 && c0 + kBN < nc_max) load_tile(c0 + kBN, (it + 1) % STAGES);
-    const T* Ks = Ks0 + (it % STAGES) * kBN * ks;
-    const T* Vs = Vs0 + (it % STAGES) * kBN * vs;
+    cp_async_wait<0>();  // the tile (and Q) landed: the only copies in flight
+    __syncthreads();     // ... for every warp
     if (c0 >= warp_nc) continue;
 
     float s[kBN / 8][4];
