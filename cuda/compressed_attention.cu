@@ -304,6 +304,18 @@ void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, Bran
                            name);
 }
 
+int compressed_tile_smem_bytes(const DeviceLayout& L) {
+  int bytes = 0;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int k_padded = int(div_up(L.K, 16) * 16);
+    if (L.V <= 64) bytes = smem_bytes<T, 64>(k_padded);
+    else if (L.V <= 128) bytes = smem_bytes<T, 128>(k_padded);
+    else bytes = smem_bytes<T, 256>(k_padded);
+  });
+  return bytes;
+}
+
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s) {
   compressed_attention_forward(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s, KernelChoice::Auto);

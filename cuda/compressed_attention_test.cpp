@@ -17,6 +17,22 @@
 namespace nsa::test {
 namespace {
 
+// The tile kernel's CTA (an sm_80 GPU's compressed attention) at the sizes an A100 gives: two of them an SM at
+// K = V = 128 (164 KB an SM, 1 KB reserved a CTA; one CTA an SM had measured 1.25-1.45x slower, on an H100 held to
+// it), one within a CTA's 163 KB at K = V = 256. Host arithmetic: no GPU needed.
+TEST(CompressedAttentionTile, AnA100HoldsTwoCtasAtK128AndOneAt256) {
+  cuda::DeviceLayout L;
+  L.dtype = cuda::ElemType::BF16;
+  L.K = L.V = 128;
+  EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), 69632) << "Q for 128 rows and one K / V tile of 64 keys";
+  EXPECT_GE(164 * 1024 / (cuda::compressed_tile_smem_bytes(L) + 1024), 2);
+  L.dtype = cuda::ElemType::F16;
+  L.K = 96;
+  EXPECT_GE(164 * 1024 / (cuda::compressed_tile_smem_bytes(L) + 1024), 2);
+  L.K = L.V = 256;
+  EXPECT_LE(cuda::compressed_tile_smem_bytes(L), 163 * 1024);
+}
+
 struct CompressedCase {
   std::string name;
   DType dtype;

@@ -63,6 +63,8 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
 enum class KernelChoice { Auto = 0, Tile = 1 };
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s, KernelChoice choice);
+// Shared memory a CTA of compressed attention's mma.sync tile kernel takes for L's dtype and head dims.
+int compressed_tile_smem_bytes(const DeviceLayout& L);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
