@@ -145,6 +145,10 @@ step bench_T8192_backward "$bin" bench --backend cuda --seqlen 8192 --heads-q 64
   --window 512 --backward --json "$out/bench_T8192_backward.json"
 step bench_T65536_backward "$bin" bench --backend cuda --seqlen 65536 --heads-q 64 \
   ${shape/--warmup 2 --iters 10/--warmup 1 --iters 5} --backward --json "$out/bench_T65536_backward.json"
+# The same 8k backward on the sm_80 kernel set, with an A100's shared-memory staging (two key-block CTAs an SM).
+step bench_T8192_backward_sm80_kernels "$bin" bench --backend cuda --seqlen 8192 --heads-q 64 \
+  ${shape/--warmup 2 --iters 10/--warmup 1 --iters 5} --window 512 --backward --no-sm90-kernels \
+  --json "$out/bench_T8192_backward_sm80_kernels.json"
 for H in 16 4 1; do  # G = 1, 4, 16 at HQ = 16, forward and backward
   step "bench_G$((16 / H))" "$bin" bench --backend cuda --seqlen 32768 --heads-q 16 ${shape/--heads-kv 4/--heads-kv $H} \
     --backward --json "$out/bench_G$((16 / H)).json"
