@@ -9,6 +9,7 @@
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 #include "cuda/attention_sm90.h"
 #include "cuda/attention_tile.cuh"
@@ -32,11 +33,24 @@ struct CompressedParams {
 
 template <typename T>
 constexpr int warps_for() { return Elem<T>::kTensorCore ? 8 : 4; }
+
+// K rounded up to the tile kernel's 16-column k-steps.
+int padded_k(const DeviceLayout& L) { return int(div_up(L.K, 16) * 16); }
+
+// f(T, VP) for the tile kernel's instance of L: its element type and V's accumulator columns (64, 128 or 256).
+template <typename F>
+void dispatch_tile(const DeviceLayout& L, F&& f) {
+  dispatch_elem(L.dtype, [&](auto tag) {
+    if (L.V <= 64) f(tag, std::integral_constant<int, 64>{});
+    else if (L.V <= 128) f(tag, std::integral_constant<int, 128>{});
+    else f(tag, std::integral_constant<int, 256>{});
+  });
+}
+
 // One K/V tile in shared memory, copied while no warp computes: with two CTAs an SM the other CTA's math covers
 // the copy. A second buffer (the next tile's copy under this tile's math) measured no faster on an H100 (T=64k,
 // HQ=64, H=4, K=V=128: 6.66-6.67 ms against 6.56-6.61), and at K = V = 128 its 102 KB CTA is one an SM on an
 // A100 (9.62 ms, an H100 held to that) and at 256 more than an A100's CTA may have.
-
 template <typename T, int VP>
 int smem_bytes(int k_padded) {
   constexpr int W = warps_for<T>();
@@ -208,7 +222,7 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
   P.L = L;
   P.G = int(L.HQ / L.H);
   P.geo = tile::make_geometry(P.G, 16 * W, L.max_len);
-  P.k_padded = int(div_up(L.K, 16) * 16);
+  P.k_padded = padded_k(L);
   P.scale_log2 = L.scale * 1.4426950408889634f;
   if (P.geo.tiles_x == 0 || L.num_seqs == 0) return;
   const int bytes = smem_bytes<T, VP>(P.k_padded);
@@ -306,13 +320,7 @@ void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, Bran
 
 int compressed_tile_smem_bytes(const DeviceLayout& L) {
   int bytes = 0;
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const int k_padded = int(div_up(L.K, 16) * 16);
-    if (L.V <= 64) bytes = smem_bytes<T, 64>(k_padded);
-    else if (L.V <= 128) bytes = smem_bytes<T, 128>(k_padded);
-    else bytes = smem_bytes<T, 256>(k_padded);
-  });
+  dispatch_tile(L, [&](auto tag, auto vp) { bytes = smem_bytes<decltype(tag), decltype(vp)::value>(padded_k(L)); });
   return bytes;
 }
 
@@ -327,11 +335,8 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
     compressed_attention_sm90(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
     return;
   }
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if (L.V <= 64) launch<T, 64>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
-    else if (L.V <= 128) launch<T, 128>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
-    else launch<T, 256>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+  dispatch_tile(L, [&](auto tag, auto vp) {
+    launch<decltype(tag), decltype(vp)::value>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
   });
 }
 

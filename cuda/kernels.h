@@ -40,6 +40,15 @@ struct DeviceLayout {
   int64_t G() const { return HQ / H; }
 };
 
+// Shared memory a CTA may opt into and an SM holds (each resident CTA reserves 1 KB of it besides): how many
+// CTAs of a kernel an SM holds, and so how the key-block backward stages its rows, follow from both.
+struct SmemBudget {
+  int64_t per_cta, per_sm;
+};
+constexpr SmemBudget kSm90Smem{227 * 1024, 228 * 1024};  // H100
+constexpr SmemBudget kSm80Smem{163 * 1024, 164 * 1024};  // A100, A30
+constexpr int64_t kSmemReservedPerCta = 1024;
+
 // Whether the tensor-core kernels can read a problem's rows: bf16/fp16, head dims a multiple of 8 (16-byte
 // rows), 16-byte aligned tensors. The forward's tile kernels and the key-block backward both start from it.
 inline bool tensor_core_rows(const DeviceLayout& L, std::initializer_list<const void*> tensors) {

@@ -82,15 +82,6 @@ constexpr Dims kernel_dims(int64_t K, int64_t V) {
   return {256, 256};
 }
 
-// Shared memory a CTA may opt into and an SM holds (each resident CTA reserves 1 KB of it besides): the staging
-// of the kernel's rows and whether it fits follow from both.
-struct SmemBudget {
-  int64_t per_cta, per_sm;
-};
-constexpr SmemBudget kSm90Smem{227 * 1024, 228 * 1024};  // H100
-constexpr SmemBudget kSm80Smem{163 * 1024, 164 * 1024};  // A100, A30
-constexpr int64_t kSmemReservedPerCta = 1024;
-
 // How a CTA stages its rows: `stages` steps of Q / dO rows in shared memory, and whether the P warps hand P^T to
 // the dS warps in fp16 within dS's own tile (p_in_ds) or as fp32 fragments of their own (2 KB per 16 keys).
 struct Staging {
