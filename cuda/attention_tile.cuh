@@ -11,7 +11,9 @@
 //   mask, running max / sum in the log2 domain, P (bf16/fp16, straight from the S registers) times V
 //   (V fragments through ldmatrix.trans), O rescaled when the max moves.
 // K/V tiles of kBN keys are gathered row by row with cp.async (16-byte chunks, zero-filled outside the
-// sequence) into two shared-memory stages, so the next tile loads while the current one is multiplied.
+// sequence) into two shared-memory stages, so the next tile loads while the current one is multiplied; or into
+// one, where two stages would leave an SM one CTA (an A100 at D = 128): the other CTA's math then covers the
+// copy (tile_stages).
 // Rows are padded by 16 bytes, which makes the ldmatrix and cp.async accesses of 8 rows land in distinct banks.
 //
 // The CUDA-core fallback (fp32 inputs, head dims that are not a multiple of 8) is RowAttention at the end:
@@ -45,12 +47,13 @@ constexpr int kTwoRowTilesMinG = NSA_TWO_ROW_TILES_MIN_G;
 
 // ---- compile-time shape of one kernel instance ----
 // D: head-dim bucket (16..256; K, V <= D, the rest zero-filled); kMT 16-row tiles per warp; kBN keys per
-// K/V tile.
-template <typename T, int D, int kWarps_, int kMT_ = 1>
+// K/V tile; kStages K/V stages (1 or 2).
+template <typename T, int D, int kWarps_, int kMT_ = 1, int kStages_ = 2>
 struct TileShape {
   static constexpr int kD = D;
   static constexpr int kWarps = kWarps_;
   static constexpr int kMT = kMT_;
+  static constexpr int kStages = kStages_;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpRows = 16 * kMT;
   static constexpr int kRows = kWarpRows * kWarps;  // M
@@ -62,10 +65,11 @@ struct TileShape {
   static constexpr int kChunks = D / 8;       // 16-byte chunks per row
   static constexpr int kQElems = kRows * kStride;
   static constexpr int kKVElems = kBN * kStride;
-  // Q, two K stages, two V stages, then three slots of key positions (int) and block slots (int): the key
+  // Q, the K stages, the V stages, then three slots of key positions (int) and block slots (int): the key
   // rows of tile i + 1 are described while tile i - 1 may still be read, which saves a barrier per tile.
-  static constexpr size_t kTileBytes = sizeof(T) * (kQElems + 4 * kKVElems) + sizeof(int) * 6 * kBN;
+  static constexpr size_t kTileBytes = sizeof(T) * (kQElems + 2 * kStages * kKVElems) + sizeof(int) * 6 * kBN;
   static_assert(D % 16 == 0 && D >= 16 && D <= 256, "head-dim buckets are 16..256");
+  static_assert(kStages == 1 || kStages == 2, "one or two K/V stages");
 };
 
 // Views of the tile part of dynamic shared memory. Stages are found by arithmetic, not through arrays of
@@ -73,15 +77,15 @@ struct TileShape {
 template <typename T, typename Shape>
 struct TileSmem {
   T* q;
-  T* kv;     // K stage 0, K stage 1, V stage 0, V stage 1
+  T* kv;     // the K stages, then the V stages
   int* idx;  // key_pos slots 0..2, then key_slot slots 0..2
   __device__ explicit TileSmem(unsigned char* base) {
     q = reinterpret_cast<T*>(base);
     kv = q + Shape::kQElems;
-    idx = reinterpret_cast<int*>(kv + 4 * Shape::kKVElems);
+    idx = reinterpret_cast<int*>(kv + 2 * Shape::kStages * Shape::kKVElems);
   }
   __device__ __forceinline__ T* k(int stage) const { return kv + stage * Shape::kKVElems; }
-  __device__ __forceinline__ T* v(int stage) const { return kv + (2 + stage) * Shape::kKVElems; }
+  __device__ __forceinline__ T* v(int stage) const { return kv + (Shape::kStages + stage) * Shape::kKVElems; }
   // Per key row: position within the sequence, or -1 when the row is padding.
   __device__ __forceinline__ int* key_pos(int slot) const { return idx + slot * Shape::kBN; }
   // Per key row: which block of the tile it came from (selected attention's bit index).
@@ -387,20 +391,33 @@ __device__ __forceinline__ void attend_key_tiles(WarpAttention<T, Shape>& wa, Ti
   if (n == 0) return;
   keys.describe(0, sm.key_pos(0), sm.key_slot(0));
   __syncthreads();
-  load_kv_tile<T, Shape>(sm.k(0), sm.v(0), sm.key_pos(0), k, v, key_base, kv_head, H, K, V);
-  cp_async_commit();
+  if constexpr (Shape::kStages == 2) {
+    load_kv_tile<T, Shape>(sm.k(0), sm.v(0), sm.key_pos(0), k, v, key_base, kv_head, H, K, V);
+    cp_async_commit();
+  }
   for (int i = 0; i < n; ++i) {
-    if (i + 1 < n) keys.describe(i + 1, sm.key_pos((i + 1) % 3), sm.key_slot((i + 1) % 3));
-    // Tile i - 1 is multiplied by every warp and tile i + 1's description is written.
-    __syncthreads();
-    if (i + 1 < n)
-      load_kv_tile<T, Shape>(sm.k((i + 1) % 2), sm.v((i + 1) % 2), sm.key_pos((i + 1) % 3), k, v, key_base, kv_head, H,
-                             K, V);
-    cp_async_commit();  // possibly empty, so that wait<1> below always means "tile i has landed"
-    cp_async_wait<1>();
+    if constexpr (Shape::kStages == 2) {
+      if (i + 1 < n) keys.describe(i + 1, sm.key_pos((i + 1) % 3), sm.key_slot((i + 1) % 3));
+      // Tile i - 1 is multiplied by every warp and tile i + 1's description is written.
+      __syncthreads();
+      if (i + 1 < n)
+        load_kv_tile<T, Shape>(sm.k((i + 1) % 2), sm.v((i + 1) % 2), sm.key_pos((i + 1) % 3), k, v, key_base, kv_head,
+                               H, K, V);
+      cp_async_commit();  // possibly empty, so that wait<1> below always means "tile i has landed"
+      cp_async_wait<1>();
+    } else {
+      // One stage: tile i loads once every warp has multiplied tile i - 1 (and tile i's description is
+      // written); tile i + 1 is described meanwhile.
+      if (i > 0) __syncthreads();
+      load_kv_tile<T, Shape>(sm.k(0), sm.v(0), sm.key_pos(i % 3), k, v, key_base, kv_head, H, K, V);
+      cp_async_commit();
+      if (i + 1 < n) keys.describe(i + 1, sm.key_pos((i + 1) % 3), sm.key_slot((i + 1) % 3));
+      cp_async_wait<0>();
+    }
     __syncthreads();
     const bool need_mask = keys.begin(i, sm.key_pos(i % 3), sm.key_slot(i % 3));
-    wa.step(sq_warp, sm.k(i % 2), sm.v(i % 2), scale_log2, __any_sync(0xffffffffu, need_mask), keys);
+    wa.step(sq_warp, sm.k(i % Shape::kStages), sm.v(i % Shape::kStages), scale_log2,
+            __any_sync(0xffffffffu, need_mask), keys);
   }
   cp_async_wait<0>();
   __syncthreads();  // the caller may reuse shared memory
@@ -663,6 +680,45 @@ void dispatch_head_dim(int bucket, F&& f) {
     case 128: f(std::integral_constant<int, 128>{}); break;
     default: f(std::integral_constant<int, 256>{}); break;
   }
+}
+
+// The tile kernel's launch for head-dim bucket D on an SM of `budget`: two 16-row tiles per warp where
+// `two_row_tiles` (D = 64 / 128 only) and some stage count fits, else one; the stages by tile_stages.
+// `extra(rows)` is what the kernel adds to the tile's shared memory for CTAs of `rows` query rows.
+template <typename T, int D, int kWarps, typename Extra>
+TileChoice choose_tile(bool two_row_tiles, SmemBudget budget, Extra&& extra) {
+  auto with = [&](auto mt) {
+    constexpr int kMT = decltype(mt)::value;
+    using One = TileShape<T, D, kWarps, kMT, 1>;
+    using Two = TileShape<T, D, kWarps, kMT, 2>;
+    const int64_t more = extra(Two::kRows);
+    const int64_t bytes1 = int64_t(One::kTileBytes) + more, bytes2 = int64_t(Two::kTileBytes) + more;
+    TileChoice c;
+    c.stages = tile_stages(bytes1, bytes2, budget);
+    c.row_tiles = c.stages ? kMT : 0;
+    c.bytes = c.stages == 2 ? bytes2 : c.stages == 1 ? bytes1 : 0;
+    return c;
+  };
+  if constexpr (D == 64 || D == 128) {
+    if (two_row_tiles) {
+      const TileChoice c = with(std::integral_constant<int, 2>{});
+      if (c.stages) return c;
+    }
+  }
+  return with(std::integral_constant<int, 1>{});
+}
+
+// Calls f(kMT, kStages) (integral constants) for a choice of choose_tile<..., D, ...> with stages > 0.
+template <int D, typename F>
+void dispatch_tile(const TileChoice& c, F&& f) {
+  auto by_stages = [&](auto mt) {
+    if (c.stages == 1) return f(mt, std::integral_constant<int, 1>{});
+    f(mt, std::integral_constant<int, 2>{});
+  };
+  if constexpr (D == 64 || D == 128) {
+    if (c.row_tiles == 2) return by_stages(std::integral_constant<int, 2>{});
+  }
+  by_stages(std::integral_constant<int, 1>{});
 }
 
 }  // namespace nsa::cuda::attn

@@ -32,6 +32,15 @@ inline int device_attribute(cudaDeviceAttr attr, const char* what) {
   return value;
 }
 
+// The current device's stage_budget for L.
+inline SmemBudget device_budget(const DeviceLayout& L) {
+  return stage_budget(!L.sm90_kernels,
+                      device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                       "cudaDeviceGetAttribute(shared memory per SM)"),
+                      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                       "cudaDeviceGetAttribute(max shared memory)"));
+}
+
 // A second stream forked from `main` (it starts after main's work so far) for a kernel that may run beside the
 // next ones on main; join() (or the destructor) makes main wait for it. Streams and events are released once
 // their work is done.

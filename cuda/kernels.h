@@ -49,6 +49,31 @@ constexpr SmemBudget kSm90Smem{227 * 1024, 228 * 1024};  // H100
 constexpr SmemBudget kSm80Smem{163 * 1024, 164 * 1024};  // A100, A30
 constexpr int64_t kSmemReservedPerCta = 1024;
 
+// The budget a kernel's staging is reckoned on: the sm_90 one on a GPU with an H100's 228 KB an SM, otherwise
+// the sm_80 one (an A100; GPUs with less take its choice too), which a device told to run the sm_80 kernel set
+// takes as well, so that it runs what an A100 would, staging included. `per_cta` is the device's.
+inline SmemBudget stage_budget(bool sm80_kernel_set, int64_t device_per_sm, int64_t per_cta) {
+  const bool roomy = !sm80_kernel_set && device_per_sm >= kSm90Smem.per_sm;
+  return {per_cta, roomy ? kSm90Smem.per_sm : kSm80Smem.per_sm};
+}
+
+// K/V stages of a forward tile kernel (attention_tile.cuh: 4 warps, which the registers let an SM hold twice) whose
+// CTA takes bytes1 / bytes2 of shared memory with one / two stages, on an SM of `budget`: two where the SM then
+// holds two CTAs, or where one stage would not buy the second either; one where it does; 0 where neither fits a
+// CTA.
+inline int tile_stages(int64_t bytes1, int64_t bytes2, SmemBudget budget) {
+  auto two_fit = [&](int64_t bytes) { return 2 * (bytes + kSmemReservedPerCta) <= budget.per_sm; };
+  if (bytes2 <= budget.per_cta && (two_fit(bytes2) || !two_fit(bytes1))) return 2;
+  return bytes1 <= budget.per_cta ? 1 : 0;
+}
+
+// A forward tile kernel's launch for a problem: 16-row tiles per warp (1 or 2), K/V stages (1 or 2; 0: no tile
+// fits a CTA, the CUDA-core kernel takes the problem) and the CTA's shared memory.
+struct TileChoice {
+  int row_tiles = 0, stages = 0;
+  int64_t bytes = 0;
+};
+
 // Whether the tensor-core kernels can read a problem's rows: bf16/fp16, head dims a multiple of 8 (16-byte
 // rows), 16-byte aligned tensors. The forward's tile kernels and the key-block backward both start from it.
 inline bool tensor_core_rows(const DeviceLayout& L, std::initializer_list<const void*> tensors) {
@@ -88,6 +113,8 @@ bool selected_streamed_fits(const DeviceLayout& L, const void* q, const void* k,
 void selected_attention_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
                                 const int32_t* block_indices, const int32_t* block_counts, const DeviceLayout& L,
                                 cudaStream_t s);
+// The union / per-token tile kernel selected attention launches for L on an SM of `budget` (attention_tile.cuh).
+TileChoice selected_attention_tile(const DeviceLayout& L, SmemBudget budget);
 // How selected attention walks a tile of tokens: the union of the tile's blocks, each 16-row group's own
 // blocks, (sm_90, G in {4, 8} or a multiple of 16, BS a multiple of 64, K and V as selected_streamed_fits) the
 // streamed TMA kernel, which loads each distinct block of a unit of 8 tokens once, or (sm_80, 16-bit elements, G
@@ -125,6 +152,8 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
                             const DeviceLayout& L, cudaStream_t s);
 void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const void* k, const void* v,
                             const DeviceLayout& L, cudaStream_t s, KernelChoice choice);
+// The sliding window's mma.sync tile kernel for L on an SM of `budget` (attention_tile.cuh).
+TileChoice sliding_window_tile(const DeviceLayout& L, SmemBudget budget);
 // Null gates (or branches) drop their branch. Gates are in L.dtype.
 void gate_forward(void* o, const void* o_cmp, const void* o_slc, const void* o_swa, const void* g_cmp, const void* g_slc,
                   const void* g_swa, const DeviceLayout& L, cudaStream_t s);

@@ -39,15 +39,6 @@ struct StaticDims {
 // The most shared memory a CTA of any GPU the build targets may have (sm_90: 227 KB).
 constexpr size_t kMaxSmemPerCta = kSm90Smem.per_cta;
 
-// The current device's stage_budget for L.
-inline SmemBudget device_budget(const DeviceLayout& L) {
-  return stage_budget(!L.sm90_kernels,
-                      device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                       "cudaDeviceGetAttribute(shared memory per SM)"),
-                      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                       "cudaDeviceGetAttribute(max shared memory)"));
-}
-
 // fits_within on the current device.
 inline bool fits(const DeviceLayout& L, int tile_keys, const void* q, const void* k, const void* v) {
   return fits_within(L, tile_keys, q, k, v, device_budget(L));

@@ -120,14 +120,6 @@ constexpr Staging staging(Dims d, int tile_keys, int64_t per_sm) {
   return two_fit(lean) ? lean : two_fit(leanest) ? leanest : roomiest;
 }
 
-// The budget a problem's staging is reckoned on: the sm_90 one on a GPU with an H100's 228 KB an SM, otherwise
-// the sm_80 one (an A100; GPUs with less take its choice too), which a device told to run the sm_80 kernel set
-// takes as well, so that it runs what an A100 would, staging included. `per_cta` is the device's.
-inline SmemBudget stage_budget(bool sm80_kernel_set, int64_t device_per_sm, int64_t per_cta) {
-  const bool roomy = !sm80_kernel_set && device_per_sm >= kSm90Smem.per_sm;
-  return {per_cta, roomy ? kSm90Smem.per_sm : kSm80Smem.per_sm};
-}
-
 // Whether the kernel takes a branch with tiles of `tile_keys` keys within `budget`: the tensor-core rows of the
 // forward's tile kernels (tensor_core_rows), K and V up to kMaxDim, 16 to 128 keys a tile, positions that fit
 // int32, and the CTA's shared memory. (At K or V above 128, 128-key tiles need more than an H100's 227 KB, and

@@ -285,9 +285,9 @@ __device__ __forceinline__ int per_token_blocks(const SelectionSmem& ss, const R
 
 // The per-token path for one warp: each of its 16-row tiles (rows r0..r0+15 of the CTA tile) walks the
 // merged blocks of its tokens in key tiles of BN keys, and writes its rows. No barrier with other warps.
-// Stages: the warp's slice of the CTA's K/V stages holds two (K and V of BN keys each); with
-// NSA_PER_TOKEN_STAGES=3 and two 16-row tiles of BN = 16, the second tile's Q fragments are kept in registers
-// and the warp's Q rows hold a third.
+// Stages: the warp's slice of the CTA's K/V stages holds as many (K and V of BN keys each: two, or one where the
+// CTA has one); with NSA_PER_TOKEN_STAGES=3, two CTA stages and two 16-row tiles of BN = 16, the second tile's Q
+// fragments are kept in registers and the warp's Q rows hold a third.
 template <typename T, typename Shape, int BN>
 __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const SelectionSmem& ss, const RowMap& rows,
                                             T* sq, T* skv, int warp, int t0, int64_t key_base, int kv_head) {
@@ -295,13 +295,18 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
   using WA = WarpAttention<T, WS>;
   static_assert(WS::kQInRegs, "the per-token path keeps Q in registers");
   constexpr int kTiles = Shape::kWarpRows / 16;
-  constexpr int kStages = NSA_PER_TOKEN_STAGES >= 3 && kTiles == 2 && Shape::kWarpRows == 2 * BN ? 3 : 2;
+  constexpr int kStages = Shape::kStages == 1 ? 1
+                          : NSA_PER_TOKEN_STAGES >= 3 && kTiles == 2 && Shape::kWarpRows == 2 * BN ? 3
+                                                                                                   : 2;
   const int lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * attn::kLog2e;
   const int BS = p.BS;
   T* const sq_warp = sq + warp * Shape::kWarpRows * Shape::kStride;
-  // Slot i holds BN key rows: four in the K/V slice, then (three stages) two in the warp's Q rows.
-  auto slot = [&](int i) -> T* { return i < 4 ? skv + i * WS::kKVElems : sq_warp + (i - 4) * WS::kKVElems; };
+  // Slot i holds BN key rows: 2 * Shape::kStages in the K/V slice, then (three stages) two in the warp's Q rows.
+  constexpr int kSliceSlots = 2 * Shape::kStages;
+  auto slot = [&](int i) -> T* {
+    return i < kSliceSlots ? skv + i * WS::kKVElems : sq_warp + (i - kSliceSlots) * WS::kKVElems;
+  };
 
   WA wa;
   uint32_t q_next[WA::kKSteps][4];  // the second 16-row tile's Q fragments (three stages)
@@ -377,31 +382,45 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
         gv += v_step;
       }
     };
-    // d[0] is multiplied while d[1..] load; every stage gets a commit group, possibly empty.
-    TokenTile d[kStages];
-    bool have[kStages];
-#pragma unroll
-    for (int s = 0; s + 1 < kStages; ++s) {
-      have[s] = next_tile(d[s]);
-      if (have[s]) load(d[s], s);
-      cp_async_commit();
-    }
-    int stage = 0;
-    while (have[0]) {
-      have[kStages - 1] = next_tile(d[kStages - 1]);
-      // That stage was last read before the __syncwarp closing the previous iteration.
-      if (have[kStages - 1]) load(d[kStages - 1], (stage + kStages - 1) % kStages);
-      cp_async_commit();
-      cp_async_wait<kStages - 1>();
+    // Tile d in `stage`, landed: the warp multiplies it.
+    auto multiply = [&](const TokenTile& d, int stage) {
       __syncwarp();
-      mask.tile = d[0];
+      mask.tile = d;
       // Warp-uniform: a partial tile, keys after the first token, or a block some token did not select.
-      const bool need = d[0].nkeys < BN || d[0].base + BN - 1 > t0 + first || d[0].bits != all_bits;
+      const bool need = d.nkeys < BN || d.base + BN - 1 > t0 + first || d.bits != all_bits;
       wa.step(sq_warp, slot(2 * stage), slot(2 * stage + 1), scale_log2, need, mask);
       __syncwarp();
+    };
+    if constexpr (kStages == 1) {
+      TokenTile d;
+      while (next_tile(d)) {
+        load(d, 0);
+        cp_async_commit();
+        cp_async_wait<0>();
+        multiply(d, 0);
+      }
+    } else {
+      // d[0] is multiplied while d[1..] load; every stage gets a commit group, possibly empty.
+      TokenTile d[kStages];
+      bool have[kStages];
 #pragma unroll
-      for (int s = 0; s + 1 < kStages; ++s) d[s] = d[s + 1], have[s] = have[s + 1];
-      stage = stage + 1 == kStages ? 0 : stage + 1;
+      for (int s = 0; s + 1 < kStages; ++s) {
+        have[s] = next_tile(d[s]);
+        if (have[s]) load(d[s], s);
+        cp_async_commit();
+      }
+      int stage = 0;
+      while (have[0]) {
+        have[kStages - 1] = next_tile(d[kStages - 1]);
+        // That stage was last read before the __syncwarp closing the previous iteration.
+        if (have[kStages - 1]) load(d[kStages - 1], (stage + kStages - 1) % kStages);
+        cp_async_commit();
+        cp_async_wait<kStages - 1>();
+        multiply(d[0], stage);
+#pragma unroll
+        for (int s = 0; s + 1 < kStages; ++s) d[s] = d[s + 1], have[s] = have[s + 1];
+        stage = stage + 1 == kStages ? 0 : stage + 1;
+      }
     }
     cp_async_wait<0>();
     __syncwarp();
@@ -409,9 +428,9 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
   }
 }
 
-template <typename T, int D, int kMT>
+template <typename T, int D, int kMT, int kStages>
 __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(const SelectedParams<T> p) {
-  using Shape = TileShape<T, D, kWarps, kMT>;
+  using Shape = TileShape<T, D, kWarps, kMT, kStages>;
   using WA = WarpAttention<T, Shape>;
   static_assert(Shape::kRows <= Shape::kThreads, "a thread per token describes the token's blocks");
   extern __shared__ __align__(16) unsigned char smem[];
@@ -503,7 +522,7 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
     return total;
   };
 
-  // Union or per-token path, the same for the whole CTA. A warp's slice of the two K/V stages holds two
+  // Union or per-token path, the same for the whole CTA. A warp's slice of the K/V stages holds as many
   // stages of K and V of kTokenBN keys each.
   constexpr int kTokenBN = Shape::kBN / kWarps;
   constexpr bool kPerTokenPath = kTokenBN >= 16 && kTokenBN % 16 == 0 && Shape::kD <= 128;
@@ -527,8 +546,8 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   if constexpr (kPerTokenPath) {
     if (per_token) {
       using WS = WarpTileShape<Shape::kD, kTokenBN>;
-      per_token_walk<T, Shape, kTokenBN>(p, ss, rows, sm.q, sm.kv + warp * 4 * WS::kKVElems, warp, t0, key_base,
-                                         kv_head);
+      per_token_walk<T, Shape, kTokenBN>(p, ss, rows, sm.q, sm.kv + warp * 2 * kStages * WS::kKVElems, warp, t0,
+                                         key_base, kv_head);
       return;
     }
   }
@@ -647,6 +666,30 @@ __global__ void __launch_bounds__(128) selected_attention_rows_kernel(const Sele
 
 namespace {
 
+// The union / per-token tile kernel for L within `budget`. Beside the streamed or block-major kernel (`run` > 0:
+// the union takes the runs of `run` tokens the split marks) only tiles that lie inside one run can launch.
+TileChoice selected_tile(const DeviceLayout& L, SmemBudget budget, int run) {
+  TileChoice tile;
+  const int64_t G = L.G();
+  if (G <= 0) return tile;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore) {
+      // A CTA of `rows` query rows: its tokens' selection lists, or more than any CTA holds where its tokens
+      // would straddle two runs.
+      auto selection = [&](int rows) -> int64_t {
+        const int tokens = rows / int(std::min<int64_t>(G, rows));
+        if (run > 0 && run % tokens != 0) return int64_t(1) << 40;
+        return int64_t(SelectionSmem::bytes(tokens, L.block_count, 32 * kWarps, kWarps));
+      };
+      attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+        tile = attn::choose_tile<T, decltype(dim)::value, kWarps>(G >= attn::kTwoRowTilesMinG, budget, selection);
+      });
+    }
+  });
+  return tile;
+}
+
 // selected_attention_forward, and with `gated` the gated output too where the streamed kernel takes every token
 // (no split); returns whether it wrote it.
 bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k, const void* v,
@@ -683,42 +726,29 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
     if constexpr (Elem<T>::kTensorCore) {
       if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
         bool launched = false;
-        auto launch = [&](auto dim, auto mt) {
-          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value;
-          using Shape = TileShape<T, D, kWarps, kMT>;
+        const TileChoice tile = selected_tile(L, device_budget(L), kernel_path == 3 ? p.run : 0);
+        auto launch = [&](auto dim, auto mt, auto stages) {
+          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
+          using Shape = TileShape<T, D, kWarps, kMT, kStages>;
           const dim3 grid = p.set_tiles(Shape::kRows, L, "selected_attention_tc_kernel");
-          const size_t bytes =
-              Shape::kTileBytes + SelectionSmem::bytes(p.tokens_per_tile, p.S, Shape::kThreads, kWarps);
-          const int limit =
-              device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(max shared memory)");
-          if (bytes > size_t(limit)) return;  // a huge S: the row kernel takes it
-          const auto kernel = selected_attention_tc_kernel<T, D, kMT>;
-          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+          const auto kernel = selected_attention_tc_kernel<T, D, kMT, kStages>;
+          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile.bytes)),
                      "cudaFuncSetAttribute(selected_attention_tc_kernel)");
           cudaStream_t stream = s;
           if (kernel_path == 3) {  // the union takes the runs the split marks, on a side stream
-            // (Its tiles always lie inside one run; were one not to, the streamed kernel would take every run.)
-            if (p.run % p.tokens_per_tile != 0 ||
-                !build_run_split(split, block_indices, block_counts, L, blocks ? kBlocksUnionSlack : 1, s))
-              return;
+            if (!build_run_split(split, block_indices, block_counts, L, blocks ? kBlocksUnionSlack : 1, s)) return;
             p.split = split.split;
             side = std::make_unique<SideStream>(s);
             stream = side->get();
           }
-          kernel<<<grid, Shape::kThreads, bytes, stream>>>(p);
+          kernel<<<grid, Shape::kThreads, tile.bytes, stream>>>(p);
           check_launch("selected_attention_tc_kernel");
           launched = true;
         };
-        attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-          constexpr int D = decltype(dim)::value;
-          if constexpr (D == 64 || D == 128) {
-            if (p.G >= attn::kTwoRowTilesMinG) {
-              launch(dim, std::integral_constant<int, 2>{});
-              if (launched) return;
-            }
-          }
-          launch(dim, std::integral_constant<int, 1>{});
-        });
+        if (tile.stages)
+          attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+            attn::dispatch_tile<decltype(dim)::value>(tile, [&](auto mt, auto stages) { launch(dim, mt, stages); });
+          });
         union_launched = launched;
         if (launched) return;
       }
@@ -842,5 +872,7 @@ bool selected_attention_gated_forward(void* o_slc, float* lse_slc, const void* q
   return selected_forward(o_slc, lse_slc, q, k, v, block_indices, block_counts, L, s, SelectedPath::Auto, nullptr,
                           &gated);
 }
+
+TileChoice selected_attention_tile(const DeviceLayout& L, SmemBudget budget) { return selected_tile(L, budget, 0); }
 
 }  // namespace nsa::cuda

@@ -32,7 +32,7 @@ enum class Pattern { Mixed, Independent, SharedRuns };
 
 SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMask& rows = {},
                          cuda::SelectedPath path = cuda::SelectedPath::Auto, Pattern pattern = Pattern::Mixed,
-                         std::vector<int32_t>* path_counts = nullptr) {
+                         std::vector<int32_t>* path_counts = nullptr, bool sm80_kernel_set = false) {
   ProblemSpec spec;
   spec.B = c.B, spec.T = c.T, spec.HQ = c.HQ, spec.H = c.H, spec.K = c.K, spec.V = c.V;
   spec.lengths = c.lengths;
@@ -55,9 +55,11 @@ SelectedRun run_selected(const SelectedCase& c, uint64_t seed, const ref::RowMas
   DeviceBytes d_paths(3 * 4);
   const std::vector<int32_t> zeros(3, 0);
   d_paths.upload(zeros.data());
+  cuda::DeviceLayout layout = in.layout();
+  layout.sm90_kernels = !sm80_kernel_set;
   cuda::selected_attention_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
                                    static_cast<const int32_t*>(d_idx.get()),
-                                   c.with_counts ? static_cast<const int32_t*>(d_counts.get()) : nullptr, in.layout(),
+                                   c.with_counts ? static_cast<const int32_t*>(d_counts.get()) : nullptr, layout,
                                    nullptr, path, static_cast<int32_t*>(d_paths.get()));
   cuda_ok(cudaDeviceSynchronize(), "selected_attention_forward");
   if (path_counts) {
@@ -133,6 +135,35 @@ TEST_P(SelectedAttentionCuda, MatchesFloat64Reference) {
 
 const DType bf16 = DType::BF16, f16 = DType::F16, f32 = DType::F32;
 
+// The union / per-token tile kernel's launch on each GPU's shared memory (host arithmetic: no GPU needed): two K/V
+// stages on an H100, one on an A100 where two would leave an SM one CTA (D = 128, either row tiling); none where
+// the tokens' selection lists alone outgrow a CTA (the row kernel then takes the problem).
+TEST(SelectedAttentionTile, StagesKeepTwoCtasAnSm) {
+  const cuda::SmemBudget h100 = cuda::kSm90Smem, a100 = cuda::kSm80Smem;
+  cuda::DeviceLayout L;
+  L.dtype = cuda::ElemType::BF16;
+  L.K = L.V = 128;
+  L.HQ = 64;
+  L.block_count = 16;
+  for (int64_t H : {4, 64}) {  // G = 16 (two row tiles, 8 tokens a CTA), G = 1 (one, 64 tokens)
+    SCOPED_TRACE("H " + std::to_string(H));
+    L.H = H;
+    const cuda::TileChoice on_h100 = cuda::selected_attention_tile(L, h100);
+    const cuda::TileChoice on_a100 = cuda::selected_attention_tile(L, a100);
+    EXPECT_EQ(on_h100.row_tiles, H == 4 ? 2 : 1);
+    EXPECT_EQ(on_a100.row_tiles, on_h100.row_tiles);
+    EXPECT_EQ(on_h100.stages, 2);
+    EXPECT_EQ(on_a100.stages, 1);
+    // One stage less is 2 x 64 keys x 136 elements of 2 bytes.
+    EXPECT_EQ(on_h100.bytes - on_a100.bytes, 2 * 64 * 136 * 2);
+    EXPECT_GE(h100.per_sm / (on_h100.bytes + cuda::kSmemReservedPerCta), 2);
+    EXPECT_GE(a100.per_sm / (on_a100.bytes + cuda::kSmemReservedPerCta), 2);
+  }
+  L.block_count = 1024;  // 64 tokens x 1024 entries, sorted and raw: 512 KB
+  EXPECT_EQ(cuda::selected_attention_tile(L, h100).stages, 0);
+  EXPECT_EQ(cuda::selected_attention_tile(L, a100).stages, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SelectedAttentionCuda,
     ::testing::Values(
@@ -195,6 +226,14 @@ TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
         EXPECT_GT(ctas[0] + ctas[1], 0);
       }
     }
+  // The union and per-token walks on the sm_80 kernel set, which reckons on an A100's shared memory: one K/V
+  // stage where two would leave an SM one CTA (D = 128, D = 256).
+  for (cuda::SelectedPath path : {cuda::SelectedPath::Union, cuda::SelectedPath::PerToken}) {
+    SCOPED_TRACE("sm_80 kernel set, path " + std::to_string(int(path)));
+    std::vector<int32_t> ctas;
+    expect_close(run_selected(c, 5, {}, path, Pattern::Independent, &ctas, true), c.dtype);
+    if (c.dtype != DType::F32 && c.K % 8 == 0 && c.V % 8 == 0) EXPECT_GT(ctas[0] + ctas[1], 0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -68,9 +68,9 @@ struct WindowKeys {
   }
 };
 
-template <typename T, int D, int kMT>
+template <typename T, int D, int kMT, int kStages>
 __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const WindowParams<T> p) {
-  using Shape = TileShape<T, D, kWarps, kMT>;
+  using Shape = TileShape<T, D, kWarps, kMT, kStages>;
   extern __shared__ __align__(16) unsigned char smem[];
   TileSmem<T, Shape> sm(smem);
 
@@ -196,23 +196,20 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
     // A window longer than any sequence is the plain causal one; clamping keeps t - W + 1 in int range.
     p.W = int(std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1)));
     if constexpr (Elem<T>::kTensorCore) {
-      if (attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0) {
-        auto launch = [&](auto dim, auto mt) {
-          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value;
-          using Shape = TileShape<T, D, kWarps, kMT>;
+      const TileChoice tile = sliding_window_tile(L, device_budget(L));
+      if (attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0 && tile.stages) {
+        auto launch = [&](auto dim, auto mt, auto stages) {
+          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
+          using Shape = TileShape<T, D, kWarps, kMT, kStages>;
+          const auto kernel = sliding_window_tc_kernel<T, D, kMT, kStages>;
           const dim3 grid = p.set_tiles(Shape::kRows, L, "sliding_window_tc_kernel");
-          CUDA_CHECK(cudaFuncSetAttribute(sliding_window_tc_kernel<T, D, kMT>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kTileBytes)),
+          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile.bytes)),
                      "cudaFuncSetAttribute(sliding_window_tc_kernel)");
-          sliding_window_tc_kernel<T, D, kMT><<<grid, Shape::kThreads, Shape::kTileBytes, s>>>(p);
+          kernel<<<grid, Shape::kThreads, tile.bytes, s>>>(p);
           check_launch("sliding_window_tc_kernel");
         };
         attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-          constexpr int D = decltype(dim)::value;
-          if constexpr (D == 64 || D == 128) {
-            if (p.G >= attn::kTwoRowTilesMinG) return launch(dim, std::integral_constant<int, 2>{});
-          }
-          launch(dim, std::integral_constant<int, 1>{});
+          attn::dispatch_tile<decltype(dim)::value>(tile, [&](auto mt, auto stages) { launch(dim, mt, stages); });
         });
         return;
       }
@@ -222,6 +219,19 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
     sliding_window_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
     check_launch("sliding_window_rows_kernel");
   });
+}
+
+TileChoice sliding_window_tile(const DeviceLayout& L, SmemBudget budget) {
+  TileChoice tile;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore)
+      attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+        tile = attn::choose_tile<T, decltype(dim)::value, kWarps>(L.G() >= attn::kTwoRowTilesMinG, budget,
+                                                                  [](int) { return int64_t(0); });
+      });
+  });
+  return tile;
 }
 
 }  // namespace nsa::cuda

@@ -45,11 +45,15 @@ TEST_P(SlidingWindowCuda, MatchesFloat64Reference) {
       EXPECT_EQ(cuda::sliding_window_sm90_fits(in.layout(), in.q(), in.k(), in.v()), c.wgmma)
           << "which kernel Auto takes";
 
-    for (cuda::KernelChoice choice : {cuda::KernelChoice::Auto, cuda::KernelChoice::Tile}) {
-      SCOPED_TRACE(choice == cuda::KernelChoice::Auto ? "Auto" : "Tile");
+    // Auto, the tile kernel, and the tile kernel on the sm_80 kernel set (an A100's shared memory: one K/V stage
+    // where two would leave an SM one CTA).
+    for (int run = 0; run < 3; ++run) {
+      SCOPED_TRACE(run == 0 ? "Auto" : run == 1 ? "Tile" : "Tile, sm_80 kernel set");
+      cuda::DeviceLayout layout = in.layout();
+      layout.sm90_kernels = run < 2;
       DeviceAttentionOutputs out(L, c.dtype);
-      cuda::sliding_window_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(),
-                                   in.layout(), nullptr, choice);
+      cuda::sliding_window_forward(out.o.get(), static_cast<float*>(out.lse.get()), in.q(), in.k(), in.v(), layout,
+                                   nullptr, run == 0 ? cuda::KernelChoice::Auto : cuda::KernelChoice::Tile);
       cuda_ok(cudaDeviceSynchronize(), "sliding_window_forward");
       expect_attention_close(out.o_host(), out.lse_host(), ref_o, ref_lse, c.dtype);
     }
@@ -57,6 +61,44 @@ TEST_P(SlidingWindowCuda, MatchesFloat64Reference) {
 }
 
 const DType bf16 = DType::BF16, f16 = DType::F16, f32 = DType::F32;
+
+// The tile kernel's launch on each GPU's shared memory (host arithmetic: no GPU needed). Its 4 warps' registers
+// let an SM hold two CTAs; two K/V stages keep them on an H100 (228 KB an SM), one stage buys the second on an
+// A100 (164 KB) at D >= 128. On a GPU of 100 KB an SM (99 KB a CTA) two stages of K = V = 128 with two row tiles
+// (104 KB) would not fit a CTA at all.
+TEST(SlidingWindowTile, StagesKeepTwoCtasAnSm) {
+  const cuda::SmemBudget h100 = cuda::kSm90Smem, a100 = cuda::kSm80Smem, sm86{99 * 1024, 100 * 1024};
+  cuda::DeviceLayout L;
+  L.dtype = cuda::ElemType::BF16;
+  L.K = L.V = 128;
+  L.HQ = 64, L.H = 4;  // G = 16: two 16-row tiles a warp, 128 rows a CTA
+  cuda::TileChoice t = cuda::sliding_window_tile(L, h100);
+  EXPECT_EQ(t.row_tiles, 2);
+  EXPECT_EQ(t.stages, 2);
+  // Q: 128 rows of 136 elements; K and V: 2 stages of 64 keys; 6 x 64 ints of key positions and slots.
+  EXPECT_EQ(t.bytes, 2 * (128 * 136 + 4 * 64 * 136) + 4 * 6 * 64);
+  t = cuda::sliding_window_tile(L, a100);
+  EXPECT_EQ(t.row_tiles, 2);
+  EXPECT_EQ(t.stages, 1);
+  EXPECT_EQ(t.bytes, 2 * (128 * 136 + 2 * 64 * 136) + 4 * 6 * 64);
+  t = cuda::sliding_window_tile(L, sm86);
+  EXPECT_EQ(t.row_tiles, 2);
+  EXPECT_EQ(t.stages, 1);
+  for (int64_t H : {4, 64})  // G = 16 and 1 (one row tile)
+    for (int64_t D : {64, 128, 256})
+      for (cuda::SmemBudget b : {h100, a100, sm86}) {
+        SCOPED_TRACE("H " + std::to_string(H) + ", D " + std::to_string(D) + ", per SM " + std::to_string(b.per_sm));
+        L.H = H, L.K = L.V = D;
+        t = cuda::sliding_window_tile(L, b);
+        EXPECT_EQ(t.row_tiles, H == 4 && D <= 128 ? 2 : 1);
+        EXPECT_LE(t.bytes, b.per_cta);
+        if (b.per_sm != sm86.per_sm) EXPECT_GE(b.per_sm / (t.bytes + cuda::kSmemReservedPerCta), 2);
+        if (b.per_sm == h100.per_sm) EXPECT_EQ(t.stages, 2);
+        if (b.per_sm == a100.per_sm) EXPECT_EQ(t.stages, D == 64 ? 2 : 1);
+      }
+  L.dtype = cuda::ElemType::F32;  // CUDA cores: no tile
+  EXPECT_EQ(cuda::sliding_window_tile(L, h100).stages, 0);
+}
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SlidingWindowCuda,

@@ -12,7 +12,8 @@
 #      racecheck and synccheck on golden cases that take the tensor-core backward, and a varlen case that takes
 #      its sm_90 version in every branch (verified with gradients, also under memcheck), and a varlen case with the
 #      paper's heads (the sm_90 forward and backward kernels' K = 192 instances; verified with gradients, under
-#      memcheck, racecheck and synccheck), when compute-sanitizer is on PATH;
+#      memcheck, racecheck and synccheck), and the A100's shared-memory staging of the mma.sync kernels (the
+#      key-block backward, the forward's one-stage tile kernels) under all three, when compute-sanitizer is on PATH;
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), at 64k with the sm_80 kernel set, the
 #      backward at 8k and 64k, G = 1, 4, 16 at 32k (forward and backward), and the paper's heads at 64k (forward)
 #      and 8k (backward).
@@ -121,6 +122,13 @@ if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "${tool}_a100_staging" compute-sanitizer --tool $tool --kernel-name kns=key_block_backward_kernel \
       --error-exitcode 9 "$build/cuda_tests" --gtest_brief=1 --gtest_filter='Sm90KeyBlocks/*sm80*'
+  done
+  # The forward's mma.sync tile kernels with one K/V stage (what an A100 runs at D >= 128): the window's and the
+  # union / per-token walks' runs on the sm_80 kernel set, at D = 128 and 256, under all three tools.
+  for tool in memcheck racecheck synccheck; do
+    step "${tool}_one_stage_tiles" compute-sanitizer --tool $tool --kernel-name kns=_tc_kernel --error-exitcode 9 \
+      "$build/cuda_tests" --gtest_brief=1 \
+      --gtest_filter='SlidingWindowCuda/*K128*:SlidingWindowCuda/*K256*:SelectedAttentionCudaPaths/bf16_G16_K128_BS64_S16'
   done
   step synccheck_kb90 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin" run --backend cuda -i "$kb90" \
     -o "$out/synccheck_kb90.safetensors"
