@@ -25,10 +25,14 @@ out="${OUT_DIR:-gpu-check}"
 bin="$build/nsa-verify"
 mkdir -p "$out"
 status=0
-step() {  # step NAME COMMAND...: runs a step, logs it, remembers a failure
+step() {  # step NAME COMMAND...: runs a step, logs it, remembers a failure (a test filter that matched nothing too)
   local name="$1"; shift
   echo "== $name: $*"
-  if "$@" >"$out/$name.log" 2>&1; then echo "   ok"; else echo "   FAILED (exit $?), see $out/$name.log"; status=1; fi
+  local rc=0
+  "$@" >"$out/$name.log" 2>&1 || rc=$?
+  if [ $rc -ne 0 ]; then echo "   FAILED (exit $rc), see $out/$name.log"; status=1
+  elif grep -q '^\[==========\] 0 tests from' "$out/$name.log"; then echo "   FAILED: no test matched"; status=1
+  else echo "   ok"; fi
   tail -n 4 "$out/$name.log" | sed 's/^/   | /'
 }
 
@@ -128,7 +132,7 @@ if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
     step "${tool}_one_stage_tiles" compute-sanitizer --tool $tool --kernel-name kns=_tc_kernel --error-exitcode 9 \
       "$build/cuda_tests" --gtest_brief=1 \
-      --gtest_filter='SlidingWindowCuda/*K128*:SlidingWindowCuda/*K256*:SelectedAttentionCudaPaths/bf16_G16_K128_BS64_S16'
+      --gtest_filter='*SlidingWindowCuda.*K128*:*SlidingWindowCuda.*K256*:*SelectedAttentionCudaPaths.*/bf16_G16_K128_BS64_S16'
   done
   step synccheck_kb90 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin" run --backend cuda -i "$kb90" \
     -o "$out/synccheck_kb90.safetensors"
