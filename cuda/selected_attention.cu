@@ -670,8 +670,8 @@ namespace {
 // the union takes the runs of `run` tokens the split marks) only tiles that lie inside one run can launch.
 TileChoice selected_tile(const DeviceLayout& L, SmemBudget budget, int run) {
   TileChoice tile;
+  if (L.H <= 0 || L.HQ < L.H) return tile;
   const int64_t G = L.G();
-  if (G <= 0) return tile;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore) {

@@ -162,6 +162,9 @@ TEST(SelectedAttentionTile, StagesKeepTwoCtasAnSm) {
   L.block_count = 1024;  // 64 tokens x 1024 entries, sorted and raw: 512 KB
   EXPECT_EQ(cuda::selected_attention_tile(L, h100).stages, 0);
   EXPECT_EQ(cuda::selected_attention_tile(L, a100).stages, 0);
+  L.block_count = 16;
+  L.H = 0;  // no kv head: no tile (and no division by zero)
+  EXPECT_EQ(cuda::selected_attention_tile(L, h100).stages, 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -196,8 +196,10 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
     // A window longer than any sequence is the plain causal one; clamping keeps t - W + 1 in int range.
     p.W = int(std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1)));
     if constexpr (Elem<T>::kTensorCore) {
-      const TileChoice tile = sliding_window_tile(L, device_budget(L));
-      if (attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0 && tile.stages) {
+      const TileChoice tile = attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0
+                                  ? sliding_window_tile(L, device_budget(L))
+                                  : TileChoice{};
+      if (tile.stages) {
         auto launch = [&](auto dim, auto mt, auto stages) {
           constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
           using Shape = TileShape<T, D, kWarps, kMT, kStages>;
@@ -223,6 +225,7 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
 
 TileChoice sliding_window_tile(const DeviceLayout& L, SmemBudget budget) {
   TileChoice tile;
+  if (L.H <= 0) return tile;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (Elem<T>::kTensorCore)

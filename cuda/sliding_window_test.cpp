@@ -96,6 +96,9 @@ TEST(SlidingWindowTile, StagesKeepTwoCtasAnSm) {
         if (b.per_sm == h100.per_sm) EXPECT_EQ(t.stages, 2);
         if (b.per_sm == a100.per_sm) EXPECT_EQ(t.stages, D == 64 ? 2 : 1);
       }
+  L.H = 0;  // no kv head: no tile (and no division by zero)
+  EXPECT_EQ(cuda::sliding_window_tile(L, h100).stages, 0);
+  L.H = 4;
   L.dtype = cuda::ElemType::F32;  // CUDA cores: no tile
   EXPECT_EQ(cuda::sliding_window_tile(L, h100).stages, 0);
 }
