@@ -49,6 +49,9 @@ constexpr SmemBudget kSm90Smem{227 * 1024, 228 * 1024};  // H100
 constexpr SmemBudget kSm80Smem{163 * 1024, 164 * 1024};  // A100, A30
 constexpr int64_t kSmemReservedPerCta = 1024;
 
+// Whether an SM of `per_sm` bytes holds two CTAs of `bytes` each (each also reserving kSmemReservedPerCta).
+constexpr bool two_ctas_fit(int64_t bytes, int64_t per_sm) { return 2 * (bytes + kSmemReservedPerCta) <= per_sm; }
+
 // The budget a kernel's staging is reckoned on: the sm_90 one on a GPU with an H100's 228 KB an SM, otherwise
 // the sm_80 one (an A100; GPUs with less take its choice too), which a device told to run the sm_80 kernel set
 // takes as well, so that it runs what an A100 would, staging included. `per_cta` is the device's.
@@ -62,8 +65,8 @@ inline SmemBudget stage_budget(bool sm80_kernel_set, int64_t device_per_sm, int6
 // holds two CTAs, or where one stage would not buy the second either; one where it does; 0 where neither fits a
 // CTA.
 inline int tile_stages(int64_t bytes1, int64_t bytes2, SmemBudget budget) {
-  auto two_fit = [&](int64_t bytes) { return 2 * (bytes + kSmemReservedPerCta) <= budget.per_sm; };
-  if (bytes2 <= budget.per_cta && (two_fit(bytes2) || !two_fit(bytes1))) return 2;
+  if (bytes2 <= budget.per_cta && (two_ctas_fit(bytes2, budget.per_sm) || !two_ctas_fit(bytes1, budget.per_sm)))
+    return 2;
   return bytes1 <= budget.per_cta ? 1 : 0;
 }
 

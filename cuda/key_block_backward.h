@@ -115,7 +115,7 @@ constexpr bool two_ctas_by_registers(Dims d, int tile_keys) {
 constexpr Staging staging(Dims d, int tile_keys, int64_t per_sm) {
   const Staging roomiest{3, false}, lean{2, false}, leanest{2, true};
   if (d.k + d.v > 256 && tile_keys < 64) return lean;
-  auto two_fit = [&](Staging st) { return 2 * (smem_bytes(d, tile_keys, st) + kSmemReservedPerCta) <= per_sm; };
+  auto two_fit = [&](Staging st) { return two_ctas_fit(smem_bytes(d, tile_keys, st), per_sm); };
   if (!two_ctas_by_registers(d, tile_keys) || two_fit(roomiest)) return roomiest;
   return two_fit(lean) ? lean : two_fit(leanest) ? leanest : roomiest;
 }
