@@ -682,33 +682,46 @@ void dispatch_head_dim(int bucket, F&& f) {
   }
 }
 
-// The tile kernel's launch for head-dim bucket D on an SM of `budget`: two 16-row tiles per warp where
-// `two_row_tiles` (D = 64 / 128 only) and some stage count fits, else one; the stages by tile_stages.
-// `extra(rows)` is what the kernel adds to the tile's shared memory for CTAs of `rows` query rows.
-template <typename T, int D, int kWarps, typename Extra>
-TileChoice choose_tile(bool two_row_tiles, SmemBudget budget, Extra&& extra) {
-  auto with = [&](auto mt) {
-    constexpr int kMT = decltype(mt)::value;
-    using One = TileShape<T, D, kWarps, kMT, 1>;
-    using Two = TileShape<T, D, kWarps, kMT, 2>;
-    const int64_t more = extra(Two::kRows);
-    const int64_t bytes1 = int64_t(One::kTileBytes) + more, bytes2 = int64_t(Two::kTileBytes) + more;
-    TileChoice c;
-    c.stages = tile_stages(bytes1, bytes2, budget);
-    c.row_tiles = c.stages ? kMT : 0;
-    c.bytes = c.stages == 2 ? bytes2 : c.stages == 1 ? bytes1 : 0;
-    return c;
-  };
-  if constexpr (D == 64 || D == 128) {
-    if (two_row_tiles) {
-      const TileChoice c = with(std::integral_constant<int, 2>{});
-      if (c.stages) return c;
+// The tile kernel's launch for L on an SM of `budget`: 16-bit elements only (fp32 takes the CUDA-core kernel);
+// two 16-row tiles per warp where G >= kTwoRowTilesMinG (D = 64 / 128 only) and some stage count fits, else one; the
+// stages by tile_stages. `extra(rows)` is what the kernel adds to the tile's shared memory for CTAs of `rows` query
+// rows.
+template <int kWarps, typename Extra>
+TileChoice choose_tile(const DeviceLayout& L, SmemBudget budget, Extra&& extra) {
+  TileChoice choice;
+  if (L.H <= 0 || L.HQ < L.H) return choice;
+  const bool two_row_tiles = L.G() >= kTwoRowTilesMinG;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (Elem<T>::kTensorCore) {
+      dispatch_head_dim(head_dim_bucket(L.K, L.V), [&](auto dim) {
+        constexpr int D = decltype(dim)::value;
+        auto with = [&](auto mt) {
+          constexpr int kMT = decltype(mt)::value;
+          using One = TileShape<T, D, kWarps, kMT, 1>;
+          using Two = TileShape<T, D, kWarps, kMT, 2>;
+          const int64_t more = extra(Two::kRows);
+          const int64_t bytes1 = int64_t(One::kTileBytes) + more, bytes2 = int64_t(Two::kTileBytes) + more;
+          TileChoice c;
+          c.stages = tile_stages(bytes1, bytes2, budget);
+          c.row_tiles = c.stages ? kMT : 0;
+          c.bytes = c.stages == 2 ? bytes2 : c.stages == 1 ? bytes1 : 0;
+          return c;
+        };
+        if constexpr (D == 64 || D == 128) {
+          if (two_row_tiles) {
+            choice = with(std::integral_constant<int, 2>{});
+            if (choice.stages) return;
+          }
+        }
+        choice = with(std::integral_constant<int, 1>{});
+      });
     }
-  }
-  return with(std::integral_constant<int, 1>{});
+  });
+  return choice;
 }
 
-// Calls f(kMT, kStages) (integral constants) for a choice of choose_tile<..., D, ...> with stages > 0.
+// Calls f(kMT, kStages) (integral constants) for a choice of choose_tile with stages > 0 for bucket D.
 template <int D, typename F>
 void dispatch_tile(const TileChoice& c, F&& f) {
   auto by_stages = [&](auto mt) {

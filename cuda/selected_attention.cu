@@ -669,25 +669,13 @@ namespace {
 // The union / per-token tile kernel for L within `budget`. Beside the streamed or block-major kernel (`run` > 0:
 // the union takes the runs of `run` tokens the split marks) only tiles that lie inside one run can launch.
 TileChoice selected_tile(const DeviceLayout& L, SmemBudget budget, int run) {
-  TileChoice tile;
-  if (L.H <= 0 || L.HQ < L.H) return tile;
-  const int64_t G = L.G();
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if constexpr (Elem<T>::kTensorCore) {
-      // A CTA of `rows` query rows: its tokens' selection lists, or more than any CTA holds where its tokens
-      // would straddle two runs.
-      auto selection = [&](int rows) -> int64_t {
-        const int tokens = rows / int(std::min<int64_t>(G, rows));
-        if (run > 0 && run % tokens != 0) return int64_t(1) << 40;
-        return int64_t(SelectionSmem::bytes(tokens, L.block_count, 32 * kWarps, kWarps));
-      };
-      attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-        tile = attn::choose_tile<T, decltype(dim)::value, kWarps>(G >= attn::kTwoRowTilesMinG, budget, selection);
-      });
-    }
+  // A CTA of `rows` query rows: its tokens' selection lists, or more than any CTA holds where its tokens would
+  // straddle two runs.
+  return attn::choose_tile<kWarps>(L, budget, [&](int rows) -> int64_t {
+    const int tokens = rows / int(std::min<int64_t>(L.G(), rows));
+    if (run > 0 && run % tokens != 0) return int64_t(1) << 40;
+    return int64_t(SelectionSmem::bytes(tokens, L.block_count, 32 * kWarps, kWarps));
   });
-  return tile;
 }
 
 // selected_attention_forward, and with `gated` the gated output too where the streamed kernel takes every token

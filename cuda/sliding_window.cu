@@ -224,17 +224,7 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
 }
 
 TileChoice sliding_window_tile(const DeviceLayout& L, SmemBudget budget) {
-  TileChoice tile;
-  if (L.H <= 0) return tile;
-  dispatch_elem(L.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if constexpr (Elem<T>::kTensorCore)
-      attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-        tile = attn::choose_tile<T, decltype(dim)::value, kWarps>(L.G() >= attn::kTwoRowTilesMinG, budget,
-                                                                  [](int) { return int64_t(0); });
-      });
-  });
-  return tile;
+  return attn::choose_tile<kWarps>(L, budget, [](int) { return int64_t(0); });
 }
 
 }  // namespace nsa::cuda
