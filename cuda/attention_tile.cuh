@@ -473,6 +473,32 @@ struct RowAttention {
   }
 };
 
+// A forward on CUDA cores, one warp per (token, query head) row of B * T * HQ: RowAttention over the keys
+// `keys.each(row, key)` names as rows of p.k / p.v ([*, K] / [*, V]); rows outside every sequence are left as
+// they are.
+template <typename T, typename Keys>
+__global__ void __launch_bounds__(128) row_attention_kernel(const AttentionParams<T> p, const Keys keys,
+                                                            int64_t num_rows) {
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  QueryRow r;
+  if (row >= num_rows || !r.find(p.seqs, p.token_seq, p.row_tokens, p.HQ, p.G, row)) return;
+  RowAttention<T> ra;
+  ra.init(p.q + row * p.K, p.K);
+  keys.each(r, [&](int64_t kv) { ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
+  ra.store(p.o + row * p.V, p.lse + row, p.V);
+}
+
+// Launches row_attention_kernel over L's B * T * HQ rows; `name` names it in a launch error.
+template <typename T, typename Keys>
+void launch_row_attention(const AttentionParams<T>& p, const Keys& keys, const DeviceLayout& L, cudaStream_t s,
+                          const char* name) {
+  const int64_t rows = L.B * L.T * L.HQ;
+  if (rows == 0) return;
+  constexpr int kThreads = 128;
+  row_attention_kernel<T, Keys><<<unsigned(div_up(rows * 32, kThreads)), kThreads, 0, s>>>(p, keys, rows);
+  check_launch(name);
+}
+
 // The backward (nsa-spec §3) of up to kHeads query heads of one token that share a kv head, on CUDA cores, one
 // warp (lanes as in RowAttention): per head delta = do_x . o_x; per key j and head h, p = exp(scale q_h.k_j -
 // lse_h), ds = p (do_h . v_j - delta_h), dq_h += scale ds k_j (in registers); dk_j += scale sum_h ds q_h and

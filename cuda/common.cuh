@@ -32,13 +32,14 @@ inline int device_attribute(cudaDeviceAttr attr, const char* what) {
   return value;
 }
 
-// The current device's stage_budget for L.
+// The current device's stage_budget for L, within L.smem_limit.
 inline SmemBudget device_budget(const DeviceLayout& L) {
-  return stage_budget(!L.sm90_kernels,
-                      device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
-                                       "cudaDeviceGetAttribute(shared memory per SM)"),
-                      device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                       "cudaDeviceGetAttribute(max shared memory)"));
+  return limit_budget(stage_budget(!L.sm90_kernels,
+                                   device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                                    "cudaDeviceGetAttribute(shared memory per SM)"),
+                                   device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                                    "cudaDeviceGetAttribute(max shared memory)")),
+                      L.smem_limit);
 }
 
 // A second stream forked from `main` (it starts after main's work so far) for a kernel that may run beside the

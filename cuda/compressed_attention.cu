@@ -3,7 +3,9 @@
 //
 // One CTA per (token tile, head chunk, sequence, kv head): its rows are the G heads of several tokens, so each
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
-// run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2.
+// run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2. Where that
+// CTA would outgrow the device's shared memory (K = V = 256 in 16 bits, most fp32 head dims, on a GPU of 99 KB a
+// CTA such as sm_86 / sm_89), the CUDA-core row kernel of attention_tile.cuh takes the problem, a warp a row.
 // Backward: for bf16/fp16 with K, V <= 128, tile by tile of 64 pooled blocks on tensor cores
 // (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
@@ -22,6 +24,17 @@ namespace nsa::cuda {
 namespace {
 
 constexpr int kBN = tile::kBlockN;
+
+// The keys of a query, for the forward's row kernel and the backward: the complete pooled blocks c < NC(t) of its
+// sequence, passed to `key` as rows of the [B, C, H, *] pooled keys and values.
+struct PooledBlockKeys {
+  int64_t BS, C, H;
+  template <typename F>
+  __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {
+    const int64_t visible = (r.t + 1) / BS, first = r.seq.batch * C + r.seq.chunk_start;
+    for (int64_t c = 0; c < visible; ++c) key((first + c) * H + r.kv_head);
+  }
+};
 
 struct CompressedParams {
   DeviceLayout L;
@@ -235,17 +248,6 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
   check_launch("compressed_attention_kernel");
 }
 
-// The backward's keys of a query: the complete pooled blocks c < NC(t) of its sequence, passed to `key` as rows
-// of the [B, C, H, *] pooled keys and values.
-struct PooledBlockKeys {
-  int64_t BS, C, H;
-  template <typename F>
-  __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {
-    const int64_t visible = (r.t + 1) / BS, first = r.seq.batch * C + r.seq.chunk_start;
-    for (int64_t c = 0; c < visible; ++c) key((first + c) * H + r.kv_head);
-  }
-};
-
 // The key-block backward's work: tiles of kTileKeys pooled blocks of a sequence, each with the tokens that see
 // one of its blocks, [(c0 + 1) BS - 1, length), in chunks of tokens_per_cta positions; a CTA of the grid (kv
 // head, sequence, token chunk, tile) with no such tokens returns at once. Tiles vary fastest, so that the CTAs
@@ -335,8 +337,17 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
     compressed_attention_sm90(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
     return;
   }
-  dispatch_tile(L, [&](auto tag, auto vp) {
-    launch<decltype(tag), decltype(vp)::value>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+  if (compressed_tile_smem_bytes(L) <= device_budget(L).per_cta) {
+    dispatch_tile(L, [&](auto tag, auto vp) {
+      launch<decltype(tag), decltype(vp)::value>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+    });
+    return;
+  }
+  dispatch_elem(L.dtype, [&](auto tag) {
+    attn::AttentionParams<decltype(tag)> p{};
+    p.set_inputs(q, k_cmp, v_cmp, o_cmp, lse_cmp, L);
+    attn::launch_row_attention(p, PooledBlockKeys{L.block_size, L.C, L.H}, L, s,
+                               "row_attention_kernel (compressed attention)");
   });
 }
 

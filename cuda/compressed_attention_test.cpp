@@ -36,6 +36,24 @@ TEST(CompressedAttentionTile, AnA100HoldsTwoCtasAtK128AndOneAt256) {
   EXPECT_LE(cuda::compressed_tile_smem_bytes(L), cuda::kSm80Smem.per_cta);
 }
 
+// On a GPU of 99 KB a CTA (sm_86 / sm_89) the tile kernel's CTA holds K = V = 128 in 16 bits, but not
+// K = V = 256 (Q for 128 rows and a K / V tile of 64 keys, rows padded by 16 bytes) nor fp32 at K = V = 128 (64 rows,
+// and a 64-key score tile a warp): those runs take the row kernel (the GPU tests' SmallSharedMemory cases).
+TEST(CompressedAttentionTile, A99KbCtaHoldsK128ButNotK256OrFp32) {
+  constexpr int kSm86Cta = 99 * 1024;
+  cuda::DeviceLayout L;
+  L.dtype = cuda::ElemType::BF16;
+  L.K = L.V = 128;
+  EXPECT_LE(cuda::compressed_tile_smem_bytes(L), kSm86Cta);
+  L.K = L.V = 256;
+  EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), (128 * 264 + 64 * (264 + 264)) * 2);
+  EXPECT_GT(cuda::compressed_tile_smem_bytes(L), kSm86Cta);
+  L.dtype = cuda::ElemType::F32;
+  L.K = L.V = 128;
+  EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), (64 * 132 + 64 * (132 + 132)) * 4 + 4 * 16 * 64 * 4);
+  EXPECT_GT(cuda::compressed_tile_smem_bytes(L), kSm86Cta);
+}
+
 struct CompressedCase {
   std::string name;
   DType dtype;

@@ -194,6 +194,7 @@ CudaPipeline::CudaPipeline(const Layout& L, const PipelineOptions& opt) : L_(L),
   dl_.seqs = static_cast<const DeviceSequence*>(seqs_.get());
   dl_.token_seq = static_cast<const int32_t*>(token_seq_.get());
   dl_.sm90_kernels = opt.sm90_kernels;
+  dl_.smem_limit = opt.smem_limit;
 
   q_ = DeviceBuffer(count(tokens, d.HQ, d.K) * es, "q");
   k_ = DeviceBuffer(count(tokens, d.H, d.K) * es, "k");
@@ -203,6 +204,10 @@ CudaPipeline::CudaPipeline(const Layout& L, const PipelineOptions& opt) : L_(L),
   if (opt.gate_swa) g_swa_ = DeviceBuffer(count(tokens, d.HQ) * es, "g_swa");
   if (opt.block_counts) block_counts_ = DeviceBuffer(count(tokens, d.H) * 4, "block_counts");
   k_cmp_ = DeviceBuffer(count(d.B, L.chunks, d.H, d.K) * es, "k_cmp");
+  // A top-k this GPU's shared memory cannot hold is the shape's error (exit 2), as running out of device memory.
+  if (!opt.given_indices)
+    if (const std::string why = topk_shared_memory_shortfall(dl_, q_.get(), k_cmp_.get()); !why.empty())
+      throw InputError(why);
   v_cmp_ = DeviceBuffer(count(d.B, L.chunks, d.H, d.V) * es, "v_cmp");
   o_cmp_ = DeviceBuffer(count(tokens, d.HQ, d.V) * es, "o_cmp");
   lse_cmp_ = DeviceBuffer(count(tokens, d.HQ) * 4, "lse_cmp");
@@ -485,7 +490,7 @@ namespace {
 
 class CudaBackend : public Backend {
  public:
-  explicit CudaBackend(bool sm90_kernels) : sm90_kernels_(sm90_kernels) {}
+  CudaBackend(bool sm90_kernels, int64_t smem_limit) : sm90_kernels_(sm90_kernels), smem_limit_(smem_limit) {}
   std::string name() const override { return "cuda"; }
   DType compute_dtype(DType input) const override { return input == DType::F64 ? DType::F32 : input; }
 
@@ -499,6 +504,7 @@ class CudaBackend : public Backend {
     po.given_indices = p.block_indices.has_value();
     po.block_counts = p.block_counts.has_value();
     po.sm90_kernels = sm90_kernels_;
+    po.smem_limit = smem_limit_;
     po.backward = p.has_backward() && opt.backward;
     cuda::validate_layout(p.layout, po);
     if (p.input_dtype == DType::F64) std::fprintf(stderr, "nsa: cuda backend: f64 inputs run in fp32\n");
@@ -513,10 +519,13 @@ class CudaBackend : public Backend {
 
  private:
   bool sm90_kernels_;
+  int64_t smem_limit_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels) { return std::make_unique<CudaBackend>(sm90_kernels); }
+std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels, int64_t smem_limit) {
+  return std::make_unique<CudaBackend>(sm90_kernels, smem_limit);
+}
 
 }  // namespace nsa

@@ -15,8 +15,9 @@ namespace nsa {
 
 // The "cuda" backend of the verifier: the forward, and the backward where the problem has `do` (gradients
 // computed in fp32, returned whole even when the forward is asked for a row sample). `sm90_kernels` false: an
-// sm_90 device runs the kernels an sm_80 GPU runs (DeviceLayout::sm90_kernels).
-std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels = true);
+// sm_90 device runs the kernels an sm_80 GPU runs (DeviceLayout::sm90_kernels); `smem_limit` > 0: they size their
+// CTAs for a GPU of that much shared memory a CTA (DeviceLayout::smem_limit).
+std::unique_ptr<Backend> make_cuda_backend(bool sm90_kernels = true, int64_t smem_limit = 0);
 
 }  // namespace nsa
 
@@ -62,6 +63,7 @@ struct PipelineOptions {
   bool given_indices = false;  // block_indices are an input: top-k is skipped
   bool block_counts = false;
   bool sm90_kernels = true;    // DeviceLayout::sm90_kernels
+  int64_t smem_limit = 0;      // DeviceLayout::smem_limit
   bool backward = false;       // holds `do` and the gradients (CudaPipeline::backward)
   // The gate backward hands the tensor-core branches do with their rows' gates and deltas (BranchGrad's gated
   // form); false: the gated gradients in fp32, each branch casting them itself (the stage functions' plain form).

@@ -99,6 +99,7 @@ struct Case {
   bool with_counts = false;
   bool given_indices = false;
   bool sm90_kernels = true;  // false: the kernels an sm_80 GPU runs, on any device
+  int64_t smem_limit = 0;    // > 0: their CTAs sized for a GPU of this much shared memory a CTA (with sm90_kernels off)
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
@@ -154,7 +155,7 @@ void check_every_stage(const Case& c) {
   }
   if (c.given_indices) p.block_indices = random_indices(L, rng);
 
-  const Outputs out = make_cuda_backend(c.sm90_kernels)->run(p, RunOptions{});
+  const Outputs out = make_cuda_backend(c.sm90_kernels, c.smem_limit)->run(p, RunOptions{});
   const double tol = tolerance(c.dtype);
   const int64_t tokens = d.B * d.T, C = L.chunks;
 
@@ -290,6 +291,63 @@ std::vector<Case> hand_picked_cases() {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendStages, ::testing::ValuesIn(hand_picked_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+constexpr int64_t kSm86Smem = 99 * 1024;  // a CTA's shared memory on sm_86 / sm_89 GPUs
+
+// The sm_80 kernel set with its CTAs held to a smaller GPU's shared memory (DeviceLayout::smem_limit): the shapes
+// where a stage leaves its usual launch -- compressed attention's row kernel (its tile CTA needs 132 KB at
+// K = V = 256 in bf16, 115 KB at K = V = 128 in fp32), top-k's tile kernel with fewer warps (its candidate
+// buffers at G = 1 with S = 64 outgrow 99 KB, with S = 225 an A100's 163 KB), and the window's and selected
+// attention's tiles chosen for 99 KB.
+std::vector<Case> small_smem_cases() {
+  auto limited = [](Case c, int64_t limit) {
+    c.sm90_kernels = false;
+    c.smem_limit = limit;
+    return c;
+  };
+  return {
+      limited(make_case("smem99_bf16_K256_V256_G2_window", DType::BF16, 1, 300, 4, 2, 256, 256, 32, 4, kSeed, {}, 40),
+              kSm86Smem),
+      limited(make_case("smem99_f32_K128_V128_G4_varlen", DType::F32, 1, 0, 8, 2, 128, 128, 32, 3, kPaper,
+                        {200, 0, 130}),
+              kSm86Smem),
+      limited(make_case("smem99_bf16_G1_K128_S64_BS16", DType::BF16, 1, 1400, 2, 2, 128, 64, 16, 64, kSeed),
+              kSm86Smem),
+      limited(make_case("smem99_f16_G1_K192_V128_S128_BS16_window", DType::F16, 1, 2200, 1, 1, 192, 128, 16, 128,
+                        kPaper, {}, 100),
+              kSm86Smem),
+      limited(make_case("smem163_bf16_G1_K128_S225_BS16", DType::BF16, 1, 3700, 1, 1, 128, 64, 16, 225, kSeed),
+              cuda::kSm80Smem.per_cta)};
+}
+INSTANTIATE_TEST_SUITE_P(SmallSharedMemory, CudaBackendStages, ::testing::ValuesIn(small_smem_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+// Where no launch of top-k's tile kernel fits (fp32, K = 256, S = 128 on a 99 KB GPU: one warp's 16 tokens
+// and one K tile already take 108 KB), the run stops with an input error (exit 2) that names the stage, the shape
+// and the limit, before any kernel runs; with the block indices given (no top-k) the shape runs.
+TEST(CudaBackend, TopkBeyondTheGpusSharedMemoryIsAnError) {
+  SKIP_WITHOUT_DEVICE();
+  ProblemSpec s;
+  s.T = 64;
+  s.HQ = s.H = 1;
+  s.K = 256;
+  s.V = 16;
+  s.config.block_size = 16;
+  s.config.block_count = 128;
+  Problem p = test::random_problem(s);
+  try {
+    make_cuda_backend(false, kSm86Smem)->run(p, RunOptions{});
+    FAIL() << "expected an InputError";
+  } catch (const InputError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("top-k of fp32 inputs with K = 256, S = 128 and G = 1"), std::string::npos) << what;
+    EXPECT_NE(what.find(std::to_string(kSm86Smem) + " bytes"), std::string::npos) << what;
+  }
+  std::mt19937_64 rng(3);
+  p.block_indices = random_indices(p.layout, rng);
+  const Outputs out = make_cuda_backend(false, kSm86Smem)->run(p, RunOptions{});
+  EXPECT_EQ(out.block_indices, *p.block_indices);
+}
 
 // Shapes drawn at random (a fixed seed, so a failure reproduces by name): every dtype, G from 1 to 64, K != V
 // from 16 to 256, block sizes off the fast paths' {16, 32, 64, 128} too, both policies, windows, scales other
@@ -646,7 +704,7 @@ void check_backward(const Case& c) {
 
   RunOptions run;
   run.backward = true;
-  const Outputs out = make_cuda_backend(c.sm90_kernels)->run(p, run);
+  const Outputs out = make_cuda_backend(c.sm90_kernels, c.smem_limit)->run(p, run);
   ASSERT_TRUE(out.has_grads);
   Problem frozen = p;
   frozen.block_indices = out.block_indices;
@@ -676,6 +734,8 @@ TEST_P(CudaBackendBackward, GradientsMatchTheReference) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendBackward, ::testing::ValuesIn(hand_picked_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 INSTANTIATE_TEST_SUITE_P(Random, CudaBackendBackward, ::testing::ValuesIn(random_cases(48)),
+                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(SmallSharedMemory, CudaBackendBackward, ::testing::ValuesIn(small_smem_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 // The sm_90 key-block backward's conditions (64-key tiles, K and V in {64, 128}, bf16 / fp16) across G (a step of 64

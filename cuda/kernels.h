@@ -37,6 +37,10 @@ struct DeviceLayout {
   // false: the sm_90 kernels (wgmma, TMA) stand aside even on an sm_90 device, which then runs what an sm_80
   // GPU runs (tests cover both that way).
   bool sm90_kernels = true;
+  // > 0: the sm_80 kernel set sizes its CTAs as on a GPU whose CTA may have at most this much shared memory
+  // (and its SM this plus 1 KB; the device's own limits still bound both), e.g. 99 KB for an sm_86 / sm_89 GPU,
+  // so that an A100 or H100 runs what such a GPU would (tests, with sm90_kernels false).
+  int64_t smem_limit = 0;
   int64_t G() const { return HQ / H; }
 };
 
@@ -58,6 +62,13 @@ constexpr bool two_ctas_fit(int64_t bytes, int64_t per_sm) { return 2 * (bytes +
 inline SmemBudget stage_budget(bool sm80_kernel_set, int64_t device_per_sm, int64_t per_cta) {
   const bool roomy = !sm80_kernel_set && device_per_sm >= kSm90Smem.per_sm;
   return {per_cta, roomy ? kSm90Smem.per_sm : kSm80Smem.per_sm};
+}
+
+// `budget` on a GPU whose CTA may have at most `limit` bytes (DeviceLayout::smem_limit; none when 0).
+constexpr SmemBudget limit_budget(SmemBudget budget, int64_t limit) {
+  if (limit <= 0) return budget;
+  return {budget.per_cta < limit ? budget.per_cta : limit,
+          budget.per_sm < limit + kSmemReservedPerCta ? budget.per_sm : limit + kSmemReservedPerCta};
 }
 
 // K/V stages of a forward tile kernel (attention_tile.cuh: 4 warps, which the registers let an SM hold twice) whose
@@ -100,7 +111,8 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
 enum class KernelChoice { Auto = 0, Tile = 1 };
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                                   const DeviceLayout& L, cudaStream_t s, KernelChoice choice);
-// Shared memory a CTA of compressed attention's mma.sync tile kernel takes for L's dtype and head dims.
+// Shared memory a CTA of compressed attention's mma.sync tile kernel takes for L's dtype and head dims; where the
+// device's CTA may not have as much (DeviceLayout::smem_limit included), the CUDA-core row kernel runs instead.
 int compressed_tile_smem_bytes(const DeviceLayout& L);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s);
@@ -108,6 +120,16 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
                   cudaStream_t s, KernelChoice choice);
 // Whether Auto runs top-k on its sm_90 kernel (topk.cu).
 bool topk_sm90_fits(const DeviceLayout& L, const void* q, const void* k_cmp);
+// The launch of top-k's tile kernel for L on an SM of `budget`: warps a CTA (8 for 16-bit inputs, 4 for fp32, fewer
+// where the tokens' candidate buffers would not fit; 0 where none fits, and topk_forward throws), K stages and
+// candidate-buffer entries per token, and the CTA's shared memory.
+struct TopkTileConfig {
+  int warps = 0, stages = 0, cap = 0, bytes = 0;
+};
+TopkTileConfig topk_tile_config(const DeviceLayout& L, SmemBudget budget);
+// Empty where top-k can run L on the current device; else why not (neither the sm_90 kernel nor any launch of the
+// tile kernel fits its shared memory: fp32 inputs with K = 256 and S >= 128 on a GPU of 99 KB a CTA).
+std::string topk_shared_memory_shortfall(const DeviceLayout& L, const void* q, const void* k_cmp);
 // Whether the streamed selected-attention kernel (selected_attention_streamed.cu) can take this problem: the
 // sm_90 kernels allowed on a 9.x device, 16-bit elements, G in {4, 8} or a multiple of 16, BS a multiple of 64,
 // K and V in {64, 128} or K = 192 with V = 128, S * BS / 64 at most 512, 16-byte aligned tensors.

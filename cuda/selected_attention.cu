@@ -649,23 +649,6 @@ struct SelectionKeys {
   }
 };
 
-// CUDA-core fallback: one warp per (token, query head) row.
-template <typename T>
-__global__ void __launch_bounds__(128) selected_attention_rows_kernel(const SelectedParams<T> p, int64_t num_rows) {
-  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  QueryRow r;
-  if (row >= num_rows || !r.find(p.seqs, p.token_seq, p.row_tokens, p.HQ, p.G, row)) return;
-  attn::RowAttention<T> ra;
-  ra.init(p.q + row * p.K, p.K);
-  SelectionKeys{p.indices, p.counts, p.H, p.S, p.BS}.each(
-      r, [&](int64_t kv) { ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
-  ra.store(p.o + row * p.V, p.lse + row, p.V);
-}
-
-}  // namespace
-
-namespace {
-
 // The union / per-token tile kernel for L within `budget`. Beside the streamed or block-major kernel (`run` > 0:
 // the union takes the runs of `run` tokens the split marks) only tiles that lie inside one run can launch.
 TileChoice selected_tile(const DeviceLayout& L, SmemBudget budget, int run) {
@@ -742,10 +725,8 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
       }
     }
     if (main_kernel) return;
-    const int64_t rows = L.B * L.T * L.HQ;
-    const int threads = 128;
-    selected_attention_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
-    check_launch("selected_attention_rows_kernel");
+    attn::launch_row_attention(p, SelectionKeys{p.indices, p.counts, p.H, p.S, p.BS}, L, s,
+                               "row_attention_kernel (selected attention)");
   });
   const bool fuse_gate = gated && streamed && !split_runs;
   if (streamed)

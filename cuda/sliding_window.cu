@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const Wi
 }
 
 // The keys of a query in the window: [max(0, t - W + 1), t] of its sequence, passed to `key` as rows of the
-// [*, H, K] / [*, H, V] keys and values; for the forward's row kernel and the backward (attention_backward's keys).
+// [*, H, K] / [*, H, V] keys and values; for the forward's row kernel (attn::row_attention_kernel) and the backward
+// (attention_backward's keys).
 struct WindowRowKeys {
   int W, H;
   template <typename F>
@@ -118,18 +119,6 @@ struct WindowRowKeys {
     for (int64_t pos = r.t - W + 1 > 0 ? r.t - W + 1 : 0; pos <= r.t; ++pos) key((r.key_base + pos) * H + r.kv_head);
   }
 };
-
-// CUDA-core fallback: one warp per (token, query head) row.
-template <typename T>
-__global__ void __launch_bounds__(128) sliding_window_rows_kernel(const WindowParams<T> p, int64_t num_rows) {
-  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  QueryRow r;
-  if (row >= num_rows || !r.find(p.seqs, p.token_seq, p.row_tokens, p.HQ, p.G, row)) return;
-  attn::RowAttention<T> ra;
-  ra.init(p.q + row * p.K, p.K);
-  WindowRowKeys{p.W, p.H}.each(r, [&](int64_t kv) { ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
-  ra.store(p.o + row * p.V, p.lse + row, p.V);
-}
 
 // The key-block backward's work: key block i's tokens, [key0, min(length, key0 + BS + W - 1)) (those whose
 // window reaches a key of the block), in ctas_per_block CTAs of tokens_per_cta.
@@ -216,10 +205,7 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
         return;
       }
     }
-    const int64_t rows = L.B * L.T * L.HQ;
-    const int threads = 128;
-    sliding_window_rows_kernel<T><<<unsigned(div_up(rows * 32, threads)), threads, 0, s>>>(p, rows);
-    check_launch("sliding_window_rows_kernel");
+    attn::launch_row_attention(p, WindowRowKeys{p.W, p.H}, L, s, "row_attention_kernel (sliding window)");
   });
 }
 

@@ -993,21 +993,20 @@ void launch_sm90(TopkParams P, int32_t* block_indices, const void* q, const void
   else launch(std::integral_constant<int, 3>{});
 }
 
-// Launch shape: warps per CTA, K stages, buffer capacity.
-struct TopkConfig {
-  int warps = 0, stages = 0, cap = 0;
-};
-
 // The largest candidate buffer that fits `limit` bytes, trying 3 K stages (only with a buffer of at least
 // 128 entries: a small one compacts often), then 2, then 1; none when even S + 31 entries do not fit.
 template <typename T>
-TopkConfig fit(int warps, int k_padded, int tpt, int S, int limit) {
+TopkTileConfig fit(int warps, int k_padded, int tpt, int S, int64_t limit) {
   const int min_cap = int(div_up(S + 31, 32) * 32);
+  auto config = [&](int stages, int cap) {
+    const int bytes = smem_bytes<T>(warps, k_padded, tpt, stages, cap);
+    return bytes <= limit ? TopkTileConfig{warps, stages, cap, bytes} : TopkTileConfig{};
+  };
   for (int cap = kMaxCap; cap >= std::max(min_cap, 128); cap -= 32)
-    if (smem_bytes<T>(warps, k_padded, tpt, 3, cap) <= limit) return {warps, 3, cap};
+    if (const TopkTileConfig c = config(3, cap); c.warps) return c;
   for (int stages = 2; stages >= 1; --stages)
     for (int cap = kMaxCap; cap >= min_cap; cap -= 32)
-      if (smem_bytes<T>(warps, k_padded, tpt, stages, cap) <= limit) return {warps, stages, cap};
+      if (const TopkTileConfig c = config(stages, cap); c.warps) return c;
   return {};
 }
 
@@ -1026,6 +1025,23 @@ void launch(TopkParams P, int32_t* block_indices, const void* q, const void* k_c
   if (P.G == 1 && P.geo.head_chunks == 1 && P.cap >= P.L.block_count + kBN) go(topk_kernel<T, W, true>);
   else go(topk_kernel<T, W, false>);
   check_launch("topk_kernel");
+}
+
+// Why no launch of the tile kernel fits `budget`, for an error message.
+std::string no_launch_fits(const DeviceLayout& L, SmemBudget budget) {
+  const char* dtype = L.dtype == ElemType::F32 ? "fp32" : L.dtype == ElemType::F16 ? "fp16" : "bf16";
+  return std::string("top-k of ") + dtype + " inputs with K = " + std::to_string(L.K) + ", S = " +
+         std::to_string(L.block_count) + " and G = " + std::to_string(L.G()) +
+         " needs more shared memory a CTA than this GPU's " + std::to_string(budget.per_cta) + " bytes";
+}
+
+// launch<T, warps> for warps in {W, W / 2, ..., 1}.
+template <typename T, int W>
+void launch_warps(int warps, const TopkParams& P, int32_t* block_indices, const void* q, const void* k_cmp,
+                  const float* lse_cmp, cudaStream_t s) {
+  if constexpr (W > 1)
+    if (warps < W) return launch_warps<T, W / 2>(warps, P, block_indices, q, k_cmp, lse_cmp, s);
+  launch<T, W>(P, block_indices, q, k_cmp, lse_cmp, s);
 }
 
 }  // namespace
@@ -1059,25 +1075,37 @@ void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, cons
         return;
       }
     }
-    const int smem_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, "cudaDeviceGetAttribute(topk)");
-    const int smem_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "cudaDeviceGetAttribute(topk)");
-    const int S = L.block_count;
-    // Two CTAs per SM where they fit (each also reserves 1 KB), else one with the largest buffer; with few
-    // heads, long keys and many blocks per query, half the warps (half the tokens per CTA).
-    const tile::Geometry geo = tile::make_geometry(P.G, 16 * W, L.max_len);
-    TopkConfig c = fit<T>(W, P.k_padded, geo.tpt, S, smem_sm / 2 - 1024);
-    if (c.warps == 0) c = fit<T>(W, P.k_padded, geo.tpt, S, smem_optin);
-    if (c.warps == 0) {
-      const tile::Geometry half = tile::make_geometry(P.G, 16 * (W / 2), L.max_len);
-      c = fit<T>(W / 2, P.k_padded, half.tpt, S, smem_optin);
-      if (c.warps == 0) throw CudaError("topk_forward: the candidate buffers do not fit in shared memory");
-    }
+    const SmemBudget budget = device_budget(L);
+    const TopkTileConfig c = topk_tile_config(L, budget);
+    if (c.warps == 0) throw CudaError("topk_forward: " + no_launch_fits(L, budget));
     P.geo = tile::make_geometry(P.G, 16 * c.warps, L.max_len);
     P.stages = c.stages;
     P.cap = c.cap;
-    if (c.warps == W) launch<T, W>(P, block_indices, q, k_cmp, lse_cmp, s);
-    else launch<T, W / 2>(P, block_indices, q, k_cmp, lse_cmp, s);
+    launch_warps<T, W>(c.warps, P, block_indices, q, k_cmp, lse_cmp, s);
   });
+}
+
+TopkTileConfig topk_tile_config(const DeviceLayout& L, SmemBudget budget) {
+  TopkTileConfig c;
+  dispatch_elem(L.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t G = L.G();
+    const int k_padded = int(div_up(L.K, 16) * 16), S = L.block_count;
+    auto tokens = [&](int warps) { return tile::make_geometry(G, 16 * warps, L.max_len).tpt; };
+    // Two CTAs per SM where they fit (each also reserves 1 KB), else one with the largest buffer; with few
+    // heads, long keys and many blocks per query, fewer warps (fewer tokens per CTA, each with its buffer).
+    constexpr int W = warps_for<T>();
+    c = fit<T>(W, k_padded, tokens(W), S, budget.per_sm / 2 - kSmemReservedPerCta);
+    for (int warps = W; c.warps == 0 && warps >= 1; warps /= 2)
+      c = fit<T>(warps, k_padded, tokens(warps), S, budget.per_cta);
+  });
+  return c;
+}
+
+std::string topk_shared_memory_shortfall(const DeviceLayout& L, const void* q, const void* k_cmp) {
+  if (L.num_seqs == 0 || L.max_len == 0 || topk_sm90_fits(L, q, k_cmp)) return "";
+  const SmemBudget budget = device_budget(L);
+  return topk_tile_config(L, budget).warps > 0 ? "" : no_launch_fits(L, budget);
 }
 
 }  // namespace nsa::cuda

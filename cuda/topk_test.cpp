@@ -34,6 +34,7 @@ struct TieCase {
   DType dtype = DType::BF16;
   int64_t K = 32;
   bool integer_levels = false;  // else zero queries
+  int64_t smem_limit = 0;       // > 0: the sm_80 kernel set, its CTAs held to this much shared memory
 };
 
 std::ostream& operator<<(std::ostream& os, const TieCase& c) { return os << c.name; }
@@ -76,7 +77,7 @@ TEST_P(CudaTopkTies, SelectsByTheTieRulesExactly) {
   for (double& x : p.k) x = round_to(c.dtype, x);
   for (double& x : p.v) x = round_to(c.dtype, x);
   p.input_dtype = c.dtype;
-  const Outputs out = make_cuda_backend()->run(p, RunOptions{});
+  const Outputs out = make_cuda_backend(c.smem_limit == 0, c.smem_limit)->run(p, RunOptions{});
   const Layout& L = p.layout;
   std::vector<int32_t> expected(L.dims.B * L.dims.T * L.dims.H * L.S(), -2);
   ref::topk_forward(expected.data(), p.q.data(), out.k_cmp.data(), out.lse_cmp.data(), L);
@@ -125,6 +126,50 @@ TEST_P(CudaTopkTies, SelectsByTheTieRulesExactly) {
 }
 
 const Policy kSeed = Policy::Seed, kPaper = Policy::Paper;
+constexpr int64_t kSm86 = 99 * 1024;  // a CTA's shared memory on sm_86 / sm_89 GPUs
+
+// Top-k's tile kernel on GPUs with less shared memory than an H100 (host arithmetic: no GPU needed): where the
+// candidate buffers of 16 x warps tokens would not fit, a CTA takes fewer warps, so that every shape below finds
+// a launch within an A100's 163 KB a CTA, and within 99 KB (sm_86 / sm_89) every shape but fp32 inputs with
+// K = 256 and at least 128 blocks a query (one warp's 16 tokens and one fp32 K tile are 108 KB there).
+TEST(CudaTopkTile, FewerWarpsWhereTheBuffersOutgrowTheCta) {
+  const cuda::SmemBudget a100 = cuda::kSm80Smem, sm86{kSm86, kSm86 + cuda::kSmemReservedPerCta};
+  cuda::DeviceLayout L;
+  L.H = 1;
+  L.max_len = 65536;
+  int fewer_warps = 0;
+  for (cuda::ElemType dtype : {cuda::ElemType::BF16, cuda::ElemType::F16, cuda::ElemType::F32})
+    for (int64_t K : {16, 64, 128, 192, 256})
+      for (int64_t G : {1, 2, 3, 4, 8, 16, 32})
+        for (int S : {1, 16, 64, 128, 225})
+          for (const cuda::SmemBudget& budget : {a100, sm86}) {
+            L.dtype = dtype, L.K = K, L.HQ = G, L.block_count = S;
+            const std::string what = "dtype " + std::to_string(int(dtype)) + ", K " + std::to_string(K) + ", G " +
+                                     std::to_string(G) + ", S " + std::to_string(S) + ", CTA " +
+                                     std::to_string(budget.per_cta);
+            const cuda::TopkTileConfig c = cuda::topk_tile_config(L, budget);
+            const bool fp32_k256_long = dtype == cuda::ElemType::F32 && K == 256 && S >= 128;
+            if (c.warps == 0) {
+              EXPECT_TRUE(budget.per_cta == kSm86 && fp32_k256_long) << "no launch: " << what;
+              continue;
+            }
+            EXPECT_LE(c.bytes, budget.per_cta) << what;
+            EXPECT_GE(c.cap, S + 31) << what << ": a filter pass appends up to 32 blocks to S - 1 kept";
+            EXPECT_TRUE(c.stages >= 1 && c.stages <= 3) << what;
+            fewer_warps += c.warps < (dtype == cuda::ElemType::F32 ? 4 : 8);
+          }
+  EXPECT_GT(fewer_warps, 0);
+  // The shapes that had no launch with at most one halving of the warps: G = 1, S = 225 on an A100 (K = 128) and
+  // S = 64 on 99 KB; and the production shape keeps its 8 warps and two CTAs an SM on an A100.
+  L.dtype = cuda::ElemType::BF16, L.K = 128, L.HQ = 1, L.block_count = 225;
+  EXPECT_EQ(cuda::topk_tile_config(L, a100).warps, 2);
+  L.block_count = 64;
+  EXPECT_EQ(cuda::topk_tile_config(L, sm86).warps, 2);
+  L.HQ = 16, L.block_count = 16;
+  const cuda::TopkTileConfig production = cuda::topk_tile_config(L, a100);
+  EXPECT_EQ(production.warps, 8);
+  EXPECT_TRUE(cuda::two_ctas_fit(production.bytes, a100.per_sm));
+}
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaTopkTies,
@@ -172,7 +217,13 @@ INSTANTIATE_TEST_SUITE_P(
         TieCase{"levels_paper_S32_G4_BS16", kPaper, 8, 2, 32, 16, 3000, {}, DType::BF16, 64, true},
         TieCase{"levels_seed_S16_G16_BS64", kSeed, 32, 2, 16, 64, 8192, {}, DType::BF16, 64, true},
         TieCase{"levels_paper_S48_G16_BS16", kPaper, 32, 2, 48, 16, 4000, {}, DType::BF16, 64, true},
-        TieCase{"levels_seed_S8_G8_BS32_f32", kSeed, 8, 1, 8, 32, 3000, {}, DType::F32, 64, true}),
+        TieCase{"levels_seed_S8_G8_BS32_f32", kSeed, 8, 1, 8, 32, 3000, {}, DType::F32, 64, true},
+        // The tile kernel with fewer warps, where a smaller GPU's shared memory holds fewer tokens' buffers:
+        // 99 KB a CTA (sm_86 / sm_89) at G = 1, S = 64, K = 128 and in fp32; an A100's 163 KB at S = 225.
+        TieCase{"seed_S64_G1_K128_smem99_overflow", kSeed, 1, 1, 64, 16, 2500, {}, DType::BF16, 128, false, kSm86},
+        TieCase{"levels_paper_S40_G1_f32_K64_smem99", kPaper, 2, 2, 40, 16, 3000, {}, DType::F32, 64, true, kSm86},
+        TieCase{"paper_S225_G1_K128_smem163", kPaper, 1, 1, 225, 16, 4000, {}, DType::BF16, 128, false,
+                cuda::kSm80Smem.per_cta}),
     [](const ::testing::TestParamInfo<TieCase>& info) { return info.param.name; });
 
 }  // namespace

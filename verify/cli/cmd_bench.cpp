@@ -44,6 +44,7 @@ struct BenchArgs {
   int warmup = 3, iters = 10, threads = 0;
   uint64_t seed = 1;
   bool no_sm90_kernels = false;  // cuda: the kernels an sm_80 GPU runs, even on an sm_90 device
+  int smem_limit_kb = 0;         // cuda: > 0, those kernels' CTAs within this much shared memory (DeviceLayout)
   bool backward = false;         // also time the backward pass
   std::string json;
 };
@@ -192,7 +193,8 @@ std::vector<StageResult> bench_cuda(const BenchArgs& a, const Layout& L, const F
     throw InputError("bench: --dtype for cuda must be bf16, f16 or f32");
   po.dtype = dt == DType::BF16 ? cuda::ElemType::BF16 : dt == DType::F16 ? cuda::ElemType::F16 : cuda::ElemType::F32;
   po.gate_swa = L.config.window > 0;
-  po.sm90_kernels = !a.no_sm90_kernels;
+  po.sm90_kernels = !a.no_sm90_kernels && a.smem_limit_kb == 0;
+  po.smem_limit = int64_t(a.smem_limit_kb) * 1024;
   po.backward = a.backward;
   cuda::CudaPipeline pipe(L, po);
   pipe.fill_random(a.seed);
@@ -242,7 +244,8 @@ int run_bench(const BenchArgs& a) {
     if (cuda::device_count() == 0) throw InputError("bench: backend 'cuda': no CUDA device is available");
     const cuda::DeviceInfo info = cuda::device_info();
     device = info.name + " (" + std::to_string(info.sm_count) + " SMs, sm_" + std::to_string(info.cc_major) +
-             std::to_string(info.cc_minor) + (a.no_sm90_kernels ? ", sm_90 kernels off" : "") + ")";
+             std::to_string(info.cc_minor) + (a.no_sm90_kernels || a.smem_limit_kb ? ", sm_90 kernels off" : "") +
+             (a.smem_limit_kb ? ", CTAs within " + std::to_string(a.smem_limit_kb) + " KB" : "") + ")";
     peak_tflops = info.bf16_dense_peak_tflops;
     results = bench_cuda(a, L, f);
 #else
@@ -315,6 +318,10 @@ void setup_bench(CLI::App& app) {
   cmd->add_option("--json", args->json, "write the results as JSON to this file");
   cmd->add_flag("--no-sm90-kernels", args->no_sm90_kernels,
                 "cuda: run the kernels an sm_80 GPU runs, also on an sm_90 device (wgmma/TMA kernels off)");
+  cmd->add_option("--smem-limit-kb", args->smem_limit_kb,
+                  "cuda: size the sm_80 kernels' CTAs for a GPU of this much shared memory a CTA, e.g. 99 for "
+                  "sm_86 / sm_89 (implies --no-sm90-kernels)")
+      ->check(CLI::Range(16, 1024));
   cmd->add_flag("--backward", args->backward,
                 "also time the backward pass (gate, the three branches, mean pooling) on a random upstream gradient");
   cmd->callback([args] { g_exit_code = run_bench(*args); });

@@ -42,6 +42,13 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
   [ "$(wc -l <"$work/stderr")" -eq 1 ] || fail "cuda without a device: expected one error line, got: $(cat "$work/stderr")"
   invoke bench --backend cuda --seqlen 64 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --no-sm90-kernels
   [ "$rc" -eq 2 ] || fail "cuda --no-sm90-kernels without a device: exit $rc, expected 2 ($(cat "$work/stderr"))"
+  invoke bench --backend cuda --seqlen 64 --heads-q 2 --heads-kv 1 --dim-k 16 --dim-v 16 --smem-limit-kb 99
+  [ "$rc" -eq 2 ] || fail "cuda --smem-limit-kb without a device: exit $rc, expected 2 ($(cat "$work/stderr"))"
 fi
+
+# A shared-memory limit outside [16, 1024] KB is refused before anything runs.
+invoke bench --backend cpu --seqlen 64 --heads-q 2 --heads-kv 1 --smem-limit-kb 8
+[ "$rc" -eq 2 ] || fail "--smem-limit-kb 8: exit $rc, expected 2"
+grep -q "smem-limit-kb: Value 8 not in range 16 to 1024" "$work/stderr" || fail "--smem-limit-kb 8: message: $(cat "$work/stderr")"
 
 finish
