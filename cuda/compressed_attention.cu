@@ -4,8 +4,9 @@
 // One CTA per (token tile, head chunk, sequence, kv head): its rows are the G heads of several tokens, so each
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2. Where that
-// CTA would outgrow the device's shared memory (K = V = 256 in 16 bits, most fp32 head dims, on a GPU of 99 KB a
-// CTA such as sm_86 / sm_89), the CUDA-core row kernel of attention_tile.cuh takes the problem, a warp a row.
+// CTA would outgrow the device's shared memory (a GPU of 99 KB a CTA, sm_86 / sm_89: K = V = 256 in 16 bits, most
+// fp32 head dims), it takes half or a quarter of its warps (query rows); where even that does not fit (fp32 with
+// K and V near 256), the CUDA-core row kernel of attention_tile.cuh takes the problem, a warp a row.
 // Backward: for bf16/fp16 with K, V <= 128, tile by tile of 64 pooled blocks on tensor cores
 // (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
@@ -65,26 +66,34 @@ void dispatch_tile(const DeviceLayout& L, F&& f) {
 // HQ=64, H=4, K=V=128: 6.66-6.67 ms against 6.56-6.61), and at K = V = 128 its 102 KB CTA is one an SM on an
 // A100 (9.62 ms, an H100 held to that) and at 256 more than an A100's CTA may have.
 template <typename T, int VP>
-int smem_bytes(int k_padded) {
-  constexpr int W = warps_for<T>();
+int smem_bytes(int warps, int k_padded) {
   const int ks = tile::smem_stride<T>(k_padded), vs = tile::smem_stride<T>(VP);
-  int bytes = (16 * W * ks + kBN * (ks + vs)) * int(sizeof(T));
-  if (!Elem<T>::kTensorCore) bytes += W * 16 * kBN * int(sizeof(float));
+  int bytes = (16 * warps * ks + kBN * (ks + vs)) * int(sizeof(T));
+  if (!Elem<T>::kTensorCore) bytes += warps * 16 * kBN * int(sizeof(float));
   return bytes;
+}
+
+// The most warps a CTA, of warps_for<T>() halved at most twice (fewer query rows beside the same K/V tile: a GPU
+// of 99 KB a CTA holds K = V = 256 in 16 bits with 4), whose CTA fits `per_cta` bytes; 0 where none does.
+template <typename T, int VP>
+int tile_warps(int k_padded, int64_t per_cta) {
+  for (int warps = warps_for<T>(); warps >= warps_for<T>() / 4; warps /= 2)
+    if (smem_bytes<T, VP>(warps, k_padded) <= per_cta) return warps;
+  return 0;
 }
 
 // Preconditions: K <= k_padded <= 256, V <= VP, G >= 1, the grid is (geo.tiles_x, num_seqs, H).
 // Two CTAs per SM where the accumulators allow it (VP <= 128): a CTA waiting at a barrier or on its next
 // tile's copy leaves the tensor cores to the other.
-template <typename T, int VP>
-__global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
+template <typename T, int VP, int W>
+__global__ void __launch_bounds__(W * 32, VP <= 128 ? 2 : 1)
     compressed_attention_kernel(T* __restrict__ o_cmp,             // [B, T, HQ, V]
                                 float* __restrict__ lse_cmp,       // [B, T, HQ]
                                 const T* __restrict__ q,           // [B, T, HQ, K]
                                 const T* __restrict__ k_cmp,       // [B, C, H, K]
                                 const T* __restrict__ v_cmp,       // [B, C, H, V]
                                 const CompressedParams P) {
-  constexpr int W = warps_for<T>(), ROWS = 16 * W;
+  constexpr int ROWS = 16 * W;
   const DeviceLayout& L = P.L;
   const DeviceSequence seq = L.seqs[blockIdx.y];
   // Late tokens see the most blocks: launch them first so the short tiles fill the tail.
@@ -227,10 +236,9 @@ __global__ void __launch_bounds__(warps_for<T>() * 32, VP <= 128 ? 2 : 1)
   }
 }
 
-template <typename T, int VP>
+template <typename T, int VP, int W>
 void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp, const DeviceLayout& L,
             cudaStream_t s) {
-  constexpr int W = warps_for<T>();
   CompressedParams P;
   P.L = L;
   P.G = int(L.HQ / L.H);
@@ -238,14 +246,23 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
   P.k_padded = padded_k(L);
   P.scale_log2 = L.scale * 1.4426950408889634f;
   if (P.geo.tiles_x == 0 || L.num_seqs == 0) return;
-  const int bytes = smem_bytes<T, VP>(P.k_padded);
-  auto kernel = compressed_attention_kernel<T, VP>;
+  const int bytes = smem_bytes<T, VP>(W, P.k_padded);
+  auto kernel = compressed_attention_kernel<T, VP, W>;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
              "cudaFuncSetAttribute(compressed_attention_kernel)");
   const dim3 grid(P.geo.tiles_x, L.num_seqs, unsigned(L.H));
   kernel<<<grid, W * 32, bytes, s>>>(static_cast<T*>(o_cmp), lse_cmp, static_cast<const T*>(q),
                                      static_cast<const T*>(k_cmp), static_cast<const T*>(v_cmp), P);
   check_launch("compressed_attention_kernel");
+}
+
+// launch<T, VP, warps> for warps in {W, W / 2, W / 4}.
+template <typename T, int VP, int W>
+void launch_warps(int warps, void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
+                  const DeviceLayout& L, cudaStream_t s) {
+  if constexpr (W > warps_for<T>() / 4)
+    if (warps < W) return launch_warps<T, VP, W / 2>(warps, o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+  launch<T, VP, W>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
 }
 
 // The key-block backward's work: tiles of kTileKeys pooled blocks of a sequence, each with the tokens that see
@@ -322,8 +339,19 @@ void compressed_attention_backward(float* dq, float* dk_cmp, float* dv_cmp, Bran
 
 int compressed_tile_smem_bytes(const DeviceLayout& L) {
   int bytes = 0;
-  dispatch_tile(L, [&](auto tag, auto vp) { bytes = smem_bytes<decltype(tag), decltype(vp)::value>(padded_k(L)); });
+  dispatch_tile(L, [&](auto tag, auto vp) {
+    using T = decltype(tag);
+    bytes = smem_bytes<T, decltype(vp)::value>(warps_for<T>(), padded_k(L));
+  });
   return bytes;
+}
+
+int compressed_tile_warps(const DeviceLayout& L, SmemBudget budget) {
+  int warps = 0;
+  dispatch_tile(L, [&](auto tag, auto vp) {
+    warps = tile_warps<decltype(tag), decltype(vp)::value>(padded_k(L), budget.per_cta);
+  });
+  return warps;
 }
 
 void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
@@ -337,9 +365,10 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
     compressed_attention_sm90(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
     return;
   }
-  if (compressed_tile_smem_bytes(L) <= device_budget(L).per_cta) {
+  if (const int warps = compressed_tile_warps(L, device_budget(L))) {
     dispatch_tile(L, [&](auto tag, auto vp) {
-      launch<decltype(tag), decltype(vp)::value>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
+      using T = decltype(tag);
+      launch_warps<T, decltype(vp)::value, warps_for<T>()>(warps, o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
     });
     return;
   }

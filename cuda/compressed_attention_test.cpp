@@ -36,22 +36,27 @@ TEST(CompressedAttentionTile, AnA100HoldsTwoCtasAtK128AndOneAt256) {
   EXPECT_LE(cuda::compressed_tile_smem_bytes(L), cuda::kSm80Smem.per_cta);
 }
 
-// On a GPU of 99 KB a CTA (sm_86 / sm_89) the tile kernel's CTA holds K = V = 128 in 16 bits, but not
-// K = V = 256 (Q for 128 rows and a K / V tile of 64 keys, rows padded by 16 bytes) nor fp32 at K = V = 128 (64 rows,
-// and a 64-key score tile a warp): those runs take the row kernel (the GPU tests' SmallSharedMemory cases).
-TEST(CompressedAttentionTile, A99KbCtaHoldsK128ButNotK256OrFp32) {
-  constexpr int kSm86Cta = 99 * 1024;
+// On smaller GPUs the tile kernel takes fewer warps (16 query rows each) beside the same K / V tile of 64 pooled
+// blocks, rows padded by 16 bytes (fp32: and a 64-key score tile a warp), and the row kernel where a quarter of
+// them do not fit. A CTA of 99 KB (sm_86 / sm_89) holds all 8 warps at K = V = 128 in bf16, 4 at K = V = 256
+// (exactly 99 KB), 2 of fp32's 4 at K = V = 128 and none at fp32 K = V = 256, which an A100 holds with one.
+TEST(CompressedAttentionTile, SmallerCtasTakeFewerWarps) {
+  const cuda::SmemBudget a100 = cuda::kSm80Smem, sm86{99 * 1024, 100 * 1024};
   cuda::DeviceLayout L;
   L.dtype = cuda::ElemType::BF16;
   L.K = L.V = 128;
-  EXPECT_LE(cuda::compressed_tile_smem_bytes(L), kSm86Cta);
+  EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 8);
   L.K = L.V = 256;
   EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), (128 * 264 + 64 * (264 + 264)) * 2);
-  EXPECT_GT(cuda::compressed_tile_smem_bytes(L), kSm86Cta);
+  EXPECT_EQ(cuda::compressed_tile_warps(L, a100), 8);
+  EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 4) << (64 * 264 + 64 * (264 + 264)) * 2 << " bytes with 4";
   L.dtype = cuda::ElemType::F32;
   L.K = L.V = 128;
   EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), (64 * 132 + 64 * (132 + 132)) * 4 + 4 * 16 * 64 * 4);
-  EXPECT_GT(cuda::compressed_tile_smem_bytes(L), kSm86Cta);
+  EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 2);
+  L.K = L.V = 256;
+  EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 0) << "the row kernel";
+  EXPECT_EQ(cuda::compressed_tile_warps(L, a100), 1) << (16 * 260 + 64 * 520) * 4 + 16 * 64 * 4 << " bytes with 1";
 }
 
 struct CompressedCase {

@@ -295,10 +295,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendStages, ::testing::ValuesIn(hand_pic
 constexpr int64_t kSm86Smem = 99 * 1024;  // a CTA's shared memory on sm_86 / sm_89 GPUs
 
 // The sm_80 kernel set with its CTAs held to a smaller GPU's shared memory (DeviceLayout::smem_limit): the shapes
-// where a stage leaves its usual launch -- compressed attention's row kernel (its tile CTA needs 132 KB at
-// K = V = 256 in bf16, 115 KB at K = V = 128 in fp32), top-k's tile kernel with fewer warps (its candidate
-// buffers at G = 1 with S = 64 outgrow 99 KB, with S = 225 an A100's 163 KB), and the window's and selected
-// attention's tiles chosen for 99 KB.
+// where a stage leaves its usual launch -- compressed attention's tile kernel with fewer warps (its 8-warp CTA
+// needs 132 KB at K = V = 256 in bf16, its 4-warp one 115 KB at K = V = 128 in fp32) or its row kernel (fp32 at
+// K = V = 256), top-k's tile kernel with fewer warps (its candidate buffers at G = 1 with S = 64 outgrow 99 KB,
+// with S = 225 an A100's 163 KB), and the window's and selected attention's tiles chosen for 99 KB.
 std::vector<Case> small_smem_cases() {
   auto limited = [](Case c, int64_t limit) {
     c.sm90_kernels = false;
@@ -310,6 +310,8 @@ std::vector<Case> small_smem_cases() {
               kSm86Smem),
       limited(make_case("smem99_f32_K128_V128_G4_varlen", DType::F32, 1, 0, 8, 2, 128, 128, 32, 3, kPaper,
                         {200, 0, 130}),
+              kSm86Smem),
+      limited(make_case("smem99_f32_K256_V256_G2_window", DType::F32, 1, 200, 4, 2, 256, 256, 16, 4, kSeed, {}, 30),
               kSm86Smem),
       limited(make_case("smem99_bf16_G1_K128_S64_BS16", DType::BF16, 1, 1400, 2, 2, 128, 64, 16, 64, kSeed),
               kSm86Smem),

@@ -13,7 +13,8 @@
 #      its sm_90 version in every branch (verified with gradients, also under memcheck), and a varlen case with the
 #      paper's heads (the sm_90 forward and backward kernels' K = 192 instances; verified with gradients, under
 #      memcheck, racecheck and synccheck), and the A100's shared-memory staging of the mma.sync kernels (the
-#      key-block backward, the forward's one-stage tile kernels) under all three, when compute-sanitizer is on PATH;
+#      key-block backward, the forward's one-stage tile kernels) under all three, and the launches of a GPU with
+#      99 KB a CTA under memcheck and racecheck, when compute-sanitizer is on PATH;
 #   5. `bench --backend cuda` at the reference shapes (nsa-spec §7), at 64k with the sm_80 kernel set, the
 #      backward at 8k and 64k, G = 1, 4, 16 at 32k (forward and backward), and the paper's heads at 64k (forward)
 #      and 8k (backward).
@@ -133,6 +134,12 @@ if command -v compute-sanitizer >/dev/null; then
     step "${tool}_one_stage_tiles" compute-sanitizer --tool $tool --kernel-name kns=_tc_kernel --error-exitcode 9 \
       "$build/cuda_tests" --gtest_brief=1 \
       --gtest_filter='*SlidingWindowCuda.*K128*:*SlidingWindowCuda.*K256*:*SelectedAttentionCudaPaths.*/bf16_G16_K128_BS64_S16'
+  done
+  # The launches a GPU with less shared memory gets (DeviceLayout::smem_limit): compressed attention's row kernel,
+  # top-k's tile kernel with fewer warps, the window's and selected attention's tiles for 99 KB.
+  for tool in memcheck racecheck; do
+    step "${tool}_small_smem" compute-sanitizer --tool $tool --error-exitcode 9 "$build/cuda_tests" --gtest_brief=1 \
+      --gtest_filter='SmallSharedMemory/CudaBackendStages.*:Shapes/CudaTopkTies.*smem*'
   done
   step synccheck_kb90 compute-sanitizer --tool synccheck --error-exitcode 9 "$bin" run --backend cuda -i "$kb90" \
     -o "$out/synccheck_kb90.safetensors"
