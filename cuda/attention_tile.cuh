@@ -16,8 +16,8 @@
 // copy (tile_stages).
 // Rows are padded by 16 bytes, which makes the ldmatrix and cp.async accesses of 8 rows land in distinct banks.
 //
-// The CUDA-core fallback (fp32 inputs, head dims that are not a multiple of 8) is RowAttention at the end:
-// one warp per query row, the same online softmax in fp32 with natural exponentials.
+// The CUDA-core fallback (fp32 inputs, head dims that are not a multiple of 8) is HeadsAttention at the end:
+// a warp per token and up to four heads of its group, the same online softmax in fp32 with natural exponentials.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -423,84 +423,82 @@ __device__ __forceinline__ void attend_key_tiles(WarpAttention<T, Shape>& wa, Ti
   __syncthreads();  // the caller may reuse shared memory
 }
 
-// ---- CUDA-core fallback: one warp per query row ----
-// Lane l holds dims l, l + 32, ... of q and of the output (K, V <= 256 => at most 8 each).
-template <typename T>
-struct RowAttention {
-  float q[8], o[8];
-  float row_max = -INFINITY, row_sum = 0.f;
+// ---- CUDA-core fallback: a warp per token and up to kHeads heads of its group ----
+// The forward of up to kHeads query heads of one token that share a kv head, on CUDA cores, one warp: lane l holds
+// dims l, l + 32, ... of q and of the outputs (K, V <= 256 => at most 8 each); each key's k and v rows are read
+// once for the heads together, each head keeping its own online softmax in fp32 with natural exponentials.
+template <typename T, int kHeads>
+struct HeadsAttention {
+  float q[kHeads][8], o[kHeads][8];
+  float row_max[kHeads], row_sum[kHeads];
+  int count = 0;
 
-  __device__ __forceinline__ void init(const T* q_row, int K) {
+  // Rows q_rows .. q_rows + (heads - 1) K of q [*, K]; heads <= kHeads.
+  __device__ __forceinline__ void init(const T* q_rows, int heads, int K) {
     const int lane = threadIdx.x % 32;
+    count = heads;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = lane + 32 * i;
-      q[i] = d < K ? Elem<T>::to_float(q_row[d]) : 0.f;
-      o[i] = 0.f;
+    for (int h = 0; h < kHeads; ++h) {
+      row_max[h] = -INFINITY;
+      row_sum[h] = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int d = lane + 32 * i;
+        q[h][i] = h < heads && d < K ? Elem<T>::to_float(q_rows[h * K + d]) : 0.f;
+        o[h][i] = 0.f;
+      }
     }
   }
   // Adds one key; every lane of the warp calls it with the same key.
   __device__ __forceinline__ void add_key(const T* k_row, const T* v_row, int K, int V, float scale) {
     const int lane = threadIdx.x % 32;
-    float dot = 0.f;
+    float k[8], v[8], dot[kHeads];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int d = lane + 32 * i;
-      if (d < K) dot = fmaf(q[i], Elem<T>::to_float(k_row[d]), dot);
+      k[i] = d < K ? Elem<T>::to_float(k_row[d]) : 0.f;
+      v[i] = d < V ? Elem<T>::to_float(v_row[d]) : 0.f;
     }
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    const float z = dot * scale;
-    const float new_max = fmaxf(row_max, z);
-    const float alpha = expf(row_max - new_max), p = expf(z - new_max);
-    row_max = new_max;
-    row_sum = row_sum * alpha + p;
+    for (int h = 0; h < kHeads; ++h) {
+      dot[h] = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = lane + 32 * i;
-      if (d < V) o[i] = o[i] * alpha + p * Elem<T>::to_float(v_row[d]);
+      for (int i = 0; i < 8; ++i) dot[h] = fmaf(q[h][i], k[i], dot[h]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2)
+#pragma unroll
+      for (int h = 0; h < kHeads; ++h) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], off);
+#pragma unroll
+    for (int h = 0; h < kHeads; ++h) {
+      const float z = dot[h] * scale;
+      const float new_max = fmaxf(row_max[h], z);
+      const float alpha = expf(row_max[h] - new_max), p = expf(z - new_max);
+      row_max[h] = new_max;
+      row_sum[h] = row_sum[h] * alpha + p;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[h][i] = o[h][i] * alpha + p * v[i];
     }
   }
-  __device__ __forceinline__ void store(T* o_row, float* lse, int V) {
+  // Rows o_rows [*, V] and lse_rows [*] of the init's heads; a head that saw no key gets o = 0, lse = 0.
+  __device__ __forceinline__ void store(T* o_rows, float* lse_rows, int V) {
     const int lane = threadIdx.x % 32;
-    const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int d = lane + 32 * i;
-      if (d < V) o_row[d] = Elem<T>::from_float(o[i] * inv);
+    for (int h = 0; h < kHeads; ++h) {
+      if (h >= count) break;
+      const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int d = lane + 32 * i;
+        if (d < V) o_rows[h * V + d] = Elem<T>::from_float(o[h][i] * inv);
+      }
+      if (lane == 0) lse_rows[h] = row_sum[h] > 0.f ? row_max[h] + logf(row_sum[h]) : 0.f;
     }
-    if (lane == 0) *lse = row_sum > 0.f ? row_max + logf(row_sum) : 0.f;
   }
 };
 
-// A forward on CUDA cores, one warp per (token, query head) row of B * T * HQ: RowAttention over the keys
-// `keys.each(row, key)` names as rows of p.k / p.v ([*, K] / [*, V]); rows outside every sequence are left as
-// they are.
-template <typename T, typename Keys>
-__global__ void __launch_bounds__(128) row_attention_kernel(const AttentionParams<T> p, const Keys keys,
-                                                            int64_t num_rows) {
-  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  QueryRow r;
-  if (row >= num_rows || !r.find(p.seqs, p.token_seq, p.row_tokens, p.HQ, p.G, row)) return;
-  RowAttention<T> ra;
-  ra.init(p.q + row * p.K, p.K);
-  keys.each(r, [&](int64_t kv) { ra.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
-  ra.store(p.o + row * p.V, p.lse + row, p.V);
-}
-
-// Launches row_attention_kernel over L's B * T * HQ rows; `name` names it in a launch error.
-template <typename T, typename Keys>
-void launch_row_attention(const AttentionParams<T>& p, const Keys& keys, const DeviceLayout& L, cudaStream_t s,
-                          const char* name) {
-  const int64_t rows = L.B * L.T * L.HQ;
-  if (rows == 0) return;
-  constexpr int kThreads = 128;
-  row_attention_kernel<T, Keys><<<unsigned(div_up(rows * 32, kThreads)), kThreads, 0, s>>>(p, keys, rows);
-  check_launch(name);
-}
-
 // The backward (nsa-spec §3) of up to kHeads query heads of one token that share a kv head, on CUDA cores, one
-// warp (lanes as in RowAttention): per head delta = do_x . o_x; per key j and head h, p = exp(scale q_h.k_j -
+// warp (lanes as in HeadsAttention): per head delta = do_x . o_x; per key j and head h, p = exp(scale q_h.k_j -
 // lse_h), ds = p (do_h . v_j - delta_h), dq_h += scale ds k_j (in registers); dk_j += scale sum_h ds q_h and
 // dv_j += sum_h p do_h go out by one fp32 atomic per element for the heads together (other tokens share the key).
 // kHeads = grad_heads(G): 4 for groups of 4 or more (4x fewer atomics; H100, the whole backward at T = 8k, G = 16:
@@ -546,6 +544,36 @@ template <typename F>
 void with_grad_heads(const DeviceLayout& L, F&& f) {
   if (grad_heads(L.HQ / L.H) == 4) f(std::integral_constant<int, 4>{});
   else f(std::integral_constant<int, 1>{});
+}
+
+// A forward on CUDA cores, a warp per token and kHeads heads of its group (the backward's warps: grad_heads),
+// over the keys `keys.each(row, key)` names as rows of p.k / p.v ([*, K] / [*, V]); tokens outside every sequence
+// are left as they are. Four heads a warp read each key once for four rows (G >= 4).
+template <typename T, int kHeads, typename Keys>
+__global__ void __launch_bounds__(128) row_attention_kernel(const AttentionParams<T> p, const Keys keys,
+                                                            const DeviceLayout L) {
+  int64_t row;
+  int count;
+  QueryRow r;
+  if (!find_grad_rows<kHeads>(L, row, count, r)) return;
+  HeadsAttention<T, kHeads> heads;
+  heads.init(p.q + row * p.K, count, p.K);
+  keys.each(r, [&](int64_t kv) { heads.add_key(p.k + kv * p.K, p.v + kv * p.V, p.K, p.V, p.scale); });
+  heads.store(p.o + row * p.V, p.lse + row, p.V);
+}
+
+// Launches row_attention_kernel over every token and group of heads of L; `name` names it in errors.
+template <typename T, typename Keys>
+void launch_row_attention(const AttentionParams<T>& p, const Keys& keys, const DeviceLayout& L, cudaStream_t s,
+                          const char* name) {
+  if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
+  with_grad_heads(L, [&](auto heads) {
+    constexpr int kHeads = decltype(heads)::value, kThreads = 128;
+    const int64_t blocks = div_up(grad_warps(L, kHeads) * 32, kThreads);
+    if (blocks >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many rows for one launch");
+    row_attention_kernel<T, kHeads, Keys><<<unsigned(blocks), kThreads, 0, s>>>(p, keys, L);
+  });
+  check_launch(name);
 }
 
 template <typename T, int kHeads>

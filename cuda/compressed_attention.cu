@@ -6,7 +6,7 @@
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2. Where that
 // CTA would outgrow the device's shared memory (a GPU of 99 KB a CTA, sm_86 / sm_89: K = V = 256 in 16 bits, most
 // fp32 head dims), it takes half or a quarter of its warps (query rows); where even that does not fit (fp32 with
-// K and V near 256), the CUDA-core row kernel of attention_tile.cuh takes the problem, a warp a row.
+// K and V near 256), the CUDA-core row kernel of attention_tile.cuh takes the problem (a warp a token and heads).
 // Backward: for bf16/fp16 with K, V <= 128, tile by tile of 64 pooled blocks on tensor cores
 // (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
