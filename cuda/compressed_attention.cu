@@ -29,6 +29,7 @@ constexpr int kBN = tile::kBlockN;
 // The keys of a query, for the forward's row kernel and the backward: the complete pooled blocks c < NC(t) of its
 // sequence, passed to `key` as rows of the [B, C, H, *] pooled keys and values.
 struct PooledBlockKeys {
+  static constexpr int kMaxRowHeads = 4;  // attn::row_heads (eight not measured here)
   int64_t BS, C, H;
   template <typename F>
   __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {

@@ -633,6 +633,7 @@ bool build_run_split(RunSplitMemory& mem, const int32_t* indices, const int32_t*
 // c >= 0, c * BS <= t; a block's keys up to t), passed to `key` as rows of the [*, H, K] / [*, H, V] keys and
 // values; for the forward's row kernel and the backward (as attention_backward's keys).
 struct SelectionKeys {
+  static constexpr int kMaxRowHeads = 8;  // attn::row_heads
   const int32_t* indices;  // [B, T, H, S]
   const int32_t* counts;   // [B, T, H] or null
   int H, S, BS;

@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(32 * kWarps) sliding_window_tc_kernel(const Wi
 // [*, H, K] / [*, H, V] keys and values; for the forward's row kernel (attn::row_attention_kernel) and the backward
 // (attention_backward's keys).
 struct WindowRowKeys {
+  static constexpr int kMaxRowHeads = 4;  // attn::row_heads
   int W, H;
   template <typename F>
   __device__ __forceinline__ void each(const QueryRow& r, F&& key) const {
