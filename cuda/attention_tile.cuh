@@ -539,6 +539,13 @@ __device__ __forceinline__ bool find_grad_rows(const DeviceLayout& L, int64_t& r
   return r.find(L, row);
 }
 
+// Blocks of 128 threads for a launch over grad_warps(L, kHeads); more than one launch takes throws, naming `name`.
+inline unsigned heads_blocks(const DeviceLayout& L, int kHeads, const char* name) {
+  const int64_t blocks = div_up(grad_warps(L, kHeads) * 32, 128);
+  if (blocks >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many rows for one launch");
+  return unsigned(blocks);
+}
+
 // Calls f(std::integral_constant<int, grad_heads(G)>{}), for a backward kernel's instance.
 template <typename F>
 void with_grad_heads(const DeviceLayout& L, F&& f) {
@@ -576,10 +583,8 @@ void launch_row_attention(const AttentionParams<T>& p, const Keys& keys, const D
                           const char* name) {
   if (L.B * L.T * L.HQ == 0 || L.num_seqs == 0) return;
   auto launch = [&](auto heads) {
-    constexpr int kHeads = decltype(heads)::value, kThreads = 128;
-    const int64_t blocks = div_up(grad_warps(L, kHeads) * 32, kThreads);
-    if (blocks >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many rows for one launch");
-    row_attention_kernel<T, kHeads, Keys><<<unsigned(blocks), kThreads, 0, s>>>(p, keys, L);
+    constexpr int kHeads = decltype(heads)::value;
+    row_attention_kernel<T, kHeads, Keys><<<heads_blocks(L, kHeads, name), 128, 0, s>>>(p, keys, L);
   };
   switch (row_heads(L.G(), Keys::kMaxRowHeads)) {
     case 8: launch(std::integral_constant<int, 8>{}); break;
@@ -715,10 +720,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
     const BackwardTensors<T> g{dq, dk, dv, d_out, static_cast<const T*>(q), static_cast<const T*>(k),
                           static_cast<const T*>(v), static_cast<const T*>(o), lse};
     with_grad_heads(L, [&](auto heads) {
-      constexpr int kHeads = decltype(heads)::value, kThreads = 128;
-      const int64_t blocks = div_up(grad_warps(L, kHeads) * 32, kThreads);
-      if (blocks >= (int64_t(1) << 31)) throw CudaError(std::string(name) + ": too many rows for one launch");
-      attention_backward_kernel<T, kHeads, Keys><<<unsigned(blocks), kThreads, 0, s>>>(g, keys, L);
+      constexpr int kHeads = decltype(heads)::value;
+      attention_backward_kernel<T, kHeads, Keys><<<heads_blocks(L, kHeads, name), 128, 0, s>>>(g, keys, L);
     });
     check_launch(name);
   });
