@@ -5,8 +5,8 @@
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
 // run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2. Where that
 // CTA would outgrow the device's shared memory (a GPU of 99 KB a CTA, sm_86 / sm_89: K = V = 256 in 16 bits, most
-// fp32 head dims), it takes half or a quarter of its warps (query rows); where even that does not fit (fp32 with
-// K and V near 256), the CUDA-core row kernel of attention_tile.cuh takes the problem (a warp a token and heads).
+// fp32 head dims), it takes half of its warps (query rows); where even that does not fit (fp32 with K and V near
+// 256), the CUDA-core row kernel of attention_tile.cuh takes the problem (a warp a token and heads).
 // Backward: for bf16/fp16 with K, V <= 128, tile by tile of 64 pooled blocks on tensor cores
 // (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
@@ -74,11 +74,12 @@ int smem_bytes(int warps, int k_padded) {
   return bytes;
 }
 
-// The most warps a CTA, of warps_for<T>() halved at most twice (fewer query rows beside the same K/V tile: a GPU
-// of 99 KB a CTA holds K = V = 256 in 16 bits with 4), whose CTA fits `per_cta` bytes; 0 where none does.
+// The most warps a CTA, warps_for<T>() or half of it (fewer query rows beside the same K/V tile: a GPU of 99 KB a
+// CTA holds K = V = 256 in 16 bits with 4, and fp32 at K = V = 128 with 2), whose CTA fits `per_cta` bytes; 0 where
+// neither does. (A quarter would hold fp32 at K = V = 256 on an A100; that instance is not built.)
 template <typename T, int VP>
 int tile_warps(int k_padded, int64_t per_cta) {
-  for (int warps = warps_for<T>(); warps >= warps_for<T>() / 4; warps /= 2)
+  for (int warps = warps_for<T>(); warps >= warps_for<T>() / 2; warps /= 2)
     if (smem_bytes<T, VP>(warps, k_padded) <= per_cta) return warps;
   return 0;
 }
@@ -257,11 +258,11 @@ void launch(void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const
   check_launch("compressed_attention_kernel");
 }
 
-// launch<T, VP, warps> for warps in {W, W / 2, W / 4}.
+// launch<T, VP, warps> for warps in {W, W / 2}.
 template <typename T, int VP, int W>
 void launch_warps(int warps, void* o_cmp, float* lse_cmp, const void* q, const void* k_cmp, const void* v_cmp,
                   const DeviceLayout& L, cudaStream_t s) {
-  if constexpr (W > warps_for<T>() / 4)
+  if constexpr (W > warps_for<T>() / 2)
     if (warps < W) return launch_warps<T, VP, W / 2>(warps, o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
   launch<T, VP, W>(o_cmp, lse_cmp, q, k_cmp, v_cmp, L, s);
 }

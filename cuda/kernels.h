@@ -114,8 +114,8 @@ void compressed_attention_forward(void* o_cmp, float* lse_cmp, const void* q, co
 // Shared memory a CTA of compressed attention's mma.sync tile kernel takes for L's dtype and head dims (8 warps
 // for bf16 / fp16, 4 for fp32).
 int compressed_tile_smem_bytes(const DeviceLayout& L);
-// The warps a CTA of that kernel takes on an SM of `budget`: all, or half or a quarter where the CTA would not fit;
-// 0 where none fits, and the CUDA-core row kernel runs instead.
+// The warps a CTA of that kernel takes on an SM of `budget`: all, or half where the CTA would not fit; 0 where
+// neither fits, and the CUDA-core row kernel runs instead.
 int compressed_tile_warps(const DeviceLayout& L, SmemBudget budget);
 void topk_forward(int32_t* block_indices, const void* q, const void* k_cmp, const float* lse_cmp, const DeviceLayout& L,
                   cudaStream_t s);
