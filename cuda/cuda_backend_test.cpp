@@ -103,6 +103,7 @@ struct Case {
 };
 
 std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.name; }
+std::string case_name(const ::testing::TestParamInfo<Case>& info) { return info.param.name; }
 
 Case make_case(std::string name, DType dtype, int64_t B, int64_t T, int64_t HQ, int64_t H, int64_t K, int64_t V,
                int64_t BS, int64_t S, Policy policy, std::vector<int64_t> lengths = {}, int64_t W = 0) {
@@ -289,8 +290,7 @@ std::vector<Case> hand_picked_cases() {
                   {200, 0, 140})};
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendStages, ::testing::ValuesIn(hand_picked_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendStages, ::testing::ValuesIn(hand_picked_cases()), case_name);
 
 constexpr int64_t kSm86Smem = 99 * 1024;  // a CTA's shared memory on sm_86 / sm_89 GPUs
 
@@ -321,8 +321,7 @@ std::vector<Case> small_smem_cases() {
       limited(make_case("smem163_bf16_G1_K128_S225_BS16", DType::BF16, 1, 3700, 1, 1, 128, 64, 16, 225, kSeed),
               cuda::kSm80Smem.per_cta)};
 }
-INSTANTIATE_TEST_SUITE_P(SmallSharedMemory, CudaBackendStages, ::testing::ValuesIn(small_smem_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(SmallSharedMemory, CudaBackendStages, ::testing::ValuesIn(small_smem_cases()), case_name);
 
 // Where no launch of top-k's tile kernel fits (fp32, K = 256, S = 128 on a 99 KB GPU: one warp's 16 tokens
 // and one K tile already take 108 KB), the run stops with an input error (exit 2) that names the stage, the shape
@@ -423,11 +422,10 @@ std::vector<Case> without_sm90_kernels(std::vector<Case> cases) {
 }
 
 // The same shapes twice: as the device runs them, and (on an sm_90 device) with the kernels an sm_80 GPU runs.
-INSTANTIATE_TEST_SUITE_P(Random, CudaBackendRandomShapes, ::testing::ValuesIn(random_cases(128)),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Random, CudaBackendRandomShapes, ::testing::ValuesIn(random_cases(128)), case_name);
 INSTANTIATE_TEST_SUITE_P(RandomPortable, CudaBackendRandomShapes,
                          ::testing::ValuesIn(without_sm90_kernels(random_cases(128))),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+                         case_name);
 
 // DeviceLayout::sm90_kernels = false moves each stage that has an sm_90 kernel off it, on a shape every one of
 // them takes otherwise (what the RandomPortable instances rely on).
@@ -733,12 +731,9 @@ TEST_P(CudaBackendBackward, GradientsMatchTheReference) {
   check_backward(GetParam());
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendBackward, ::testing::ValuesIn(hand_picked_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
-INSTANTIATE_TEST_SUITE_P(Random, CudaBackendBackward, ::testing::ValuesIn(random_cases(48)),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
-INSTANTIATE_TEST_SUITE_P(SmallSharedMemory, CudaBackendBackward, ::testing::ValuesIn(small_smem_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaBackendBackward, ::testing::ValuesIn(hand_picked_cases()), case_name);
+INSTANTIATE_TEST_SUITE_P(Random, CudaBackendBackward, ::testing::ValuesIn(random_cases(48)), case_name);
+INSTANTIATE_TEST_SUITE_P(SmallSharedMemory, CudaBackendBackward, ::testing::ValuesIn(small_smem_cases()), case_name);
 
 // The sm_90 key-block backward's conditions (64-key tiles, K and V in {64, 128}, bf16 / fp16) across G (a step of 64
 // rows holds 64 / G tokens, or a chunk of a token's heads), partial last blocks, varlen batches with empty
@@ -781,8 +776,7 @@ std::vector<Case> sm90_backward_cases() {
   }
   return cases;
 }
-INSTANTIATE_TEST_SUITE_P(Sm90KeyBlocks, CudaBackendBackward, ::testing::ValuesIn(sm90_backward_cases()),
-                         [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Sm90KeyBlocks, CudaBackendBackward, ::testing::ValuesIn(sm90_backward_cases()), case_name);
 
 // With `do`, a row sample does not narrow the run: the backward needs every forward row (as the reference's).
 TEST(CudaBackend, BackwardIgnoresARowSample) {
