@@ -424,8 +424,7 @@ std::vector<Case> without_sm90_kernels(std::vector<Case> cases) {
 // The same shapes twice: as the device runs them, and (on an sm_90 device) with the kernels an sm_80 GPU runs.
 INSTANTIATE_TEST_SUITE_P(Random, CudaBackendRandomShapes, ::testing::ValuesIn(random_cases(128)), case_name);
 INSTANTIATE_TEST_SUITE_P(RandomPortable, CudaBackendRandomShapes,
-                         ::testing::ValuesIn(without_sm90_kernels(random_cases(128))),
-                         case_name);
+                         ::testing::ValuesIn(without_sm90_kernels(random_cases(128))), case_name);
 
 // DeviceLayout::sm90_kernels = false moves each stage that has an sm_90 kernel off it, on a shape every one of
 // them takes otherwise (what the RandomPortable instances rely on).
