@@ -17,7 +17,8 @@
 // Rows are padded by 16 bytes, which makes the ldmatrix and cp.async accesses of 8 rows land in distinct banks.
 //
 // The CUDA-core fallback (fp32 inputs, head dims that are not a multiple of 8) is HeadsAttention at the end:
-// a warp per token and up to four heads of its group, the same online softmax in fp32 with natural exponentials.
+// a warp per token and up to four heads of its group (eight for selected attention: row_heads), the same online
+// softmax in fp32 with natural exponentials.
 #pragma once
 #include <cstdint>
 #include <string>
