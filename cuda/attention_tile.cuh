@@ -58,12 +58,16 @@ struct TileShape {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kWarpRows = 16 * kMT;
   static constexpr int kRows = kWarpRows * kWarps;  // M
-  static constexpr int kBN = D > 128 ? 32 : 64;
-  // At D = 256, or with two row tiles, the Q fragments would not fit beside O: they are re-read per k-step.
-  static constexpr bool kQInRegs = D <= 128 && kMT == 1;
-  static_assert(kMT == 1 || (kMT == 2 && D <= 128), "two row tiles per warp only up to D = 128");
-  static constexpr int kStride = D + 8;       // elements; +16 bytes of padding per row
-  static constexpr int kChunks = D / 8;       // 16-byte chunks per row
+  // Keys come 64 to a tile, 32 where D > 128 in 16 bits and D >= 64 in fp32 (whose P V holds the tile's P
+  // fragments split in two: 32 registers at 32 keys).
+  static constexpr int kBN = (sizeof(T) == 4 ? D >= 64 : D > 128) ? 32 : 64;
+  // At D = 256, with two row tiles, or in fp32 (twice the fragments, each split in two), the Q fragments would
+  // not fit beside O: they are re-read per k-step.
+  static constexpr bool kQInRegs = D <= 128 && kMT == 1 && sizeof(T) == 2;
+  static_assert(kMT == 1 || (kMT == 2 && D <= 128 && sizeof(T) == 2), "two row tiles per warp: 16 bits, D <= 128");
+  static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int kStride = D + kVec;    // elements; +16 bytes of padding per row
+  static constexpr int kChunks = D / kVec;    // 16-byte chunks per row
   static constexpr int kQElems = kRows * kStride;
   static constexpr int kKVElems = kBN * kStride;
   // Q, the K stages, the V stages, then three slots of key positions (int) and block slots (int): the key
@@ -153,9 +157,10 @@ template <typename T, typename Shape>
 __device__ __forceinline__ void load_q_tile(T* sq, const T* q, const RowMap& rows, int HQ, int K) {
   for (int i = threadIdx.x; i < Shape::kRows * Shape::kChunks; i += Shape::kThreads) {
     const int r = i / Shape::kChunks, ch = i % Shape::kChunks;
-    const bool valid = rows.valid(r) && ch * 8 < K;
-    const T* src = valid ? q + ((rows.tok0 + rows.token(r)) * HQ + rows.head(r)) * int64_t(K) + ch * 8 : q;
-    cp_async_16(sq + r * Shape::kStride + ch * 8, src, valid);
+    const int col = ch * Shape::kVec;
+    const bool valid = rows.valid(r) && col < K;
+    const T* src = valid ? q + ((rows.tok0 + rows.token(r)) * HQ + rows.head(r)) * int64_t(K) + col : q;
+    cp_async_16(sq + r * Shape::kStride + col, src, valid);
   }
 }
 
@@ -165,12 +170,12 @@ template <typename T, typename Shape>
 __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, const int* key_pos, const T* k, const T* v,
                                              int64_t key_base, int head, int H, int K, int V) {
   for (int i = threadIdx.x; i < Shape::kBN * Shape::kChunks; i += Shape::kThreads) {
-    const int j = i / Shape::kChunks, ch = i % Shape::kChunks;
+    const int j = i / Shape::kChunks, col = i % Shape::kChunks * Shape::kVec;
     const int pos = key_pos[j];
     const int64_t row = (key_base + pos) * H + head;
-    const bool k_ok = pos >= 0 && ch * 8 < K, v_ok = pos >= 0 && ch * 8 < V;
-    cp_async_16(sk + j * Shape::kStride + ch * 8, k_ok ? k + row * K + ch * 8 : k, k_ok);
-    cp_async_16(sv + j * Shape::kStride + ch * 8, v_ok ? v + row * V + ch * 8 : v, v_ok);
+    const bool k_ok = pos >= 0 && col < K, v_ok = pos >= 0 && col < V;
+    cp_async_16(sk + j * Shape::kStride + col, k_ok ? k + row * K + col : k, k_ok);
+    cp_async_16(sv + j * Shape::kStride + col, v_ok ? v + row * V + col : v, v_ok);
   }
 }
 
@@ -178,12 +183,16 @@ __device__ __forceinline__ void load_kv_tile(T* sk, T* sv, const int* key_pos, c
 // state. Thread layout (mma C fragment): in row tile m the lane holds rows g = lane / 4 and g + 8, and
 // columns 2 * (lane % 4) + {0, 1} of every 8-wide n-tile. A thread's rows are numbered ri = 2 * m + rr
 // (rr = 0 for g, 1 for g + 8); warp_row(ri) is the row within the warp's 16 * kMT.
+// fp32 inputs run the same tiles on tensor cores as three tf32 products (Tf32x3: m16n8k8, whose accumulator
+// layout is m16n8k16's), so the masks, the softmax and the stores are shared.
 template <typename T, typename Shape>
 struct WarpAttention {
+  static constexpr bool kTf32 = sizeof(T) == 4;
   static constexpr int kBN = Shape::kBN;
   static constexpr int kMT = Shape::kMT;
   static constexpr int kR = 2 * kMT;  // rows per thread
-  static constexpr int kKSteps = Shape::kD / 16;
+  static constexpr int kKStep = kTf32 ? 8 : 16;  // the mma's k
+  static constexpr int kKSteps = Shape::kD / kKStep;
   static constexpr int kSTiles = kBN / 8;
   static constexpr int kOTiles = Shape::kD / 8;
 
@@ -195,9 +204,13 @@ struct WarpAttention {
   __device__ __forceinline__ static int warp_row(int ri) {
     return (ri / 2) * 16 + (threadIdx.x % 32) / 4 + 8 * (ri % 2);
   }
+  // ldmatrix's row address for the A fragment of row tile m, k-step ks: matrices (rows 0-7, k low half),
+  // (rows 8-15, low), (rows 0-7, high), (rows 8-15, high). In fp32 a matrix row is 4 elements, and lane i
+  // receives element i % 4 of row i / 4: the tf32 A layout.
   __device__ __forceinline__ static const T* q_frag_addr(const T* sq_warp, int m, int ks) {
     const int lane = threadIdx.x % 32;
-    return sq_warp + (m * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + ks * 16 + (lane / 16) * 8;
+    return sq_warp + (m * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * Shape::kStride + ks * kKStep +
+           (lane / 16) * (kKStep / 2);
   }
 
   // Clears O and the softmax state; the Q fragments stay.
@@ -225,54 +238,9 @@ struct WarpAttention {
   __device__ __forceinline__ void step(const T* sq_warp, const T* sk, const T* sv, float scale_log2, bool need_mask,
                                        const Mask& mask) {
     const int lane = threadIdx.x % 32;
-    // S = Q K^T accumulates over the k-steps; with few accumulator tiles (16-key tiles of the per-token path)
-    // each would be one chain of dependent mma, so the k-steps are spread over kSplit partial sums, added at
-    // the end, to keep 8 independent chains in flight.
-    constexpr int kChains = kMT * kSTiles;
-    constexpr int kSplit = kChains >= 8 ? 1 : (8 / kChains < kKSteps ? 8 / kChains : kKSteps);
-    float acc[kSplit][kMT][kSTiles][4];
-#pragma unroll
-    for (int p = 0; p < kSplit; ++p)
-#pragma unroll
-      for (int m = 0; m < kMT; ++m)
-#pragma unroll
-        for (int n = 0; n < kSTiles; ++n) acc[p][m][n][0] = acc[p][m][n][1] = acc[p][m][n][2] = acc[p][m][n][3] = 0.f;
-
-    // Each K fragment feeds every row tile.
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t a[kMT][4];
-#pragma unroll
-      for (int m = 0; m < kMT; ++m) {
-        if constexpr (Shape::kQInRegs) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[m][i] = qf[ks][i];
-        } else {
-          ldmatrix_x4(a[m], q_frag_addr(sq_warp, m, ks));
-        }
-      }
-#pragma unroll
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, sk + (np * 16 + (lane % 8) + (lane / 16) * 8) * Shape::kStride + ks * 16 + ((lane / 8) % 2) * 8);
-#pragma unroll
-        for (int m = 0; m < kMT; ++m) {
-          MmaElem<T>::mma(acc[ks % kSplit][m][2 * np], a[m], b[0], b[1]);
-          MmaElem<T>::mma(acc[ks % kSplit][m][2 * np + 1], a[m], b[2], b[3]);
-        }
-      }
-    }
     float s[kMT][kSTiles][4];
-#pragma unroll
-    for (int m = 0; m < kMT; ++m)
-#pragma unroll
-      for (int n = 0; n < kSTiles; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[m][n][e] = acc[0][m][n][e];
-#pragma unroll
-          for (int p = 1; p < kSplit; ++p) s[m][n][e] += acc[p][m][n][e];
-        }
+    if constexpr (kTf32) scores_tf32(s, sq_warp, sk);
+    else scores_16bit(s, sq_warp, sk);
 
     // Scale into the log2 domain, mask.
 #pragma unroll
@@ -316,6 +284,150 @@ struct WarpAttention {
         }
       }
 
+    if constexpr (kTf32) add_pv_tf32(s, sv);
+    else add_pv_16bit(s, sv);
+  }
+
+  // S = Q K^T for the tile's keys (16-bit elements).
+  __device__ __forceinline__ void scores_16bit(float (&s)[kMT][kSTiles][4], const T* sq_warp, const T* sk) const {
+    const int lane = threadIdx.x % 32;
+    // S = Q K^T accumulates over the k-steps; with few accumulator tiles (16-key tiles of the per-token path)
+    // each would be one chain of dependent mma, so the k-steps are spread over kSplit partial sums, added at
+    // the end, to keep 8 independent chains in flight.
+    constexpr int kChains = kMT * kSTiles;
+    constexpr int kSplit = kChains >= 8 ? 1 : (8 / kChains < kKSteps ? 8 / kChains : kKSteps);
+    float acc[kSplit][kMT][kSTiles][4];
+#pragma unroll
+    for (int p = 0; p < kSplit; ++p)
+#pragma unroll
+      for (int m = 0; m < kMT; ++m)
+#pragma unroll
+        for (int n = 0; n < kSTiles; ++n) acc[p][m][n][0] = acc[p][m][n][1] = acc[p][m][n][2] = acc[p][m][n][3] = 0.f;
+
+    // Each K fragment feeds every row tile.
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        if constexpr (Shape::kQInRegs) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[m][i] = qf[ks][i];
+        } else {
+          ldmatrix_x4(a[m], q_frag_addr(sq_warp, m, ks));
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, sk + (np * 16 + (lane % 8) + (lane / 16) * 8) * Shape::kStride + ks * 16 + ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          MmaElem<T>::mma(acc[ks % kSplit][m][2 * np], a[m], b[0], b[1]);
+          MmaElem<T>::mma(acc[ks % kSplit][m][2 * np + 1], a[m], b[2], b[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[m][n][e] = acc[0][m][n][e];
+#pragma unroll
+          for (int p = 1; p < kSplit; ++p) s[m][n][e] += acc[p][m][n][e];
+        }
+  }
+
+  // S = Q K^T for the tile's keys (fp32, Tf32x3), k-steps of 8. The K fragments come by ldmatrix as in 16 bits:
+  // a matrix of 8 keys x 4 fp32 elements gives lane i key i / 4, element i % 4, the tf32 B layout. The big x big
+  // products and the cross terms accumulate apart (two chains a tile), added at the end.
+  __device__ __forceinline__ void scores_tf32(float (&s)[kMT][kSTiles][4], const T* sq_warp, const T* sk) const {
+    const int lane = threadIdx.x % 32;
+    float cross[kMT][kSTiles][4];
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[m][n][e] = cross[m][n][e] = 0.f;
+    const T* k_row = sk + ((lane % 8) + (lane / 16) * 8) * Shape::kStride + ((lane / 8) % 2) * 4;
+#pragma unroll 2
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      uint32_t a_big[kMT][4], a_small[kMT][4];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        uint32_t a[4];
+        ldmatrix_x4(a, q_frag_addr(sq_warp, m, ks));
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tf32x3::split(a[i], a_big[m][i], a_small[m][i]);
+      }
+#pragma unroll
+      for (int np = 0; np < kSTiles / 2; ++np) {
+        uint32_t b[4], b_big[2][2], b_small[2][2];
+        ldmatrix_x4(b, k_row + np * 16 * Shape::kStride + ks * 8);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tf32x3::split(b[i], b_big[i / 2][i % 2], b_small[i / 2][i % 2]);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            Tf32x3::mma3(s[m][2 * np + h], cross[m][2 * np + h], a_big[m], a_small[m], b_big[h], b_small[h]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[m][n][e] += cross[m][n][e];
+  }
+
+  // O += P V (fp32, Tf32x3), k-steps of 8 keys. The S fragment of n-tile kk is the A fragment of keys taken in
+  // the order 0, 2, 4, 6, 1, 3, 5, 7 (a0..a3 = p[g][2t], p[g+8][2t], p[g][2t+1], p[g+8][2t+1], t = lane % 4), so
+  // B's rows follow that order: lane reads V rows 2t and 2t + 1 at column g = lane / 4 of each 8-column tile, two
+  // plain loads (ldmatrix would transpose 16-bit halves), in distinct banks (rows kStride = D + 4 apart).
+  // The tensor cores add into an accumulator rounding towards zero, so a chain of mma over every key of a row
+  // (thousands at S = 121, BS = 64) drifts by ~1e-4; each tile's products are summed apart (12 mma at 32 keys)
+  // and added to O by a rounded fp32 add.
+  __device__ __forceinline__ void add_pv_tf32(const float (&s)[kMT][kSTiles][4], const T* sv) {
+    const int lane = threadIdx.x % 32;
+    uint32_t a_big[kMT][kSTiles][4], a_small[kMT][kSTiles][4];
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int kk = 0; kk < kSTiles; ++kk) {
+        const float a[4] = {s[m][kk][0], s[m][kk][2], s[m][kk][1], s[m][kk][3]};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tf32x3::split(__float_as_uint(a[i]), a_big[m][kk][i], a_small[m][kk][i]);
+      }
+    const T* v_col = sv + 2 * (lane % 4) * Shape::kStride + lane / 4;
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      float part[kMT][4];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) part[m][0] = part[m][1] = part[m][2] = part[m][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kSTiles; ++kk) {
+        const T* v_rows = v_col + kk * 8 * Shape::kStride + n * 8;
+        uint32_t b_big[2], b_small[2];
+        Tf32x3::split(__float_as_uint(v_rows[0]), b_big[0], b_small[0]);
+        Tf32x3::split(__float_as_uint(v_rows[Shape::kStride]), b_big[1], b_small[1]);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m)
+          Tf32x3::mma3(part[m], part[m], a_big[m][kk], a_small[m][kk], b_big, b_small);
+      }
+#pragma unroll
+      for (int m = 0; m < kMT; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[m][n][e] += part[m][e];
+    }
+  }
+
+  // O += P V (16-bit elements).
+  __device__ __forceinline__ void add_pv_16bit(const float (&s)[kMT][kSTiles][4], const T* sv) {
+    const int lane = threadIdx.x % 32;
     // O += P V: the C fragments of two adjacent S n-tiles are exactly the A fragment of a 16-key k-step;
     // each V fragment feeds every row tile.
 #pragma unroll
@@ -367,9 +479,10 @@ struct WarpAttention {
 #pragma unroll
         for (int n = 0; n < kOTiles; ++n) {
           const int col = n * 8 + 2 * (lane % 4);
-          if (col < V)  // V is a multiple of 8 on this path, so col + 1 < V too
-            *reinterpret_cast<uint32_t*>(dst + col) =
-                MmaElem<T>::pack(o[m][n][2 * rr] * inv, o[m][n][2 * rr + 1] * inv);
+          if (col >= V) continue;  // V is a multiple of 16 bytes on this path, so col + 1 < V too
+          const float lo = o[m][n][2 * rr] * inv, hi = o[m][n][2 * rr + 1] * inv;
+          if constexpr (kTf32) *reinterpret_cast<float2*>(dst + col) = make_float2(lo, hi);
+          else *reinterpret_cast<uint32_t*>(dst + col) = MmaElem<T>::pack(lo, hi);
         }
         if (lane % 4 == 0) lse[out_row[ri]] = sum > 0.f ? (row_max[ri] + log2f(sum)) * kLn2 : 0.f;
       }
@@ -728,9 +841,14 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   });
 }
 
-// Whether the tensor-core path takes a problem: tensor_core_rows for its four tensors.
+// Whether the tile kernels take a problem: tensor_core_rows for its four tensors in 16 bits; in fp32 the same
+// 16-byte rows (K and V multiples of 4) and 16-byte aligned tensors.
 inline bool tensor_core_path(const DeviceLayout& L, const void* q, const void* k, const void* v, const void* o) {
-  return tensor_core_rows(L, {q, k, v, o});
+  if (L.dtype != ElemType::F32) return tensor_core_rows(L, {q, k, v, o});
+  if (L.K % 4 != 0 || L.V % 4 != 0) return false;
+  for (const void* p : {q, k, v, o})
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 // The head-dim bucket: the smallest of 16, 32, 64, 128, 256 holding both K and V.
@@ -753,10 +871,9 @@ void dispatch_head_dim(int bucket, F&& f) {
   }
 }
 
-// The tile kernel's launch for L on an SM of `budget`: 16-bit elements only (fp32 takes the CUDA-core kernel);
-// two 16-row tiles per warp where G >= kTwoRowTilesMinG (D = 64 / 128 only) and some stage count fits, else one; the
-// stages by tile_stages. `extra(rows)` is what the kernel adds to the tile's shared memory for CTAs of `rows` query
-// rows.
+// The tile kernel's launch for L on an SM of `budget`: two 16-row tiles per warp where G >= kTwoRowTilesMinG (16-bit
+// elements, D = 64 / 128 only) and some stage count fits, else one; the stages by tile_stages. `extra(rows)` is
+// what the kernel adds to the tile's shared memory for CTAs of `rows` query rows.
 template <int kWarps, typename Extra>
 TileChoice choose_tile(const DeviceLayout& L, SmemBudget budget, Extra&& extra) {
   TileChoice choice;
@@ -764,42 +881,40 @@ TileChoice choose_tile(const DeviceLayout& L, SmemBudget budget, Extra&& extra) 
   const bool two_row_tiles = L.G() >= kTwoRowTilesMinG;
   dispatch_elem(L.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (Elem<T>::kTensorCore) {
-      dispatch_head_dim(head_dim_bucket(L.K, L.V), [&](auto dim) {
-        constexpr int D = decltype(dim)::value;
-        auto with = [&](auto mt) {
-          constexpr int kMT = decltype(mt)::value;
-          using One = TileShape<T, D, kWarps, kMT, 1>;
-          using Two = TileShape<T, D, kWarps, kMT, 2>;
-          const int64_t more = extra(Two::kRows);
-          const int64_t bytes1 = int64_t(One::kTileBytes) + more, bytes2 = int64_t(Two::kTileBytes) + more;
-          TileChoice c;
-          c.stages = tile_stages(bytes1, bytes2, budget);
-          c.row_tiles = c.stages ? kMT : 0;
-          c.bytes = c.stages == 2 ? bytes2 : c.stages == 1 ? bytes1 : 0;
-          return c;
-        };
-        if constexpr (D == 64 || D == 128) {
-          if (two_row_tiles) {
-            choice = with(std::integral_constant<int, 2>{});
-            if (choice.stages) return;
-          }
+    dispatch_head_dim(head_dim_bucket(L.K, L.V), [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      auto with = [&](auto mt) {
+        constexpr int kMT = decltype(mt)::value;
+        using One = TileShape<T, D, kWarps, kMT, 1>;
+        using Two = TileShape<T, D, kWarps, kMT, 2>;
+        const int64_t more = extra(Two::kRows);
+        const int64_t bytes1 = int64_t(One::kTileBytes) + more, bytes2 = int64_t(Two::kTileBytes) + more;
+        TileChoice c;
+        c.stages = tile_stages(bytes1, bytes2, budget);
+        c.row_tiles = c.stages ? kMT : 0;
+        c.bytes = c.stages == 2 ? bytes2 : c.stages == 1 ? bytes1 : 0;
+        return c;
+      };
+      if constexpr ((D == 64 || D == 128) && sizeof(T) == 2) {
+        if (two_row_tiles) {
+          choice = with(std::integral_constant<int, 2>{});
+          if (choice.stages) return;
         }
-        choice = with(std::integral_constant<int, 1>{});
-      });
-    }
+      }
+      choice = with(std::integral_constant<int, 1>{});
+    });
   });
   return choice;
 }
 
-// Calls f(kMT, kStages) (integral constants) for a choice of choose_tile with stages > 0 for bucket D.
-template <int D, typename F>
+// Calls f(kMT, kStages) (integral constants) for a choice of choose_tile with stages > 0 for elements T, bucket D.
+template <typename T, int D, typename F>
 void dispatch_tile(const TileChoice& c, F&& f) {
   auto by_stages = [&](auto mt) {
     if (c.stages == 1) return f(mt, std::integral_constant<int, 1>{});
     f(mt, std::integral_constant<int, 2>{});
   };
-  if constexpr (D == 64 || D == 128) {
+  if constexpr ((D == 64 || D == 128) && sizeof(T) == 2) {
     if (c.row_tiles == 2) return by_stages(std::integral_constant<int, 2>{});
   }
   by_stages(std::integral_constant<int, 1>{});

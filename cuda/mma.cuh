@@ -1,5 +1,6 @@
 // The tensor-core and shared-memory primitives every CUDA kernel here builds on: the mma.sync m16n8k16 of each
-// 16-bit element type, ldmatrix (by pointer or by 32-bit shared address) and cp.async.
+// 16-bit element type, fp32 products on tensor cores as three tf32 mma (Tf32x3), ldmatrix (by pointer or by 32-bit
+// shared address) and cp.async.
 #pragma once
 #include <cstdint>
 
@@ -36,6 +37,38 @@ template <> struct MmaElem<__half> {
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---- fp32 on tensor cores: three tf32 products (the "3xTF32" split) ----
+// A tf32 operand keeps 10 of fp32's 23 mantissa bits. x = big + small with big = x rounded to tf32 and small the
+// exact remainder, rounded to tf32 in turn; a * b ~ a_big b_big + a_big b_small + a_small b_big, the dropped
+// a_small b_small and the roundings within ~2^-21 of |a b|: close to fp32's own products (2^-24), where one tf32
+// product (2^-11) would miss the fp32 tolerance (nsa-spec §5.1: rel-L2 1e-5) by two orders of magnitude.
+struct Tf32x3 {
+  // Round to nearest on the magnitude, in the bits (the tensor cores ignore the 13 bits below tf32's).
+  __device__ __forceinline__ static uint32_t round(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+  __device__ __forceinline__ static void split(uint32_t x_bits, uint32_t& big, uint32_t& small) {
+    const float x = __uint_as_float(x_bits);
+    big = round(x);
+    small = round(x - __uint_as_float(big));
+  }
+  // d += a (16x8, row-major) * b (8x8, column-major), one tf32 mma.
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // big += a_big b_big; cross += a_big b_small + a_small b_big: two accumulators, so that the three mma form two
+  // dependency chains (the caller adds cross to big at the end).
+  __device__ __forceinline__ static void mma3(float (&big)[4], float (&cross)[4], const uint32_t (&a_big)[4],
+                                              const uint32_t (&a_small)[4], const uint32_t (&b_big)[2],
+                                              const uint32_t (&b_small)[2]) {
+    mma(cross, a_small, b_big[0], b_big[1]);
+    mma(cross, a_big, b_small[0], b_small[1]);
+    mma(big, a_big, b_big[0], b_big[1]);
   }
 };
 

@@ -4,8 +4,8 @@
 // entries c of block_indices[b,t,h,:] with c >= 0 and c*BS <= t contribute keys [c*BS, min((c+1)*BS-1, t)];
 // o = softmax(scale * q k^T) v over those keys, lse = log-sum-exp of the scaled logits; no keys => 0, 0.
 //
-// Tensor-core path: a CTA takes `tokens_per_tile` consecutive tokens of one sequence x `heads_per_tile` query
-// heads of kv head h (attention_tile.cuh). It sorts each token's valid selections, forms the union of the
+// Tensor-core path (fp32 too, as three tf32 products): a CTA takes `tokens_per_tile` consecutive tokens of one
+// sequence x `heads_per_tile` query heads of kv head h (attention_tile.cuh). It sorts each token's valid selections, forms the union of the
 // tile's blocks in ascending order (a bitmap over a window of blocks, compacted by a prefix count), and walks
 // the union in key tiles of kBN keys: one block per tile, several blocks per tile when BS < kBN, several tiles
 // per block when BS > kBN. A row masks out the blocks its token did not select (found once per token and
@@ -525,7 +525,7 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   // Union or per-token path, the same for the whole CTA. A warp's slice of the K/V stages holds as many
   // stages of K and V of kTokenBN keys each.
   constexpr int kTokenBN = Shape::kBN / kWarps;
-  constexpr bool kPerTokenPath = kTokenBN >= 16 && kTokenBN % 16 == 0 && Shape::kD <= 128;
+  constexpr bool kPerTokenPath = kTokenBN >= 16 && kTokenBN % 16 == 0 && Shape::kD <= 128 && sizeof(T) == 2;
   bool per_token = false;
   int built_total = -1;  // the union's size when its only window is already in ss.blocks
   if constexpr (kPerTokenPath) {
@@ -695,35 +695,33 @@ bool selected_forward(void* o_slc, float* lse_slc, const void* q, const void* k,
     p.path = kernel_path;
     p.path_counts = path_counts;
     p.run = run_tokens(p.G);
-    if constexpr (Elem<T>::kTensorCore) {
-      if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
-        bool launched = false;
-        const TileChoice tile = selected_tile(L, device_budget(L), kernel_path == 3 ? p.run : 0);
-        auto launch = [&](auto dim, auto mt, auto stages) {
-          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
-          using Shape = TileShape<T, D, kWarps, kMT, kStages>;
-          const dim3 grid = p.set_tiles(Shape::kRows, L, "selected_attention_tc_kernel");
-          const auto kernel = selected_attention_tc_kernel<T, D, kMT, kStages>;
-          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile.bytes)),
-                     "cudaFuncSetAttribute(selected_attention_tc_kernel)");
-          cudaStream_t stream = s;
-          if (kernel_path == 3) {  // the union takes the runs the split marks, on a side stream
-            if (!build_run_split(split, block_indices, block_counts, L, blocks ? kBlocksUnionSlack : 1, s)) return;
-            p.split = split.split;
-            side = std::make_unique<SideStream>(s);
-            stream = side->get();
-          }
-          kernel<<<grid, Shape::kThreads, tile.bytes, stream>>>(p);
-          check_launch("selected_attention_tc_kernel");
-          launched = true;
-        };
-        if (tile.stages)
-          attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-            attn::dispatch_tile<decltype(dim)::value>(tile, [&](auto mt, auto stages) { launch(dim, mt, stages); });
-          });
-        union_launched = launched;
-        if (launched) return;
-      }
+    if (attn::tensor_core_path(L, q, k, v, o_slc) && L.num_seqs > 0) {
+      bool launched = false;
+      const TileChoice tile = selected_tile(L, device_budget(L), kernel_path == 3 ? p.run : 0);
+      auto launch = [&](auto dim, auto mt, auto stages) {
+        constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
+        using Shape = TileShape<T, D, kWarps, kMT, kStages>;
+        const dim3 grid = p.set_tiles(Shape::kRows, L, "selected_attention_tc_kernel");
+        const auto kernel = selected_attention_tc_kernel<T, D, kMT, kStages>;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile.bytes)),
+                   "cudaFuncSetAttribute(selected_attention_tc_kernel)");
+        cudaStream_t stream = s;
+        if (kernel_path == 3) {  // the union takes the runs the split marks, on a side stream
+          if (!build_run_split(split, block_indices, block_counts, L, blocks ? kBlocksUnionSlack : 1, s)) return;
+          p.split = split.split;
+          side = std::make_unique<SideStream>(s);
+          stream = side->get();
+        }
+        kernel<<<grid, Shape::kThreads, tile.bytes, stream>>>(p);
+        check_launch("selected_attention_tc_kernel");
+        launched = true;
+      };
+      if (tile.stages)
+        attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+          attn::dispatch_tile<T, decltype(dim)::value>(tile, [&](auto mt, auto stages) { launch(dim, mt, stages); });
+        });
+      union_launched = launched;
+      if (launched) return;
     }
     if (main_kernel) return;
     attn::launch_row_attention(p, SelectionKeys{p.indices, p.counts, p.H, p.S, p.BS}, L, s,

@@ -123,6 +123,13 @@ bool blocks_path_applies(const SelectedCase& c) {
          c.BS % 16 == 0 && c.BS <= 128;
 }
 
+// The rule the union / per-token tile kernel is documented to follow: rows of 16-byte multiples (K and V multiples
+// of 8 in 16 bits, of 4 in fp32); fp32 runs it on tensor cores as three tf32 products.
+bool tile_kernel_applies(const SelectedCase& c) {
+  const int64_t vec = c.dtype == DType::F32 ? 4 : 8;
+  return c.K % vec == 0 && c.V % vec == 0;
+}
+
 class SelectedAttentionCuda : public GpuParamTest<SelectedCase> {};
 
 TEST_P(SelectedAttentionCuda, MatchesFloat64Reference) {
@@ -159,6 +166,20 @@ TEST(SelectedAttentionTile, StagesKeepTwoCtasAnSm) {
     EXPECT_GE(h100.per_sm / (on_h100.bytes + cuda::kSmemReservedPerCta), 2);
     EXPECT_GE(a100.per_sm / (on_a100.bytes + cuda::kSmemReservedPerCta), 2);
   }
+  // fp32: one 16-row tile a warp (64 rows: 4 tokens at G = 16), 32-key tiles of rows of K + 4 floats; two stages
+  // on an H100, one on an A100, where two CTAs an SM then fit.
+  L.dtype = cuda::ElemType::F32;
+  L.H = 4;
+  const cuda::TileChoice f32_h100 = cuda::selected_attention_tile(L, h100);
+  const cuda::TileChoice f32_a100 = cuda::selected_attention_tile(L, a100);
+  EXPECT_EQ(f32_h100.row_tiles, 1);
+  EXPECT_EQ(f32_h100.stages, 2);
+  EXPECT_EQ(f32_a100.stages, 1);
+  EXPECT_EQ(f32_h100.bytes - f32_a100.bytes, 2 * 32 * 132 * 4);
+  EXPECT_GE(h100.per_sm / (f32_h100.bytes + cuda::kSmemReservedPerCta), 2);
+  EXPECT_GE(a100.per_sm / (f32_a100.bytes + cuda::kSmemReservedPerCta), 2);
+  L.dtype = cuda::ElemType::BF16;
+  L.H = 64;
   L.block_count = 1024;  // 64 tokens x 1024 entries, sorted and raw: 512 KB
   EXPECT_EQ(cuda::selected_attention_tile(L, h100).stages, 0);
   EXPECT_EQ(cuda::selected_attention_tile(L, a100).stages, 0);
@@ -191,7 +212,9 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"f16_varlen_G3_K16_BS128", f16, 1, 0, 6, 2, 16, 16, 128, 16, {5, 0, 300}, true},
         SelectedCase{"f32_G16_K64_V128_BS64", f32, 1, 200, 16, 1, 64, 128, 64, 16, {}, true},
         SelectedCase{"f32_varlen_G3_K256_BS32_S1", f32, 1, 0, 3, 1, 256, 256, 32, 1, {90, 0, 20}, false},
-        SelectedCase{"f32_G1_K16_BS16", f32, 2, 120, 2, 2, 16, 16, 16, 16, {}, true}),
+        SelectedCase{"f32_G1_K16_BS16", f32, 2, 120, 2, 2, 16, 16, 16, 16, {}, true},
+        SelectedCase{"f32_K18_V10_row_kernel", f32, 1, 100, 4, 2, 18, 10, 16, 8, {}, true},
+        SelectedCase{"f32_varlen_G1_K128_V200_BS64_S121", f32, 1, 0, 1, 1, 128, 200, 64, 121, {700, 0, 300}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Both ways of walking a tile's blocks, forced and chosen per tile, on selections that differ from token to
@@ -235,7 +258,7 @@ TEST_P(SelectedAttentionCudaPaths, EveryPathMatchesFloat64Reference) {
     SCOPED_TRACE("sm_80 kernel set, path " + std::to_string(int(path)));
     std::vector<int32_t> ctas;
     expect_close(run_selected(c, 5, {}, path, Pattern::Independent, &ctas, true), c.dtype);
-    if (c.dtype != DType::F32 && c.K % 8 == 0 && c.V % 8 == 0) EXPECT_GT(ctas[0] + ctas[1], 0);
+    if (tile_kernel_applies(c)) EXPECT_GT(ctas[0] + ctas[1], 0);
   }
 }
 
@@ -267,7 +290,12 @@ INSTANTIATE_TEST_SUITE_P(
         SelectedCase{"f16_G4_K128_BS64_S16", f16, 1, 700, 16, 4, 128, 128, 64, 16, {}, false},
         // Block-major path: G = 2 varlen with block_counts and an empty sequence, K != V; G = 1 at B = 2.
         SelectedCase{"bf16_varlen_G2_K64_V128_BS32_counts", bf16, 1, 0, 4, 2, 64, 128, 32, 16, {300, 0, 9, 450}, true},
-        SelectedCase{"f16_G1_K128_BS64_S16", f16, 2, 400, 2, 2, 128, 128, 64, 16, {}, false}),
+        SelectedCase{"f16_G1_K128_BS64_S16", f16, 2, 400, 2, 2, 128, 128, 64, 16, {}, false},
+        // fp32 on the union walk (its per-token walk is 16-bit only, so PerToken takes the union): 32-key tiles
+        // at K = 128 (two, four per block of 64, 128), 64-key tiles holding four blocks at K = 64, BS = 16.
+        SelectedCase{"f32_G16_K128_BS64_S16", f32, 1, 700, 16, 1, 128, 128, 64, 16, {}, false},
+        SelectedCase{"f32_varlen_G3_K128_V64_BS128_S4_counts", f32, 1, 0, 6, 2, 128, 64, 128, 4, {300, 0, 9, 450}, true},
+        SelectedCase{"f32_G1_K64_V32_BS16_S16", f32, 2, 300, 2, 2, 64, 32, 16, 16, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Auto's CTA counts per path on `c` for selections shared by aligned runs of 64 tokens and for independent

@@ -2,9 +2,10 @@
 // [max(0, t-W+1), t] (FlashAttention's window_size = (W-1, 0), causal); o and natural-log lse as in §2.4.
 //
 // On sm_90, bf16/fp16 with K and V in {64, 128} and G dividing 64 or a multiple of 64 run the warpgroup kernel
-// of attention_sm90.cu instead. Tensor-core path: the tile machinery of attention_tile.cuh over the contiguous
-// key range [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles of kBN; rows mask keys outside their
-// own window only on tiles that straddle a window edge.
+// of attention_sm90.cu instead. Tensor-core path (fp32 too, as three tf32 products): the tile machinery of
+// attention_tile.cuh over the contiguous key range [max(0, t_first-W+1), t_last] of a CTA's tokens, in key tiles
+// of kBN; rows mask keys outside their own window only on tiles that straddle a window edge. The CUDA-core row
+// kernel takes what the tiles cannot: rows that are not 16-byte multiples, tiles beyond the device's shared memory.
 //
 // Backward: for bf16/fp16 with K, V <= 128, key block by key block on tensor cores (key_block_backward.cuh), the
 // tokens of a block being those whose window reaches it; otherwise on CUDA cores, a warp per token and up to four
@@ -185,26 +186,24 @@ void sliding_window_forward(void* o_swa, float* lse_swa, const void* q, const vo
     p.set_inputs(q, k, v, o_swa, lse_swa, L);
     // A window longer than any sequence is the plain causal one; clamping keeps t - W + 1 in int range.
     p.W = int(std::min<int64_t>(L.window, std::max<int64_t>(L.max_len, 1)));
-    if constexpr (Elem<T>::kTensorCore) {
-      const TileChoice tile = attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0
-                                  ? sliding_window_tile(L, device_budget(L))
-                                  : TileChoice{};
-      if (tile.stages) {
-        auto launch = [&](auto dim, auto mt, auto stages) {
-          constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
-          using Shape = TileShape<T, D, kWarps, kMT, kStages>;
-          const auto kernel = sliding_window_tc_kernel<T, D, kMT, kStages>;
-          const dim3 grid = p.set_tiles(Shape::kRows, L, "sliding_window_tc_kernel");
-          CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile.bytes)),
-                     "cudaFuncSetAttribute(sliding_window_tc_kernel)");
-          kernel<<<grid, Shape::kThreads, tile.bytes, s>>>(p);
-          check_launch("sliding_window_tc_kernel");
-        };
-        attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
-          attn::dispatch_tile<decltype(dim)::value>(tile, [&](auto mt, auto stages) { launch(dim, mt, stages); });
-        });
-        return;
-      }
+    const TileChoice tile = attn::tensor_core_path(L, q, k, v, o_swa) && L.num_seqs > 0
+                                ? sliding_window_tile(L, device_budget(L))
+                                : TileChoice{};
+    if (tile.stages) {
+      auto launch = [&](auto dim, auto mt, auto stages) {
+        constexpr int D = decltype(dim)::value, kMT = decltype(mt)::value, kStages = decltype(stages)::value;
+        using Shape = TileShape<T, D, kWarps, kMT, kStages>;
+        const auto kernel = sliding_window_tc_kernel<T, D, kMT, kStages>;
+        const dim3 grid = p.set_tiles(Shape::kRows, L, "sliding_window_tc_kernel");
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tile.bytes)),
+                   "cudaFuncSetAttribute(sliding_window_tc_kernel)");
+        kernel<<<grid, Shape::kThreads, tile.bytes, s>>>(p);
+        check_launch("sliding_window_tc_kernel");
+      };
+      attn::dispatch_head_dim(attn::head_dim_bucket(L.K, L.V), [&](auto dim) {
+        attn::dispatch_tile<T, decltype(dim)::value>(tile, [&](auto mt, auto stages) { launch(dim, mt, stages); });
+      });
+      return;
     }
     attn::launch_row_attention(p, WindowRowKeys{p.W, p.H}, L, s, "row_attention_kernel (sliding window)");
   });

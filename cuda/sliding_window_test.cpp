@@ -98,9 +98,28 @@ TEST(SlidingWindowTile, StagesKeepTwoCtasAnSm) {
       }
   L.H = 0;  // no kv head: no tile (and no division by zero)
   EXPECT_EQ(cuda::sliding_window_tile(L, h100).stages, 0);
+  // fp32 (three tf32 products a tile): one 16-row tile a warp, 32 keys a tile. Two stages on an H100; on an A100
+  // one at D >= 128, where two would leave an SM one CTA; on a GPU of 99 KB a CTA one where two would leave it one
+  // CTA (D = 64) or not fit (128), and no tile at 256 (Q and one stage take 130 KB): the row kernel.
+  L.dtype = cuda::ElemType::F32;
   L.H = 4;
-  L.dtype = cuda::ElemType::F32;  // CUDA cores: no tile
-  EXPECT_EQ(cuda::sliding_window_tile(L, h100).stages, 0);
+  const int64_t dims[3] = {64, 128, 256};
+  const cuda::SmemBudget budgets[3] = {h100, a100, sm86};
+  const int stages[3][3] = {{2, 2, 2}, {2, 1, 1}, {1, 1, 0}};  // [budget][D]
+  for (int bi = 0; bi < 3; ++bi)
+    for (int di = 0; di < 3; ++di) {
+      const int64_t D = dims[di];
+      SCOPED_TRACE("fp32, D " + std::to_string(D) + ", per SM " + std::to_string(budgets[bi].per_sm));
+      L.K = L.V = D;
+      t = cuda::sliding_window_tile(L, budgets[bi]);
+      EXPECT_EQ(t.stages, stages[bi][di]);
+      if (t.stages == 0) continue;
+      EXPECT_EQ(t.row_tiles, 1);
+      // Q: 64 rows; K and V: `keys` rows a stage; rows of D + 4 floats; 6 x `keys` ints of positions and slots.
+      const int64_t keys = 32, stride = D + 4;
+      EXPECT_EQ(t.bytes, 4 * (64 * stride + 2 * t.stages * keys * stride) + 4 * 6 * keys);
+      EXPECT_LE(t.bytes, budgets[bi].per_cta);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -120,6 +139,13 @@ INSTANTIATE_TEST_SUITE_P(
         WindowCase{"f16_varlen_G1_K16_W16", f16, 1, 0, 2, 2, 16, 16, 16, {5, 0, 150}, false},
         WindowCase{"f32_G3_K64_V128_W50", f32, 1, 120, 3, 1, 64, 128, 50, {}, false},
         WindowCase{"f32_varlen_G16_K256_W500", f32, 1, 0, 16, 1, 256, 256, 500, {90, 0, 20}, false},
+        WindowCase{"f32_G16_K128_W200", f32, 1, 600, 32, 2, 128, 128, 200, {}, false},
+        WindowCase{"f32_G1_K32_V16_W1", f32, 1, 150, 2, 2, 32, 16, 1, {}, false},
+        WindowCase{"f32_varlen_G1_K128_V200_W229", f32, 1, 0, 1, 1, 128, 200, 229, {700, 0, 300}, false},
+        WindowCase{"f32_G1_K256_W229", f32, 1, 500, 1, 1, 256, 256, 229, {}, false},
+        WindowCase{"f32_G1_K128_V200_W229", f32, 1, 500, 1, 1, 128, 200, 229, {}, false},
+        WindowCase{"f32_G16_K128_V200_W229", f32, 1, 200, 16, 1, 128, 200, 229, {}, false},
+        WindowCase{"f32_K18_V10_row_kernel", f32, 1, 100, 4, 2, 18, 10, 30, {}, false},
         // The warpgroup kernel: windows of 1, of more than a tile, longer than the sequence; G = 4 / 64 / 128;
         // varlen with empty and short sequences; fp16.
         WindowCase{"bf16_G16_K128_W1", bf16, 1, 200, 16, 1, 128, 128, 1, {}, true},
