@@ -363,18 +363,16 @@ struct WarpAttention {
 #pragma unroll
         for (int i = 0; i < 4; ++i) Tf32x3::split(a[i], a_big[m][i], a_small[m][i]);
       }
+      uint32_t b_big[kSTiles][2], b_small[kSTiles][2];
 #pragma unroll
       for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t b[4], b_big[2][2], b_small[2][2];
+        uint32_t b[4];
         ldmatrix_x4(b, k_row + np * 16 * Shape::kStride + ks * 8);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) Tf32x3::split(b[i], b_big[i / 2][i % 2], b_small[i / 2][i % 2]);
-#pragma unroll
-        for (int m = 0; m < kMT; ++m)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            Tf32x3::mma3(s[m][2 * np + h], cross[m][2 * np + h], a_big[m], a_small[m], b_big[h], b_small[h]);
+        for (int i = 0; i < 4; ++i) Tf32x3::split(b[i], b_big[2 * np + i / 2][i % 2], b_small[2 * np + i / 2][i % 2]);
       }
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) Tf32x3::mma3(s[m], cross[m], a_big[m], a_small[m], b_big, b_small);
     }
 #pragma unroll
     for (int m = 0; m < kMT; ++m)
@@ -403,25 +401,33 @@ struct WarpAttention {
         for (int i = 0; i < 4; ++i) Tf32x3::split(__float_as_uint(a[i]), a_big[m][kk][i], a_small[m][kk][i]);
       }
     const T* v_col = sv + 2 * (lane % 4) * Shape::kStride + lane / 4;
+    // kN 8-column tiles at a time: kN chains in flight, kN x 4 registers of partial sums.
+    constexpr int kN = kOTiles < 4 ? kOTiles : 4;
 #pragma unroll
-    for (int n = 0; n < kOTiles; ++n) {
-      float part[kMT][4];
+    for (int n0 = 0; n0 < kOTiles; n0 += kN) {
+      float part[kMT][kN][4];
 #pragma unroll
-      for (int m = 0; m < kMT; ++m) part[m][0] = part[m][1] = part[m][2] = part[m][3] = 0.f;
+      for (int m = 0; m < kMT; ++m)
+#pragma unroll
+        for (int j = 0; j < kN; ++j) part[m][j][0] = part[m][j][1] = part[m][j][2] = part[m][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < kSTiles; ++kk) {
-        const T* v_rows = v_col + kk * 8 * Shape::kStride + n * 8;
-        uint32_t b_big[2], b_small[2];
-        Tf32x3::split(__float_as_uint(v_rows[0]), b_big[0], b_small[0]);
-        Tf32x3::split(__float_as_uint(v_rows[Shape::kStride]), b_big[1], b_small[1]);
+        uint32_t b_big[kN][2], b_small[kN][2];
 #pragma unroll
-        for (int m = 0; m < kMT; ++m)
-          Tf32x3::mma3(part[m], part[m], a_big[m][kk], a_small[m][kk], b_big, b_small);
+        for (int j = 0; j < kN; ++j) {
+          const T* v_rows = v_col + kk * 8 * Shape::kStride + (n0 + j) * 8;
+          Tf32x3::split(__float_as_uint(v_rows[0]), b_big[j][0], b_small[j][0]);
+          Tf32x3::split(__float_as_uint(v_rows[Shape::kStride]), b_big[j][1], b_small[j][1]);
+        }
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) Tf32x3::mma3(part[m], part[m], a_big[m][kk], a_small[m][kk], b_big, b_small);
       }
 #pragma unroll
       for (int m = 0; m < kMT; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[m][n][e] += part[m][e];
+        for (int j = 0; j < kN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[m][n0 + j][e] += part[m][j][e];
     }
   }
 

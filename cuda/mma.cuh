@@ -61,14 +61,18 @@ struct Tf32x3 {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
-  // big += a_big b_big; cross += a_big b_small + a_small b_big: two accumulators, so that the three mma form two
-  // dependency chains (the caller adds cross to big at the end).
-  __device__ __forceinline__ static void mma3(float (&big)[4], float (&cross)[4], const uint32_t (&a_big)[4],
-                                              const uint32_t (&a_small)[4], const uint32_t (&b_big)[2],
-                                              const uint32_t (&b_small)[2]) {
-    mma(cross, a_small, b_big[0], b_big[1]);
-    mma(cross, a_big, b_small[0], b_small[1]);
-    mma(big, a_big, b_big[0], b_big[1]);
+  // acc[j] += a_big b_big[j] and cross[j] += a_big b_small[j] + a_small b_big[j] for N tiles j (cross may be
+  // acc), issued kind by kind across the tiles so that N dependency chains are in flight, not one.
+  template <int N>
+  __device__ __forceinline__ static void mma3(float (&acc)[N][4], float (&cross)[N][4], const uint32_t (&a_big)[4],
+                                              const uint32_t (&a_small)[4], const uint32_t (&b_big)[N][2],
+                                              const uint32_t (&b_small)[N][2]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) mma(cross[j], a_small, b_big[j][0], b_big[j][1]);
+#pragma unroll
+    for (int j = 0; j < N; ++j) mma(cross[j], a_big, b_small[j][0], b_small[j][1]);
+#pragma unroll
+    for (int j = 0; j < N; ++j) mma(acc[j], a_big, b_big[j][0], b_big[j][1]);
   }
 };
 
