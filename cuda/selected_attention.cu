@@ -207,15 +207,16 @@ struct SelectedKeys {
 
 // ---- per-token path ----
 // One warp's 16-row tile walking its own key tiles: the shape WarpAttention sees (kBN keys per tile).
-template <int D, int BN>
+template <typename T, int D, int BN>
 struct WarpTileShape {
   static constexpr int kD = D;
   static constexpr int kMT = 1;
   static constexpr int kBN = BN;
-  static constexpr int kStride = D + 8;  // as the CTA tile's rows, so Q is read in place
-  static constexpr int kChunks = D / 8;
+  static constexpr int kVec = 16 / int(sizeof(T));
+  static constexpr int kStride = D + kVec;  // as the CTA tile's rows, so Q is read in place
+  static constexpr int kChunks = D / kVec;
   static constexpr int kKVElems = BN * kStride;
-  static constexpr bool kQInRegs = D <= 128;
+  static constexpr bool kQInRegs = D <= 128 && sizeof(T) == 2;
 };
 
 // A key tile of the per-token path: keys [base, base + nkeys) of one block, and which of the 16-row tile's
@@ -285,31 +286,32 @@ __device__ __forceinline__ int per_token_blocks(const SelectionSmem& ss, const R
 
 // The per-token path for one warp: each of its 16-row tiles (rows r0..r0+15 of the CTA tile) walks the
 // merged blocks of its tokens in key tiles of BN keys, and writes its rows. No barrier with other warps.
-// Stages: the warp's slice of the CTA's K/V stages holds as many (K and V of BN keys each: two, or one where the
-// CTA has one); with NSA_PER_TOKEN_STAGES=3, two CTA stages and two 16-row tiles of BN = 16, the second tile's Q
-// fragments are kept in registers and the warp's Q rows hold a third.
-template <typename T, typename Shape, int BN>
+// Stages: the warp's slice of the CTA's K/V stages holds kSliceStages (K and V of BN keys each: two, or one where
+// the CTA has one, or in fp32, whose CTA stages hold half the keys); with NSA_PER_TOKEN_STAGES=3, two slice stages
+// and two 16-row tiles of BN = 16, the second tile's Q fragments are kept in registers and the warp's Q rows hold a
+// third.
+template <typename T, typename Shape, int BN, int kSliceStages>
 __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const SelectionSmem& ss, const RowMap& rows,
                                             T* sq, T* skv, int warp, int t0, int64_t key_base, int kv_head) {
-  using WS = WarpTileShape<Shape::kD, BN>;
+  using WS = WarpTileShape<T, Shape::kD, BN>;
   using WA = WarpAttention<T, WS>;
-  static_assert(WS::kQInRegs, "the per-token path keeps Q in registers");
   constexpr int kTiles = Shape::kWarpRows / 16;
-  constexpr int kStages = Shape::kStages == 1 ? 1
+  constexpr int kStages = kSliceStages == 1 ? 1
                           : NSA_PER_TOKEN_STAGES >= 3 && kTiles == 2 && Shape::kWarpRows == 2 * BN ? 3
                                                                                                    : 2;
+  static_assert(WS::kQInRegs || kStages < 3, "a third stage in the warp's Q rows needs Q in registers");
   const int lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * attn::kLog2e;
   const int BS = p.BS;
   T* const sq_warp = sq + warp * Shape::kWarpRows * Shape::kStride;
-  // Slot i holds BN key rows: 2 * Shape::kStages in the K/V slice, then (three stages) two in the warp's Q rows.
-  constexpr int kSliceSlots = 2 * Shape::kStages;
+  // Slot i holds BN key rows: 2 * kSliceStages in the K/V slice, then (three stages) two in the warp's Q rows.
+  constexpr int kSliceSlots = 2 * kSliceStages;
   auto slot = [&](int i) -> T* {
     return i < kSliceSlots ? skv + i * WS::kKVElems : sq_warp + (i - kSliceSlots) * WS::kKVElems;
   };
 
   WA wa;
-  uint32_t q_next[WA::kKSteps][4];  // the second 16-row tile's Q fragments (three stages)
+  uint32_t q_next[kStages == 3 ? WA::kKSteps : 1][4];  // the second 16-row tile's Q fragments (three stages)
   wa.init(sq_warp);
   if constexpr (kStages == 3) {
 #pragma unroll
@@ -319,6 +321,7 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
   }
   for (int m = 0; m < kTiles; ++m) {
     const int r0 = warp * Shape::kWarpRows + m * 16;
+    const T* sq_tile = sq_warp + m * 16 * Shape::kStride;  // read per step where Q is not in registers
     int first, last;
     tile_tokens(rows, r0, first, last);
     if (last < first) continue;
@@ -364,15 +367,15 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
     // Lane l copies chunk l % kChunks of key rows l / kChunks + x * kRowsPerPass: the chunk is fixed per lane,
     // so each pass only steps two pointers (the address arithmetic was a large share of the walk's instructions).
     constexpr int kRowsPerPass = 32 / WS::kChunks;
-    const int j0 = lane / WS::kChunks, ch = lane % WS::kChunks;
-    const bool k_ch = ch * 8 < p.K, v_ch = ch * 8 < p.V;
+    const int j0 = lane / WS::kChunks, col = lane % WS::kChunks * WS::kVec;
+    const bool k_ch = col < p.K, v_ch = col < p.V;
     const int64_t k_step = int64_t(kRowsPerPass) * p.H * p.K, v_step = int64_t(kRowsPerPass) * p.H * p.V;
     auto load = [&](const TokenTile& d, int stage) {
-      T* sk = slot(2 * stage) + j0 * WS::kStride + ch * 8;
-      T* sv = slot(2 * stage + 1) + j0 * WS::kStride + ch * 8;
+      T* sk = slot(2 * stage) + j0 * WS::kStride + col;
+      T* sv = slot(2 * stage + 1) + j0 * WS::kStride + col;
       const int64_t row0 = (key_base + d.base + j0) * p.H + kv_head;
-      const T* gk = p.k + row0 * p.K + ch * 8;
-      const T* gv = p.v + row0 * p.V + ch * 8;
+      const T* gk = p.k + row0 * p.K + col;
+      const T* gv = p.v + row0 * p.V + col;
 #pragma unroll
       for (int x = 0; x < BN / kRowsPerPass; ++x) {
         const bool in = j0 + x * kRowsPerPass < d.nkeys;
@@ -388,7 +391,7 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
       mask.tile = d;
       // Warp-uniform: a partial tile, keys after the first token, or a block some token did not select.
       const bool need = d.nkeys < BN || d.base + BN - 1 > t0 + first || d.bits != all_bits;
-      wa.step(sq_warp, slot(2 * stage), slot(2 * stage + 1), scale_log2, need, mask);
+      wa.step(sq_tile, slot(2 * stage), slot(2 * stage + 1), scale_log2, need, mask);
       __syncwarp();
     };
     if constexpr (kStages == 1) {
@@ -522,10 +525,12 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
     return total;
   };
 
-  // Union or per-token path, the same for the whole CTA. A warp's slice of the K/V stages holds as many
-  // stages of K and V of kTokenBN keys each.
-  constexpr int kTokenBN = Shape::kBN / kWarps;
-  constexpr bool kPerTokenPath = kTokenBN >= 16 && kTokenBN % 16 == 0 && Shape::kD <= 128 && sizeof(T) == 2;
+  // Union or per-token path, the same for the whole CTA. A warp's slice of the K/V stages holds kSliceStages
+  // stages of K and V of 16 keys each: as many as the CTA has in 16 bits (64-key tiles), half in fp32 (32-key
+  // tiles: one, or none where the CTA has one stage).
+  constexpr int kTokenBN = 16;
+  constexpr int kSliceStages = Shape::kStages * Shape::kBN / kWarps / kTokenBN;
+  constexpr bool kPerTokenPath = kSliceStages >= 1 && Shape::kD <= 128;
   bool per_token = false;
   int built_total = -1;  // the union's size when its only window is already in ss.blocks
   if constexpr (kPerTokenPath) {
@@ -545,9 +550,9 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
   if (p.path_counts && threadIdx.x == 0) atomicAdd(&p.path_counts[per_token ? 1 : 0], 1);
   if constexpr (kPerTokenPath) {
     if (per_token) {
-      using WS = WarpTileShape<Shape::kD, kTokenBN>;
-      per_token_walk<T, Shape, kTokenBN>(p, ss, rows, sm.q, sm.kv + warp * 2 * kStages * WS::kKVElems, warp, t0,
-                                         key_base, kv_head);
+      using WS = WarpTileShape<T, Shape::kD, kTokenBN>;
+      per_token_walk<T, Shape, kTokenBN, kSliceStages>(p, ss, rows, sm.q, sm.kv + warp * 2 * kSliceStages * WS::kKVElems,
+                                                       warp, t0, key_base, kv_head);
       return;
     }
   }

@@ -291,11 +291,11 @@ INSTANTIATE_TEST_SUITE_P(
         // Block-major path: G = 2 varlen with block_counts and an empty sequence, K != V; G = 1 at B = 2.
         SelectedCase{"bf16_varlen_G2_K64_V128_BS32_counts", bf16, 1, 0, 4, 2, 64, 128, 32, 16, {300, 0, 9, 450}, true},
         SelectedCase{"f16_G1_K128_BS64_S16", f16, 2, 400, 2, 2, 128, 128, 64, 16, {}, false},
-        // fp32 on the union walk (its per-token walk is 16-bit only, so PerToken takes the union): 32-key tiles
-        // at K = 128 (two, four per block of 64, 128), 64-key tiles holding four blocks at K = 64, BS = 16.
+        // fp32: the union walk's 32-key tiles at K = 128 (two, four per block of 64, 128), 64-key tiles holding
+        // four blocks at K = 32, BS = 16; the per-token walk's 16-key tiles (one stage a warp).
         SelectedCase{"f32_G16_K128_BS64_S16", f32, 1, 700, 16, 1, 128, 128, 64, 16, {}, false},
         SelectedCase{"f32_varlen_G3_K128_V64_BS128_S4_counts", f32, 1, 0, 6, 2, 128, 64, 128, 4, {300, 0, 9, 450}, true},
-        SelectedCase{"f32_G1_K64_V32_BS16_S16", f32, 2, 300, 2, 2, 64, 32, 16, 16, {}, false}),
+        SelectedCase{"f32_G1_K32_BS16_S16", f32, 2, 300, 2, 2, 32, 32, 16, 16, {}, false}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Auto's CTA counts per path on `c` for selections shared by aligned runs of 64 tokens and for independent
@@ -313,12 +313,14 @@ AutoPaths auto_paths(const SelectedCase& c, uint64_t seed, int64_t row_step) {
 }
 
 // Where the streamed kernel does not apply, Auto keeps the union per tile when neighbouring tokens select
-// alike and walks each token's own blocks when they do not (K = V = 96 keeps G = 16 off the streamed kernel).
+// alike and walks each token's own blocks when they do not (K = V = 96 keeps G = 16 off the streamed kernel;
+// fp32 takes neither the streamed kernel nor the block-major path).
 TEST(SelectedAttentionCudaDecision, FollowsHowMuchNeighboursShare) {
   if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: the GPU tests need one";
+  for (DType dtype : {DType::BF16, DType::F32})
   for (int64_t G : {16, 4, 1}) {
-    SCOPED_TRACE("G " + std::to_string(G));
-    const SelectedCase c{"decision", DType::BF16, 1, 8192, G, 1, 96, 96, 64, 16, {}, false};
+    SCOPED_TRACE(std::string(dtype == DType::F32 ? "fp32" : "bf16") + ", G " + std::to_string(G));
+    const SelectedCase c{"decision", dtype, 1, 8192, G, 1, 96, 96, 64, 16, {}, false};
     const auto [shared, independent] = auto_paths(c, 6, 97);
     EXPECT_GT(shared[0], 0);
     EXPECT_EQ(shared[1], 0) << "runs of 64 tokens share their blocks: every tile should walk the union";
