@@ -364,11 +364,14 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
       ++sub;
       return true;
     };
-    // Lane l copies chunk l % kChunks of key rows l / kChunks + x * kRowsPerPass: the chunk is fixed per lane,
-    // so each pass only steps two pointers (the address arithmetic was a large share of the walk's instructions).
-    constexpr int kRowsPerPass = 32 / WS::kChunks;
-    const int j0 = lane / WS::kChunks, col = lane % WS::kChunks * WS::kVec;
-    const bool k_ch = col < p.K, v_ch = col < p.V;
+    // Lane l copies chunk l % kRowChunks (and every 32nd after it, where a row has more than 32: fp32 at D = 256)
+    // of key rows l / kRowChunks + x * kRowsPerPass: the chunks are fixed per lane, so each pass only steps two
+    // pointers (the address arithmetic was a large share of the walk's instructions).
+    constexpr int kRowChunks = WS::kChunks < 32 ? WS::kChunks : 32;
+    constexpr int kLaneChunks = WS::kChunks / kRowChunks;
+    constexpr int kRowsPerPass = 32 / kRowChunks;
+    constexpr int kChunkStride = 32 * WS::kVec;  // elements between a lane's chunks of one row
+    const int j0 = lane / kRowChunks, col = lane % kRowChunks * WS::kVec;
     const int64_t k_step = int64_t(kRowsPerPass) * p.H * p.K, v_step = int64_t(kRowsPerPass) * p.H * p.V;
     auto load = [&](const TokenTile& d, int stage) {
       T* sk = slot(2 * stage) + j0 * WS::kStride + col;
@@ -379,8 +382,13 @@ __device__ __forceinline__ void per_token_walk(const SelectedParams<T>& p, const
 #pragma unroll
       for (int x = 0; x < BN / kRowsPerPass; ++x) {
         const bool in = j0 + x * kRowsPerPass < d.nkeys;
-        cp_async_16(sk + x * kRowsPerPass * WS::kStride, in && k_ch ? gk : p.k, in && k_ch);
-        cp_async_16(sv + x * kRowsPerPass * WS::kStride, in && v_ch ? gv : p.v, in && v_ch);
+#pragma unroll
+        for (int c = 0; c < kLaneChunks; ++c) {
+          const int off = c * kChunkStride;
+          const bool k_ok = in && col + off < p.K, v_ok = in && col + off < p.V;
+          cp_async_16(sk + x * kRowsPerPass * WS::kStride + off, k_ok ? gk + off : p.k, k_ok);
+          cp_async_16(sv + x * kRowsPerPass * WS::kStride + off, v_ok ? gv + off : p.v, v_ok);
+        }
         gk += k_step;
         gv += v_step;
       }
@@ -527,10 +535,11 @@ __global__ void __launch_bounds__(32 * kWarps) selected_attention_tc_kernel(cons
 
   // Union or per-token path, the same for the whole CTA. A warp's slice of the K/V stages holds kSliceStages
   // stages of K and V of 16 keys each: as many as the CTA has in 16 bits (64-key tiles), half in fp32 (32-key
-  // tiles: one, or none where the CTA has one stage).
+  // tiles: one, or none where the CTA has one stage). In 16 bits D <= 128 (Q in registers); fp32 reads Q from
+  // shared memory at any D.
   constexpr int kTokenBN = 16;
   constexpr int kSliceStages = Shape::kStages * Shape::kBN / kWarps / kTokenBN;
-  constexpr bool kPerTokenPath = kSliceStages >= 1 && Shape::kD <= 128;
+  constexpr bool kPerTokenPath = kSliceStages >= 1 && (Shape::kD <= 128 || sizeof(T) == 4);
   bool per_token = false;
   int built_total = -1;  // the union's size when its only window is already in ss.blocks
   if constexpr (kPerTokenPath) {

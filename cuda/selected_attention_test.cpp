@@ -295,7 +295,8 @@ INSTANTIATE_TEST_SUITE_P(
         // four blocks at K = 32, BS = 16; the per-token walk's 16-key tiles (one stage a warp).
         SelectedCase{"f32_G16_K128_BS64_S16", f32, 1, 700, 16, 1, 128, 128, 64, 16, {}, false},
         SelectedCase{"f32_varlen_G3_K128_V64_BS128_S4_counts", f32, 1, 0, 6, 2, 128, 64, 128, 4, {300, 0, 9, 450}, true},
-        SelectedCase{"f32_G1_K32_BS16_S16", f32, 2, 300, 2, 2, 32, 32, 16, 16, {}, false}),
+        SelectedCase{"f32_G1_K32_BS16_S16", f32, 2, 300, 2, 2, 32, 32, 16, 16, {}, false},
+        SelectedCase{"f32_G16_K192_V128_BS64_S8_counts", f32, 1, 500, 16, 1, 192, 128, 64, 8, {}, true}),
     [](const ::testing::TestParamInfo<SelectedCase>& info) { return info.param.name; });
 
 // Auto's CTA counts per path on `c` for selections shared by aligned runs of 64 tokens and for independent
