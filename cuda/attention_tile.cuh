@@ -16,9 +16,12 @@
 // copy (tile_stages).
 // Rows are padded by 16 bytes, which makes the ldmatrix and cp.async accesses of 8 rows land in distinct banks.
 //
-// The CUDA-core fallback (fp32 inputs, head dims that are not a multiple of 8) is HeadsAttention at the end:
-// a warp per token and up to four heads of its group (eight for selected attention: row_heads), the same online
-// softmax in fp32 with natural exponentials.
+// fp32 inputs run the same tiles (one row tile a warp, rows padded by 4 floats) with each product as three tf32
+// mma (Tf32x3 in mma.cuh; fp32's precision, not tf32's), 8 keys or dims a k-step.
+//
+// The CUDA-core fallback (rows that are not a multiple of 16 bytes, CTAs beyond the device's shared memory) is
+// HeadsAttention at the end: a warp per token and up to four heads of its group (eight for selected attention:
+// row_heads), the same online softmax in fp32 with natural exponentials.
 #pragma once
 #include <cstdint>
 #include <string>
