@@ -5,12 +5,12 @@
 // o = softmax(scale * q k^T) v over those keys, lse = log-sum-exp of the scaled logits; no keys => 0, 0.
 //
 // Tensor-core path (fp32 too, as three tf32 products): a CTA takes `tokens_per_tile` consecutive tokens of one
-// sequence x `heads_per_tile` query heads of kv head h (attention_tile.cuh). It sorts each token's valid selections, forms the union of the
-// tile's blocks in ascending order (a bitmap over a window of blocks, compacted by a prefix count), and walks
-// the union in key tiles of kBN keys: one block per tile, several blocks per tile when BS < kBN, several tiles
-// per block when BS > kBN. A row masks out the blocks its token did not select (found once per token and
-// tile, by a cursor into the token's sorted list) and the keys after its own position; neighbouring tokens
-// share most blocks, so little of the union is wasted.
+// sequence x `heads_per_tile` query heads of kv head h (attention_tile.cuh). It sorts each token's valid
+// selections, forms the union of the tile's blocks in ascending order (a bitmap over a window of blocks,
+// compacted by a prefix count), and walks the union in key tiles of kBN keys: one block per tile, several blocks
+// per tile when BS < kBN, several tiles per block when BS > kBN. A row masks out the blocks its token did not
+// select (found once per token and tile, by a cursor into the token's sorted list) and the keys after its own
+// position; neighbouring tokens share most blocks, so little of the union is wasted.
 //
 // On sm_90, for G in {4, 8} or a multiple of 16, Auto gives the streamed TMA kernel
 // (selected_attention_streamed.cu), which loads each distinct block of a unit of 8 tokens once, every token
