@@ -135,6 +135,13 @@ if command -v compute-sanitizer >/dev/null; then
       "$build/cuda_tests" --gtest_brief=1 \
       --gtest_filter='*SlidingWindowCuda.*K128*:*SlidingWindowCuda.*K256*:*SelectedAttentionCudaPaths.*/bf16_G16_K128_BS64_S16'
   done
+  # fp32 on the tile kernels (three tf32 products a tile): the window's and the union / per-token walks' fp32 cases
+  # at G = 16 (K = 128, and K = 192 on the 256-wide rows), under all three tools.
+  for tool in memcheck racecheck synccheck; do
+    step "${tool}_fp32_tiles" compute-sanitizer --tool $tool --kernel-name kns=_tc_kernel --error-exitcode 9 \
+      "$build/cuda_tests" --gtest_brief=1 \
+      --gtest_filter='*SelectedAttentionCudaPaths*f32_G16*:*SlidingWindowCuda*f32_G16_K128_W200*'
+  done
   # The launches a GPU with less shared memory gets (DeviceLayout::smem_limit): compressed attention's row kernel,
   # top-k's tile kernel with fewer warps, the window's and selected attention's tiles for 99 KB.
   for tool in memcheck racecheck; do
