@@ -3,10 +3,11 @@
 //
 // One CTA per (token tile, head chunk, sequence, kv head): its rows are the G heads of several tokens, so each
 // pooled K/V tile loaded to shared memory serves the whole group (tile layout in warp_tile.cuh). q.k and p.v
-// run on tensor cores for bf16/fp16 (mma.m16n8k16, fp32 accumulate) with an online softmax in base 2. Where that
-// CTA would outgrow the device's shared memory (a GPU of 99 KB a CTA, sm_86 / sm_89: K = V = 256 in 16 bits, most
-// fp32 head dims), it takes half of its warps (query rows); where even that does not fit (fp32 with K and V near
-// 256), the CUDA-core row kernel of attention_tile.cuh takes the problem (a warp a token and heads).
+// run on tensor cores (bf16/fp16: mma.m16n8k16, fp32 accumulate; fp32: three tf32 mma a product, Tf32x3) with an
+// online softmax in base 2. Where that CTA would outgrow the device's shared memory (a GPU of 99 KB a CTA, sm_86 /
+// sm_89: K = V = 256 in 16 bits, fp32 head dims above 128), it takes half of its warps (query rows); where even
+// that does not fit (fp32 with K and V near 256 on 99 KB), the CUDA-core row kernel of attention_tile.cuh takes
+// the problem (a warp a token and heads).
 // Backward: for bf16/fp16 with K, V <= 128, tile by tile of 64 pooled blocks on tensor cores
 // (key_block_backward.cuh); otherwise on CUDA cores, a warp per token and up to four heads of its group
 // (attn::attention_backward), dk_cmp / dv_cmp by fp32 atomics.
@@ -69,14 +70,12 @@ void dispatch_tile(const DeviceLayout& L, F&& f) {
 template <typename T, int VP>
 int smem_bytes(int warps, int k_padded) {
   const int ks = tile::smem_stride<T>(k_padded), vs = tile::smem_stride<T>(VP);
-  int bytes = (16 * warps * ks + kBN * (ks + vs)) * int(sizeof(T));
-  if (!Elem<T>::kTensorCore) bytes += warps * 16 * kBN * int(sizeof(float));
-  return bytes;
+  return (16 * warps * ks + kBN * (ks + vs)) * int(sizeof(T));
 }
 
 // The most warps a CTA, warps_for<T>() or half of it (fewer query rows beside the same K/V tile: a GPU of 99 KB a
-// CTA holds K = V = 256 in 16 bits with 4, and fp32 at K = V = 128 with 2), whose CTA fits `per_cta` bytes; 0 where
-// neither does. (A quarter would hold fp32 at K = V = 256 on an A100; that instance is not built.)
+// CTA holds K = V = 256 in 16 bits with 4, an A100 fp32 at K = V = 256 with 2), whose CTA fits `per_cta` bytes; 0
+// where neither does.
 template <typename T, int VP>
 int tile_warps(int k_padded, int64_t per_cta) {
   for (int warps = warps_for<T>(); warps >= warps_for<T>() / 2; warps /= 2)
@@ -111,7 +110,6 @@ __global__ void __launch_bounds__(W * 32, VP <= 128 ? 2 : 1)
   T* Qs = reinterpret_cast<T*>(smem_raw);     // [ROWS][ks]
   T* Ks = Qs + ROWS * ks;                     // [kBN][ks]
   T* Vs = Ks + kBN * ks;                      // [kBN][vs]
-  float* Ps = reinterpret_cast<float*>(Vs + kBN * vs);  // fp32 path only: [W][16][kBN]
 
   // Row r of the tile is token t0 + r / hpt, query head h * G + hc * hpt + r % hpt.
   auto row_token = [&](int r) { return t0 + r / hpt; };
@@ -206,7 +204,7 @@ __global__ void __launch_bounds__(W * 32, VP <= 128 ? 2 : 1)
         o[j][3] *= alpha_b;
       }
     }
-    tile::warp_pv<T, kBN, VP>(o, s, Vs, vs, Ps + warp * 16 * kBN, lane);
+    tile::warp_pv<T, kBN, VP>(o, s, Vs, vs, lane);
   }
 
   cp_async_wait<0>();  // Q's copies when no block is visible

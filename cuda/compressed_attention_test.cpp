@@ -37,10 +37,10 @@ TEST(CompressedAttentionTile, AnA100HoldsTwoCtasAtK128AndOneAt256) {
 }
 
 // On smaller GPUs the tile kernel takes fewer warps (16 query rows each) beside the same K / V tile of 64 pooled
-// blocks, rows padded by 16 bytes (fp32: and a 64-key score tile a warp), and the row kernel where half of them
-// do not fit. A CTA of 99 KB (sm_86 / sm_89) holds all 8 warps at K = V = 128 in bf16, 4 at K = V = 256 (exactly
-// 99 KB), 2 of fp32's 4 at K = V = 128; fp32 at K = V = 256 takes the row kernel there and on an A100 (2 warps
-// need 171 KB).
+// blocks, rows padded by 16 bytes, and the row kernel where half of them do not fit. A CTA of 99 KB (sm_86 /
+// sm_89) holds all 8 warps at K = V = 128 in bf16, 4 at K = V = 256 (exactly 99 KB), all of fp32's 4 at K = V =
+// 128 (exactly 99 KB too); fp32 at K = V = 256 takes 2 warps on an A100 (163 KB of its 163) and the row kernel on
+// 99 KB.
 TEST(CompressedAttentionTile, SmallerCtasTakeFewerWarps) {
   const cuda::SmemBudget a100 = cuda::kSm80Smem, sm86{99 * 1024, 100 * 1024};
   cuda::DeviceLayout L;
@@ -53,11 +53,11 @@ TEST(CompressedAttentionTile, SmallerCtasTakeFewerWarps) {
   EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 4) << (64 * 264 + 64 * (264 + 264)) * 2 << " bytes with 4";
   L.dtype = cuda::ElemType::F32;
   L.K = L.V = 128;
-  EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), (64 * 132 + 64 * (132 + 132)) * 4 + 4 * 16 * 64 * 4);
-  EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 2);
+  EXPECT_EQ(cuda::compressed_tile_smem_bytes(L), (64 * 132 + 64 * (132 + 132)) * 4);
+  EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 4);
   L.K = L.V = 256;
   EXPECT_EQ(cuda::compressed_tile_warps(L, sm86), 0) << "the row kernel";
-  EXPECT_EQ(cuda::compressed_tile_warps(L, a100), 0) << (32 * 260 + 64 * 520) * 4 + 32 * 64 * 4 << " bytes with 2";
+  EXPECT_EQ(cuda::compressed_tile_warps(L, a100), 2) << (32 * 260 + 64 * 520) * 4 << " bytes with 2";
 }
 
 struct CompressedCase {

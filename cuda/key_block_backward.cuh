@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 
         for (int j = 0; j < kRowGroups; ++j) p_frag[j] = make_float4(f[j][0], f[j][1], f[j][2], f[j][3]);
       }
       pair_sync(1 + key_group, 64);
-      tile::warp_pv<T, kStepRows, DV>(acc_dv, f, Ob, kStrideV, nullptr, lane);  // dV += P^T dO
+      tile::warp_pv<T, kStepRows, DV>(acc_dv, f, Ob, kStrideV, lane);  // dV += P^T dO
     } else {
       key_scores<T, DV, kStrideV>(f, Vs, Ob, key_group * 16, lane);  // dP^T
       pair_sync(1 + key_group, 64);
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(64 * kKeyWarps, DK > 128 ? 1 : kKeyWarps >= 4 
           dSs[r * kDsStride + key] = Elem<T>::from_float(f[j][e]);
         }
       }
-      tile::warp_pv<T, kStepRows, DK>(acc_dk, f, Qb, kStrideK, nullptr, lane);  // dK += dS^T Q
+      tile::warp_pv<T, kStepRows, DK>(acc_dk, f, Qb, kStrideK, lane);  // dK += dS^T Q
     }
     __syncthreads();  // dS complete
 

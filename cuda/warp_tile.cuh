@@ -8,8 +8,8 @@
 //
 // Each warp owns 16 consecutive rows. Its fragment of a [16 x BN] score tile or [16 x VP] output tile follows
 // the mma.m16n8k16 accumulator layout: lane holds rows (lane / 4) and (lane / 4 + 8), columns
-// j * 8 + (lane % 4) * 2 + {0, 1} for every 8-column group j. The fp32 path keeps the same layout and does the
-// products on CUDA cores, so the kernels around it are written once.
+// j * 8 + (lane % 4) * 2 + {0, 1} for every 8-column group j. The fp32 path keeps the same layout with tf32
+// mma (three products each, Tf32x3: fp32's precision), so the kernels around it are written once.
 #pragma once
 #include <cstdint>
 
@@ -136,25 +136,42 @@ __device__ __forceinline__ void warp_scores(float (&s)[BN / 8][4], const T* Qs, 
       }
     }
   } else {
-    const int r = row0 + lane / 4, c = (lane % 4) * 2;
-    for (int kk = 0; kk < k_padded; ++kk) {
-      const float q0 = Qs[r * stride + kk], q1 = Qs[(r + 8) * stride + kk];
+    // fp32: three tf32 products (Tf32x3), k-steps of 8, the fragments by ldmatrix as above (an 8 x 4-float matrix
+    // is the tf32 operand layout); the big x big products and the cross terms in two accumulators.
+    float cross[BN / 8][4];
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const float k0 = Ks[(j * 8 + c) * stride + kk], k1 = Ks[(j * 8 + c + 1) * stride + kk];
-        s[j][0] = fmaf(q0, k0, s[j][0]);
-        s[j][1] = fmaf(q0, k1, s[j][1]);
-        s[j][2] = fmaf(q1, k0, s[j][2]);
-        s[j][3] = fmaf(q1, k1, s[j][3]);
+    for (int j = 0; j < BN / 8; ++j) cross[j][0] = cross[j][1] = cross[j][2] = cross[j][3] = 0.f;
+    const uint32_t a_row = smem_addr(Qs + (row0 + lane % 16) * stride + (lane / 16) * 4);
+    const uint32_t b_row = smem_addr(Ks + ((lane / 16) * 8 + lane % 8) * stride + ((lane / 8) % 2) * 4);
+    for (int kc = 0; kc < k_padded; kc += 8) {
+      uint32_t a[4], a_big[4], a_small[4];
+      ldmatrix_x4(a, a_row + kc * 4);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) Tf32x3::split(a[i], a_big[i], a_small[i]);
+      uint32_t b_big[BN / 8][2], b_small[BN / 8][2];
+#pragma unroll
+      for (int j = 0; j < BN / 8; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_row + (j * 8 * stride + kc) * 4);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tf32x3::split(b[i], b_big[j + i / 2][i % 2], b_small[j + i / 2][i % 2]);
       }
+      Tf32x3::mma3(s, cross, a_big, a_small, b_big, b_small);
     }
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] += cross[j][e];
   }
 }
 
-// o[j][e] += sum_key p[row][key] * v[key][col]. The fp32 path stages p through the warp's `Ps` [16 x BN].
+// o[j][e] += sum_key p[row][key] * v[key][col]. fp32: three tf32 products a k-step of 8 keys, the S fragment as A
+// with the keys in the order 0, 2, 4, 6, 1, 3, 5, 7 and V's rows 2t, 2t + 1 (t = lane % 4) by plain loads at
+// column lane / 4; each 32 keys' products summed apart and added to o in fp32 (the tensor cores' accumulation
+// rounds towards zero, which one chain over thousands of keys would turn into a bias).
 template <typename T, int BN, int VP>
 __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[BN / 8][4], const T* Vs, int vstride,
-                                        float* Ps, int lane) {
+                                        int lane) {
   if constexpr (Elem<T>::kTensorCore) {
     const uint32_t v_row = smem_addr(Vs + (lane % 16) * vstride + (lane / 16) * 8);
 #pragma unroll
@@ -173,27 +190,40 @@ __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[
       }
     }
   } else {
-    const int r = lane / 4, c = (lane % 4) * 2;
+    constexpr int kPart = BN < 32 ? BN / 8 : 4;  // k-steps summed apart: 32 keys
+    constexpr int kN = 4;                        // 8-column tiles in flight
+    const T* v_col = Vs + 2 * (lane % 4) * vstride + lane / 4;
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      Ps[r * BN + j * 8 + c] = p[j][0];
-      Ps[r * BN + j * 8 + c + 1] = p[j][1];
-      Ps[(r + 8) * BN + j * 8 + c] = p[j][2];
-      Ps[(r + 8) * BN + j * 8 + c + 1] = p[j][3];
-    }
-    __syncwarp();
-    for (int key = 0; key < BN; ++key) {
-      const float p0 = Ps[r * BN + key], p1 = Ps[(r + 8) * BN + key];
+    for (int k0 = 0; k0 < BN / 8; k0 += kPart) {
+      uint32_t a_big[kPart][4], a_small[kPart][4];
 #pragma unroll
-      for (int j = 0; j < VP / 8; ++j) {
-        const float v0 = Vs[key * vstride + j * 8 + c], v1 = Vs[key * vstride + j * 8 + c + 1];
-        o[j][0] = fmaf(p0, v0, o[j][0]);
-        o[j][1] = fmaf(p0, v1, o[j][1]);
-        o[j][2] = fmaf(p1, v0, o[j][2]);
-        o[j][3] = fmaf(p1, v1, o[j][3]);
+      for (int kk = 0; kk < kPart; ++kk) {
+        const float a[4] = {p[k0 + kk][0], p[k0 + kk][2], p[k0 + kk][1], p[k0 + kk][3]};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) Tf32x3::split(__float_as_uint(a[i]), a_big[kk][i], a_small[kk][i]);
+      }
+#pragma unroll
+      for (int n0 = 0; n0 < VP / 8; n0 += kN) {
+        float part[kN][4];
+#pragma unroll
+        for (int j = 0; j < kN; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < kPart; ++kk) {
+          uint32_t b_big[kN][2], b_small[kN][2];
+#pragma unroll
+          for (int j = 0; j < kN; ++j) {
+            const T* v_rows = v_col + (k0 + kk) * 8 * vstride + (n0 + j) * 8;
+            Tf32x3::split(__float_as_uint(v_rows[0]), b_big[j][0], b_small[j][0]);
+            Tf32x3::split(__float_as_uint(v_rows[vstride]), b_big[j][1], b_small[j][1]);
+          }
+          Tf32x3::mma3(part, part, a_big[kk], a_small[kk], b_big, b_small);
+        }
+#pragma unroll
+        for (int j = 0; j < kN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[n0 + j][e] += part[j][e];
       }
     }
-    __syncwarp();
   }
 }
 
