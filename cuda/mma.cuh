@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/tf32.h"
+
 namespace nsa::cuda {
 
 // ---- element type: how two fp32 values become one mma operand register, and which mma to issue ----
@@ -46,12 +48,9 @@ template <> struct MmaElem<__half> {
 // a_small b_small and the roundings within ~2^-21 of |a b|: close to fp32's own products (2^-24), where one tf32
 // product (2^-11) would miss the fp32 tolerance (nsa-spec §5.1: rel-L2 1e-5) by two orders of magnitude.
 struct Tf32x3 {
-  // Round to nearest on the magnitude, in the bits (the tensor cores ignore the 13 bits below tf32's).
-  __device__ __forceinline__ static uint32_t round(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+  // The operand split of tf32.h, on a register holding fp32 bits.
   __device__ __forceinline__ static void split(uint32_t x_bits, uint32_t& big, uint32_t& small) {
-    const float x = __uint_as_float(x_bits);
-    big = round(x);
-    small = round(x - __uint_as_float(big));
+    tf32_split(__uint_as_float(x_bits), big, small);
   }
   // d += a (16x8, row-major) * b (8x8, column-major), one tf32 mma.
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
