@@ -192,6 +192,7 @@ __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[
   } else {
     constexpr int kPart = BN < 32 ? BN / 8 : 4;  // k-steps summed apart: 32 keys
     constexpr int kN = 4;                        // 8-column tiles in flight
+    static_assert(VP % (8 * kN) == 0 && BN % (8 * kPart) == 0, "whole groups of output tiles and key steps");
     const T* v_col = Vs + 2 * (lane % 4) * vstride + lane / 4;
 #pragma unroll
     for (int k0 = 0; k0 < BN / 8; k0 += kPart) {
