@@ -850,14 +850,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_out, con
   });
 }
 
-// Whether the tile kernels take a problem: tensor_core_rows for its four tensors in 16 bits; in fp32 the same
-// 16-byte rows (K and V multiples of 4) and 16-byte aligned tensors.
+// Whether the tile kernels take a problem (any dtype: fp32 as three tf32 products): sixteen_byte_rows for its
+// four tensors.
 inline bool tensor_core_path(const DeviceLayout& L, const void* q, const void* k, const void* v, const void* o) {
-  if (L.dtype != ElemType::F32) return tensor_core_rows(L, {q, k, v, o});
-  if (L.K % 4 != 0 || L.V % 4 != 0) return false;
-  for (const void* p : {q, k, v, o})
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
+  return sixteen_byte_rows(L, {q, k, v, o});
 }
 
 // The head-dim bucket: the smallest of 16, 32, 64, 128, 256 holding both K and V.

@@ -88,13 +88,20 @@ struct TileChoice {
   int64_t bytes = 0;
 };
 
-// Whether the tensor-core kernels can read a problem's rows: bf16/fp16, head dims a multiple of 8 (16-byte
-// rows), 16-byte aligned tensors. The forward's tile kernels and the key-block backward both start from it.
-inline bool tensor_core_rows(const DeviceLayout& L, std::initializer_list<const void*> tensors) {
-  if (L.dtype == ElemType::F32 || L.K % 8 != 0 || L.V % 8 != 0) return false;
+// Whether 16-byte copies can read a problem's rows: rows of K and V elements are multiples of 16 bytes (K, V
+// multiples of 8 in 16 bits, of 4 in fp32) and the tensors 16-byte aligned.
+inline bool sixteen_byte_rows(const DeviceLayout& L, std::initializer_list<const void*> tensors) {
+  const int64_t per_chunk = L.dtype == ElemType::F32 ? 4 : 8;
+  if (L.K % per_chunk != 0 || L.V % per_chunk != 0) return false;
   for (const void* p : tensors)
     if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
+}
+
+// Whether the 16-bit tensor-core kernels can read a problem's rows: bf16/fp16 and sixteen_byte_rows. The forward's
+// tile kernels and the key-block backward both start from it.
+inline bool tensor_core_rows(const DeviceLayout& L, std::initializer_list<const void*> tensors) {
+  return L.dtype != ElemType::F32 && sixteen_byte_rows(L, tensors);
 }
 
 // The most blocks per query (S) that the CUDA top-k selects: each token's candidate buffer holds 256
