@@ -401,7 +401,7 @@ struct WarpAttention {
       for (int kk = 0; kk < kSTiles; ++kk) {
         const float a[4] = {s[m][kk][0], s[m][kk][2], s[m][kk][1], s[m][kk][3]};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) Tf32x3::split(__float_as_uint(a[i]), a_big[m][kk][i], a_small[m][kk][i]);
+        for (int i = 0; i < 4; ++i) tf32_split(a[i], a_big[m][kk][i], a_small[m][kk][i]);
       }
     const T* v_col = sv + 2 * (lane % 4) * Shape::kStride + lane / 4;
     // kN 8-column tiles at a time: kN chains in flight, kN x 4 registers of partial sums.
@@ -419,8 +419,8 @@ struct WarpAttention {
 #pragma unroll
         for (int j = 0; j < kN; ++j) {
           const T* v_rows = v_col + kk * 8 * Shape::kStride + (n0 + j) * 8;
-          Tf32x3::split(__float_as_uint(v_rows[0]), b_big[j][0], b_small[j][0]);
-          Tf32x3::split(__float_as_uint(v_rows[Shape::kStride]), b_big[j][1], b_small[j][1]);
+          tf32_split(v_rows[0], b_big[j][0], b_small[j][0]);
+          tf32_split(v_rows[Shape::kStride], b_big[j][1], b_small[j][1]);
         }
 #pragma unroll
         for (int m = 0; m < kMT; ++m) Tf32x3::mma3(part[m], part[m], a_big[m][kk], a_small[m][kk], b_big, b_small);

@@ -201,7 +201,7 @@ __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[
       for (int kk = 0; kk < kPart; ++kk) {
         const float a[4] = {p[k0 + kk][0], p[k0 + kk][2], p[k0 + kk][1], p[k0 + kk][3]};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) Tf32x3::split(__float_as_uint(a[i]), a_big[kk][i], a_small[kk][i]);
+        for (int i = 0; i < 4; ++i) tf32_split(a[i], a_big[kk][i], a_small[kk][i]);
       }
 #pragma unroll
       for (int n0 = 0; n0 < VP / 8; n0 += kN) {
@@ -214,8 +214,8 @@ __device__ __forceinline__ void warp_pv(float (&o)[VP / 8][4], const float (&p)[
 #pragma unroll
           for (int j = 0; j < kN; ++j) {
             const T* v_rows = v_col + (k0 + kk) * 8 * vstride + (n0 + j) * 8;
-            Tf32x3::split(__float_as_uint(v_rows[0]), b_big[j][0], b_small[j][0]);
-            Tf32x3::split(__float_as_uint(v_rows[vstride]), b_big[j][1], b_small[j][1]);
+            tf32_split(v_rows[0], b_big[j][0], b_small[j][0]);
+            tf32_split(v_rows[vstride], b_big[j][1], b_small[j][1]);
           }
           Tf32x3::mma3(part, part, a_big[kk], a_small[kk], b_big, b_small);
         }
